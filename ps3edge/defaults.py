@@ -1,0 +1,56 @@
+"""Every default of ps3edge in one place: opset, budgets, tolerances, file names.
+
+Other modules import from here instead of repeating literals, so that a reader can see in one
+screen what the toolchain assumes.
+"""
+
+# --- artifacts -------------------------------------------------------------------------------
+MANIFEST_NAME = "manifest.json"
+MANIFEST_SCHEMA_VERSION = 1
+DEFAULT_OPSET = 17
+MIN_OPSET = 17
+# protobuf cannot hold more than 2 GiB; above this a stage's weights go to an external data file.
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+PRIOR_PROMPT_FILE = "prior_prompt.npy"
+
+# --- PS3 geometry (DESIGN.md section 1) ---------------------------------------------------------
+PATCH_SIZE = 14
+LOWRES_SIZE = 378                 # scale 0; 27 x 27 patches
+SELECTOR_CONV_INPUT_SIZE = 1512   # the ShallowConvNet always sees the image at 1512 x 1512
+MAX_TOKENS_PER_HIGHRES_CALL = 2560  # one look-close step; the highres N axis never exceeds this
+SMOOTH_SELECTION_GRID = 6         # SMOOTH_SELECTION_PROB averages the map over a 6 x 6 grid
+
+# --- look-close defaults (the five variables of the VILA-HD README) ----------------------------
+DEFAULT_NUM_LOOK_CLOSE = 6
+ENV_NUM_LOOK_CLOSE = "NUM_LOOK_CLOSE"
+ENV_NUM_TOKEN_LOOK_CLOSE = "NUM_TOKEN_LOOK_CLOSE"
+ENV_SELECT_NUM_EACH_SCALE = "SELECT_NUM_EACH_SCALE"
+ENV_LOOK_CLOSE_MODE = "LOOK_CLOSE_MODE"
+ENV_SMOOTH_SELECTION_PROB = "SMOOTH_SELECTION_PROB"
+LOOK_CLOSE_MODES = ("after_prompt", "after_image")
+
+# --- returned layers ------------------------------------------------------------------------
+# VILA-HD feeds layer -2 to its projector; -1 is the official last_hidden_state.
+DEFAULT_RETURNED_LAYERS = (-2, -1)
+DEFAULT_RUN_LAYER = -2
+
+# --- image preprocessing --------------------------------------------------------------------
+# The published PS3 snapshots ship preprocessor_config.json with mean = std = 0.5; the official
+# processor falls back to CLIP's statistics when a checkpoint has none.
+SNAPSHOT_MEAN = (0.5, 0.5, 0.5)
+SNAPSHOT_STD = (0.5, 0.5, 0.5)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_IMAGE_PIXELS = 16384 * 16384
+
+# --- parity tolerances per precision ----------------------------------------------------------
+# max |a - b| over all features, and the minimum cosine similarity of any token pair.
+TOLERANCES = {
+    "fp32": {"max_abs": 1e-3, "min_cosine": 0.99999},
+    "fp16": {"max_abs": 5e-2, "min_cosine": 0.999},
+    "bf16": {"max_abs": 2e-1, "min_cosine": 0.99},
+}
+PROB_MAX_ABS_FP32 = 1e-5
+
+# --- seeded random weights ---------------------------------------------------------------------
+DEFAULT_SEED = 0

@@ -1,0 +1,122 @@
+"""Export the three PS3 stages to ONNX and write the artifact directory.
+
+The artifact is assembled in a hidden sibling directory and renamed into place only when every
+file and the manifest are written, so an interrupted export never leaves a half artifact.
+Stages whose weights approach protobuf's 2 GiB limit store them in one `<stage>.onnx.data` file.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+
+from .. import defaults
+from ..errors import Ps3EdgeError
+from ..model import HighResStage, LowResStage, SelectorStage, build
+from ..model.stages import normalize_layers
+from ..model.weights import file_sha256
+from .manifest import build_manifest, write_json_atomic
+from .spec import STAGE_ORDER, stage_specs
+
+
+def _example_inputs(stage: str, cfg, spec) -> tuple:
+    gen = torch.Generator().manual_seed(0)
+    if stage == "highres":
+        T, N = 2, 8            # any small sizes: T and N are exported as dynamic axes
+        patches = torch.randn(T, N, cfg.patch_dim, generator=gen)
+        positions = torch.randint(0, cfg.highres_patches_total, (T, N), generator=gen, dtype=torch.int32)
+        kv = torch.randn(*spec.inputs[2].shape, generator=gen)
+        return patches, positions, kv
+    return tuple(torch.randn(*t.shape, generator=gen) for t in spec.inputs)
+
+
+def _export_stage(module, example, spec, opset: int, scratch: Path, final: Path) -> list[Path]:
+    """Trace one stage to ONNX; returns the files written (model, and external data if any)."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    raw = scratch / spec.file
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, example, str(raw), dynamo=False, opset_version=opset,
+            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+            dynamic_axes=spec.dynamic_axes() or None, do_constant_folding=True)
+    model = onnx.load(str(raw), load_external_data=True)
+    weight_bytes = sum(t.ByteSize() for t in model.graph.initializer)
+    files = [final]
+    if weight_bytes > defaults.EXTERNAL_DATA_THRESHOLD_BYTES:
+        data_name = spec.file + ".data"
+        onnx.save_model(model, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        files.append(final.parent / data_name)
+    else:
+        onnx.save_model(model, str(final))
+    onnx.checker.check_model(str(final))
+    shutil.rmtree(scratch, ignore_errors=True)
+    return files
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise Ps3EdgeError(f"{out_dir} exists and is not a directory")
+        if any(out_dir.iterdir()):
+            is_artifact = (out_dir / defaults.MANIFEST_NAME).is_file()
+            if not (overwrite and is_artifact):
+                hint = " (use --overwrite to replace it)" if is_artifact else ""
+                raise Ps3EdgeError(f"{out_dir} is not empty{hint}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+
+def export(model_spec: str, out_dir, opset: int = defaults.DEFAULT_OPSET,
+           returned_layers=defaults.DEFAULT_RETURNED_LAYERS, seed: int = defaults.DEFAULT_SEED,
+           overwrite: bool = False, progress: Callable[[str], None] | None = None) -> dict:
+    """Export `model_spec` (preset or checkpoint dir) to `out_dir`; returns the manifest."""
+    say = progress or (lambda msg: None)
+    if opset < defaults.MIN_OPSET:
+        raise Ps3EdgeError(f"opset {opset} is too old; ps3edge exports opset {defaults.MIN_OPSET} or newer")
+    out_dir = Path(out_dir)
+    _prepare_out_dir(out_dir, overwrite)
+
+    say(f"loading {model_spec}")
+    loaded = build(model_spec, seed)
+    model, cfg = loaded.model, loaded.cfg
+    bad = [l for l in returned_layers if not -cfg.depth <= l < cfg.depth]
+    if bad:
+        raise Ps3EdgeError(f"returned layers {bad} do not exist in a {cfg.depth}-block model")
+    layers = normalize_layers(returned_layers, cfg.depth)
+    specs = stage_specs(cfg, len(layers))
+    modules = {"lowres": LowResStage(model, layers), "selector": SelectorStage(model),
+               "highres": HighResStage(model, layers)}
+
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
+    try:
+        stages, files = {}, {}
+        for name in STAGE_ORDER:
+            say(f"exporting stage '{name}'")
+            spec = specs[name]
+            written = _export_stage(modules[name], _example_inputs(name, cfg, spec), spec, opset,
+                                    staging / "scratch", staging / spec.file)
+            for f in written:
+                files[f.name] = file_sha256(f)
+            stages[name] = {"file": spec.file, "external_data": [f.name for f in written[1:]],
+                            **spec.to_dict()}
+        np.save(staging / defaults.PRIOR_PROMPT_FILE, model.prior_prompt.detach().numpy().astype(np.float32))
+        files[defaults.PRIOR_PROMPT_FILE] = file_sha256(staging / defaults.PRIOR_PROMPT_FILE)
+
+        manifest = build_manifest(cfg, loaded.source, layers, returned_layers, opset, stages, files)
+        write_json_atomic(staging / defaults.MANIFEST_NAME, manifest)
+        say("finalising artifact")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest

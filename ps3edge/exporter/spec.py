@@ -1,0 +1,75 @@
+"""One declaration per exported stage: its tensors, dtypes and (symbolic) shapes.
+
+The exporter, the manifest, the runtime backends and (later) the TensorRT profiles and lint all
+read these declarations; nothing else spells out a stage's I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..model.config import PS3Config
+from .. import defaults
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                       # numpy dtype name: float32, int32
+    shape: tuple                     # ints, or strings for dynamic axes ("T", "N")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.onnx"
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        axes = {}
+        for t in self.inputs + self.outputs:
+            dyn = {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+            if dyn:
+                axes[t.name] = dyn
+        return axes
+
+    def to_dict(self) -> dict:
+        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+
+
+def stage_specs(cfg: PS3Config, num_returned_layers: int) -> dict[str, StageSpec]:
+    C, R, S = cfg.width, num_returned_layers, cfg.max_size
+    g0, N0 = cfg.lowres_grid, cfg.lowres_tokens
+    kv = (cfg.depth, 2, 1, cfg.num_heads, N0, cfg.head_dim)
+    conv = (1, cfg.conv_out, cfg.conv_grid, cfg.conv_grid)
+    f32, i32 = "float32", "int32"
+    return {
+        "lowres": StageSpec("lowres",
+            inputs=(TensorSpec("pixels", f32, (1, 3, S, S)),),
+            outputs=(TensorSpec("lowres_features", f32, (R, 1, N0, C)),
+                     TensorSpec("kv_cache", f32, kv),
+                     TensorSpec("selection_features", f32, (1, C, g0, g0)),
+                     TensorSpec("conv_features", f32, conv),
+                     TensorSpec("highres_patches", f32, (1, cfg.highres_patches_total, cfg.patch_dim)))),
+        "selector": StageSpec("selector",
+            inputs=(TensorSpec("selection_features", f32, (1, C, g0, g0)),
+                    TensorSpec("conv_features", f32, conv),
+                    TensorSpec("prompt", f32, (1, C))),
+            outputs=(TensorSpec("prob", f32, (1, g0, g0)),)),
+        "highres": StageSpec("highres",
+            inputs=(TensorSpec("patches", f32, ("T", "N", cfg.patch_dim)),
+                    TensorSpec("positions", i32, ("T", "N")),
+                    TensorSpec("kv_cache", f32, kv)),
+            outputs=(TensorSpec("highres_features", f32, (R, "T", "N", C)),)),
+    }
+
+
+STAGE_ORDER = ("lowres", "selector", "highres")
+MAX_TOKENS_PER_CALL = defaults.MAX_TOKENS_PER_HIGHRES_CALL

@@ -1,0 +1,154 @@
+"""PS3 architecture description (`PS3Config`) and the named presets.
+
+A config says everything needed to build the network and to plan look-close: trunk sizes,
+scales, which low-res layers feed the selector, the ShallowConvNet sizes, the per-step budget
+per high-res scale and the image normalisation. Presets are the real PS3-1.5K / PS3-4K
+architectures and two tiny ones with the same geometry for tests and the demo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .. import defaults
+from ..errors import Ps3EdgeError
+
+
+@dataclass(frozen=True)
+class PS3Config:
+    name: str
+    width: int                      # C, channels of every trunk token
+    depth: int                      # number of transformer blocks
+    num_heads: int                  # attention heads; head_dim = width // num_heads
+    mlp_dim: int                    # hidden size of each block's MLP
+    scales: tuple[int, ...]         # image sizes; scales[0] is the low-res pass
+    select_layers: tuple[int, ...]  # low-res blocks whose outputs feed the selector
+    select_num_each_scale: tuple[int, ...]  # patches per look-close step per high-res scale
+    conv_hidden: int = 512          # ShallowConvNet width
+    conv_out: int = 512             # ShallowConvNet output channels
+    conv_depth: int = 3             # ConvNeXt blocks in the ShallowConvNet
+    conv_kernel: int = 28           # ShallowConvNet stem kernel = stride
+    patch_size: int = defaults.PATCH_SIZE
+    ln_eps: float = 1e-6
+    image_mean: tuple[float, float, float] = defaults.SNAPSHOT_MEAN
+    image_std: tuple[float, float, float] = defaults.SNAPSHOT_STD
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    # --- derived geometry ----------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def max_size(self) -> int:
+        return self.scales[-1]
+
+    @property
+    def grids(self) -> tuple[int, ...]:
+        """Patches per side at every scale, e.g. (27, 54, 108) for 1.5K."""
+        return tuple(s // self.patch_size for s in self.scales)
+
+    @property
+    def lowres_grid(self) -> int:
+        return self.grids[0]
+
+    @property
+    def lowres_tokens(self) -> int:
+        return self.lowres_grid ** 2
+
+    @property
+    def highres_grids(self) -> tuple[int, ...]:
+        return self.grids[1:]
+
+    @property
+    def highres_patches_each_scale(self) -> tuple[int, ...]:
+        return tuple(g * g for g in self.highres_grids)
+
+    @property
+    def highres_patches_total(self) -> int:
+        return sum(self.highres_patches_each_scale)
+
+    @property
+    def patch_dim(self) -> int:
+        return 3 * self.patch_size * self.patch_size
+
+    @property
+    def conv_grid(self) -> int:
+        return defaults.SELECTOR_CONV_INPUT_SIZE // self.conv_kernel
+
+    @property
+    def tokens_per_step(self) -> int:
+        return sum(self.select_num_each_scale)
+
+    def validate(self) -> "PS3Config":
+        problems = []
+        if self.width % self.num_heads:
+            problems.append(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if len(self.scales) < 2 or list(self.scales) != sorted(self.scales):
+            problems.append(f"scales must be at least two sizes in increasing order, got {list(self.scales)}")
+        if any(s % self.patch_size for s in self.scales):
+            problems.append(f"every scale must be a multiple of the patch size {self.patch_size}: {list(self.scales)}")
+        if self.scales and self.scales[0] != defaults.LOWRES_SIZE:
+            problems.append(f"the low-res scale must be {defaults.LOWRES_SIZE}, got {self.scales[0]}")
+        if len(self.select_num_each_scale) != len(self.scales) - 1:
+            problems.append(f"select_num_each_scale needs one entry per high-res scale "
+                            f"({len(self.scales) - 1}), got {list(self.select_num_each_scale)}")
+        if any(n < 0 for n in self.select_num_each_scale):
+            problems.append("select_num_each_scale entries must be >= 0")
+        if any(not 0 <= l < self.depth for l in self.select_layers):
+            problems.append(f"select_layers {list(self.select_layers)} must lie in [0, {self.depth - 1}]")
+        if problems:
+            raise Ps3EdgeError(f"invalid PS3 config '{self.name}': " + "; ".join(problems))
+        return self
+
+    def replace(self, **changes) -> "PS3Config":
+        return dataclasses.replace(self, **changes).validate()
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PS3Config":
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
+        return cls(**kwargs).validate()
+
+
+def default_select_num_each_scale(scales, max_select_num: int) -> tuple[int, ...]:
+    """The official rule: the per-step budget split in proportion to each scale's pixel count."""
+    pixels = [s * s for s in scales]
+    return tuple(int(max_select_num * pixels[i] / sum(pixels[1:])) for i in range(1, len(scales)))
+
+
+_SCALES_15K = (378, 756, 1512)
+_SCALES_4K = (378, 756, 1512, 3780)
+
+PRESETS: dict[str, PS3Config] = {
+    "ps3-1.5k": PS3Config(
+        name="ps3-1.5k", width=1152, depth=27, num_heads=16, mlp_dim=4304,
+        scales=_SCALES_15K, select_layers=(0, 9, 18, 26), select_num_each_scale=(512, 2048)),
+    "ps3-4k": PS3Config(
+        name="ps3-4k", width=1152, depth=27, num_heads=16, mlp_dim=4304,
+        scales=_SCALES_4K, select_layers=(0, 9, 18, 26), select_num_each_scale=(85, 341, 2134)),
+    "ps3-tiny": PS3Config(
+        name="ps3-tiny", width=64, depth=4, num_heads=4, mlp_dim=256,
+        scales=_SCALES_15K, select_layers=(0, 1, 2, 3), select_num_each_scale=(512, 2048),
+        conv_hidden=32, conv_out=32, conv_depth=1),
+    "ps3-tiny-4k": PS3Config(
+        name="ps3-tiny-4k", width=64, depth=4, num_heads=4, mlp_dim=256,
+        scales=_SCALES_4K, select_layers=(0, 1, 2, 3), select_num_each_scale=(85, 341, 2134),
+        conv_hidden=32, conv_out=32, conv_depth=1),
+}
+
+
+def preset(name: str) -> PS3Config:
+    try:
+        return PRESETS[name].validate()
+    except KeyError:
+        raise Ps3EdgeError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}") from None

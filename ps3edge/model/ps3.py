@@ -1,0 +1,276 @@
+"""PS3 in plain PyTorch, written as the stages that ps3edge exports.
+
+Weight-compatible with the official `ps3-torch` `PS3VisionEncoder`: every parameter has the
+official name (without the `vision_model.` prefix), so a published checkpoint loads as is.
+
+Notation (1.5K / 4K):  C = width (1152), L = depth (27), H = heads (16), D = C / H (72),
+G0 = 27 low-res grid, N0 = G0*G0 = 729 low-res tokens, S_max = 1512 / 3780 input size,
+g_s = 54, 108 (, 270) high-res grids, P = sum g_s^2 = 14580 / 87480 high-res patches,
+R = number of returned layers, T = look-close steps in one call, N <= 2560 tokens per step.
+
+The three stages:
+
+  lowres(pixels (1,3,S_max,S_max))
+      -> lowres_features (R,1,N0,C), kv_cache (L,2,1,H,N0,D),
+         selection_features (1,C,G0,G0), conv_features (1,C',2*G0,2*G0),
+         highres_patches (1,P,3*14*14)
+  selector(selection_features, conv_features, prompt (1,C)) -> prob (1,G0,G0)
+  highres(patches (T,N,588), positions (T,N) int32, kv_cache) -> highres_features (R,T,N,C)
+
+Choosing which patches to look at (planning) is not a network: it lives in runtime/planning.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import PS3Config
+from .. import defaults
+
+
+# ------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------
+
+class Mlp(nn.Module):
+    """fc1 -> exact GELU -> (LayerNorm) -> fc2, as timm's Mlp."""
+
+    def __init__(self, dim_in: int, dim_hidden: int, dim_out: int, norm_eps: float | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim_in, dim_hidden)
+        self.act = nn.GELU()
+        self.norm = nn.LayerNorm(dim_hidden, eps=norm_eps) if norm_eps is not None else nn.Identity()
+        self.fc2 = nn.Linear(dim_hidden, dim_out)
+
+    def forward(self, x):
+        return self.fc2(self.norm(self.act(self.fc1(x))))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention whose keys/values may be prefixed by a cached set.
+
+    x (B,N,C), kv_prefix (2,B',H,N0,D) with B' = B or 1 (broadcast over the steps of a call).
+    Returns the output (B,N,C) and this call's own keys and values, each (B,H,N,D).
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, kv_prefix=None):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]                      # each (B,H,N,D)
+        k_all, v_all = k, v
+        if kv_prefix is not None:
+            k_prefix = kv_prefix[0].expand(B, -1, -1, -1)     # (B,H,N0,D)
+            v_prefix = kv_prefix[1].expand(B, -1, -1, -1)
+            k_all = torch.cat([k_prefix, k], dim=2)           # (B,H,N0+N,D)
+            v_all = torch.cat([v_prefix, v], dim=2)
+        out = F.scaled_dot_product_attention(q, k_all, v_all)  # (B,H,N,D), no mask
+        out = out.transpose(1, 2).reshape(B, N, C)
+        return self.proj(out), k, v
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x))."""
+
+    def __init__(self, cfg: PS3Config):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.attn = Attention(cfg.width, cfg.num_heads)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.mlp = Mlp(cfg.width, cfg.mlp_dim, cfg.width)
+
+    def forward(self, x, kv_prefix=None):
+        attn_out, k, v = self.attn(self.norm1(x), kv_prefix)
+        x = x + attn_out
+        x = x + self.mlp(self.norm2(x))
+        return x, k, v
+
+
+class PatchEmbed(nn.Module):
+    """14x14 patches -> C channels. The weight is the official Conv2d's (C,3,14,14)."""
+
+    def __init__(self, cfg: PS3Config):
+        super().__init__()
+        self.proj = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward_image(self, image):                 # (B,3,S,S) -> (B,(S/14)^2,C)
+        return self.proj(image).flatten(2).transpose(1, 2)
+
+    def forward_patches(self, patches):             # (..., 588) -> (..., C)
+        weight = self.proj.weight.reshape(self.proj.weight.shape[0], -1)   # (C, 588), (c,kh,kw) order
+        return patches @ weight.t() + self.proj.bias
+
+
+class Trunk(nn.Module):
+    """The SigLIP ViT: patch embedding, learned G0 x G0 position table, L blocks, no final norm."""
+
+    def __init__(self, cfg: PS3Config):
+        super().__init__()
+        self.patch_embed = PatchEmbed(cfg)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.lowres_tokens, cfg.width))   # (1,N0,C)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7 -> LayerNorm -> Mlp(4x) -> per-channel scale (named `weight`) + shortcut."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, 4 * dim, dim)
+        self.weight = nn.Parameter(torch.ones(dim))   # the official ConvNeXt "gamma", renamed
+
+    def forward(self, x):                             # (B,c,h,w)
+        y = self.conv_dw(x).permute(0, 2, 3, 1)       # (B,h,w,c)
+        y = self.mlp(self.norm(y)).permute(0, 3, 1, 2)
+        return x + y * self.weight.reshape(1, -1, 1, 1)
+
+
+class ShallowConvNet(nn.Module):
+    """The selector's high-res eye: (B,3,1512,1512) -> (B,C',54,54) with a stride-28 stem."""
+
+    def __init__(self, cfg: PS3Config):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, cfg.conv_hidden, kernel_size=cfg.conv_kernel, stride=cfg.conv_kernel),
+            LayerNorm2d(cfg.conv_hidden, eps=1e-6),
+        )
+        self.blocks = nn.Sequential(*[ConvNeXtBlock(cfg.conv_hidden) for _ in range(cfg.conv_depth)])
+        self.out_proj = nn.Conv2d(cfg.conv_hidden, cfg.conv_out, kernel_size=1)
+
+    def forward(self, x):
+        return self.out_proj(self.blocks(self.stem(x)))
+
+
+# ------------------------------------------------------------------------------------------
+# PS3
+# ------------------------------------------------------------------------------------------
+
+def bicubic_resize(image, size: int):
+    """The official resize between scales: bicubic, fp32, no antialias. Same size = identity."""
+    if image.shape[-1] == size and image.shape[-2] == size:
+        return image
+    return F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False)
+
+
+def image_to_patches(image, patch_size: int):
+    """(1,3,S,S) -> (1,(S/p)^2,3*p*p) in raster order, each patch flattened as (c, kh, kw)."""
+    B, C, S, _ = image.shape
+    g = S // patch_size
+    x = image.reshape(B, C, g, patch_size, g, patch_size)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, C * patch_size * patch_size)
+
+
+def cosine_map(feature_map, prompt):
+    """cos(feature at every position, prompt): (B,c,h,w), (B,c) -> (B,h,w)."""
+    f = F.normalize(feature_map, dim=1)
+    p = F.normalize(prompt, dim=-1)
+    return (f * p[:, :, None, None]).sum(dim=1)
+
+
+class PS3(nn.Module):
+    """The PS3 vision encoder. Parameter names follow the official `PS3VisionEncoder`."""
+
+    def __init__(self, cfg: PS3Config):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        C, num_hr = cfg.width, len(cfg.scales) - 1
+        self.trunk = Trunk(cfg)
+        select_dim = C * len(cfg.select_layers)
+        # Mlp(4C -> 4C -> C * num_hr) with a LayerNorm (eps 1e-5, torch's default) in the middle.
+        self.selection_feature_proj = Mlp(select_dim, select_dim, C * num_hr, norm_eps=1e-5)
+        self.prior_prompt = nn.Parameter(torch.zeros(C))                            # (C,)
+        self.pos_emb_residual = nn.ParameterList(
+            [nn.Parameter(torch.zeros(1, g * g, C)) for g in cfg.highres_grids])    # (1,g_s^2,C)
+        self.highres_selection_feature_module = ShallowConvNet(cfg)
+        self.prompt_proj_for_highres = nn.Linear(C, cfg.conv_out * num_hr)
+
+    # --- stage 1: low-res pass ------------------------------------------------------------
+    def lowres(self, pixels, returned_layers):
+        """pixels (1,3,S_max,S_max), normalised. See the module docstring for the outputs."""
+        cfg = self.cfg
+        x = bicubic_resize(pixels, cfg.scales[0])                       # (1,3,378,378)
+        x = self.trunk.patch_embed.forward_image(x)                     # (1,N0,C)
+        x = x + self.trunk.pos_embed
+
+        hidden, kv = [], []
+        for block in self.trunk.blocks:
+            x, k, v = block(x)                                          # k, v: (1,H,N0,D)
+            hidden.append(x)
+            kv.append(torch.stack([k, v]))                              # (2,1,H,N0,D)
+        kv_cache = torch.stack(kv)                                      # (L,2,1,H,N0,D)
+        lowres_features = torch.stack([hidden[i] for i in returned_layers])   # (R,1,N0,C)
+
+        # Selection features: the chosen layers side by side, projected; scale 0's slice only,
+        # because the official code gives every high-res scale the map of the first one.
+        g0 = cfg.lowres_grid
+        sel = torch.cat([hidden[i] for i in cfg.select_layers], dim=-1)      # (1,N0,4C)
+        sel = self.selection_feature_proj(sel)[..., : cfg.width]             # (1,N0,C)
+        selection_features = sel.transpose(1, 2).reshape(1, cfg.width, g0, g0)   # (1,C,G0,G0)
+
+        conv_input = bicubic_resize(pixels, defaults.SELECTOR_CONV_INPUT_SIZE)   # (1,3,1512,1512)
+        conv_features = self.highres_selection_feature_module(conv_input)       # (1,C',54,54)
+
+        # Every high-res patch of every scale, scale-major raster order: row p of this table is
+        # the patch at global position p, the index space that `positions` uses.
+        highres_patches = torch.cat(
+            [image_to_patches(bicubic_resize(pixels, s), cfg.patch_size) for s in cfg.scales[1:]],
+            dim=1)                                                           # (1,P,588)
+        return lowres_features, kv_cache, selection_features, conv_features, highres_patches
+
+    # --- stage 2: selector ----------------------------------------------------------------
+    def selector(self, selection_features, conv_features, prompt):
+        """Selection probability on the G0 x G0 grid: (1,C,G0,G0), (1,C',54,54), (1,C) -> (1,G0,G0)."""
+        cfg = self.cfg
+        lowres_logits = cosine_map(selection_features, prompt)              # (1,G0,G0)
+        conv_prompt = self.prompt_proj_for_highres(prompt)[:, : cfg.conv_out]   # (1,C')
+        conv_logits = cosine_map(conv_features, conv_prompt)                # (1,54,54)
+        conv_logits = F.max_pool2d(conv_logits[:, None], kernel_size=2)[:, 0]   # (1,G0,G0)
+        logits = ((lowres_logits + conv_logits) / 2 * 5.0).clamp(-10, 10)
+        # sigmoid, written as the official softmax over [logit, 0] so that values match bit for bit
+        return F.softmax(F.pad(logits[..., None], (0, 1)), dim=-1)[..., 0]
+
+    # --- stage 3: high-res pass -----------------------------------------------------------
+    def highres_position_table(self):
+        """(P,C): for each scale, pos_embed resized to g_s (bicubic, antialiased) + its residual."""
+        cfg = self.cfg
+        g0 = cfg.lowres_grid
+        grid = self.trunk.pos_embed.detach().float().reshape(1, g0, g0, cfg.width).permute(0, 3, 1, 2)
+        tables = []
+        for g, residual in zip(cfg.highres_grids, self.pos_emb_residual):
+            pos = F.interpolate(grid, size=(g, g), mode="bicubic", antialias=True)   # (1,C,g,g)
+            pos = pos.permute(0, 2, 3, 1).reshape(g * g, cfg.width)
+            tables.append(pos + residual.detach()[0])
+        return torch.cat(tables, dim=0)
+
+    def highres(self, patches, positions, kv_cache, position_table, returned_layers):
+        """patches (T,N,588), positions (T,N) int, kv_cache (L,2,1,H,N0,D) -> (R,T,N,C).
+
+        The T steps are independent: each attends to [low-res K/V ; its own N tokens].
+        """
+        x = self.trunk.patch_embed.forward_patches(patches)                # (T,N,C)
+        x = x + position_table[positions]
+        wanted = set(returned_layers)
+        outputs = {}
+        for i, block in enumerate(self.trunk.blocks):
+            x, _, _ = block(x, kv_prefix=kv_cache[i])
+            if i in wanted:
+                outputs[i] = x
+        return torch.stack([outputs[i] for i in returned_layers])          # (R,T,N,C)

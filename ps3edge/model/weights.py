@@ -1,0 +1,229 @@
+"""Where a `PS3` gets its weights: seeded random init for presets, or a local checkpoint dir.
+
+Checkpoint layout (what the official `PS3VisionModel.save_pretrained` writes and the published
+`nvidia/PS3-*-SigLIP` snapshots hold): `config.json` (flat, or with `vision_config`),
+`model.safetensors` (or a sharded `model.safetensors.index.json`) with keys `vision_model.*`,
+and optionally `preprocessor_config.json` with the image mean / std. `text_model.*` and the
+trunk's pooling head (`trunk.attn_pool`, `trunk.norm`, ...) are not part of the encoder's
+feature path and are ignored. An optional `depth` key truncates the trunk to its first blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .. import defaults
+from ..errors import Ps3EdgeError
+from .config import PS3Config, default_select_num_each_scale, preset, PRESETS
+from .ps3 import PS3
+
+PREFIX = "vision_model."
+# Official parameters that the feature path never uses: the SigLIP pooling head and final norm.
+UNUSED_TRUNK_PREFIXES = ("trunk.attn_pool.", "trunk.norm.", "trunk.fc_norm.", "trunk.head.")
+HEADS_BY_TIMM_NAME = {"so400m": 16, "giant": 16, "large": 16, "base": 12}
+
+
+@dataclass
+class LoadedModel:
+    model: PS3
+    cfg: PS3Config
+    source: dict          # how to rebuild it: {"kind": "preset", ...} or {"kind": "checkpoint", ...}
+
+
+def build(spec: str, seed: int = defaults.DEFAULT_SEED) -> LoadedModel:
+    """A preset name (seeded random weights) or a checkpoint directory."""
+    if spec in PRESETS:
+        cfg = preset(spec)
+        return LoadedModel(random_model(cfg, seed), cfg, {"kind": "preset", "name": spec, "seed": seed})
+    path = Path(spec)
+    if path.is_dir():
+        return load_checkpoint(path)
+    raise Ps3EdgeError(f"'{spec}' is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+
+
+# ------------------------------------------------------------------------------------------
+# seeded random weights
+# ------------------------------------------------------------------------------------------
+
+def random_model(cfg: PS3Config, seed: int = defaults.DEFAULT_SEED) -> PS3:
+    """Deterministic random weights, scaled like a trained network so activations stay O(1).
+
+    Every parameter is drawn from one CPU generator in name order, so a (preset, seed) pair
+    names the same weights on every machine with the same torch version.
+    """
+    model = PS3(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("bias"):
+                p.copy_(0.02 * noise)
+            elif p.ndim == 1 and name.endswith("weight"):        # LayerNorm / layer-scale gains
+                p.copy_(1.0 + 0.1 * noise)
+            elif "pos_embed" in name or "pos_emb_residual" in name:
+                p.copy_(0.02 * noise)
+            elif name == "prior_prompt":
+                p.copy_(noise)
+            else:                                                # matrices and conv kernels
+                fan_in = p[0].numel()
+                p.copy_(noise / fan_in ** 0.5)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoint directories
+# ------------------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise Ps3EdgeError(f"cannot read {path}: {e}") from None
+
+
+def _weight_files(path: Path) -> list[Path]:
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        return [path / s for s in shards]
+    raise Ps3EdgeError(f"{path} has no model.safetensors (or model.safetensors.index.json)")
+
+
+def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    if key.startswith(PREFIX):
+                        tensors[key[len(PREFIX):]] = st.get_tensor(key)
+        except Exception as e:  # safetensors raises its own types for truncated / corrupt files
+            raise Ps3EdgeError(f"cannot read weights {f}: {e}") from None
+    if not tensors:
+        raise Ps3EdgeError(f"no '{PREFIX}*' tensors in {', '.join(str(f) for f in files)}")
+    return tensors
+
+
+def config_from_checkpoint(path: Path, tensors: dict[str, torch.Tensor]) -> PS3Config:
+    raw = _read_json(path / "config.json")
+    vc = raw.get("vision_config", raw)
+    if vc.get("separate_pos_emb", True) is False or vc.get("highres_selection_feature", True) is False:
+        raise Ps3EdgeError("checkpoints without separate_pos_emb or highres_selection_feature are not supported")
+    if vc.get("radio"):
+        raise Ps3EdgeError("RADIO-based PS3 checkpoints are not supported")
+    if "trunk.pos_embed" not in tensors or "trunk.blocks.0.mlp.fc1.weight" not in tensors:
+        raise Ps3EdgeError(f"{path}: weights lack trunk.pos_embed / trunk.blocks.0.* - not a PS3 checkpoint")
+
+    width = tensors["trunk.pos_embed"].shape[-1]
+    blocks_in_file = 1 + max(int(m.group(1)) for k in tensors if (m := re.match(r"trunk\.blocks\.(\d+)\.", k)))
+    depth = int(vc.get("depth", blocks_in_file))
+    if depth > blocks_in_file:
+        raise Ps3EdgeError(f"config asks for depth {depth} but the weights hold only {blocks_in_file} blocks")
+    num_heads = vc.get("num_heads")
+    if num_heads is None:
+        name = str(vc.get("model_name") or "")
+        num_heads = next((h for key, h in HEADS_BY_TIMM_NAME.items() if key in name), max(1, width // 72))
+    scales = tuple(sorted(vc.get("ps3_scales", [378, 756, 1512])))
+    select_layers = tuple(vc.get("select_based_on_layer", [0, 9, 18, 26]))
+    budget = vc.get("max_select_num_each_scale") or default_select_num_each_scale(
+        scales, vc.get("max_select_num", 1280))
+
+    mean, std = defaults.CLIP_MEAN, defaults.CLIP_STD     # the official processor's fallback
+    pp = path / "preprocessor_config.json"
+    if pp.is_file():
+        ppc = _read_json(pp)
+        mean = ppc.get("image_mean", ppc.get("mean", mean))
+        std = ppc.get("image_std", ppc.get("std", std))
+        mean = tuple(mean) if isinstance(mean, (list, tuple)) else (float(mean),) * 3
+        std = tuple(std) if isinstance(std, (list, tuple)) else (float(std),) * 3
+
+    return PS3Config(
+        name=vc.get("name") or path.name, width=width, depth=depth, num_heads=int(num_heads),
+        mlp_dim=tensors["trunk.blocks.0.mlp.fc1.weight"].shape[0], scales=scales,
+        select_layers=select_layers, select_num_each_scale=tuple(int(n) for n in budget),
+        conv_hidden=int(vc.get("highres_selection_module_hidden_dim", 512)),
+        conv_out=int(vc.get("highres_selection_module_out_dim", 512)),
+        conv_depth=int(vc.get("highres_selection_module_depth", 3)),
+        conv_kernel=int(vc.get("highres_selection_module_kernel_size", 28)),
+        image_mean=tuple(float(m) for m in mean), image_std=tuple(float(s) for s in std),
+    ).validate()
+
+
+def load_checkpoint(path: Path) -> LoadedModel:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise Ps3EdgeError(f"{path} has no config.json")
+    files = _weight_files(path)
+    tensors = _read_tensors(files)
+    cfg = config_from_checkpoint(path, tensors)
+    model = PS3(cfg)
+    expected = model.state_dict()
+
+    def ignored(key: str) -> bool:
+        if key.startswith(UNUSED_TRUNK_PREFIXES):
+            return True
+        m = re.match(r"trunk\.blocks\.(\d+)\.", key)
+        return m is not None and int(m.group(1)) >= cfg.depth      # truncated away on purpose
+
+    missing = sorted(k for k in expected if k not in tensors)
+    unexpected = sorted(k for k in tensors if k not in expected and not ignored(k))
+    misshaped = sorted(f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}"
+                       for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape)
+    if missing or unexpected or misshaped:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+            if keys:
+                shown = ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+                parts.append(f"{label}: {shown}")
+        raise Ps3EdgeError(f"checkpoint {path} does not match the PS3 architecture - " + "; ".join(parts))
+
+    model.load_state_dict({k: tensors[k].float() for k in expected}, strict=True)
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(file_sha256(f).encode())
+    source = {"kind": "checkpoint", "path": str(path.resolve()), "sha256": digest.hexdigest()}
+    return LoadedModel(model.eval(), cfg, source)
+
+
+def save_checkpoint(model: PS3, path: Path) -> None:
+    """Write `model` in the official layout (flat config.json, `vision_model.*` keys)."""
+    cfg = model.cfg
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {PREFIX + k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path / "model.safetensors"))
+    config = {
+        "model_type": "ps3_vision_model", "name": cfg.name, "hidden_size": cfg.width,
+        "depth": cfg.depth, "num_heads": cfg.num_heads, "ps3_scales": list(cfg.scales),
+        "select_based_on_layer": list(cfg.select_layers),
+        "max_select_num_each_scale": list(cfg.select_num_each_scale),
+        "max_select_num": cfg.tokens_per_step,
+        "highres_selection_module_hidden_dim": cfg.conv_hidden,
+        "highres_selection_module_out_dim": cfg.conv_out,
+        "highres_selection_module_depth": cfg.conv_depth,
+        "highres_selection_module_kernel_size": cfg.conv_kernel,
+        "separate_pos_emb": True, "highres_selection_feature": True,
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_size": cfg.max_size, "image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std)},
+        indent=2))
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

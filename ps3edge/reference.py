@@ -1,0 +1,125 @@
+"""The official implementation (`ps3-torch`) as the parity reference.
+
+Builds the official `PS3VisionModel` with exactly the architecture and weights of one of our
+`PS3` models, runs it with the look-close settings of the VILA-HD README, and returns what our
+runtime returns (features of one layer, prob map, cumulative selection maps), so the two can be
+compared number for number. Needs the `dev` extra (ps3-torch, timm 1.0.15, torchvision).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import Ps3EdgeError
+from .model.ps3 import PS3
+
+
+def _import_official():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import timm  # noqa: F401
+            import ps3    # noqa: F401
+            from ps3 import modeling_ps3
+            from ps3.configuration_ps3 import PS3VisionConfig
+            from ps3.image_processing_ps3 import PS3ImageProcessor
+    except Exception as e:  # ImportError, or timm's incompatibility errors at import time
+        raise Ps3EdgeError(
+            f"the official reference (ps3-torch) is not usable here ({type(e).__name__}: {e}); "
+            "install it with: pip install -e '.[dev]'") from None
+    return modeling_ps3, PS3VisionConfig, PS3ImageProcessor
+
+
+@contextlib.contextmanager
+def _trunk_factory(cfg):
+    """Make timm.create_model return a SigLIP ViT of our sizes (official code names a timm model)."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    real = timm.create_model
+
+    def create(model_name, pretrained=False, **kwargs):
+        kwargs.pop("pretrained", None)
+        return VisionTransformer(
+            img_size=cfg.scales[0], patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
+            num_heads=cfg.num_heads, mlp_ratio=(cfg.mlp_dim + 0.5) / cfg.width, class_token=False,
+            **{**kwargs, "global_pool": "map"})
+
+    timm.create_model = create
+    try:
+        yield
+    finally:
+        timm.create_model = real
+
+
+def official_model(model: PS3):
+    """The official PS3VisionModel with `model`'s architecture and weights (fp32, eval)."""
+    modeling_ps3, PS3VisionConfig, _ = _import_official()
+    cfg = model.cfg
+    vcfg = PS3VisionConfig(
+        model_name="ps3edge-reference", hidden_size=cfg.width, pool="map",
+        ps3_scales=list(cfg.scales), select_based_on_layer=list(cfg.select_layers),
+        max_select_num=cfg.tokens_per_step, max_select_num_each_scale=list(cfg.select_num_each_scale),
+        highres_selection_module_hidden_dim=cfg.conv_hidden,
+        highres_selection_module_out_dim=cfg.conv_out,
+        highres_selection_module_depth=cfg.conv_depth,
+        highres_selection_module_kernel_size=cfg.conv_kernel)
+    with warnings.catch_warnings(), _trunk_factory(cfg):
+        warnings.simplefilter("ignore")
+        official = modeling_ps3.PS3VisionModel(vcfg)
+    result = official.vision_model.load_state_dict(model.state_dict(), strict=False)
+    stray = [k for k in result.missing_keys if not k.startswith(("trunk.attn_pool.", "trunk.norm."))]
+    if stray or result.unexpected_keys:
+        raise Ps3EdgeError(f"internal: weights do not map onto the official model "
+                           f"(missing {stray[:5]}, unexpected {result.unexpected_keys[:5]})")
+    return official.eval()
+
+
+def official_preprocess(image, cfg):
+    """The official PS3ImageProcessor on a PIL image -> (1,3,S,S) float32."""
+    _, _, PS3ImageProcessor = _import_official()
+    proc = PS3ImageProcessor(image_size=cfg.max_size, mean=cfg.image_mean, std=cfg.image_std)
+    return proc.preprocess(image)["pixel_values"][0][None].float()
+
+
+@dataclass
+class OfficialResult:
+    features: np.ndarray              # (1, tokens, C) for the requested layer
+    prob: np.ndarray                  # (G0, G0) selection probability (before smoothing)
+    selection_maps: list[np.ndarray]  # per high-res scale, (g_s, g_s) uint8, cumulative
+
+
+def run_official(official, pixels: torch.Tensor, *, num_look_close=None, num_token_look_close=None,
+                 select_num_each_scale=None, prompt=None, smooth_selection_prob=False,
+                 layer: int = -2) -> OfficialResult:
+    """One official forward with VILA-HD's knobs. `pixels` is the preprocessed (1,3,S,S) input."""
+    enc = official.vision_model
+    saved_budget = enc.max_select_num_each_scale
+    if select_num_each_scale is not None:
+        enc.max_select_num_each_scale = list(select_num_each_scale)   # what SELECT_NUM_EACH_SCALE sets
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = official(pixels, num_look_close=num_look_close, num_token_look_close=num_token_look_close,
+                           prompt=prompt, smooth_selection_prob=smooth_selection_prob)
+            # the prob map before smoothing, at the low-res grid (the scale maps are nearest copies)
+            feature_map_probs = _unsmoothed_prob(official, pixels, prompt)
+    finally:
+        enc.max_select_num_each_scale = saved_budget
+    features = out.hidden_states[layer].float().numpy()
+    maps = [m[0].numpy().astype(np.uint8) for m in out.selection_maps]
+    return OfficialResult(features=features, prob=feature_map_probs, selection_maps=maps)
+
+
+def _unsmoothed_prob(official, pixels, prompt) -> np.ndarray:
+    enc = official.vision_model
+    out = official(pixels, num_look_close=0, prompt=prompt, smooth_selection_prob=False)
+    prob = out.selection_probs[0][0]                     # (g_1, g_1), nearest copy of (G0, G0)
+    step = prob.shape[-1] // int(math.isqrt(enc.low_res_token_num))
+    return prob[::step, ::step].float().numpy()

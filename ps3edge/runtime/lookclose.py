@@ -1,0 +1,153 @@
+"""The look-close loop over exported stages: image -> features, one clear path.
+
+    image --preprocess--> pixels --lowres--> low-res features, K/V cache, selection inputs,
+    all high-res patches --selector(prompt)--> prob (27x27) --plan--> patches per step
+    --highres (all steps of equal length in one call)--> high-res features
+    --assemble--> [low-res tokens ; high-res tokens in scale-major raster order]
+
+The output order and values are those of the official `PS3VisionModel` with
+`output_hidden_states=True` for the requested layer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .. import defaults
+from ..errors import Ps3EdgeError
+from ..exporter.manifest import config_from_manifest, load_manifest
+from .backends import load_stages
+from .planning import Geometry, LookCloseSettings, Plan, plan
+from .preprocess import open_image, preprocess
+
+
+@dataclass
+class LookCloseResult:
+    features: np.ndarray                 # (1, tokens, C) float32
+    layer: int                           # the block the features come from (0-based)
+    prob: np.ndarray                     # (G0, G0) selection probability
+    plan: Plan
+    scales: tuple[int, ...]              # the high-res scales, matching plan.selection_maps
+    timings_ms: dict = field(default_factory=dict)
+    highres_calls: list = field(default_factory=list)   # (T, N) of each highres call
+
+    @property
+    def tokens_each_scale(self) -> dict[str, int]:
+        counts = {"lowres": self.features.shape[1] - self.plan.num_tokens}
+        counts.update({str(s): n for s, n in zip(self.scales, self.plan.tokens_each_scale())})
+        return counts
+
+
+class Pipeline:
+    """An artifact directory loaded on one backend, ready to run images."""
+
+    def __init__(self, artifact_dir, backend: str = "onnxruntime", verify: bool = True):
+        self.artifact_dir = Path(artifact_dir)
+        self.manifest = load_manifest(self.artifact_dir, verify=verify)
+        self.cfg = config_from_manifest(self.manifest)
+        self.backend = backend
+        self.geometry = Geometry(
+            lowres_grid=self.cfg.lowres_grid, highres_grids=self.cfg.highres_grids,
+            select_num_each_scale=tuple(self.manifest["defaults"]["select_num_each_scale"]),
+            max_tokens_per_call=self.manifest["geometry"]["max_tokens_per_highres_call"])
+        self.stages = load_stages(self.artifact_dir, self.manifest, backend)
+        self.prior_prompt = np.load(self.artifact_dir / defaults.PRIOR_PROMPT_FILE).reshape(1, -1)
+
+    # --- inputs --------------------------------------------------------------------------
+    def pixels(self, image) -> np.ndarray:
+        """A path or PIL image -> the (1,3,S,S) normalised input of the lowres stage."""
+        if not isinstance(image, Image.Image):
+            image = open_image(image)
+        pre = self.manifest["preprocessing"]
+        return preprocess(image, pre["size"], pre["mean"], pre["std"])
+
+    def prompt(self, settings: LookCloseSettings, prompt_embedding) -> np.ndarray:
+        """(1,C): the learned prior (bottom-up) or the caller's embedding (top-down)."""
+        if prompt_embedding is None:
+            return self.prior_prompt.astype(np.float32)
+        if settings.mode == "after_image":
+            raise Ps3EdgeError("a prompt embedding selects top-down, but LOOK_CLOSE_MODE is after_image")
+        p = np.asarray(prompt_embedding)
+        if p.dtype.kind not in "fiu" or p.size != self.cfg.width or (p.ndim > 1 and p.shape[0] != 1):
+            raise Ps3EdgeError(f"prompt embedding must hold {self.cfg.width} numbers (shape ({self.cfg.width},) "
+                               f"or (1, {self.cfg.width})), got shape {p.shape} of {p.dtype}")
+        p = p.astype(np.float32).reshape(1, -1)
+        if not np.all(np.isfinite(p)) or not np.any(p):
+            raise Ps3EdgeError("prompt embedding must be finite and not all zero")
+        return p
+
+    def layer_index(self, layer: int) -> int:
+        depth = self.cfg.depth
+        if not -depth <= layer < depth:
+            raise Ps3EdgeError(f"layer {layer} does not exist in a {depth}-block model")
+        wanted = layer % depth
+        returned = self.manifest["returned_layers"]
+        if wanted not in returned:
+            raise Ps3EdgeError(f"layer {layer} was not exported (returned layers: {returned}); "
+                               f"re-export with --layers including it")
+        return returned.index(wanted)
+
+    # --- the loop ------------------------------------------------------------------------
+    def run(self, image, settings: LookCloseSettings, prompt_embedding=None,
+            layer: int = defaults.DEFAULT_RUN_LAYER) -> LookCloseResult:
+        r = self.layer_index(layer)
+        prompt = self.prompt(settings, prompt_embedding)
+        times = {}
+
+        t0 = time.perf_counter()
+        pixels = image if isinstance(image, np.ndarray) else self.pixels(image)
+        times["preprocess"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        low = self.stages["lowres"].infer({"pixels": pixels})
+        times["lowres"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        prob = self.stages["selector"].infer({
+            "selection_features": low["selection_features"], "conv_features": low["conv_features"],
+            "prompt": prompt})["prob"][0]                                          # (G0,G0)
+        times["selector"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        the_plan = plan(prob, settings, self.geometry)
+        times["planning"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        positions, features, calls = self._run_highres(the_plan, low, r)
+        times["highres"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        order = np.argsort(positions, kind="stable")                  # scale-major raster order
+        tokens = np.concatenate([low["lowres_features"][r, 0], features[order]], axis=0)
+        times["assemble"] = time.perf_counter() - t0
+
+        return LookCloseResult(
+            features=tokens[None].astype(np.float32, copy=False), layer=self.manifest["returned_layers"][r],
+            prob=prob, plan=the_plan, scales=tuple(self.cfg.scales[1:]),
+            timings_ms={k: v * 1e3 for k, v in times.items()}, highres_calls=calls)
+
+    def _run_highres(self, the_plan: Plan, low: dict, r: int):
+        """All steps of equal length go through one highres call (T steps x N tokens)."""
+        steps_by_length = defaultdict(list)
+        for t in range(len(the_plan.steps)):
+            pos = the_plan.step_positions(self.geometry, t)
+            if len(pos):
+                steps_by_length[len(pos)].append(pos)
+        all_patches = low["highres_patches"][0]                                    # (P,588)
+        positions, features, calls = [], [], []
+        for n, group in sorted(steps_by_length.items(), reverse=True):
+            pos = np.stack(group)                                                  # (T,N) int32
+            out = self.stages["highres"].infer({
+                "patches": all_patches[pos], "positions": pos, "kv_cache": low["kv_cache"]})
+            positions.append(pos.reshape(-1))
+            features.append(out["highres_features"][r].reshape(-1, self.cfg.width))
+            calls.append(tuple(pos.shape))
+        if not positions:
+            return np.zeros(0, np.int32), np.zeros((0, self.cfg.width), np.float32), calls
+        return np.concatenate(positions), np.concatenate(features), calls

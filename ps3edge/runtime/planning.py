@@ -1,0 +1,237 @@
+"""Look-close settings and selection planning: which high-res patches each step looks at.
+
+Once the low-res pass is done the probability map is fixed, so the official step-by-step
+"top-k among the patches not yet selected" equals cutting ONE ranking per scale into
+consecutive chunks. The ranking is the probability in descending order; ties (the map is a
+nearest-neighbour copy of the 27 x 27 grid, so whole 2x2 / 4x4 / 10x10 blocks tie) are broken
+by the lower raster index within the scale. That rule is ours: the official code calls
+`torch.topk`, whose choice among equal values is implementation-defined, so where a step's cut
+falls inside a block of equal values the official pick can differ from ours by which of the
+equal-probability patches it took (the parity report measures that by IoU).
+
+The settings are the five environment variables of the VILA-HD README; command-line flags
+override them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import defaults
+from ..errors import Ps3EdgeError
+
+
+# ------------------------------------------------------------------------------------------
+# settings
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LookCloseSettings:
+    num_look_close: int | str | None = None       # steps, or "all"; None: the default (6)
+    num_token_look_close: int | None = None       # total high-res patches; overrides steps
+    select_num_each_scale: tuple[int, ...] | None = None   # per-step patches per scale
+    mode: str = "after_prompt"                    # after_prompt (top-down) | after_image (bottom-up)
+    smooth_selection_prob: bool = False
+
+
+def parse_num_look_close(value) -> int | str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return "all"
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise Ps3EdgeError(f"NUM_LOOK_CLOSE must be a whole number or 'all', got '{value}'") from None
+
+
+def parse_num_token_look_close(value) -> int | None:
+    if value is None or value == "" or str(value).lower() == "none":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise Ps3EdgeError(f"NUM_TOKEN_LOOK_CLOSE must be a whole number, got '{value}'") from None
+
+
+def parse_select_num_each_scale(value) -> tuple[int, ...] | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, (tuple, list)):
+        return tuple(int(v) for v in value)
+    try:
+        return tuple(int(part) for part in str(value).split("+"))
+    except ValueError:
+        raise Ps3EdgeError(f"SELECT_NUM_EACH_SCALE must look like 512+2048, got '{value}'") from None
+
+
+def parse_bool(name: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise Ps3EdgeError(f"{name} must be true or false, got '{value}'")
+
+
+def settings_from_env(env=None, **overrides) -> LookCloseSettings:
+    """The VILA-HD environment variables as defaults; keyword arguments that are not None win."""
+    env = os.environ if env is None else env
+    values = {
+        "num_look_close": parse_num_look_close(env.get(defaults.ENV_NUM_LOOK_CLOSE)),
+        "num_token_look_close": parse_num_token_look_close(env.get(defaults.ENV_NUM_TOKEN_LOOK_CLOSE)),
+        "select_num_each_scale": parse_select_num_each_scale(env.get(defaults.ENV_SELECT_NUM_EACH_SCALE)),
+        "mode": env.get(defaults.ENV_LOOK_CLOSE_MODE) or "after_prompt",
+        "smooth_selection_prob": parse_bool(defaults.ENV_SMOOTH_SELECTION_PROB,
+                                            env.get(defaults.ENV_SMOOTH_SELECTION_PROB, "false")),
+    }
+    parsers = {"num_look_close": parse_num_look_close,
+               "num_token_look_close": parse_num_token_look_close,
+               "select_num_each_scale": parse_select_num_each_scale}
+    for key, value in overrides.items():
+        if value is not None:
+            values[key] = parsers.get(key, lambda v: v)(value)
+    if values["mode"] not in defaults.LOOK_CLOSE_MODES:
+        raise Ps3EdgeError(f"LOOK_CLOSE_MODE must be one of {', '.join(defaults.LOOK_CLOSE_MODES)}, "
+                           f"got '{values['mode']}'")
+    return LookCloseSettings(**values)
+
+
+# ------------------------------------------------------------------------------------------
+# the plan
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class Geometry:
+    """What planning needs to know about the model (read from the manifest or a PS3Config)."""
+    lowres_grid: int                          # 27
+    highres_grids: tuple[int, ...]            # (54, 108) or (54, 108, 270)
+    select_num_each_scale: tuple[int, ...]    # the model's per-step budget
+    max_tokens_per_call: int = defaults.MAX_TOKENS_PER_HIGHRES_CALL
+
+    @property
+    def patches_each_scale(self) -> tuple[int, ...]:
+        return tuple(g * g for g in self.highres_grids)
+
+    @property
+    def scale_offsets(self) -> tuple[int, ...]:
+        """Global index of each scale's first patch (scale-major raster order)."""
+        return tuple(int(x) for x in np.cumsum((0,) + self.patches_each_scale[:-1]))
+
+
+@dataclass
+class Plan:
+    steps: list[list[np.ndarray]]             # steps[t][s]: local raster indices at scale s
+    selection_maps: list[np.ndarray]          # per scale, (g_s, g_s) uint8, all steps together
+    scale_probs: list[np.ndarray] = field(default_factory=list)   # per scale, the ranked map
+    budget: tuple[int, ...] = ()
+
+    def step_positions(self, geometry: Geometry, t: int) -> np.ndarray:
+        """Global patch indices of step t, scale-major (order inside a step does not matter)."""
+        return np.concatenate([idx + off for idx, off in zip(self.steps[t], geometry.scale_offsets)]
+                              ).astype(np.int32)
+
+    def tokens_each_scale(self) -> list[int]:
+        return [int(m.sum()) for m in self.selection_maps]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.tokens_each_scale())
+
+
+def resolve_steps(settings: LookCloseSettings, geometry: Geometry) -> tuple[tuple[int, ...], list[int | None]]:
+    """Validate the settings; return the per-step budget and, per step, its token target.
+
+    A token target of None means the full budget; an int means the official
+    `num_select_token` rule (each scale gets floor(budget_s * target / sum(budget))).
+    """
+    budget = geometry.select_num_each_scale
+    if settings.select_num_each_scale is not None:
+        budget = tuple(settings.select_num_each_scale)
+        n_scales = len(geometry.highres_grids)
+        if len(budget) != n_scales:
+            example = "+".join(str(b) for b in geometry.select_num_each_scale)
+            raise Ps3EdgeError(f"SELECT_NUM_EACH_SCALE needs {n_scales} parts for this model "
+                               f"(e.g. {example}), got {len(budget)}")
+        if any(b < 0 for b in budget) or sum(budget) == 0:
+            raise Ps3EdgeError(f"SELECT_NUM_EACH_SCALE parts must be >= 0 and not all 0, got {budget}")
+    per_step = sum(budget)
+    if per_step > geometry.max_tokens_per_call:
+        raise Ps3EdgeError(f"SELECT_NUM_EACH_SCALE sums to {per_step}; one look-close step takes at most "
+                           f"{geometry.max_tokens_per_call} patches")
+    total = sum(geometry.patches_each_scale)
+    max_steps = math.ceil(total / per_step)
+
+    if settings.num_token_look_close is not None:
+        n = settings.num_token_look_close
+        if not 1 <= n <= total:
+            raise Ps3EdgeError(f"NUM_TOKEN_LOOK_CLOSE must be between 1 and {total} for this model, got {n}")
+        steps = math.ceil(n / per_step)
+        # the official code: full steps, then the remainder through the num_select_token rule
+        return budget, [None] * (steps - 1) + [n % per_step or per_step]
+
+    nlc = settings.num_look_close if settings.num_look_close is not None else defaults.DEFAULT_NUM_LOOK_CLOSE
+    if nlc == "all":
+        steps = max_steps
+    else:
+        if not 1 <= nlc <= max_steps:
+            raise Ps3EdgeError(f"NUM_LOOK_CLOSE must be between 1 and {max_steps} for this model "
+                               f"(or 'all'), got {nlc}")
+        steps = nlc
+    return budget, [None] * steps
+
+
+def scale_probability_maps(prob: np.ndarray, geometry: Geometry, smooth: bool) -> list[np.ndarray]:
+    """The (G0,G0) map copied to each scale's grid (nearest), optionally smoothed on a 6x6 grid.
+
+    Done with the same torch operations as the official code so that the values - and hence
+    the ranking - are bit-identical.
+    """
+    p = torch.from_numpy(np.ascontiguousarray(prob, dtype=np.float32))[None, None]   # (1,1,G0,G0)
+    maps = []
+    for g in geometry.highres_grids:
+        m = F.interpolate(p, size=(g, g), mode="nearest")                            # (1,1,g,g)
+        if smooth:
+            grid = defaults.SMOOTH_SELECTION_GRID
+            m = F.interpolate(F.interpolate(m, size=(grid, grid), mode="area"), size=(g, g), mode="nearest")
+        maps.append(m[0, 0].numpy())
+    return maps
+
+
+def plan(prob: np.ndarray, settings: LookCloseSettings, geometry: Geometry) -> Plan:
+    """Turn the (G0,G0) probability map into per-step patch lists."""
+    budget, targets = resolve_steps(settings, geometry)
+    scale_probs = scale_probability_maps(prob, geometry, settings.smooth_selection_prob)
+    # One ranking per scale: descending probability, ties -> lower raster index (stable sort).
+    rankings = [np.argsort(-m.reshape(-1), kind="stable") for m in scale_probs]
+    taken = [0] * len(rankings)                      # how far down each ranking we are
+    per_step = sum(budget)
+    steps = []
+    for target in targets:
+        counts = list(budget) if target is None else [int(b * target / per_step) for b in budget]
+        for s in range(len(counts)):                 # spill what a scale cannot give to the next
+            remaining = len(rankings[s]) - taken[s]
+            if remaining < counts[s]:
+                if s + 1 < len(counts):
+                    counts[s + 1] += counts[s] - remaining
+                counts[s] = remaining
+        step = []
+        for s, k in enumerate(counts):
+            step.append(rankings[s][taken[s]: taken[s] + k])
+            taken[s] += k
+        steps.append(step)
+
+    maps = []
+    for s, g in enumerate(geometry.highres_grids):
+        m = np.zeros(g * g, dtype=np.uint8)
+        m[rankings[s][: taken[s]]] = 1
+        maps.append(m.reshape(g, g))
+    return Plan(steps=steps, selection_maps=maps, scale_probs=scale_probs, budget=budget)
