@@ -95,16 +95,41 @@ class OfficialResult:
     selection_maps: list[np.ndarray]  # per high-res scale, (g_s, g_s) uint8, cumulative
 
 
+@contextlib.contextmanager
+def stable_topk():
+    """Pin torch.topk's choice among equal values to ps3edge's documented rule.
+
+    The official selection calls `Tensor.topk`, whose pick among ties is implementation-defined.
+    Inside this context it returns the first k of a stable descending sort: equal values go to
+    the lower index. With it the official code's selection is reproducible, and must equal ours.
+    """
+    real = torch.Tensor.topk
+
+    def topk(self, k, dim=-1, largest=True, sorted=True):
+        values, indices = torch.sort(self, dim=dim, descending=largest, stable=True)
+        return torch.return_types.topk((values.narrow(dim, 0, k), indices.narrow(dim, 0, k)))
+
+    torch.Tensor.topk = topk
+    try:
+        yield
+    finally:
+        torch.Tensor.topk = real
+
+
 def run_official(official, pixels: torch.Tensor, *, num_look_close=None, num_token_look_close=None,
                  select_num_each_scale=None, prompt=None, smooth_selection_prob=False,
-                 layer: int = -2) -> OfficialResult:
-    """One official forward with VILA-HD's knobs. `pixels` is the preprocessed (1,3,S,S) input."""
+                 layer: int = -2, tie_rule: str = "official") -> OfficialResult:
+    """One official forward with VILA-HD's knobs. `pixels` is the preprocessed (1,3,S,S) input.
+
+    tie_rule "official" runs the code as published; "stable" pins its top-k tie-breaking to ours.
+    """
     enc = official.vision_model
     saved_budget = enc.max_select_num_each_scale
     if select_num_each_scale is not None:
         enc.max_select_num_each_scale = list(select_num_each_scale)   # what SELECT_NUM_EACH_SCALE sets
+    ties = stable_topk() if tie_rule == "stable" else contextlib.nullcontext()
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), ties:
             warnings.simplefilter("ignore")
             out = official(pixels, num_look_close=num_look_close, num_token_look_close=num_token_look_close,
                            prompt=prompt, smooth_selection_prob=smooth_selection_prob)
