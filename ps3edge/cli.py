@@ -1,0 +1,295 @@
+"""The `ps3edge` command line: demo, export, run, parity, inspect.
+
+Every command turns a `Ps3EdgeError` into one line `error: ...` on stderr and exit code 2.
+Look-close settings default to the VILA-HD environment variables (NUM_LOOK_CLOSE,
+NUM_TOKEN_LOOK_CLOSE, SELECT_NUM_EACH_SCALE, LOOK_CLOSE_MODE, SMOOTH_SELECTION_PROB); flags
+override them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__, defaults
+from .errors import Ps3EdgeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="PS3 / VILA-HD from PyTorch to ONNX and TensorRT, and the look-close runtime.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Ps3EdgeError as e:
+            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130)
+    return wrapper
+
+
+def _progress(status):
+    def say(msg: str):
+        status.update(f"{msg} ...")
+        console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}", highlight=False)
+    return say
+
+
+def _parse_layers(text: str) -> list[int]:
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise Ps3EdgeError(f"--layers must be comma-separated integers like -2,-1, got '{text}'") from None
+
+
+def _load_prompt_embedding(path: Optional[Path]):
+    if path is None:
+        return None
+    if not path.is_file():
+        raise Ps3EdgeError(f"prompt embedding file not found: {path}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:  # numpy raises ValueError / OSError / UnpicklingError for bad files
+        raise Ps3EdgeError(f"{path} is not a .npy array ({type(e).__name__}: {e})") from None
+
+
+def _settings(num_look_close, num_token_look_close, select_num_each_scale, look_close_mode, smooth):
+    from .runtime.planning import settings_from_env
+    return settings_from_env(num_look_close=num_look_close, num_token_look_close=num_token_look_close,
+                             select_num_each_scale=select_num_each_scale, mode=look_close_mode,
+                             smooth_selection_prob=smooth)
+
+
+# shared options --------------------------------------------------------------------------------
+NumLookClose = typer.Option(None, "--num-look-close", help="Look-close steps (int or 'all'). Env: NUM_LOOK_CLOSE; default 6.")
+NumTokenLookClose = typer.Option(None, "--num-token-look-close", help="High-res patches in total; overrides steps. Env: NUM_TOKEN_LOOK_CLOSE.")
+SelectNumEachScale = typer.Option(None, "--select-num-each-scale", help="Patches per step per scale, e.g. 512+2048. Env: SELECT_NUM_EACH_SCALE.")
+LookCloseMode = typer.Option(None, "--look-close-mode", help="after_prompt (top-down with --prompt-embedding) or after_image (bottom-up). Env: LOOK_CLOSE_MODE.")
+Smooth = typer.Option(None, "--smooth-selection-prob/--no-smooth-selection-prob", help="Smooth the selection map on a 6x6 grid. Env: SMOOTH_SELECTION_PROB.")
+PromptEmbedding = typer.Option(None, "--prompt-embedding", help="A .npy of C floats: select top-down for this prompt.")
+Layer = typer.Option(defaults.DEFAULT_RUN_LAYER, "--layer", help="Which block's features to return (VILA-HD uses -2).")
+
+
+def _print_run_table(result, backend: str):
+    table = Table(title=f"look-close on {backend}", show_edge=False)
+    table.add_column("tokens")
+    table.add_column("count", justify="right")
+    for name, n in result.tokens_each_scale.items():
+        table.add_row(name if name == "lowres" else f"{name}px", str(n))
+    table.add_row("[bold]total[/bold]", f"[bold]{result.features.shape[1]}[/bold]")
+    times = Table(show_edge=False)
+    times.add_column("stage")
+    times.add_column("ms", justify="right")
+    for stage, ms in result.timings_ms.items():
+        times.add_row(stage, f"{ms:.1f}")
+    times.add_row("[bold]total[/bold]", f"[bold]{sum(result.timings_ms.values()):.1f}[/bold]")
+    console.print(table)
+    console.print(times)
+    console.print(f"highres calls (T steps x N tokens): {result.highres_calls}", highlight=False)
+
+
+# commands --------------------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def export(
+    model: str = typer.Option(..., "--model", help="Preset (ps3-1.5k, ps3-4k, ps3-tiny, ps3-tiny-4k) or checkpoint directory."),
+    out: Path = typer.Option(..., "--out", help="Artifact directory to create."),
+    opset: int = typer.Option(defaults.DEFAULT_OPSET, "--opset", help="ONNX opset (>= 17)."),
+    layers: str = typer.Option(",".join(str(l) for l in defaults.DEFAULT_RETURNED_LAYERS), "--layers", help="Blocks whose features the stages return."),
+    seed: int = typer.Option(defaults.DEFAULT_SEED, "--seed", help="Seed of a preset's random weights."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing artifact directory."),
+):
+    """Export the lowres, selector and highres stages to ONNX, with manifest.json."""
+    from .exporter.onnx_export import export as do_export
+
+    start = time.perf_counter()
+    with console.status("exporting") as status:
+        manifest = do_export(model, out, opset=opset, returned_layers=_parse_layers(layers), seed=seed,
+                             overwrite=overwrite, progress=_progress(status))
+    size = sum(f.stat().st_size for f in Path(out).iterdir()) / 2 ** 20
+    console.print(f"wrote {out} ({len(manifest['files'])} files, {size:.1f} MiB) "
+                  f"in {time.perf_counter() - start:.1f} s", highlight=False)
+
+
+@app.command()
+@handle_errors
+def run(
+    artifacts: Path = typer.Argument(..., help="Artifact directory from 'ps3edge export'."),
+    image: Path = typer.Option(..., "--image", help="Input image."),
+    out: Path = typer.Option(..., "--out", help="Output .safetensors (features, prob, selection maps)."),
+    backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime or torch."),
+    num_look_close: Optional[str] = NumLookClose,
+    num_token_look_close: Optional[int] = NumTokenLookClose,
+    select_num_each_scale: Optional[str] = SelectNumEachScale,
+    look_close_mode: Optional[str] = LookCloseMode,
+    smooth_selection_prob: Optional[bool] = Smooth,
+    prompt_embedding: Optional[Path] = PromptEmbedding,
+    layer: int = Layer,
+    overlay: Optional[Path] = typer.Option(None, "--overlay", help="Also write a PNG with the selected patches."),
+):
+    """Run the look-close loop on one image."""
+    from .runtime.lookclose import Pipeline
+    from .runtime.outputs import write_features, write_overlay
+    from .runtime.preprocess import open_image
+
+    settings = _settings(num_look_close, num_token_look_close, select_num_each_scale, look_close_mode,
+                         smooth_selection_prob)
+    prompt = _load_prompt_embedding(prompt_embedding)
+    if out.suffix != ".safetensors":
+        raise Ps3EdgeError(f"--out must end in .safetensors, got {out}")
+    pil = open_image(image)
+    pipeline = Pipeline(artifacts, backend)
+    result = pipeline.run(pil, settings, prompt_embedding=prompt, layer=layer)
+    write_features(result, out)
+    _print_run_table(result, backend)
+    console.print(f"features {tuple(result.features.shape)} -> {out}", highlight=False)
+    if overlay is not None:
+        write_overlay(pil, result, overlay)
+        console.print(f"overlay -> {overlay}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def demo(
+    out: Path = typer.Option(Path("ps3edge-demo"), "--out", help="Where to put the artifact, features and overlay."),
+):
+    """Export ps3-tiny, run it on the sample image and write the selection overlay."""
+    from .demo import sample_image
+    from .exporter.onnx_export import export as do_export
+    from .runtime.lookclose import Pipeline
+    from .runtime.outputs import write_features, write_overlay
+    from .runtime.planning import settings_from_env
+
+    start = time.perf_counter()
+    artifacts = out / "artifacts"
+    if artifacts.exists() and not (artifacts / defaults.MANIFEST_NAME).is_file():
+        raise Ps3EdgeError(f"{artifacts} exists and is not a ps3edge artifact; choose another --out")
+    with console.status("demo") as status:
+        say = _progress(status)
+        do_export("ps3-tiny", artifacts, overwrite=True, progress=say)
+        say("running the look-close loop on the sample image")
+        image = sample_image()
+        pipeline = Pipeline(artifacts, "onnxruntime")
+        # one look-close step unless the environment asks otherwise, so the overlay shows a choice
+        import os
+        env_steps = os.environ.get(defaults.ENV_NUM_LOOK_CLOSE) or os.environ.get(defaults.ENV_NUM_TOKEN_LOOK_CLOSE)
+        settings = settings_from_env(num_look_close=None if env_steps else 1)
+        result = pipeline.run(image, settings, layer=defaults.DEFAULT_RUN_LAYER)
+        write_features(result, out / "features.safetensors")
+        write_overlay(image, result, out / "overlay.png")
+    _print_run_table(result, "onnxruntime")
+    console.print(f"artifact  {artifacts}\nfeatures  {out / 'features.safetensors'}\n"
+                  f"overlay   {out / 'overlay.png'}\ndone in {time.perf_counter() - start:.1f} s",
+                  highlight=False)
+
+
+@app.command()
+@handle_errors
+def parity(
+    model: str = typer.Option("ps3-tiny", "--model", help="Preset or checkpoint directory."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Input image (default: the sample image)."),
+    backend: List[str] = typer.Option(["onnxruntime"], "--backend", help="Exported backends to check (repeatable)."),
+    num_look_close: Optional[str] = NumLookClose,
+    num_token_look_close: Optional[int] = NumTokenLookClose,
+    select_num_each_scale: Optional[str] = SelectNumEachScale,
+    look_close_mode: Optional[str] = LookCloseMode,
+    smooth_selection_prob: Optional[bool] = Smooth,
+    prompt_embedding: Optional[Path] = PromptEmbedding,
+    layer: int = Layer,
+    seed: int = typer.Option(defaults.DEFAULT_SEED, "--seed"),
+):
+    """Compare the official ps3-torch model, our torch model and the exported stages."""
+    from .demo import sample_image
+    from .parity import run_parity
+
+    settings = _settings(num_look_close, num_token_look_close, select_num_each_scale, look_close_mode,
+                         smooth_selection_prob)
+    prompt = _load_prompt_embedding(prompt_embedding)
+    pil = sample_image() if image is None else image
+    with console.status("parity") as status:
+        report = run_parity(model, pil, settings, prompt_embedding=prompt, layer=layer,
+                            backends=tuple(backend), seed=seed, progress=_progress(status))
+    tol = defaults.TOLERANCES["fp32"]
+    table = Table(title=f"parity, fp32 (max abs <= {tol['max_abs']}, min cosine >= {tol['min_cosine']}), "
+                        f"{report.tokens} tokens")
+    for col in ("stage", "compared", "max abs", "min cosine", "selection", "ok"):
+        table.add_column(col)
+    for r in report.rows:
+        table.add_row(r.stage, r.compared, "" if r.max_abs is None else f"{r.max_abs:.2e}",
+                      "" if r.min_cosine is None else f"{r.min_cosine:.7f}", r.selection,
+                      "[green]ok[/green]" if r.ok else "[red]FAIL[/red]")
+    console.print(table)
+    if not report.ok:
+        err_console.print("[red]error:[/red] parity outside tolerance")
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
+def inspect(
+    artifacts: Path = typer.Argument(..., help="Artifact directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw manifest."),
+):
+    """Show what an artifact's manifest says (and check its files)."""
+    from .exporter.manifest import load_manifest
+
+    manifest = load_manifest(artifacts, verify=True)
+    if as_json:
+        print(json.dumps(manifest, indent=2))
+        return
+    m, g = manifest["model"], manifest["geometry"]
+    console.print(f"[bold]{artifacts}[/bold]  schema v{manifest['schema_version']}, "
+                  f"ps3edge {manifest['producer']['version']}, opset {manifest['opset']}, {manifest['precision']}",
+                  highlight=False)
+    src = manifest["source"]
+    origin = (f"preset {src['name']} (seed {src['seed']})" if src.get("kind") == "preset"
+              else f"checkpoint {src.get('path')}")
+    console.print(f"model  {m['name']}: width {m['width']}, depth {m['depth']}, heads {m['num_heads']}, "
+                  f"mlp {m['mlp_dim']}; weights from {origin}", highlight=False)
+    console.print(f"scales {g['scales']} -> grids {g['grids']}; {g['lowres_tokens']} low-res tokens, "
+                  f"{g['highres_patches_total']} high-res patches {g['highres_patches_each_scale']}", highlight=False)
+    d = manifest["defaults"]
+    console.print(f"look-close  {'+'.join(map(str, d['select_num_each_scale']))} patches per step, "
+                  f"default {d['num_look_close']} steps, at most {g['max_tokens_per_highres_call']} "
+                  f"tokens per highres call; returned layers {manifest['returned_layers']}", highlight=False)
+    p = manifest["preprocessing"]
+    console.print(f"preprocess  {p['resize']} resize to {p['size']} ({p['interpolation']}), x{p['rescale']}, "
+                  f"mean {p['mean']}, std {p['std']}", highlight=False)
+    table = Table(title="stages")
+    for col in ("stage", "file", "inputs", "outputs"):
+        table.add_column(col)
+    fmt = lambda ts: "\n".join(f"{t['name']} {t['dtype']} {tuple(t['shape'])}" for t in ts)
+    for name, s in manifest["stages"].items():
+        files = s["file"] + "".join(f" + {x}" for x in s.get("external_data", []))
+        table.add_row(name, files, fmt(s["inputs"]), fmt(s["outputs"]))
+    console.print(table)
+    total = sum((Path(artifacts) / f).stat().st_size for f in manifest["files"]) / 2 ** 20
+    console.print(f"{len(manifest['files'])} files, {total:.1f} MiB, all sha256 match the manifest", highlight=False)
+
+
+@app.command()
+def version():
+    """Print the ps3edge version."""
+    print(__version__)
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()
