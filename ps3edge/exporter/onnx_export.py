@@ -48,12 +48,13 @@ def _export_stage(module, example, spec, opset: int, scratch: Path, final: Path)
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
             dynamic_axes=spec.dynamic_axes() or None, do_constant_folding=True)
     model = onnx.load(str(raw), load_external_data=True)
-    weight_bytes = sum(t.ByteSize() for t in model.graph.initializer)
     files = [final]
-    if weight_bytes > defaults.EXTERNAL_DATA_THRESHOLD_BYTES:
+    # weights are initializers, but traced buffers (the highres position table) become Constant
+    # nodes: measure the whole graph, and move both kinds to the external file
+    if model.ByteSize() > defaults.EXTERNAL_DATA_THRESHOLD_BYTES:
         data_name = spec.file + ".data"
         onnx.save_model(model, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+                        location=data_name, size_threshold=1024, convert_attribute=True)
         files.append(final.parent / data_name)
     else:
         onnx.save_model(model, str(final))
@@ -113,6 +114,9 @@ def export(model_spec: str, out_dir, opset: int = defaults.DEFAULT_OPSET,
         manifest = build_manifest(cfg, loaded.source, layers, returned_layers, opset, stages, files)
         write_json_atomic(staging / defaults.MANIFEST_NAME, manifest)
         say("finalising artifact")
+        staging.chmod(0o755)                 # mkdtemp / mkstemp make private files; artifacts are shared
+        for f in staging.iterdir():
+            f.chmod(0o644)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
