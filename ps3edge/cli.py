@@ -17,6 +17,7 @@ from typing import List, Optional
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__, defaults
@@ -34,7 +35,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except Ps3EdgeError as e:
-            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -44,16 +45,19 @@ def handle_errors(fn):
 
 def _progress(status):
     def say(msg: str):
-        status.update(f"{msg} ...")
-        console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}", highlight=False)
+        status.update(f"{escape(msg)} ...")
+        console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {escape(msg)}", highlight=False)
     return say
 
 
 def _parse_layers(text: str) -> list[int]:
     try:
-        return [int(p) for p in text.split(",") if p.strip()]
+        layers = [int(p) for p in text.split(",") if p.strip()]
     except ValueError:
-        raise Ps3EdgeError(f"--layers must be comma-separated integers like -2,-1, got '{text}'") from None
+        layers = []
+    if not layers:
+        raise Ps3EdgeError(f"--layers must be comma-separated integers like -2,-1, got '{text}'")
+    return layers
 
 
 def _load_prompt_embedding(path: Optional[Path]):
@@ -121,7 +125,7 @@ def export(
         manifest = do_export(model, out, opset=opset, returned_layers=_parse_layers(layers), seed=seed,
                              overwrite=overwrite, progress=_progress(status))
     size = sum(f.stat().st_size for f in Path(out).iterdir()) / 2 ** 20
-    console.print(f"wrote {out} ({len(manifest['files'])} files, {size:.1f} MiB) "
+    console.print(f"wrote {escape(str(out))} ({len(manifest['files'])} files, {size:.1f} MiB) "
                   f"in {time.perf_counter() - start:.1f} s", highlight=False)
 
 
@@ -143,7 +147,7 @@ def run(
 ):
     """Run the look-close loop on one image."""
     from .runtime.lookclose import Pipeline
-    from .runtime.outputs import write_features, write_overlay
+    from .runtime.outputs import check_output_path, write_outputs
     from .runtime.preprocess import open_image
 
     settings = _settings(num_look_close, num_token_look_close, select_num_each_scale, look_close_mode,
@@ -151,15 +155,17 @@ def run(
     prompt = _load_prompt_embedding(prompt_embedding)
     if out.suffix != ".safetensors":
         raise Ps3EdgeError(f"--out must end in .safetensors, got {out}")
+    check_output_path(out, "--out")
+    if overlay is not None:
+        check_output_path(overlay, "--overlay")
     pil = open_image(image)
     pipeline = Pipeline(artifacts, backend)
     result = pipeline.run(pil, settings, prompt_embedding=prompt, layer=layer)
-    write_features(result, out)
+    write_outputs(result, pil, out, overlay)
     _print_run_table(result, backend)
-    console.print(f"features {tuple(result.features.shape)} -> {out}", highlight=False)
+    console.print(f"features {tuple(result.features.shape)} -> {escape(str(out))}", highlight=False)
     if overlay is not None:
-        write_overlay(pil, result, overlay)
-        console.print(f"overlay -> {overlay}", highlight=False)
+        console.print(f"overlay -> {escape(str(overlay))}", highlight=False)
 
 
 @app.command()
@@ -171,7 +177,7 @@ def demo(
     from .demo import sample_image
     from .exporter.onnx_export import export as do_export
     from .runtime.lookclose import Pipeline
-    from .runtime.outputs import write_features, write_overlay
+    from .runtime.outputs import write_outputs
     from .runtime.planning import settings_from_env
 
     start = time.perf_counter()
@@ -189,11 +195,10 @@ def demo(
         env_steps = os.environ.get(defaults.ENV_NUM_LOOK_CLOSE) or os.environ.get(defaults.ENV_NUM_TOKEN_LOOK_CLOSE)
         settings = settings_from_env(num_look_close=None if env_steps else 1)
         result = pipeline.run(image, settings, layer=defaults.DEFAULT_RUN_LAYER)
-        write_features(result, out / "features.safetensors")
-        write_overlay(image, result, out / "overlay.png")
+        write_outputs(result, image, out / "features.safetensors", out / "overlay.png")
     _print_run_table(result, "onnxruntime")
-    console.print(f"artifact  {artifacts}\nfeatures  {out / 'features.safetensors'}\n"
-                  f"overlay   {out / 'overlay.png'}\ndone in {time.perf_counter() - start:.1f} s",
+    console.print(f"artifact  {escape(str(artifacts))}\nfeatures  {escape(str(out / 'features.safetensors'))}\n"
+                  f"overlay   {escape(str(out / 'overlay.png'))}\ndone in {time.perf_counter() - start:.1f} s",
                   highlight=False)
 
 
@@ -252,19 +257,19 @@ def inspect(
         print(json.dumps(manifest, indent=2))
         return
     m, g = manifest["model"], manifest["geometry"]
-    console.print(f"[bold]{artifacts}[/bold]  schema v{manifest['schema_version']}, "
-                  f"ps3edge {manifest['producer']['version']}, opset {manifest['opset']}, {manifest['precision']}",
+    console.print(f"[bold]{escape(str(artifacts))}[/bold]  schema v{manifest['schema_version']}, "
+                  f"ps3edge {manifest['producer'].get('version', '?')}, opset {manifest['opset']}, {manifest['precision']}",
                   highlight=False)
     src = manifest["source"]
     origin = (f"preset {src['name']} (seed {src['seed']})" if src.get("kind") == "preset"
-              else f"checkpoint {src.get('path')}")
-    console.print(f"model  {m['name']}: width {m['width']}, depth {m['depth']}, heads {m['num_heads']}, "
+              else f"checkpoint {escape(str(src.get('path')))}")
+    console.print(f"model  {escape(str(m['name']))}: width {m['width']}, depth {m['depth']}, heads {m['num_heads']}, "
                   f"mlp {m['mlp_dim']}; weights from {origin}", highlight=False)
     console.print(f"scales {g['scales']} -> grids {g['grids']}; {g['lowres_tokens']} low-res tokens, "
                   f"{g['highres_patches_total']} high-res patches {g['highres_patches_each_scale']}", highlight=False)
     d = manifest["defaults"]
     console.print(f"look-close  {'+'.join(map(str, d['select_num_each_scale']))} patches per step, "
-                  f"default {d['num_look_close']} steps, at most {g['max_tokens_per_highres_call']} "
+                  f"default {d.get('num_look_close', defaults.DEFAULT_NUM_LOOK_CLOSE)} steps, at most {g['max_tokens_per_highres_call']} "
                   f"tokens per highres call; returned layers {manifest['returned_layers']}", highlight=False)
     p = manifest["preprocessing"]
     console.print(f"preprocess  {p['resize']} resize to {p['size']} ({p['interpolation']}), x{p['rescale']}, "

@@ -3,8 +3,9 @@
 It records the schema version, the model config and where the weights came from, the
 geometry (scales, grids, budgets), preprocessing, per-stage I/O, the opset and precision, and a
 sha256 for every file of the artifact. `load_manifest` refuses an artifact whose manifest is
-unreadable, of another schema, or whose files do not match their recorded hashes, and says
-exactly which file differs.
+unreadable, of another schema, inconsistent with itself (a hand-edited model config that no
+longer matches the stages' I/O, say), or whose files do not match their recorded hashes, and
+says exactly what differs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,18 @@ from .. import __version__, defaults
 from ..errors import Ps3EdgeError
 from ..model.config import PS3Config
 from ..model.weights import file_sha256
+from .spec import stage_specs
+
+REQUIRED_SECTIONS = ("producer", "model", "source", "returned_layers", "opset", "precision", "geometry",
+                     "defaults", "preprocessing", "stages", "files")
+
+
+def apply_default_mode(path) -> None:
+    """Give a file from mkstemp (0600) or a directory from mkdtemp (0700) the permissions that a
+    plain open() / mkdir() would, so artifacts and outputs are readable as the umask allows."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -44,27 +57,97 @@ def build_manifest(cfg: PS3Config, source: dict, returned_layers, returned_layer
         "returned_layers_requested": list(returned_layers_requested),
         "opset": opset,
         "precision": "fp32",
-        "geometry": {
-            "scales": list(cfg.scales),
-            "grids": list(cfg.grids),
-            "lowres_tokens": cfg.lowres_tokens,
-            "highres_patches_each_scale": list(cfg.highres_patches_each_scale),
-            "highres_patches_total": cfg.highres_patches_total,
-            "patch_dim": cfg.patch_dim,
-            "max_tokens_per_highres_call": defaults.MAX_TOKENS_PER_HIGHRES_CALL,
-        },
+        "geometry": _geometry(cfg),
         "defaults": {
             "select_num_each_scale": list(cfg.select_num_each_scale),
             "num_look_close": defaults.DEFAULT_NUM_LOOK_CLOSE,
             "look_close_mode": "after_prompt",
         },
-        "preprocessing": {
-            "resize": "squash", "size": cfg.max_size, "interpolation": "bicubic",
-            "rescale": "1/255", "mean": list(cfg.image_mean), "std": list(cfg.image_std),
-        },
+        "preprocessing": _preprocessing(cfg),
         "stages": stages,
         "files": files,
     }
+
+
+def _geometry(cfg: PS3Config) -> dict:
+    return {
+        "scales": list(cfg.scales),
+        "grids": list(cfg.grids),
+        "lowres_tokens": cfg.lowres_tokens,
+        "highres_patches_each_scale": list(cfg.highres_patches_each_scale),
+        "highres_patches_total": cfg.highres_patches_total,
+        "patch_dim": cfg.patch_dim,
+        "max_tokens_per_highres_call": defaults.MAX_TOKENS_PER_HIGHRES_CALL,
+    }
+
+
+def _preprocessing(cfg: PS3Config) -> dict:
+    return {
+        "resize": "squash", "size": cfg.max_size, "interpolation": "bicubic",
+        "rescale": "1/255", "mean": list(cfg.image_mean), "std": list(cfg.image_std),
+    }
+
+
+def _check_consistent(manifest: dict, path: Path) -> None:
+    """The sections must agree with each other: catches a hand-edited manifest before it runs."""
+    def bad(what: str):
+        raise Ps3EdgeError(f"{path} is inconsistent: {what} - re-export the model")
+
+    for key in ("producer", "source", "defaults"):
+        if not isinstance(manifest[key], dict):
+            bad(f"'{key}' is not an object")
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        bad("'files' must map file names to sha256 strings")
+    outside = sorted(n for n in files if n in ("", ".", "..") or Path(n).name != n)
+    if outside:
+        bad(f"'files' names paths outside the artifact directory: {outside}")
+    if defaults.PRIOR_PROMPT_FILE not in files:
+        bad(f"'files' lacks {defaults.PRIOR_PROMPT_FILE}")
+    try:
+        cfg = config_from_manifest(manifest)
+    except Ps3EdgeError as e:
+        bad(f"the 'model' section is not a valid PS3 config ({e})")
+    except (TypeError, ValueError, AttributeError) as e:
+        bad(f"the 'model' section is not a valid PS3 config ({type(e).__name__}: {e})")
+    layers = manifest["returned_layers"]
+    if (not isinstance(layers, list) or not layers
+            or not all(isinstance(l, int) and 0 <= l < cfg.depth for l in layers)):
+        bad(f"returned_layers {layers} must be block indices of the {cfg.depth}-block model")
+    geometry = manifest["geometry"]
+    expected = _geometry(cfg)
+    if not isinstance(geometry, dict):
+        bad("'geometry' is not an object")
+    limit = geometry.get("max_tokens_per_highres_call")
+    if not isinstance(limit, int) or limit < 1:
+        bad(f"geometry.max_tokens_per_highres_call must be a positive integer, got {limit!r}")
+    differs = sorted(k for k, v in expected.items() if k != "max_tokens_per_highres_call" and geometry.get(k) != v)
+    if differs:
+        bad(f"geometry {', '.join(differs)} do not match the model config")
+    budget = manifest["defaults"].get("select_num_each_scale")
+    if budget != list(cfg.select_num_each_scale):
+        bad(f"defaults.select_num_each_scale {budget} does not match the model config "
+            f"{list(cfg.select_num_each_scale)}")
+    pre = manifest["preprocessing"]
+    if pre != _preprocessing(cfg):
+        bad("'preprocessing' does not match the model config")
+    stages = manifest["stages"]
+    if not isinstance(stages, dict):
+        bad("'stages' is not an object")
+    for name, spec in stage_specs(cfg, len(layers)).items():
+        stage = stages.get(name)
+        if not isinstance(stage, dict):
+            bad(f"stage '{name}' is missing")
+        if stage.get("file") != spec.file:
+            bad(f"stage '{name}' file is {stage.get('file')!r}, expected {spec.file!r}")
+        extra = stage.get("external_data", [])
+        if not isinstance(extra, list) or not all(isinstance(f, str) for f in extra):
+            bad(f"stage '{name}' external_data must be a list of file names")
+        for f in [spec.file, *extra]:
+            if f not in files:
+                bad(f"stage '{name}' file {f!r} has no sha256 in 'files'")
+        if {"inputs": stage.get("inputs"), "outputs": stage.get("outputs")} != spec.to_dict():
+            bad(f"stage '{name}' inputs/outputs do not match the model config")
 
 
 def load_manifest(artifact_dir, verify: bool = True) -> dict:
@@ -85,9 +168,10 @@ def load_manifest(artifact_dir, verify: bool = True) -> dict:
     if version != defaults.MANIFEST_SCHEMA_VERSION:
         raise Ps3EdgeError(f"{path} has schema version {version}; this ps3edge reads version "
                            f"{defaults.MANIFEST_SCHEMA_VERSION} - re-export the model")
-    for key in ("model", "stages", "files", "geometry", "returned_layers", "preprocessing"):
+    for key in REQUIRED_SECTIONS:
         if key not in manifest:
             raise Ps3EdgeError(f"{path} lacks the '{key}' section - re-export the model")
+    _check_consistent(manifest, path)
     if verify:
         for name, expected in manifest["files"].items():
             f = artifact_dir / name

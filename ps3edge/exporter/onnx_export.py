@@ -72,7 +72,22 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
             if not (overwrite and is_artifact):
                 hint = " (use --overwrite to replace it)" if is_artifact else ""
                 raise Ps3EdgeError(f"{out_dir} is not empty{hint}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    existing = next((p for p in out_dir.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise Ps3EdgeError(f"cannot create {out_dir}: {existing} is not a directory")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Ps3EdgeError(f"cannot create {out_dir}: {e.strerror or e} ({e.filename})") from None
+
+
+def _max_opset() -> int | None:
+    """The newest opset torch's TorchScript-based ONNX exporter can write (None if unknown)."""
+    try:
+        from torch.onnx import _constants
+        return int(_constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
 
 
 def export(model_spec: str, out_dir, opset: int = defaults.DEFAULT_OPSET,
@@ -82,6 +97,12 @@ def export(model_spec: str, out_dir, opset: int = defaults.DEFAULT_OPSET,
     say = progress or (lambda msg: None)
     if opset < defaults.MIN_OPSET:
         raise Ps3EdgeError(f"opset {opset} is too old; ps3edge exports opset {defaults.MIN_OPSET} or newer")
+    newest = _max_opset()
+    if newest is not None and opset > newest:
+        raise Ps3EdgeError(f"opset {opset} is too new; this torch exports opsets {defaults.MIN_OPSET} to {newest}")
+    returned_layers = list(returned_layers)
+    if not returned_layers:
+        raise Ps3EdgeError("no returned layers given; export at least one block, e.g. -2,-1")
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, overwrite)
 
@@ -93,10 +114,13 @@ def export(model_spec: str, out_dir, opset: int = defaults.DEFAULT_OPSET,
         raise Ps3EdgeError(f"returned layers {bad} do not exist in a {cfg.depth}-block model")
     layers = normalize_layers(returned_layers, cfg.depth)
     specs = stage_specs(cfg, len(layers))
-    modules = {"lowres": LowResStage(model, layers), "selector": SelectorStage(model),
+    modules = {"lowres": LowResStage(model, layers, for_export=True), "selector": SelectorStage(model),
                "highres": HighResStage(model, layers)}
 
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
+    try:
+        staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
+    except OSError as e:
+        raise Ps3EdgeError(f"cannot write in {out_dir.parent}: {e.strerror or e}") from None
     try:
         stages, files = {}, {}
         for name in STAGE_ORDER:

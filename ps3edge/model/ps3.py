@@ -169,6 +169,38 @@ def bicubic_resize(image, size: int):
     return F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False)
 
 
+def cubic_taps(in_size: int, out_size: int):
+    """Source rows (out,4) and weights (out,4) of PyTorch's bicubic: A = -0.75, half-pixel
+    centres, edge indices clamped, no antialias."""
+    A = -0.75
+    x = (torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5
+    x0 = torch.floor(x)
+    t = (x - x0)[:, None]
+    d = torch.cat([t + 1, t, 1 - t, 2 - t], dim=1)                   # distance to each tap
+    near = ((A + 2) * d - (A + 3)) * d * d + 1                         # |d| <= 1
+    far = ((A * d - 5 * A) * d + 8 * A) * d - 4 * A                    # 1 < |d| < 2
+    weights = torch.where(d <= 1, near, far)
+    rows = (x0[:, None] + torch.tensor([-1.0, 0.0, 1.0, 2.0])).clamp(0, in_size - 1).long()
+    return rows, weights.float()
+
+
+def separable_bicubic_resize(image, size: int):
+    """`bicubic_resize` written as two 1-D 4-tap gathers (width, then height).
+
+    Same arithmetic as F.interpolate(mode="bicubic") up to float rounding (~1e-6). The exporter
+    uses it because onnxruntime's CPU Resize(cubic) takes seconds on a 3780 x 3780 image.
+    """
+    B, C, H, W = image.shape
+    if H == size and W == size:
+        return image
+    rows, weights = cubic_taps(W, size)                                # (size,4)
+    x = image.index_select(3, rows.reshape(-1)).reshape(B, C, H, size, 4)
+    x = (x * weights).sum(dim=-1)                                      # (B,C,H,size)
+    rows, weights = cubic_taps(H, size)
+    x = x.index_select(2, rows.reshape(-1)).reshape(B, C, size, 4, size)
+    return (x * weights[:, :, None]).sum(dim=3)                        # (B,C,size,size)
+
+
 def image_to_patches(image, patch_size: int):
     """(1,3,S,S) -> (1,(S/p)^2,3*p*p) in raster order, each patch flattened as (c, kh, kw)."""
     B, C, S, _ = image.shape
@@ -203,10 +235,13 @@ class PS3(nn.Module):
         self.prompt_proj_for_highres = nn.Linear(C, cfg.conv_out * num_hr)
 
     # --- stage 1: low-res pass ------------------------------------------------------------
-    def lowres(self, pixels, returned_layers):
-        """pixels (1,3,S_max,S_max), normalised. See the module docstring for the outputs."""
+    def lowres(self, pixels, returned_layers, resize=bicubic_resize):
+        """pixels (1,3,S_max,S_max), normalised. See the module docstring for the outputs.
+
+        `resize` is `bicubic_resize`, or its gather form `separable_bicubic_resize` for export.
+        """
         cfg = self.cfg
-        x = bicubic_resize(pixels, cfg.scales[0])                       # (1,3,378,378)
+        x = resize(pixels, cfg.scales[0])                               # (1,3,378,378)
         x = self.trunk.patch_embed.forward_image(x)                     # (1,N0,C)
         x = x + self.trunk.pos_embed
 
@@ -225,13 +260,13 @@ class PS3(nn.Module):
         sel = self.selection_feature_proj(sel)[..., : cfg.width]             # (1,N0,C)
         selection_features = sel.transpose(1, 2).reshape(1, cfg.width, g0, g0)   # (1,C,G0,G0)
 
-        conv_input = bicubic_resize(pixels, defaults.SELECTOR_CONV_INPUT_SIZE)   # (1,3,1512,1512)
+        conv_input = resize(pixels, defaults.SELECTOR_CONV_INPUT_SIZE)   # (1,3,1512,1512)
         conv_features = self.highres_selection_feature_module(conv_input)       # (1,C',54,54)
 
         # Every high-res patch of every scale, scale-major raster order: row p of this table is
         # the patch at global position p, the index space that `positions` uses.
         highres_patches = torch.cat(
-            [image_to_patches(bicubic_resize(pixels, s), cfg.patch_size) for s in cfg.scales[1:]],
+            [image_to_patches(resize(pixels, s), cfg.patch_size) for s in cfg.scales[1:]],
             dim=1)                                                           # (1,P,588)
         return lowres_features, kv_cache, selection_features, conv_features, highres_patches
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .ps3 import PS3
+from .ps3 import PS3, bicubic_resize, separable_bicubic_resize
 
 
 def normalize_layers(layers, depth: int) -> tuple[int, ...]:
@@ -19,13 +19,16 @@ def normalize_layers(layers, depth: int) -> tuple[int, ...]:
 
 
 class LowResStage(nn.Module):
-    def __init__(self, model: PS3, returned_layers):
+    """`for_export=True` writes the bicubic resizes as gathers (see separable_bicubic_resize)."""
+
+    def __init__(self, model: PS3, returned_layers, for_export: bool = False):
         super().__init__()
         self.model = model
         self.returned_layers = normalize_layers(returned_layers, model.cfg.depth)
+        self.resize = separable_bicubic_resize if for_export else bicubic_resize
 
     def forward(self, pixels):
-        return self.model.lowres(pixels, self.returned_layers)
+        return self.model.lowres(pixels, self.returned_layers, resize=self.resize)
 
 
 class SelectorStage(nn.Module):

@@ -84,9 +84,12 @@ def random_model(cfg: PS3Config, seed: int = defaults.DEFAULT_SEED) -> PS3:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise Ps3EdgeError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise Ps3EdgeError(f"{path} is not a JSON object")
+    return data
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -95,8 +98,10 @@ def _weight_files(path: Path) -> list[Path]:
         return [single]
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
-        return [path / s for s in shards]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise Ps3EdgeError(f"{index} has no weight_map")
+        return [path / str(s) for s in sorted(set(map(str, weight_map.values())))]
     raise Ps3EdgeError(f"{path} has no model.safetensors (or model.safetensors.index.json)")
 
 
@@ -118,6 +123,15 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 def config_from_checkpoint(path: Path, tensors: dict[str, torch.Tensor]) -> PS3Config:
     raw = _read_json(path / "config.json")
     vc = raw.get("vision_config", raw)
+    if not isinstance(vc, dict):
+        raise Ps3EdgeError(f"{path / 'config.json'}: vision_config is not an object")
+    try:
+        return _config_from_dict(path, vc, tensors)
+    except (TypeError, ValueError) as e:       # a value of the wrong type, e.g. "depth": "abc"
+        raise Ps3EdgeError(f"{path / 'config.json'} has an invalid value ({type(e).__name__}: {e})") from None
+
+
+def _config_from_dict(path: Path, vc: dict, tensors: dict[str, torch.Tensor]) -> PS3Config:
     if vc.get("separate_pos_emb", True) is False or vc.get("highres_selection_feature", True) is False:
         raise Ps3EdgeError("checkpoints without separate_pos_emb or highres_selection_feature are not supported")
     if vc.get("radio"):
@@ -128,12 +142,18 @@ def config_from_checkpoint(path: Path, tensors: dict[str, torch.Tensor]) -> PS3C
     width = tensors["trunk.pos_embed"].shape[-1]
     blocks_in_file = 1 + max(int(m.group(1)) for k in tensors if (m := re.match(r"trunk\.blocks\.(\d+)\.", k)))
     depth = int(vc.get("depth", blocks_in_file))
-    if depth > blocks_in_file:
-        raise Ps3EdgeError(f"config asks for depth {depth} but the weights hold only {blocks_in_file} blocks")
+    if not 1 <= depth <= blocks_in_file:
+        raise Ps3EdgeError(f"config asks for depth {depth} but the weights hold {blocks_in_file} blocks "
+                           f"(depth must be 1..{blocks_in_file})")
     num_heads = vc.get("num_heads")
     if num_heads is None:
         name = str(vc.get("model_name") or "")
-        num_heads = next((h for key, h in HEADS_BY_TIMM_NAME.items() if key in name), max(1, width // 72))
+        num_heads = next((h for key, h in HEADS_BY_TIMM_NAME.items() if key in name), None)
+        if num_heads is None:
+            if width % 72:      # not SigLIP's head dim 72: any guess would silently be wrong
+                raise Ps3EdgeError(f"{path / 'config.json'} does not say num_heads and its model_name "
+                                   f"'{name}' names no known architecture; add \"num_heads\" to it")
+            num_heads = width // 72
     scales = tuple(sorted(vc.get("ps3_scales", [378, 756, 1512])))
     select_layers = tuple(vc.get("select_based_on_layer", [0, 9, 18, 26]))
     budget = vc.get("max_select_num_each_scale") or default_select_num_each_scale(

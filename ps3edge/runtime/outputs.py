@@ -1,4 +1,8 @@
-"""What `ps3edge run` writes: the features file and the selection overlay, both atomically."""
+"""What `ps3edge run` writes: the features file and the selection overlay, both atomically.
+
+`write_outputs` writes both or neither: each goes to a temporary file next to its target first,
+and only when both are complete are they renamed into place.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from safetensors.numpy import save_file
 
+from ..errors import Ps3EdgeError
+from ..exporter.manifest import apply_default_mode
 from .lookclose import LookCloseResult
 
 # one colour per high-res scale, coarse to fine
@@ -25,20 +31,56 @@ def _atomic_target(path: Path):
     return Path(tmp)
 
 
-def write_features(result: LookCloseResult, path) -> None:
-    """features (1,tokens,C) float32, prob (G0,G0), selection_map_<scale> (g,g) uint8."""
+def check_output_path(path, what: str = "output") -> None:
+    """Refuse, before any work is done, an output path that cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise Ps3EdgeError(f"{what} {path} is a directory")
+    parent = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise Ps3EdgeError(f"{what} {path}: {parent} is not a directory")
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise Ps3EdgeError(f"{what} {path}: {parent} is not writable")
+
+
+def write_outputs(result: LookCloseResult, image: Image.Image, features_path, overlay_path=None) -> None:
+    """The features file and (optionally) the overlay: both are written, or neither."""
+    targets = [Path(features_path)] + ([Path(overlay_path)] if overlay_path is not None else [])
+    for t in targets:
+        check_output_path(t)
+    staged, target = [], targets[0]
+    try:
+        tmp = _atomic_target(target)
+        staged.append(tmp)
+        _save_features(result, tmp)
+        if overlay_path is not None:
+            target = targets[1]
+            tmp = _atomic_target(target)
+            staged.append(tmp)
+            draw_overlay(image, result).save(tmp, format="PNG")
+        for tmp, target in zip(staged, targets):
+            apply_default_mode(tmp)          # mkstemp makes 0600; outputs get the usual umask mode
+            os.replace(tmp, target)
+    except OSError as e:
+        raise Ps3EdgeError(f"cannot write {target}: {e.strerror or e}") from None
+    finally:
+        for tmp in staged:
+            tmp.unlink(missing_ok=True)
+
+
+def _save_features(result: LookCloseResult, path) -> None:
     tensors = {"features": np.ascontiguousarray(result.features, dtype=np.float32),
                "prob": np.ascontiguousarray(result.prob, dtype=np.float32)}
     for scale, m in zip(result.scales, result.plan.selection_maps):
         tensors[f"selection_map_{scale}"] = np.ascontiguousarray(m, dtype=np.uint8)
     metadata = {"layer": str(result.layer),
                 "tokens_each_scale": ",".join(f"{k}:{v}" for k, v in result.tokens_each_scale.items())}
-    tmp = _atomic_target(path)
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def write_features(result: LookCloseResult, path) -> None:
+    """features (1,tokens,C) float32, prob (G0,G0), selection_map_<scale> (g,g) uint8."""
+    write_outputs(result, None, path)
 
 
 def draw_overlay(image: Image.Image, result: LookCloseResult) -> Image.Image:
@@ -55,7 +97,8 @@ def draw_overlay(image: Image.Image, result: LookCloseResult) -> Image.Image:
         colour = SCALE_COLOURS[s % len(SCALE_COLOURS)]
         g = m.shape[0]
         for i, j in zip(*np.nonzero(m)):
-            box = (j * W / g, i * H / g, (j + 1) * W / g - 1, (i + 1) * H / g - 1)
+            x0, y0 = j * W / g, i * H / g          # images smaller than the grid: at least a point
+            box = (x0, y0, max(x0, (j + 1) * W / g - 1), max(y0, (i + 1) * H / g - 1))
             draw.rectangle(box, fill=colour + (70,))
     out = Image.alpha_composite(base.convert("RGBA"), layer)
     legend = ImageDraw.Draw(out)
@@ -66,9 +109,16 @@ def draw_overlay(image: Image.Image, result: LookCloseResult) -> Image.Image:
 
 
 def write_overlay(image: Image.Image, result: LookCloseResult, path) -> None:
-    tmp = _atomic_target(path)
+    check_output_path(path)
+    try:
+        tmp = _atomic_target(path)
+    except OSError as e:
+        raise Ps3EdgeError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         draw_overlay(image, result).save(tmp, format="PNG")
+        apply_default_mode(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise Ps3EdgeError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)

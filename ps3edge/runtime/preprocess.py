@@ -47,8 +47,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         values = np.asarray(image, dtype=np.float64)
         if image.mode == "F" and values.size and values.max() <= 1.0:
             values = values * 255.0
-        elif values.size and values.max() > 255:
-            values = values / 257.0                           # 16 bits -> 8 bits
+        elif image.mode.startswith("I;16") or (values.size and values.max() > 255):
+            values = values / 257.0                           # 16 bits -> 8 bits, even a dark image
         image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
     return image if image.mode == "RGB" else image.convert("RGB")
 
