@@ -83,7 +83,11 @@ def parse_bool(name: str, value) -> bool:
 
 
 def settings_from_env(env=None, **overrides) -> LookCloseSettings:
-    """The VILA-HD environment variables as defaults; keyword arguments that are not None win."""
+    """The VILA-HD environment variables as defaults; keyword arguments that are not None win.
+
+    A step count given as a keyword replaces a token count from the environment too (a token
+    count, wherever it comes from, would otherwise take precedence over any step count).
+    """
     env = os.environ if env is None else env
     values = {
         "num_look_close": parse_num_look_close(env.get(defaults.ENV_NUM_LOOK_CLOSE)),
@@ -95,7 +99,10 @@ def settings_from_env(env=None, **overrides) -> LookCloseSettings:
     }
     parsers = {"num_look_close": parse_num_look_close,
                "num_token_look_close": parse_num_token_look_close,
-               "select_num_each_scale": parse_select_num_each_scale}
+               "select_num_each_scale": parse_select_num_each_scale,
+               "smooth_selection_prob": lambda v: parse_bool(defaults.ENV_SMOOTH_SELECTION_PROB, v)}
+    if overrides.get("num_look_close") is not None and overrides.get("num_token_look_close") is None:
+        values["num_token_look_close"] = None
     for key, value in overrides.items():
         if value is not None:
             values[key] = parsers.get(key, lambda v: v)(value)
