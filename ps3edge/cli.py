@@ -287,6 +287,66 @@ def inspect(
 
 
 @app.command()
+@handle_errors
+def bench(
+    model: List[str] = typer.Option(["ps3-tiny"], "--model", help="Preset (repeatable): ps3-1.5k ps3-4k ps3-tiny ps3-tiny-4k."),
+    backend: str = typer.Option("torch", "--backend", help="torch: the device-resident fast path (runtime/fast.py)."),
+    device: str = typer.Option("auto", "--device", help="cuda, cpu, or auto (cuda when there is one)."),
+    dtype: str = typer.Option("bf16", "--dtype", help="fp32, fp16 or bf16."),
+    num_look_close: str = typer.Option("1,2,3,4,5,6", "--num-look-close", help="Comma-separated sweep."),
+    against: Optional[str] = typer.Option(None, "--against", help="'official': time ps3-torch in the same run."),
+    warmup: int = typer.Option(3, "--warmup"),
+    repeat: int = typer.Option(10, "--repeat"),
+    graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="Replay the run from a CUDA graph."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="Truncate the presets to their first N blocks."),
+    compile_blocks: bool = typer.Option(False, "--compile", help="torch.compile each block (fuses norms and GELU)."),
+    official_ties: str = typer.Option("published", "--official-ties", help="published, or pinned: compare against the official run with top-k ties broken like ours."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the table as markdown."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of latency against NUM_LOOK_CLOSE."),
+):
+    """Time the look-close loop per stage (and the official code on the same device)."""
+    from . import bench as benchmod
+
+    if backend != "torch":
+        raise Ps3EdgeError("bench times the torch fast path; for onnxruntime use benchmarks/cpu_stages.py")
+    if official_ties not in ("published", "pinned"):
+        raise Ps3EdgeError(f"--official-ties takes published or pinned, got '{official_ties}'")
+    if against not in (None, "official"):
+        raise Ps3EdgeError(f"--against takes 'official', got '{against}'")
+    try:
+        steps = [int(x) for x in num_look_close.split(",") if x.strip()]
+    except ValueError:
+        raise Ps3EdgeError(f"--num-look-close must be comma-separated integers, got '{num_look_close}'") from None
+    if device == "auto":
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    with console.status("bench") as status:
+        for name in model:
+            rows += benchmod.bench_model(name, device=device, dtype=dtype, steps_list=steps,
+                                         against_official=against == "official", warmup=warmup,
+                                         repeat=repeat, graphs=graphs, depth=depth,
+                                         pin_ties=official_ties == "pinned", compile_blocks=compile_blocks,
+                                         progress=_progress(status))
+    table = benchmod.markdown(rows)
+    console.print(table, highlight=False, soft_wrap=True)
+    for name in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == name]
+        slope = benchmod.fit_per_step(rs, "ours_ms")
+        if slope is not None:
+            per_step_highres = [r["stages_ms"]["highres"] / r["num_look_close"] for r in rs]
+            console.print(f"{name}: {slope:.2f} ms per look-close step (fit); highres stage alone "
+                          f"{min(per_step_highres):.2f}-{max(per_step_highres):.2f} ms per step", highlight=False)
+    if json_out:
+        json_out.write_text(json.dumps(rows, indent=2))
+    if markdown_out:
+        markdown_out.write_text(table + "\n")
+    if plot_out and not benchmod.plot(rows, plot_out):
+        err_console.print("matplotlib is not installed: no plot written")
+
+
+@app.command()
 def version():
     """Print the ps3edge version."""
     print(__version__)

@@ -163,10 +163,10 @@ class ShallowConvNet(nn.Module):
 # ------------------------------------------------------------------------------------------
 
 def bicubic_resize(image, size: int):
-    """The official resize between scales: bicubic, fp32, no antialias. Same size = identity."""
+    """The official resize between scales: bicubic in fp32, no antialias. Same size = identity."""
     if image.shape[-1] == size and image.shape[-2] == size:
         return image
-    return F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False)
+    return F.interpolate(image.float(), size=(size, size), mode="bicubic", align_corners=False).to(image.dtype)
 
 
 def cubic_taps(in_size: int, out_size: int):

@@ -213,23 +213,39 @@ def scale_probability_maps(prob: np.ndarray, geometry: Geometry, smooth: bool) -
     return maps
 
 
+def step_counts(settings: LookCloseSettings, geometry: Geometry) -> list[list[int]]:
+    """counts[t][s]: how many patches step t takes from scale s.
+
+    Depends only on the settings and the geometry, not on the probabilities: a scale that has
+    fewer patches left than its share gives the rest to the next scale (the official spill).
+    """
+    budget, targets = resolve_steps(settings, geometry)
+    per_step = sum(budget)
+    left = list(geometry.patches_each_scale)         # patches not yet taken, per scale
+    schedule = []
+    for target in targets:
+        counts = list(budget) if target is None else [int(b * target / per_step) for b in budget]
+        for s in range(len(counts)):
+            if left[s] < counts[s]:
+                if s + 1 < len(counts):
+                    counts[s + 1] += counts[s] - left[s]
+                counts[s] = left[s]
+        for s, k in enumerate(counts):
+            left[s] -= k
+        schedule.append(counts)
+    return schedule
+
+
 def plan(prob: np.ndarray, settings: LookCloseSettings, geometry: Geometry) -> Plan:
     """Turn the (G0,G0) probability map into per-step patch lists."""
-    budget, targets = resolve_steps(settings, geometry)
+    budget, _ = resolve_steps(settings, geometry)
+    schedule = step_counts(settings, geometry)
     scale_probs = scale_probability_maps(prob, geometry, settings.smooth_selection_prob)
     # One ranking per scale: descending probability, ties -> lower raster index (stable sort).
     rankings = [np.argsort(-m.reshape(-1), kind="stable") for m in scale_probs]
     taken = [0] * len(rankings)                      # how far down each ranking we are
-    per_step = sum(budget)
     steps = []
-    for target in targets:
-        counts = list(budget) if target is None else [int(b * target / per_step) for b in budget]
-        for s in range(len(counts)):                 # spill what a scale cannot give to the next
-            remaining = len(rankings[s]) - taken[s]
-            if remaining < counts[s]:
-                if s + 1 < len(counts):
-                    counts[s + 1] += counts[s] - remaining
-                counts[s] = remaining
+    for counts in schedule:
         step = []
         for s, k in enumerate(counts):
             step.append(rankings[s][taken[s]: taken[s] + k])

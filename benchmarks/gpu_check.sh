@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU check: on a machine with PyTorch and a CUDA GPU but no network.
+#   1. installs the parity reference from the wheels beside this script (benchmarks/wheels/,
+#      made by fetch_wheels.sh on a networked machine, kept out of git);
+#   2. checks parity on the GPU in fp32: our fast path against the official ps3-torch with its
+#      top-k ties pinned to our rule, tiny and real-width (4-block) models, 1.5K and 4K scales;
+#   3. runs the bf16 sweep NUM_LOOK_CLOSE=1..6 for ps3-1.5k and ps3-4k against the official code
+#      (as published), with CUDA graphs: JSON, markdown and a PNG plot.
+# Results go to $OUT if set (the device tool's output folder), else benchmarks/results/.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(dirname "$here")"
+out="${OUT:-$here/results}"
+mkdir -p "$out"
+site="$(mktemp -d)/site"
+python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "${WHEELS:-$here/wheels}"/*.whl
+export PYTHONPATH="$root:$site" PYTHONUNBUFFERED=1 COLUMNS=200
+ps3edge() { python3 -m ps3edge.cli "$@"; }
+
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee "$out/device.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.total --format=csv >> "$out/device.txt" 2>/dev/null || true
+
+echo "== fp32 parity on the GPU (official ties pinned)"
+ps3edge bench --model ps3-tiny --model ps3-tiny-4k --dtype fp32 --num-look-close 1,2 --against official \
+    --official-ties pinned --warmup 1 --repeat 3 --json "$out/parity_fp32_tiny.json"
+ps3edge bench --model ps3-1.5k --model ps3-4k --depth 4 --dtype fp32 --num-look-close 2 --against official \
+    --official-ties pinned --warmup 1 --repeat 3 --json "$out/parity_fp32_depth4.json"
+
+echo "== bf16 sweep against the official code"
+ps3edge bench --model ps3-1.5k --model ps3-4k --dtype bf16 --num-look-close 1,2,3,4,5,6 --against official \
+    --warmup 3 --repeat 10 --json "$out/sweep_bf16.json" --markdown "$out/sweep_bf16.md" --plot "$out/sweep_bf16.png"

@@ -1,0 +1,164 @@
+"""The look-close loop as one device-resident torch program (the GPU fast path).
+
+Same stages and same answer as `lookclose.Pipeline`, but nothing leaves the device between
+the pixels and the features:
+
+- the step schedule (how many patches each step takes from each scale, spill included) depends
+  only on the settings, so it is computed on the host before the run (`planning.step_counts`);
+- the ranking is a stable descending `torch.sort` of each scale's map on the device, and each
+  step is a fixed slice of it, so planning needs no host round trip;
+- all steps of equal length run as one `highres` call (T steps x N tokens) against the low-res
+  K/V cache broadcast over T;
+- every shape is fixed for given settings, so on CUDA the whole run is captured once as a CUDA
+  graph per (settings, prompt kind) and replayed.
+
+fp16 / bf16 run the network in that precision (as the official code does when cast); the
+position table is computed in fp32 and then cast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import defaults
+from ..model.ps3 import PS3
+from .planning import Geometry, LookCloseSettings, step_counts
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class FastResult:
+    features: torch.Tensor          # (1, tokens, C) in the run's dtype, on the device
+    prob: torch.Tensor              # (G0, G0)
+    selection: torch.Tensor         # (P,) uint8, 1 where a high-res patch was encoded
+
+
+class FastLookClose:
+    def __init__(self, model: PS3, layer: int = defaults.DEFAULT_RUN_LAYER, device="cpu", dtype="fp32",
+                 compile_blocks: bool = False):
+        cfg = model.cfg
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        self.layer = layer % cfg.depth
+        with torch.no_grad():
+            table = model.highres_position_table()                     # fp32, then cast
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.position_table = table.to(device=self.device, dtype=self.dtype)
+        self.prior_prompt = self.model.prior_prompt.detach().reshape(1, -1)
+        self.geometry = Geometry(lowres_grid=cfg.lowres_grid, highres_grids=cfg.highres_grids,
+                                 select_num_each_scale=cfg.select_num_each_scale)
+        offsets = self.geometry.scale_offsets
+        self.scale_offsets = [torch.tensor(o, device=self.device) for o in offsets]
+        self._graphs = {}
+        if compile_blocks:          # fuse LayerNorm / GELU / residual adds inside each block
+            for block in self.model.trunk.blocks:
+                block.forward = torch.compile(block.forward, dynamic=False)
+
+    def _attention_kernels(self):
+        """On CUDA prefer cuDNN attention (faster than flash for 72-wide heads on Hopper)."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH]
+        try:
+            return sdpa_kernel(order, set_priority=True)
+        except TypeError:            # older torch: no priority order, plain allow-list
+            return sdpa_kernel(order)
+
+    # --- one run, eager ---------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor, counts: list[list[int]], smooth: bool = False,
+                prompt: torch.Tensor | None = None, timer=None) -> FastResult:
+        """pixels (1,3,S,S) on the device; counts[t][s] from planning.step_counts."""
+        with self._attention_kernels():
+            return self._forward(pixels, counts, smooth, prompt, timer)
+
+    def _forward(self, pixels, counts, smooth, prompt, timer) -> FastResult:
+        mark = timer or (lambda name: None)
+        m, cfg = self.model, self.cfg
+        low_feats, kv, sel, conv, patches = m.lowres(pixels.to(self.dtype), (self.layer,))
+        mark("lowres")
+        prompt = self.prior_prompt if prompt is None else prompt.to(self.dtype).reshape(1, -1)
+        prob = m.selector(sel, conv, prompt)[0]                                # (G0,G0)
+        mark("selector")
+
+        # planning: one stable ranking per scale, each step a fixed slice of it
+        rankings = []
+        for g in cfg.highres_grids:
+            p = F.interpolate(prob[None, None], size=(g, g), mode="nearest")
+            if smooth:
+                s = defaults.SMOOTH_SELECTION_GRID
+                p = F.interpolate(F.interpolate(p, size=(s, s), mode="area"), size=(g, g), mode="nearest")
+            rankings.append(torch.sort(p.reshape(-1), descending=True, stable=True).indices)
+        taken = [0] * len(rankings)
+        steps = []
+        for step in counts:
+            parts = []
+            for s, k in enumerate(step):
+                parts.append(rankings[s][taken[s]: taken[s] + k] + self.scale_offsets[s])
+                taken[s] += k
+            steps.append(torch.cat(parts))
+        selection = torch.zeros(cfg.highres_patches_total, dtype=torch.uint8, device=self.device)
+        for s, r in enumerate(rankings):
+            selection[r[: taken[s]] + self.scale_offsets[s]] = 1
+        mark("planning")
+
+        # high-res: steps grouped by length, each group one call
+        by_length = {}
+        for pos in steps:
+            if len(pos):
+                by_length.setdefault(len(pos), []).append(pos)
+        all_patches = patches[0]                                               # (P,588)
+        positions, feats = [], []
+        for n in sorted(by_length, reverse=True):
+            pos = torch.stack(by_length[n])                                    # (T,N)
+            out = m.highres(all_patches[pos], pos, kv, self.position_table, (self.layer,))[0]
+            positions.append(pos.reshape(-1))
+            feats.append(out.reshape(-1, cfg.width))
+        mark("highres")
+
+        lowres_tokens = low_feats[0, 0]                                        # (N0,C)
+        if positions:
+            order = torch.argsort(torch.cat(positions))
+            tokens = torch.cat([lowres_tokens, torch.cat(feats)[order]])
+        else:
+            tokens = lowres_tokens
+        mark("assemble")
+        return FastResult(features=tokens[None], prob=prob, selection=selection)
+
+    # --- CUDA graphs --------------------------------------------------------------------------
+    def graphed(self, pixels: torch.Tensor, counts, smooth=False, prompt=None) -> FastResult:
+        """Like forward, replayed from a CUDA graph captured on first use for these shapes."""
+        if self.device.type != "cuda":
+            return self.forward(pixels, counts, smooth, prompt)
+        key = (tuple(map(tuple, counts)), smooth, prompt is None)
+        entry = self._graphs.get(key)
+        if entry is None:
+            static_pixels = pixels.to(self.dtype).clone()
+            static_prompt = None if prompt is None else prompt.to(self.device, self.dtype).reshape(1, -1).clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):                                   # warm up kernels and allocator
+                    self.forward(static_pixels, counts, smooth, static_prompt)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.forward(static_pixels, counts, smooth, static_prompt)
+            entry = self._graphs[key] = (graph, static_pixels, static_prompt, static_out)
+        graph, static_pixels, static_prompt, static_out = entry
+        static_pixels.copy_(pixels)
+        if prompt is not None:
+            static_prompt.copy_(prompt.reshape(1, -1))
+        graph.replay()
+        return static_out
+
+    def counts(self, settings: LookCloseSettings) -> list[list[int]]:
+        return step_counts(settings, self.geometry)
