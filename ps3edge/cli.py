@@ -299,7 +299,6 @@ def bench(
     repeat: int = typer.Option(10, "--repeat"),
     graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="Replay the run from a CUDA graph."),
     depth: Optional[int] = typer.Option(None, "--depth", help="Truncate the presets to their first N blocks."),
-    compile_blocks: bool = typer.Option(False, "--compile", help="torch.compile each block (fuses norms and GELU)."),
     official_ties: str = typer.Option("published", "--official-ties", help="published, or pinned: compare against the official run with top-k ties broken like ours."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the table as markdown."),
@@ -327,8 +326,7 @@ def bench(
             rows += benchmod.bench_model(name, device=device, dtype=dtype, steps_list=steps,
                                          against_official=against == "official", warmup=warmup,
                                          repeat=repeat, graphs=graphs, depth=depth,
-                                         pin_ties=official_ties == "pinned", compile_blocks=compile_blocks,
-                                         progress=_progress(status))
+                                         pin_ties=official_ties == "pinned", progress=_progress(status))
     table = benchmod.markdown(rows)
     console.print(table, highlight=False, soft_wrap=True)
     for name in dict.fromkeys(r["model"] for r in rows):

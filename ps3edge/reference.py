@@ -148,3 +148,29 @@ def _unsmoothed_prob(official, pixels, prompt) -> np.ndarray:
     prob = out.selection_probs[0][0]                     # (g_1, g_1), nearest copy of (G0, G0)
     step = prob.shape[-1] // int(math.isqrt(enc.low_res_token_num))
     return prob[::step, ::step].float().numpy()
+
+
+def run_official_with_selection(official, pixels: torch.Tensor, steps_maps, layer: int = -2) -> np.ndarray:
+    """The official forward, but each look-close step takes the given patches.
+
+    steps_maps[t][s] is a (g_s, g_s) 0/1 map of step t at high-res scale s (disjoint across
+    steps). With the selection fixed, the official features can be compared token for token
+    with ours in any precision, whatever each side's ranking ties would have picked.
+    Returns the (tokens, C) features of `layer` as float32.
+    """
+    enc = official.vision_model
+    queue = iter(steps_maps)
+
+    def given_selection(select_probs, old_selection_maps=None, num_select_token=None,
+                        only_select_first_n_scale=None):
+        like = select_probs[0]
+        return [torch.as_tensor(np.asarray(m), dtype=like.dtype, device=like.device)[None] for m in next(queue)]
+
+    enc.get_selection_maps = given_selection          # instance attribute shadows the method
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = official(pixels, num_look_close=len(steps_maps))
+    finally:
+        del enc.get_selection_maps
+    return out.hidden_states[layer][0].float().cpu().numpy()

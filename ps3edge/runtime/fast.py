@@ -39,8 +39,7 @@ class FastResult:
 
 
 class FastLookClose:
-    def __init__(self, model: PS3, layer: int = defaults.DEFAULT_RUN_LAYER, device="cpu", dtype="fp32",
-                 compile_blocks: bool = False):
+    def __init__(self, model: PS3, layer: int = defaults.DEFAULT_RUN_LAYER, device="cpu", dtype="fp32"):
         cfg = model.cfg
         self.cfg = cfg
         self.device = torch.device(device)
@@ -56,9 +55,6 @@ class FastLookClose:
         offsets = self.geometry.scale_offsets
         self.scale_offsets = [torch.tensor(o, device=self.device) for o in offsets]
         self._graphs = {}
-        if compile_blocks:          # fuse LayerNorm / GELU / residual adds inside each block
-            for block in self.model.trunk.blocks:
-                block.forward = torch.compile(block.forward, dynamic=False)
 
     def _attention_kernels(self):
         """On CUDA prefer cuDNN attention (faster than flash for 72-wide heads on Hopper)."""
@@ -107,7 +103,7 @@ class FastLookClose:
             steps.append(torch.cat(parts))
         selection = torch.zeros(cfg.highres_patches_total, dtype=torch.uint8, device=self.device)
         for s, r in enumerate(rankings):
-            selection[r[: taken[s]] + self.scale_offsets[s]] = 1
+            selection.index_fill_(0, r[: taken[s]] + self.scale_offsets[s], 1)
         mark("planning")
 
         # high-res: steps grouped by length, each group one call

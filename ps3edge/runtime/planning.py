@@ -146,6 +146,18 @@ class Plan:
         return np.concatenate([idx + off for idx, off in zip(self.steps[t], geometry.scale_offsets)]
                               ).astype(np.int32)
 
+    def step_maps(self, geometry: Geometry) -> list[list[np.ndarray]]:
+        """steps[t] as (g_s, g_s) uint8 maps, one per scale."""
+        maps = []
+        for step in self.steps:
+            per_scale = []
+            for idx, g in zip(step, geometry.highres_grids):
+                m = np.zeros(g * g, dtype=np.uint8)
+                m[idx] = 1
+                per_scale.append(m.reshape(g, g))
+            maps.append(per_scale)
+        return maps
+
     def tokens_each_scale(self) -> list[int]:
         return [int(m.sum()) for m in self.selection_maps]
 

@@ -1,0 +1,116 @@
+"""GPU diagnostics behind the bench numbers: bf16 accuracy, attention kernels, compiled blocks.
+
+1. Accuracy. For each model at NUM_LOOK_CLOSE=6, forces ONE selection (ours) on every run, so
+   the features are comparable token for token, and compares against the official model in
+   fp32: our bf16 fast path, the official code in bf16, and our fp32 fast path.
+   Per-token cosine: min, 0.1 % quantile and median.
+2. Attention. Times each SDPA backend alone on the high-res shape (6 steps x 2560 queries
+   over 729 + 2560 keys, 16 heads of 72), bf16.
+(A third part, torch.compile of each block, was dropped after it measured 52.95 vs 53.38 ms at
+1.5K and 56.50 vs 57.19 ms at 4K on an H200: no gain worth a compile step.)
+
+    python benchmarks/gpu_diagnose.py [--models ps3-1.5k,ps3-4k] [--depth N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ps3edge.bench import Timer                                   # noqa: E402
+from ps3edge.demo import sample_image                             # noqa: E402
+from ps3edge.model import preset, random_model                    # noqa: E402
+from ps3edge.reference import official_model, run_official_with_selection                      # noqa: E402
+from ps3edge.runtime.fast import FastLookClose                    # noqa: E402
+from ps3edge.runtime.planning import LookCloseSettings, plan, step_counts   # noqa: E402
+from ps3edge.runtime.preprocess import preprocess                 # noqa: E402
+
+
+def cos_stats(a: np.ndarray, b: np.ndarray) -> str:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+    rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+    return (f"min {cos.min():.5f}  q0.1% {np.quantile(cos, 0.001):.5f}  median {np.median(cos):.6f}  "
+            f"rel-err {rel:.2e}  max-abs {np.abs(a - b).max():.3g}")
+
+
+def accuracy(name: str, depth, steps: int = 6):
+    cfg = preset(name)
+    if depth:
+        cfg = cfg.replace(depth=depth, select_layers=tuple(min(l, depth - 1) for l in cfg.select_layers))
+    model = random_model(cfg)
+    official32 = official_model(model).cuda()
+    official16 = official_model(model).cuda().to(torch.bfloat16)
+    fast16 = FastLookClose(random_model(cfg), device="cuda", dtype="bf16")
+    fast32 = FastLookClose(random_model(cfg), device="cuda", dtype="fp32")
+    px = torch.from_numpy(preprocess(sample_image(), cfg.max_size, cfg.image_mean, cfg.image_std)).cuda()
+    settings = LookCloseSettings(num_look_close=steps, mode="after_image")
+    ours16 = fast16.forward(px.bfloat16(), step_counts(settings, fast16.geometry))
+    the_plan = plan(ours16.prob.float().cpu().numpy(), settings, fast16.geometry)
+    maps = the_plan.step_maps(fast16.geometry)
+    ref = run_official_with_selection(official32, px, maps)
+    off16 = run_official_with_selection(official16, px.bfloat16(), maps)
+    # our fp32 run: comparable only if its own plan has the same steps as the bf16 plan
+    run32 = fast32.forward(px, step_counts(settings, fast32.geometry))
+    ours32 = run32.features[0].float().cpu().numpy()
+    plan32 = plan(run32.prob.float().cpu().numpy(), settings, fast32.geometry)
+    same32 = all(np.array_equal(a, b) for s32, s16 in zip(plan32.steps, the_plan.steps) for a, b in zip(s32, s16))
+    o16 = ours16.features[0].float().cpu().numpy()
+    print(f"\n{name}{'' if not depth else f'-depth{depth}'} NUM_LOOK_CLOSE={steps}, {o16.shape[0]} tokens, "
+          f"one forced selection")
+    print(f"  ours bf16     vs official fp32: {cos_stats(o16, ref)}")
+    print(f"  official bf16 vs official fp32: {cos_stats(off16, ref)}")
+    print(f"  ours bf16     vs official bf16: {cos_stats(o16, off16)}")
+    if same32:
+        print(f"  ours fp32     vs official fp32: {cos_stats(ours32, ref)}")
+    else:
+        print("  ours fp32 selects differently from the bf16 plan (bf16 prob ties); not compared")
+    worst = np.argsort(((o16 * ref).sum(-1) / np.linalg.norm(o16, axis=-1) / np.linalg.norm(ref, axis=-1)))[:3]
+    print(f"  worst tokens {worst.tolist()}, their fp32 norms {np.linalg.norm(ref[worst], axis=-1).round(2).tolist()}, "
+          f"median norm {np.median(np.linalg.norm(ref, axis=-1)):.2f}")
+
+
+def attention_kernels():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+    T, H, N, K, D = 6, 16, 2560, 729 + 2560, 72
+    q = torch.randn(T, H, N, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(T, H, K, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(T, H, K, D, device="cuda", dtype=torch.bfloat16)
+    timer = Timer(torch.device("cuda"))
+    print(f"\nSDPA, bf16, {T} steps x {N} queries over {K} keys, {H} heads of {D}:")
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel([backend]):
+                out = F.scaled_dot_product_attention(q, k, v)
+                ms = timer.measure(lambda: F.scaled_dot_product_attention(q, k, v), 5, 20)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            print(f"  {backend.name:22s} {ms:7.3f} ms per block  (x27 = {27 * ms:6.1f} ms)  rel-err {err:.1e}")
+        except RuntimeError as e:
+            print(f"  {backend.name:22s} unavailable: {str(e).splitlines()[0][:100]}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="ps3-1.5k,ps3-4k")
+    ap.add_argument("--depth", type=int, default=None)
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: accuracy,attention")
+    args = ap.parse_args()
+    skip = set(args.skip.split(","))
+    print(torch.__version__, torch.cuda.get_device_name())
+    if "attention" not in skip:
+        attention_kernels()
+    if "accuracy" not in skip:
+        for name in args.models.split(","):
+            accuracy(name, args.depth)
+
+
+if __name__ == "__main__":
+    main()
