@@ -22,6 +22,7 @@ import torch
 
 from .errors import Ps3EdgeError
 from .model import preset, random_model
+from .parity import feature_diff
 from .runtime.fast import DTYPES, FastLookClose
 from .runtime.planning import LookCloseSettings, plan, step_counts
 
@@ -69,12 +70,6 @@ class Timer:
         return {n: round((t1 - t0) * 1e3, 3) for (_, t0), (n, t1) in zip(marks, marks[1:])}
 
 
-def cosine_stats(a: np.ndarray, b: np.ndarray) -> dict:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
-    return {"min_cosine": float(cos.min()), "max_abs": float(np.abs(a - b).max())}
-
-
 def compare(ours: np.ndarray, ours_sel: np.ndarray, official_published, official_same_selection) -> dict:
     """Two separate questions, two answers.
 
@@ -90,7 +85,8 @@ def compare(ours: np.ndarray, ours_sel: np.ndarray, official_published, official
     row = {"selection_identical": bool(np.array_equal(ours_sel > 0, official_sel > 0)),
            "selection_iou": float(inter / union) if union else 1.0,
            "official_tokens": int(official_published.hidden_states[-1].shape[1])}
-    row.update(cosine_stats(ours, official_same_selection))
+    max_abs, min_cos = feature_diff(ours, official_same_selection)
+    row.update(min_cosine=min_cos, max_abs=max_abs)
     return row
 
 
