@@ -148,3 +148,23 @@ def export(model_spec: str, out_dir, opset: int = defaults.DEFAULT_OPSET,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def export_projector(projector, path, opset: int = defaults.DEFAULT_OPSET) -> Path:
+    """VILA-HD's projector to one ONNX file (dynamic cell count M), written atomically."""
+    from .spec import projector_spec
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec = projector_spec(projector.vision_width, projector.llm_width)
+    example = (torch.randn(3, 4 * projector.vision_width, generator=torch.Generator().manual_seed(0)),)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.export-"))
+    try:
+        written = _export_stage(projector.eval(), example, spec, opset, staging / "scratch", staging / spec.file)
+        if len(written) != 1:
+            raise Ps3EdgeError("the projector is too large for one ONNX file")
+        written[0].chmod(0o644)
+        written[0].replace(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path

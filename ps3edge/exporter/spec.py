@@ -73,3 +73,10 @@ def stage_specs(cfg: PS3Config, num_returned_layers: int) -> dict[str, StageSpec
 
 STAGE_ORDER = ("lowres", "selector", "highres")
 MAX_TOKENS_PER_CALL = defaults.MAX_TOKENS_PER_HIGHRES_CALL
+
+
+def projector_spec(vision_width: int, llm_width: int) -> StageSpec:
+    """VILA-HD's projector: M cells of 4C channels (dynamic M) -> M LLM embeddings."""
+    return StageSpec("projector",
+                     inputs=(TensorSpec("cells", "float32", ("M", 4 * vision_width)),),
+                     outputs=(TensorSpec("embeddings", "float32", ("M", llm_width)),))
