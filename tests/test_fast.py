@@ -87,3 +87,16 @@ def test_bench_refuses_bad_options():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--num-look-close" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_one_token_look_close_rounds_to_no_high_res_tokens(artifacts, image):
+    """NUM_TOKEN_LOOK_CLOSE=1: the official floor rule gives every scale int(b * 1 / 2560) = 0
+    patches (the official code then fails on an empty torch.cat); ours returns the low-res tokens."""
+    settings = settings_from_env({}, num_token_look_close=1, mode="after_image")
+    staged = Pipeline(artifacts("ps3-tiny"), "onnxruntime").run(image, settings)
+    assert staged.features.shape == (1, 729, 64)
+    assert staged.highres_calls == []
+    fast = FastLookClose(build("ps3-tiny").model, device="cpu", dtype="fp32")
+    pixels = torch.from_numpy(Pipeline(artifacts("ps3-tiny"), "torch").pixels(image))
+    out = fast.forward(pixels, step_counts(settings, fast.geometry))
+    assert out.features.shape == (1, 729, 64) and int(out.selection.sum()) == 0
