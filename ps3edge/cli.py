@@ -1,4 +1,4 @@
-"""The `ps3edge` command line: demo, export, run, parity, inspect.
+"""The `ps3edge` command line: demo, export, build, run, parity, inspect (--lint), doctor.
 
 Every command turns a `Ps3EdgeError` into one line `error: ...` on stderr and exit code 2.
 Look-close settings default to the VILA-HD environment variables (NUM_LOOK_CLOSE,
@@ -131,11 +131,105 @@ def export(
 
 @app.command()
 @handle_errors
+def build(
+    artifacts: Path = typer.Argument(..., help="Artifact directory from 'ps3edge export'."),
+    precision: str = typer.Option(defaults.DEFAULT_ENGINE_PRECISION, "--precision", help="fp32, fp16, int8 (the Q/DQ stages of 'ps3edge calibrate') or best."),
+    max_look_close: Optional[str] = typer.Option(None, "--max-look-close", help="Most look-close steps one highres call takes (T_max of its profile): a number or 'all'. Default: the model's default steps (6), capped by 'all'."),
+    workspace_gb: float = typer.Option(defaults.DEFAULT_WORKSPACE_GB, "--workspace-gb", help="Builder workspace limit, GiB."),
+    optimization_level: int = typer.Option(defaults.DEFAULT_BUILDER_OPTIMIZATION_LEVEL, "--optimization-level", help="TensorRT builder optimization level, 0-5."),
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Timing-cache file: read before the build, replaced atomically after it."),
+    via: str = typer.Option("onnx", "--via", help="onnx (TensorRT's ONNX parser) or torch-tensorrt (Torch-TensorRT dynamo on our PyTorch stages)."),
+    engine_cache: Optional[Path] = typer.Option(None, "--engine-cache", help=f"Directory of built engines to reuse. Default ~/.cache/ps3edge/engines (env {defaults.ENV_ENGINE_CACHE})."),
+    no_engine_cache: bool = typer.Option(False, "--no-engine-cache", help="Neither reuse nor keep engines outside the artifact."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even when an identical engine exists."),
+):
+    """Build TensorRT engines for the stages and record them in the manifest."""
+    from .engines.builder import BuildOptions, build as do_build
+    from .engines.cache import default_engine_cache_dir
+
+    options = BuildOptions(precision=precision, max_look_close=max_look_close, workspace_gb=workspace_gb,
+                           optimization_level=optimization_level, timing_cache=timing_cache, via=via,
+                           engine_cache=None if no_engine_cache else (engine_cache or default_engine_cache_dir()),
+                           force=force).validate()
+    start = time.perf_counter()
+    with console.status("building engines") as status:
+        manifest = do_build(artifacts, options, progress=_progress(status))
+    table = Table(title=f"TensorRT engines in {escape(str(artifacts))}")
+    for col in ("stage", "file", "precision", "MiB", "context MiB", "profile (max)"):
+        table.add_column(col)
+    for name, e in manifest["engines"].items():
+        size = (Path(artifacts) / e["file"]).stat().st_size / 2 ** 20
+        ctx = e.get("device_memory_bytes")
+        dynamic = {k: tuple(v["max"]) for k, v in e["profiles"].items() if v["min"] != v["max"]}
+        table.add_row(name, e["file"], e["precision"], f"{size:.1f}", "" if ctx is None else f"{ctx / 2 ** 20:.1f}",
+                      ", ".join(f"{k} {v}" for k, v in dynamic.items()))
+    console.print(table)
+    first = next(iter(manifest["engines"].values()))
+    console.print(f"TensorRT {first['tensorrt_version']}, {escape(first['gpu_name'])} (SM{first['sm']}); "
+                  f"done in {time.perf_counter() - start:.1f} s", highlight=False)
+
+
+def _print_accuracy(report, title: str):
+    """The accuracy report of calibration/report.py as a table, and the stage times."""
+    tol = report.tolerance
+    table = Table(title=f"{title} (min cosine >= {tol['min_cosine']}, max abs <= {tol['max_abs']}, "
+                        f"selection IoU >= {tol['min_iou']}), {len(report.images)} images")
+    for col in ("stage", "compared", "max abs", "min cosine", "selection", "ok"):
+        table.add_column(col)
+    for r in report.rows:
+        sel = r.selection or ("" if r.iou is None else f"IoU {r.iou:.3f}")
+        table.add_row(r.stage, r.compared, "" if r.max_abs is None else f"{r.max_abs:.2e}",
+                      "" if r.min_cosine is None else f"{r.min_cosine:.6f}", sel,
+                      "[green]ok[/green]" if r.ok else "[red]FAIL[/red]")
+    console.print(table)
+    for name, stages in report.timings_ms.items():
+        console.print(f"{name:<22} " + "  ".join(f"{k} {v:.0f} ms" for k, v in stages.items()), highlight=False)
+    for note in report.notes:
+        console.print(f"note: {escape(note)}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def calibrate(
+    artifacts: Path = typer.Argument(..., help="Artifact directory from 'ps3edge export'."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image folder: INT8 calibrates on the first --samples (by name) and reports on the next ones; FP16 reports on it."),
+    precision: str = typer.Option("int8", "--precision", help="int8 (explicit Q/DQ) or fp16 (the FP16 precision policy)."),
+    method: str = typer.Option(defaults.DEFAULT_CALIBRATION_METHOD, "--method", help="INT8 calibration: max, entropy or percentile."),
+    samples: int = typer.Option(defaults.DEFAULT_CALIBRATION_SAMPLES, "--samples", help="Calibration images."),
+    exclude_blocks: str = typer.Option(defaults.DEFAULT_EXCLUDE_BLOCKS, "--exclude-blocks", help="Transformer blocks kept float in INT8: first, last, indices, e.g. first,last."),
+    quantize_selector_inputs: bool = typer.Option(False, "--quantize-selector-inputs/--keep-selector-inputs", help="INT8 also for the layers that only feed the selector (selection_feature_proj, ShallowConvNet)."),
+    tool: str = typer.Option("auto", "--tool", help="auto (NVIDIA Model Optimizer when installed, else onnxruntime), modelopt or onnxruntime."),
+    holdout_images: Optional[Path] = typer.Option(None, "--holdout-images", help="Folder of held-out images for the accuracy report."),
+    holdout: int = typer.Option(defaults.DEFAULT_HOLDOUT_SAMPLES, "--holdout", help="Held-out images the report runs on."),
+    num_look_close: Optional[str] = typer.Option("1", "--num-look-close", help="Look-close steps of the report's runs."),
+    with_torch: bool = typer.Option(False, "--with-torch", help="FP16: also compare our torch model in fp16 with itself in fp32 (slow on a CPU)."),
+):
+    """Write FP16 or INT8 (Q/DQ) stages next to the FP32 ones, register them, report their accuracy."""
+    from .calibration.calibrate import calibrate as do_calibrate
+
+    settings = _settings(num_look_close, None, None, None, None)
+    start = time.perf_counter()
+    with console.status("calibrating") as status:
+        report = do_calibrate(artifacts, precision, images, method=method, samples=samples,
+                              exclude_blocks=exclude_blocks, exclude_selection_branch=not quantize_selector_inputs,
+                              tool=tool, holdout_images=holdout_images, holdout=holdout, report_settings=settings,
+                              with_torch=with_torch, progress=_progress(status))
+    _print_accuracy(report, f"{precision} vs fp32")
+    name = defaults.ACCURACY_REPORT.format(precision=precision)
+    console.print(f"wrote {precision} stages and {name} into {escape(str(artifacts))} in "
+                  f"{time.perf_counter() - start:.1f} s; run them with --precision {precision}", highlight=False)
+    if not report.ok:
+        err_console.print(f"[red]error:[/red] {precision} accuracy outside tolerance")
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
 def run(
     artifacts: Path = typer.Argument(..., help="Artifact directory from 'ps3edge export'."),
     image: Path = typer.Option(..., "--image", help="Input image."),
     out: Path = typer.Option(..., "--out", help="Output .safetensors (features, prob, selection maps)."),
-    backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime or torch."),
+    backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime, torch, or tensorrt (the engines of 'ps3edge build')."),
     num_look_close: Optional[str] = NumLookClose,
     num_token_look_close: Optional[str] = NumTokenLookClose,
     select_num_each_scale: Optional[str] = SelectNumEachScale,
@@ -144,6 +238,7 @@ def run(
     prompt_embedding: Optional[Path] = PromptEmbedding,
     layer: int = Layer,
     overlay: Optional[Path] = typer.Option(None, "--overlay", help="Also write a PNG with the selected patches."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or fp16 / int8: the stages of 'ps3edge calibrate' (torch: fp16, bf16)."),
 ):
     """Run the look-close loop on one image."""
     from .runtime.lookclose import Pipeline
@@ -159,10 +254,12 @@ def run(
     if overlay is not None:
         check_output_path(overlay, "--overlay")
     pil = open_image(image)
-    pipeline = Pipeline(artifacts, backend)
+    pipeline = Pipeline(artifacts, backend, precision=precision)
     result = pipeline.run(pil, settings, prompt_embedding=prompt, layer=layer)
     write_outputs(result, pil, out, overlay)
     _print_run_table(result, backend)
+    if precision != "fp32":
+        console.print(f"precision {precision}", highlight=False)
     console.print(f"features {tuple(result.features.shape)} -> {escape(str(out))}", highlight=False)
     if overlay is not None:
         console.print(f"overlay -> {escape(str(overlay))}", highlight=False)
@@ -216,18 +313,40 @@ def parity(
     prompt_embedding: Optional[Path] = PromptEmbedding,
     layer: int = Layer,
     seed: int = typer.Option(defaults.DEFAULT_SEED, "--seed"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32: against the official code; fp16 / int8: those exported stages against the FP32 ones."),
+    artifacts: Optional[Path] = typer.Option(None, "--artifacts", help="Use this artifact directory instead of exporting --model (fp16/int8: its calibrated stages)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="fp16/int8: folder of held-out images (without --artifacts, INT8 calibrates on the first --samples)."),
+    samples: int = typer.Option(defaults.DEFAULT_CALIBRATION_SAMPLES, "--samples", help="int8 without --artifacts: calibration images."),
+    method: str = typer.Option(defaults.DEFAULT_CALIBRATION_METHOD, "--method", help="int8 without --artifacts: max, entropy or percentile."),
+    with_torch: bool = typer.Option(False, "--with-torch", help="fp16: also our torch model in fp16 against fp32."),
 ):
-    """Compare the official ps3-torch model, our torch model and the exported stages."""
+    """Compare the official ps3-torch model, our torch model and the exported stages (or, with --precision fp16/int8, those stages against the FP32 ones)."""
     from .demo import sample_image
-    from .parity import run_parity
+    from .parity import run_parity, run_precision_parity
 
     settings = _settings(num_look_close, num_token_look_close, select_num_each_scale, look_close_mode,
                          smooth_selection_prob)
+    if precision != "fp32":
+        if backend != ["onnxruntime"]:
+            raise Ps3EdgeError("--precision fp16/int8 compares onnxruntime stages (add --with-torch for torch fp16)")
+        if prompt_embedding is not None:
+            raise Ps3EdgeError("--precision fp16/int8 selects bottom-up (the learned prior); drop --prompt-embedding")
+        if settings.num_look_close is None and settings.num_token_look_close is None:
+            settings = _settings("1", None, select_num_each_scale, look_close_mode, smooth_selection_prob)
+        with console.status("parity") as status:
+            report = run_precision_parity(precision, settings, model_spec=model, artifact_dir=artifacts,
+                                          images=images, image=image, layer=layer, seed=seed, samples=samples,
+                                          method=method, with_torch=with_torch, progress=_progress(status))
+        _print_accuracy(report, f"parity, {precision} vs fp32")
+        if not report.ok:
+            err_console.print(f"[red]error:[/red] {precision} parity outside tolerance")
+            raise typer.Exit(1)
+        return
     prompt = _load_prompt_embedding(prompt_embedding)
     pil = sample_image() if image is None else image
     with console.status("parity") as status:
         report = run_parity(model, pil, settings, prompt_embedding=prompt, layer=layer,
-                            backends=tuple(backend), seed=seed, progress=_progress(status))
+                            backends=tuple(backend), seed=seed, artifact_dir=artifacts, progress=_progress(status))
     tol = defaults.TOLERANCES["fp32"]
     table = Table(title=f"parity, fp32 (max abs <= {tol['max_abs']}, min cosine >= {tol['min_cosine']}), "
                         f"{report.tokens} tokens")
@@ -243,16 +362,51 @@ def parity(
         raise typer.Exit(1)
 
 
+def _print_lint(artifacts: Path, manifest: dict, trt_version: str, max_look_close, as_json: bool):
+    """`inspect --lint`: a table of findings (repeats of one finding folded into one row)."""
+    from .exporter.lint import group_findings, lint_artifacts
+
+    report, t_max = lint_artifacts(artifacts, trt_version, max_look_close, manifest=manifest)
+    if as_json:
+        print(json.dumps({**report.to_dict(), "max_look_close": t_max}, indent=2))
+    else:
+        title = (f"TensorRT {report.trt_version} lint of {escape(str(artifacts))} "
+                 f"(highres profile T <= {t_max}, N <= {manifest['geometry']['max_tokens_per_highres_call']})")
+        if report.findings:
+            table = Table(title=title)
+            for col in ("severity", "stage", "check", "op", "node", "message"):
+                table.add_column(col, overflow="fold")
+            for f, count in group_findings(report.findings):
+                sev = "[red]error[/red]" if f.severity == "error" else "[yellow]warning[/yellow]"
+                node = escape(f.node) + (f" (+{count - 1} more)" if count > 1 else "")
+                table.add_row(sev, f.stage, f.check, f.op, node, escape(f.message))
+            console.print(table)
+        else:
+            console.print(title, highlight=False)
+        for note in report.notes:
+            console.print(f"note: {escape(note)}", highlight=False)
+        console.print(f"{len(report.errors)} errors, {len(report.warnings)} warnings in "
+                      f"{len(manifest['stages'])} stages", highlight=False)
+    if report.errors:
+        raise typer.Exit(1)
+
+
 @app.command()
 @handle_errors
 def inspect(
     artifacts: Path = typer.Argument(..., help="Artifact directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print the raw manifest."),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw manifest (with --lint: the findings)."),
+    lint: bool = typer.Option(False, "--lint", help="Check every stage against the TensorRT ONNX parser; exit 1 on errors."),
+    trt_version: str = typer.Option(defaults.DEFAULT_LINT_TRT_VERSION, "--trt-version", help="TensorRT the lint targets (10.3 = JetPack 6)."),
+    max_look_close: Optional[str] = typer.Option(None, "--max-look-close", help="Lint: steps per highres call the profile bounds (int or 'all'; default: the manifest's)."),
 ):
-    """Show what an artifact's manifest says (and check its files)."""
+    """Show what an artifact's manifest says (and check its files); --lint checks TensorRT compatibility."""
     from .exporter.manifest import load_manifest
 
     manifest = load_manifest(artifacts, verify=True)
+    if lint:
+        _print_lint(artifacts, manifest, trt_version, max_look_close, as_json)
+        return
     if as_json:
         print(json.dumps(manifest, indent=2))
         return
@@ -282,6 +436,15 @@ def inspect(
         files = s["file"] + "".join(f" + {x}" for x in s.get("external_data", []))
         table.add_row(name, files, fmt(s["inputs"]), fmt(s["outputs"]))
     console.print(table)
+    for name, e in (manifest.get("engines") or {}).items():
+        console.print(f"engine {name}: {e['file']}, {e['precision']} via {e['built_via']}, TensorRT "
+                      f"{e['tensorrt_version']} on SM{e['sm']} ({escape(e['gpu_name'])}), T <= {e.get('max_look_close', '?')}",
+                      highlight=False)
+    for name, p in (manifest.get("precisions") or {}).items():
+        how = ", ".join(str(x) for x in (p.get("tool"), p.get("method"),
+                                         f"{p['samples']} images" if "samples" in p else None) if x)
+        console.print(f"precision {name}: {', '.join(s['file'] for s in p['stages'].values())} ({escape(how)})"
+                      + (f"; report {p['report']}" if p.get("report") else ""), highlight=False)
     total = sum((Path(artifacts) / f).stat().st_size for f in manifest["files"]) / 2 ** 20
     console.print(f"{len(manifest['files'])} files, {total:.1f} MiB, all sha256 match the manifest", highlight=False)
 
@@ -342,6 +505,121 @@ def bench(
         markdown_out.write_text(table + "\n")
     if plot_out and not benchmod.plot(rows, plot_out):
         err_console.print("matplotlib is not installed: no plot written")
+
+
+@app.command()
+@handle_errors
+def chat(
+    model_path: str = typer.Option(..., "--model-path", help="A VILA-HD checkpoint directory (llm/, vision_tower/, mm_projector/) or the preset vila-hd-tiny."),
+    text: str = typer.Option(..., "--text", help="The question."),
+    media: Path = typer.Option(..., "--media", help="The image."),
+    conv_mode: str = typer.Option("auto", "--conv-mode", help="Chat template: auto (the tokenizer's, Qwen2's for VILA-HD)."),
+    backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime (exported stages) or torch (transformers + our PyTorch PS3)."),
+    artifacts: Optional[Path] = typer.Option(None, "--artifacts", help="Use (or export into) this VILA-HD artifact directory instead of the cache."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (and a preset's weights seed)."),
+    num_look_close: Optional[str] = NumLookClose,
+    num_token_look_close: Optional[str] = NumTokenLookClose,
+    select_num_each_scale: Optional[str] = SelectNumEachScale,
+    look_close_mode: Optional[str] = typer.Option(None, "--look-close-mode", help="after_prompt (top-down, default) or after_image (bottom-up). Env: LOOK_CLOSE_MODE."),
+    smooth_selection_prob: Optional[bool] = Smooth,
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object: answer, token counts, stage times."),
+):
+    """Ask VILA-HD about an image (like vila-infer), streaming the answer."""
+    import sys
+
+    from .llm.generate import SamplingConfig
+    from .llm.pipeline import VILA_MANIFEST, VilaPipeline, ensure_artifacts, export_vila
+    from .runtime.preprocess import open_image
+
+    if conv_mode != "auto":
+        raise Ps3EdgeError(f"--conv-mode '{conv_mode}' is not supported; use auto (the checkpoint's chat template)")
+    settings = _settings(num_look_close, num_token_look_close, select_num_each_scale, look_close_mode,
+                         smooth_selection_prob)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed).validate()
+    image = open_image(media)
+    say = lambda msg: err_console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {escape(msg)}", highlight=False)  # noqa: E731
+    if artifacts is None:
+        art = ensure_artifacts(model_path, seed=seed, progress=say)
+    elif (artifacts / VILA_MANIFEST).is_file():
+        art = artifacts
+    else:
+        export_vila(model_path, artifacts, seed=seed, progress=say)
+        art = artifacts
+    pipeline = VilaPipeline(art, backend)
+
+    def stream(piece: str):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = pipeline.answer(image, text, settings, sampling, on_text=None if json_out else stream)
+    if json_out:
+        print(json.dumps({**result.to_json(), "backend": backend, "look_close_mode": settings.mode,
+                          "artifacts": str(art)}, indent=2))
+    else:
+        sys.stdout.write("\n")
+        t = result.tokens
+        highres = " ".join(f"{k}px {v}" for k, v in t["highres"].items())
+        err_console.print(f"tokens: low-res {t['lowres']}, high-res {highres}, text {t['text']}, "
+                          f"generated {t['generated']}; {sum(result.timings_ms.values()):.0f} ms", highlight=False)
+
+
+@app.command()
+@handle_errors
+def doctor(
+    as_json: bool = typer.Option(False, "--json", help="Print everything as one JSON object."),
+):
+    """What this machine can do: packages, CUDA / GPU, Jetson, and which backends and precisions work."""
+    from .doctor import collect
+
+    info = collect()
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    py = info["python"]
+    console.print(f"[bold]ps3edge {info['ps3edge']}[/bold]  Python {py['version']} on {escape(py['platform'])}",
+                  highlight=False)
+    packages = Table(title="packages", show_edge=False)
+    for col in ("package", "version"):
+        packages.add_column(col)
+    for name, p in info["packages"].items():
+        state = (escape(f"{p['version'] or '?'}, fails to import: {p['error']}") if p["error"]
+                 else p["version"] or "installed" if p["installed"] else "[dim]not installed[/dim]")
+        packages.add_row(name, state)
+    console.print(packages)
+    if info["onnxruntime_providers"]:
+        console.print(f"onnxruntime providers: {', '.join(info['onnxruntime_providers'])}", highlight=False)
+    cuda = info["cuda"]
+    if cuda["available"]:
+        for d in cuda["devices"]:
+            memory = (f"{d['free_gib']:.1f} / {d['total_gib']:.1f} GiB free" if d.get("total_gib") is not None
+                      else "memory unknown")
+            shared = " (unified, shared with the CPU)" if d.get("unified_memory") else ""
+            console.print(f"GPU {d['index']}: {escape(d['name'])}, SM {d['sm']}, {memory}{shared}; "
+                          f"torch CUDA {cuda['torch_cuda']}, cuDNN {cuda['cudnn']}", highlight=False)
+    else:
+        console.print(f"CUDA: not available ({escape(cuda['reason'] or 'unknown')})", highlight=False)
+    j = info["jetson"]
+    if j["is_jetson"]:
+        console.print(f"Jetson: {escape(j['model'] or 'unknown board')}, L4T {j['l4t'] or '?'}, "
+                      f"JetPack {j['jetpack'] or '?'}", highlight=False)
+    else:
+        console.print("Jetson: no (/etc/nv_tegra_release absent)", highlight=False)
+    precisions = ("fp32", "fp16", "bf16", "int8")
+    grid: dict[tuple, dict] = {}
+    for r in info["backends"]:
+        grid.setdefault((r["backend"], r["device"]), {})[r["precision"]] = r
+    table = Table(title="what works here", show_edge=False)
+    for col in ("backend", "device", *precisions, "why not"):
+        table.add_column(col)
+    for (backend, device), cells in grid.items():
+        marks = [("[green]yes[/green]" if cells[p]["ok"] else "[red]no[/red]") if p in cells else "-"
+                 for p in precisions]
+        why = "; ".join(dict.fromkeys(c["reason"] for c in cells.values() if not c["ok"]))
+        table.add_row(backend, device, *marks, escape(why))
+    console.print(table)
 
 
 @app.command()

@@ -49,8 +49,41 @@ TOLERANCES = {
     "fp32": {"max_abs": 1e-3, "min_cosine": 0.99999},
     "fp16": {"max_abs": 5e-2, "min_cosine": 0.999},
     "bf16": {"max_abs": 2e-1, "min_cosine": 0.99},
+    "int8": {"max_abs": 1.0, "min_cosine": 0.98},
 }
 PROB_MAX_ABS_FP32 = 1e-5
+# Reduced-precision stages against the FP32 stages (ps3edge calibrate / parity --precision):
+# the least IoU of the selected patches, per scale and image (1.0 = identical selection).
+SELECTION_MIN_IOU = {"fp16": 1.0, "bf16": 1.0, "int8": 0.9}
+# ... except that for these a selection that differs only by near ties passes: every swapped patch
+# had an FP32 probability closer to the cut than twice the measured probability error (a 27 x 27
+# map whose 128th and 129th values differ by 3e-5 flips under any reduced precision).
+SELECTION_NEAR_TIES_ACCEPTED = ("fp16", "bf16")
+
+# --- calibration (ps3edge calibrate: calibration/) ----------------------------------------------
+CALIBRATION_PRECISIONS = ("fp16", "int8")
+CALIBRATION_METHODS = ("max", "entropy", "percentile")
+DEFAULT_CALIBRATION_METHOD = "entropy"       # the method NVIDIA Model Optimizer defaults to, too
+DEFAULT_CALIBRATION_SAMPLES = 32          # calibration images taken from --images (sorted by name)
+DEFAULT_HOLDOUT_SAMPLES = 8               # held-out images the accuracy report runs on
+CALIBRATION_PERCENTILE = 99.99            # of |x|, for --method percentile
+CALIBRATION_HIGHRES_STEPS = 2             # look-close steps per image that calibrate highres
+DEFAULT_EXCLUDE_BLOCKS = ""               # transformer blocks kept float in INT8: e.g. "first,last"
+PRECISION_FILE_SUFFIX = {"fp16": ".fp16.onnx", "int8": ".int8.onnx"}
+ACCURACY_REPORT = "accuracy.{precision}.json"
 
 # --- seeded random weights ---------------------------------------------------------------------
 DEFAULT_SEED = 0
+
+# --- TensorRT-compatibility lint (exporter/lint.py, ps3edge inspect --lint) ---------------------
+# The TensorRT whose ONNX parser the lint checks against: 10.3 is JetPack 6.x's (Jetson Orin).
+DEFAULT_LINT_TRT_VERSION = "10.3"
+
+# --- TensorRT engines (ps3edge build, runtime/backends.py 'tensorrt') --------------------------
+ENGINE_PRECISIONS = ("fp32", "fp16", "int8", "best")
+DEFAULT_ENGINE_PRECISION = "fp32"
+ENGINE_ROUTES = ("onnx", "torch-tensorrt")          # --via: parse the ONNX, or Torch-TensorRT dynamo
+DEFAULT_WORKSPACE_GB = 4.0                          # builder scratch memory limit (GiB)
+DEFAULT_BUILDER_OPTIMIZATION_LEVEL = 3              # TensorRT's own default; 0..5
+ENV_ENGINE_CACHE = "PS3EDGE_ENGINE_CACHE"           # where built engines are kept for reuse
+DEFAULT_ENGINE_CACHE_DIR = "~/.cache/ps3edge/engines"

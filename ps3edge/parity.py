@@ -175,3 +175,70 @@ def run_parity(model_spec: str, image, settings: LookCloseSettings, *, prompt_em
                                          selection=f"{result.features.shape[1]} tokens",
                                          ok=same and d <= tol["max_abs"] and c >= tol["min_cosine"]))
         return report
+
+
+def run_precision_parity(precision: str, settings: LookCloseSettings, *, model_spec: str | None = None,
+                         artifact_dir=None, images=None, image=None, layer: int = defaults.DEFAULT_RUN_LAYER,
+                         seed: int = defaults.DEFAULT_SEED, samples: int = defaults.DEFAULT_CALIBRATION_SAMPLES,
+                         method: str = defaults.DEFAULT_CALIBRATION_METHOD, exclude_blocks=defaults.DEFAULT_EXCLUDE_BLOCKS,
+                         with_torch: bool = False, progress=None):
+    """`precision`'s exported stages (fp16, int8) against the FP32 stages: calibration/report.py.
+
+    With `artifact_dir`, its registered stages are measured on `images` (a folder of held-out
+    images; else `image`, else the sample image). Without, `model_spec` is exported to a temporary
+    artifact and calibrated first; INT8 then takes its calibration images from `images` (the
+    first `samples` by name) and reports on the rest.
+    """
+    from .calibration.calibrate import calibrate
+    from .calibration.data import image_files
+    from .calibration.report import accuracy_report
+    from .exporter.manifest import load_manifest
+    say = progress or (lambda msg: None)
+    if precision not in defaults.CALIBRATION_PRECISIONS:
+        raise Ps3EdgeError(f"unknown precision '{precision}' for this comparison; choose one of: "
+                           f"{', '.join(defaults.CALIBRATION_PRECISIONS)}")
+    with tempfile.TemporaryDirectory(prefix="ps3edge-parity-") as tmp:
+        if artifact_dir is None:
+            if model_spec is None:
+                raise Ps3EdgeError("give --artifacts DIR or --model")
+            if precision == "int8" and images is None:
+                raise Ps3EdgeError("INT8 parity without --artifacts calibrates first: give --images DIR")
+            say(f"exporting {model_spec}")
+            artifact_dir = Path(tmp) / "artifact"
+            export(model_spec, artifact_dir, seed=seed, returned_layers=sorted({layer, -1}))
+            held = None
+            if image is not None and images is None:
+                held = Path(tmp) / "held"
+                held.mkdir()
+                _copy_image(image, held)
+            return calibrate(artifact_dir, precision, images, method=method, samples=samples,
+                             exclude_blocks=exclude_blocks, holdout_images=held, report_settings=settings,
+                             layer=layer, with_torch=with_torch, progress=say)
+        manifest = load_manifest(artifact_dir, verify=True)
+        entry = manifest.get("precisions", {}).get(precision, {})
+        if images is not None:
+            files = image_files(images, limit=defaults.DEFAULT_HOLDOUT_SAMPLES, what="held-out image folder")
+        else:
+            held = Path(tmp) / "held"
+            held.mkdir()
+            files = [_copy_image(image, held)]
+        calibration = {i["sha256"] for i in entry.get("calibration_images", [])}
+        return accuracy_report(artifact_dir, precision, files, settings, layer=layer, held_out=calibration,
+                               with_torch=with_torch, progress=say)
+
+
+def _copy_image(image, folder: Path) -> Path:
+    """A path, a PIL image or None (the sample image) -> a file in `folder`."""
+    from .demo import sample_image
+
+    if image is None:
+        image = sample_image()
+    if isinstance(image, (str, Path)):
+        from .runtime.preprocess import open_image
+        open_image(image)                                   # a one-line error for a bad file
+        target = folder / Path(image).name
+        target.write_bytes(Path(image).read_bytes())
+        return target
+    target = folder / "image.png"
+    image.save(target)
+    return target

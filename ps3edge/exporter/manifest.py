@@ -5,7 +5,8 @@ geometry (scales, grids, budgets), preprocessing, per-stage I/O, the opset and p
 sha256 for every file of the artifact. `load_manifest` refuses an artifact whose manifest is
 unreadable, of another schema, inconsistent with itself (a hand-edited model config that no
 longer matches the stages' I/O, say), or whose files do not match their recorded hashes, and
-says exactly what differs.
+says exactly what differs. Optional sections written later: "engines" (ps3edge build) and
+"precisions" (ps3edge calibrate: FP16 / INT8 stage files and precision maps, calibration/registry.py).
 """
 
 from __future__ import annotations
@@ -148,6 +149,15 @@ def _check_consistent(manifest: dict, path: Path) -> None:
                 bad(f"stage '{name}' file {f!r} has no sha256 in 'files'")
         if {"inputs": stage.get("inputs"), "outputs": stage.get("outputs")} != spec.to_dict():
             bad(f"stage '{name}' inputs/outputs do not match the model config")
+    # the TensorRT engines that 'ps3edge build' recorded (optional section)
+    from ..engines.metadata import check_engines_section
+
+    def bad_engine(what: str):
+        raise Ps3EdgeError(f"{path} is inconsistent: {what} - rebuild the engines with 'ps3edge build'")
+    check_engines_section(manifest, bad_engine)
+    # the FP16 / INT8 stages that 'ps3edge calibrate' recorded (optional section)
+    from ..calibration.registry import check_precisions
+    check_precisions(manifest, path)
 
 
 def load_manifest(artifact_dir, verify: bool = True) -> dict:

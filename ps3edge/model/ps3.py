@@ -22,6 +22,7 @@ Choosing which patches to look at (planning) is not a network: it lives in runti
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -170,18 +171,23 @@ def bicubic_resize(image, size: int):
 
 
 def cubic_taps(in_size: int, out_size: int):
-    """Source rows (out,4) and weights (out,4) of PyTorch's bicubic: A = -0.75, half-pixel
-    centres, edge indices clamped, no antialias."""
+    """Source rows (out,4) int32 and weights (out,4) float32 of PyTorch's bicubic: A = -0.75,
+    half-pixel centres, edge indices clamped, no antialias.
+
+    Computed in numpy (float64), so that a traced export sees two constants (int32 Gather
+    indices, TensorRT-friendly) instead of a float64 / int64 subgraph. Under tracing the sizes
+    arrive as traced scalars; int() fixes them, as the lowres stage's input shape is static."""
+    in_size, out_size = int(in_size), int(out_size)
     A = -0.75
-    x = (torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5
-    x0 = torch.floor(x)
+    x = (np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5
+    x0 = np.floor(x)
     t = (x - x0)[:, None]
-    d = torch.cat([t + 1, t, 1 - t, 2 - t], dim=1)                   # distance to each tap
+    d = np.concatenate([t + 1, t, 1 - t, 2 - t], axis=1)             # distance to each tap
     near = ((A + 2) * d - (A + 3)) * d * d + 1                         # |d| <= 1
     far = ((A * d - 5 * A) * d + 8 * A) * d - 4 * A                    # 1 < |d| < 2
-    weights = torch.where(d <= 1, near, far)
-    rows = (x0[:, None] + torch.tensor([-1.0, 0.0, 1.0, 2.0])).clamp(0, in_size - 1).long()
-    return rows, weights.float()
+    weights = np.where(d <= 1, near, far)
+    rows = np.clip(x0[:, None] + np.array([-1.0, 0.0, 1.0, 2.0]), 0, in_size - 1).astype(np.int32)
+    return torch.from_numpy(rows), torch.from_numpy(weights.astype(np.float32))
 
 
 def separable_bicubic_resize(image, size: int):

@@ -47,7 +47,7 @@ class LookCloseResult:
 class Pipeline:
     """An artifact directory loaded on one backend, ready to run images."""
 
-    def __init__(self, artifact_dir, backend: str = "onnxruntime", verify: bool = True):
+    def __init__(self, artifact_dir, backend: str = "onnxruntime", verify: bool = True, precision: str = "fp32"):
         self.artifact_dir = Path(artifact_dir)
         self.manifest = load_manifest(self.artifact_dir, verify=verify)
         self.cfg = config_from_manifest(self.manifest)
@@ -56,7 +56,8 @@ class Pipeline:
             lowres_grid=self.cfg.lowres_grid, highres_grids=self.cfg.highres_grids,
             select_num_each_scale=tuple(self.manifest["defaults"]["select_num_each_scale"]),
             max_tokens_per_call=self.manifest["geometry"]["max_tokens_per_highres_call"])
-        self.stages = load_stages(self.artifact_dir, self.manifest, backend)
+        self.precision = precision             # fp32, or a precision of the manifest's "precisions"
+        self.stages = load_stages(self.artifact_dir, self.manifest, backend, precision)
         self.prior_prompt = np.load(self.artifact_dir / defaults.PRIOR_PROMPT_FILE).reshape(1, -1)
 
     # --- inputs --------------------------------------------------------------------------
@@ -96,10 +97,18 @@ class Pipeline:
     # --- the loop ------------------------------------------------------------------------
     def run(self, image, settings: LookCloseSettings, prompt_embedding=None,
             layer: int = defaults.DEFAULT_RUN_LAYER) -> LookCloseResult:
-        r = self.layer_index(layer)
-        prompt = self.prompt(settings, prompt_embedding)
-        times = {}
+        self.layer_index(layer)
+        self.prompt(settings, prompt_embedding)                  # refuse a bad prompt before any work
+        low, times = self.run_lowres(image)
+        return self.run_from_lowres(low, settings, prompt_embedding, layer, times)
 
+    def run_lowres(self, image) -> tuple[dict, dict]:
+        """Preprocess + the lowres stage: (the stage's outputs, times in seconds).
+
+        The outputs can be run through `run_from_lowres` more than once (e.g. VILA-HD looks at
+        the low-res tokens first to build its top-down prompt, then selects with it).
+        """
+        times = {}
         t0 = time.perf_counter()
         pixels = image if isinstance(image, np.ndarray) else self.pixels(image)
         times["preprocess"] = time.perf_counter() - t0
@@ -107,6 +116,14 @@ class Pipeline:
         t0 = time.perf_counter()
         low = self.stages["lowres"].infer({"pixels": pixels})
         times["lowres"] = time.perf_counter() - t0
+        return low, times
+
+    def run_from_lowres(self, low: dict, settings: LookCloseSettings, prompt_embedding=None,
+                        layer: int = defaults.DEFAULT_RUN_LAYER, times: dict | None = None) -> LookCloseResult:
+        """Selector, planning, highres and assembly from `run_lowres`'s outputs."""
+        r = self.layer_index(layer)
+        prompt = self.prompt(settings, prompt_embedding)
+        times = dict(times or {})
 
         t0 = time.perf_counter()
         prob = self.stages["selector"].infer({

@@ -1,0 +1,137 @@
+"""The machine an engine is built for and runs on: TensorRT and CUDA versions, GPU name and SM,
+and JetPack / L4T on a Jetson.
+
+The builder records these facts in the manifest's `engines` section; the `tensorrt` runtime
+backend compares them with the machine it runs on and refuses an engine built for another
+TensorRT version or another GPU architecture, in one line that names both. Importing TensorRT
+goes through `import_tensorrt`, so that a machine without it gets one line that says how to
+install it instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from ..errors import Ps3EdgeError
+
+MIN_TENSORRT_MAJOR = 10
+NV_TEGRA_RELEASE = Path("/etc/nv_tegra_release")
+
+INSTALL_TENSORRT = ("install the tensorrt wheel from NVIDIA's package index (pip install tensorrt-cu12, "
+                    "or tensorrt-cu13 for CUDA 13) or, on a Jetson, JetPack 6.1+ (apt install nvidia-jetpack; "
+                    "python3-libnvinfer)")
+
+
+def import_tensorrt():
+    """The `tensorrt` module, or a one-line Ps3EdgeError saying it is missing and how to get it."""
+    try:
+        import tensorrt as trt
+    except ImportError as e:  # also OSError-like failures surface as ImportError from the bindings
+        raise Ps3EdgeError(f"TensorRT is not installed here ({e}); {INSTALL_TENSORRT}") from None
+    major = version_tuple(trt.__version__)[0]
+    if major < MIN_TENSORRT_MAJOR:
+        raise Ps3EdgeError(f"ps3edge builds and runs engines with TensorRT {MIN_TENSORRT_MAJOR} or newer; this is "
+                           f"TensorRT {trt.__version__} (JetPack 6.1+ ships TensorRT 10.3)")
+    return trt
+
+
+def import_torch_tensorrt():
+    try:
+        import torch_tensorrt
+    except ImportError as e:
+        raise Ps3EdgeError(f"Torch-TensorRT is not installed here ({e}); pip install torch-tensorrt matching "
+                           "your torch version (and the tensorrt wheel it names), or build with --via onnx") from None
+    return torch_tensorrt
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'10.13.0.35' -> (10, 13, 0, 35); non-numeric parts stop the tuple."""
+    parts = []
+    for p in str(version).split("."):
+        m = re.match(r"\d+", p)
+        if not m:
+            break
+        parts.append(int(m.group()))
+    return tuple(parts) or (0,)
+
+
+def same_tensorrt(a: str, b: str) -> bool:
+    """Engines load only in the TensorRT release that built them: compare major.minor.patch (the
+    fourth, build number is printed by pip wheels and not by JetPack's packages)."""
+    return version_tuple(a)[:3] == version_tuple(b)[:3]
+
+
+def l4t_version(path: Path = NV_TEGRA_RELEASE) -> str | None:
+    """'36.4.3' from '# R36 (release), REVISION: 4.3, ...', or None when this is not a Jetson."""
+    from ..doctor import parse_tegra_release
+
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return None
+    release = parse_tegra_release(text)
+    return None if release is None else ".".join(str(x) for x in release)
+
+
+def jetpack_version(l4t: str | None) -> str | None:
+    """JetPack release: from the nvidia-jetpack package when installed, else from the L4T release
+    (the table `ps3edge doctor` uses)."""
+    if l4t is None:
+        return None
+    try:
+        out = subprocess.run(["dpkg-query", "--showformat=${Version}", "--show", "nvidia-jetpack"],
+                             capture_output=True, text=True, timeout=10)
+        m = re.match(r"(\d+(?:\.\d+)+)", out.stdout.strip()) if out.returncode == 0 else None
+        if m:
+            return m.group(1)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from ..doctor import jetpack_for
+
+    return jetpack_for(tuple(version_tuple(l4t) + (0, 0))[:3])[0]
+
+
+def gpu_facts(device_index: int = 0) -> dict:
+    """GPU name, SM (major * 10 + minor, e.g. 87 for Orin, 90 for H100) and CUDA version, via torch."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise Ps3EdgeError("no CUDA GPU is visible to torch; TensorRT engines are built and run on an NVIDIA GPU "
+                           "(a CUDA build of torch is needed too)")
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return {"gpu_name": torch.cuda.get_device_name(device_index), "sm": major * 10 + minor,
+            "cuda_version": torch.version.cuda or "unknown"}
+
+
+def machine_facts(trt) -> dict:
+    """Everything the manifest records about the machine an engine was built on."""
+    facts = {"tensorrt_version": trt.__version__, **gpu_facts()}
+    l4t = l4t_version()
+    if l4t is not None:
+        facts["l4t"] = l4t
+        jetpack = jetpack_version(l4t)
+        if jetpack is not None:
+            facts["jetpack"] = jetpack
+    return facts
+
+
+def describe(facts: dict) -> str:
+    text = f"TensorRT {facts.get('tensorrt_version')} on SM{facts.get('sm')} ({facts.get('gpu_name')}"
+    if facts.get("jetpack"):
+        text += f", JetPack {facts['jetpack']}"
+    return text + ")"
+
+
+def check_engine_compatible(stage: str, entry: dict, here: dict) -> None:
+    """Refuse an engine built for another TensorRT release or another GPU architecture."""
+    differs = []
+    if not same_tensorrt(entry.get("tensorrt_version", ""), here["tensorrt_version"]):
+        differs.append("TensorRT version")
+    if entry.get("sm") != here["sm"]:
+        differs.append("GPU architecture")
+    if differs:
+        raise Ps3EdgeError(f"engine '{stage}' ({entry.get('file')}) was built for {describe(entry)}; this machine "
+                           f"has {describe(here)}: the {' and '.join(differs)} differ - rebuild the engines here "
+                           "with 'ps3edge build ARTIFACTS'")

@@ -1,0 +1,93 @@
+"""Optimization-profile bounds of every stage, derived from the manifest: the one place that says
+which input shapes an engine must accept.
+
+The TensorRT builder turns them into optimization profiles, the onnxruntime TensorRT provider
+gets them as its profile shapes, the manifest check holds recorded engine profiles against them,
+and the lint can ask them whether every dynamic dimension is bounded. Only `highres` is dynamic:
+
+    T  look-close steps in one call    [1, T_max], opt T_max
+    N  tokens per step                 [1, geometry.max_tokens_per_highres_call (2560)], opt max
+
+T_max is the number of look-close steps for NUM_LOOK_CLOSE = `max_look_close` with the model's
+default per-step budget: by default the manifest's default (6), capped by 'all' (6 steps for
+1.5K, 35 for 4K); `'all'` asks for every step. A call with more steps than an engine's T_max is
+split by the runtime, so T_max trades engine memory against calls, never correctness.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .. import defaults
+from ..errors import Ps3EdgeError
+
+
+def max_steps(manifest: dict) -> int:
+    """Steps that NUM_LOOK_CLOSE='all' takes with the model's default per-step budget."""
+    geometry = manifest["geometry"]
+    per_step = sum(manifest["defaults"]["select_num_each_scale"])
+    return math.ceil(geometry["highres_patches_total"] / per_step)
+
+
+def look_close_steps(manifest: dict, max_look_close=None) -> int:
+    """T_max for `--max-look-close` (an int, 'all', or None for the model's default steps)."""
+    most = max_steps(manifest)
+    if max_look_close is None:
+        return min(int(manifest["defaults"].get("num_look_close", defaults.DEFAULT_NUM_LOOK_CLOSE)), most)
+    if isinstance(max_look_close, str):
+        text = max_look_close.strip().lower()
+        if text == "all":
+            return most
+        try:
+            max_look_close = int(text)
+        except ValueError:
+            raise Ps3EdgeError(f"--max-look-close must be a whole number or 'all', got '{max_look_close}'") from None
+    if isinstance(max_look_close, bool) or not isinstance(max_look_close, int) or not 1 <= max_look_close <= most:
+        raise Ps3EdgeError(f"--max-look-close must be between 1 and {most} for this model (or 'all'), "
+                           f"got {max_look_close}")
+    return max_look_close
+
+
+def axis_bounds(manifest: dict, max_look_close=None) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of every named dynamic axis of the stages."""
+    t_max = look_close_steps(manifest, max_look_close)
+    n_max = int(manifest["geometry"]["max_tokens_per_highres_call"])
+    return {"T": (1, t_max, t_max), "N": (1, n_max, n_max)}
+
+
+def profile_bounds(manifest: dict, max_look_close=None) -> dict[str, dict[str, dict[str, list[int]]]]:
+    """stage -> input name -> {"min", "opt", "max"} shapes, for every input of every stage.
+
+    Static inputs have min = opt = max = their shape. A dynamic axis with no bound here is an
+    error: an engine could not be built for it.
+    """
+    axes = axis_bounds(manifest, max_look_close)
+    bounds = {}
+    for stage, info in manifest["stages"].items():
+        per_input = {}
+        for tensor in info["inputs"]:
+            shape = {"min": [], "opt": [], "max": []}
+            for dim in tensor["shape"]:
+                if isinstance(dim, str):
+                    if dim not in axes:
+                        raise Ps3EdgeError(f"stage '{stage}' input '{tensor['name']}' has dynamic axis '{dim}' "
+                                           f"that no optimization profile bounds (known: {', '.join(axes)})")
+                    lo, opt, hi = axes[dim]
+                else:
+                    lo = opt = hi = int(dim)
+                shape["min"].append(lo)
+                shape["opt"].append(opt)
+                shape["max"].append(hi)
+            per_input[tensor["name"]] = shape
+        bounds[stage] = per_input
+    return bounds
+
+
+def is_dynamic(stage_bounds: dict[str, dict[str, list[int]]]) -> bool:
+    """Whether a stage (one entry of profile_bounds) needs an optimization profile."""
+    return any(b["min"] != b["max"] for b in stage_bounds.values())
+
+
+def shape_arg(stage_bounds: dict[str, dict[str, list[int]]], which: str) -> str:
+    """'name:1x2x3,other:4x5' - the shape-list syntax of trtexec and onnxruntime's TensorRT provider."""
+    return ",".join(f"{name}:{'x'.join(str(d) for d in b[which])}" for name, b in stage_bounds.items())
