@@ -1,4 +1,4 @@
-"""The `ps3edge` command line: demo, export, build, run, parity, inspect (--lint), doctor.
+"""The `ps3edge` command line: demo, export, build, calibrate, run, chat, parity, inspect (--lint), bench, doctor.
 
 Every command turns a `Ps3EdgeError` into one line `error: ...` on stderr and exit code 2.
 Look-close settings default to the VILA-HD environment variables (NUM_LOOK_CLOSE,
@@ -132,7 +132,7 @@ def export(
 @app.command()
 @handle_errors
 def build(
-    artifacts: Path = typer.Argument(..., help="Artifact directory from 'ps3edge export'."),
+    artifacts: Path = typer.Argument(..., help="Artifact directory from 'ps3edge export', or a VILA-HD artifact (vila.json: its PS3 stages, projector and LLM)."),
     precision: str = typer.Option(defaults.DEFAULT_ENGINE_PRECISION, "--precision", help="fp32, fp16, int8 (the Q/DQ stages of 'ps3edge calibrate') or best."),
     max_look_close: Optional[str] = typer.Option(None, "--max-look-close", help="Most look-close steps one highres call takes (T_max of its profile): a number or 'all'. Default: the model's default steps (6), capped by 'all'."),
     workspace_gb: float = typer.Option(defaults.DEFAULT_WORKSPACE_GB, "--workspace-gb", help="Builder workspace limit, GiB."),
@@ -142,23 +142,36 @@ def build(
     engine_cache: Optional[Path] = typer.Option(None, "--engine-cache", help=f"Directory of built engines to reuse. Default ~/.cache/ps3edge/engines (env {defaults.ENV_ENGINE_CACHE})."),
     no_engine_cache: bool = typer.Option(False, "--no-engine-cache", help="Neither reuse nor keep engines outside the artifact."),
     force: bool = typer.Option(False, "--force", help="Rebuild even when an identical engine exists."),
+    max_prompt: Optional[str] = typer.Option(None, "--max-prompt", help="VILA-HD artifacts: most positions one LLM prefill call takes (S max of its prefill profile; longer prompts are prefilled in chunks). Default: min(context - 1, 4096)."),
 ):
-    """Build TensorRT engines for the stages and record them in the manifest."""
+    """Build TensorRT engines for the stages and record them in the manifest (a VILA-HD artifact:
+    its PS3 stages, then the projector and the LLM with prefill and decode profiles, in vila.json)."""
     from .engines.builder import BuildOptions, build as do_build
     from .engines.cache import default_engine_cache_dir
+    from .engines.llm_engine import build_vila_engines, check_vila_options, is_vila_artifact
 
     options = BuildOptions(precision=precision, max_look_close=max_look_close, workspace_gb=workspace_gb,
                            optimization_level=optimization_level, timing_cache=timing_cache, via=via,
                            engine_cache=None if no_engine_cache else (engine_cache or default_engine_cache_dir()),
                            force=force).validate()
+    vila = is_vila_artifact(artifacts)
+    if vila:
+        check_vila_options(artifacts, options, max_prompt)        # fails before any PS3 engine is written
+    elif max_prompt is not None:
+        raise Ps3EdgeError(f"--max-prompt applies to VILA-HD artifacts (with vila.json); {artifacts} is a PS3 artifact")
     start = time.perf_counter()
     with console.status("building engines") as status:
-        manifest = do_build(artifacts, options, progress=_progress(status))
+        ps3_dir = Path(artifacts) / "ps3" if vila else Path(artifacts)
+        manifest = do_build(ps3_dir, options, progress=_progress(status))
+        rows = [(name, ps3_dir, e) for name, e in manifest["engines"].items()]
+        if vila:
+            vila_manifest = build_vila_engines(artifacts, options, max_prompt, progress=_progress(status))
+            rows += [(name, Path(artifacts), e) for name, e in vila_manifest["engines"].items()]
     table = Table(title=f"TensorRT engines in {escape(str(artifacts))}")
     for col in ("stage", "file", "precision", "MiB", "context MiB", "profile (max)"):
         table.add_column(col)
-    for name, e in manifest["engines"].items():
-        size = (Path(artifacts) / e["file"]).stat().st_size / 2 ** 20
+    for name, root, e in rows:
+        size = (root / e["file"]).stat().st_size / 2 ** 20
         ctx = e.get("device_memory_bytes")
         dynamic = {k: tuple(v["max"]) for k, v in e["profiles"].items() if v["min"] != v["max"]}
         table.add_row(name, e["file"], e["precision"], f"{size:.1f}", "" if ctx is None else f"{ctx / 2 ** 20:.1f}",
@@ -514,7 +527,7 @@ def chat(
     text: str = typer.Option(..., "--text", help="The question."),
     media: Path = typer.Option(..., "--media", help="The image."),
     conv_mode: str = typer.Option("auto", "--conv-mode", help="Chat template: auto (the tokenizer's, Qwen2's for VILA-HD)."),
-    backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime (exported stages) or torch (transformers + our PyTorch PS3)."),
+    backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime (exported stages), torch (transformers + our PyTorch PS3) or tensorrt (the engines of 'ps3edge build ARTIFACTS')."),
     artifacts: Optional[Path] = typer.Option(None, "--artifacts", help="Use (or export into) this VILA-HD artifact directory instead of the cache."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples."),
@@ -536,6 +549,9 @@ def chat(
 
     if conv_mode != "auto":
         raise Ps3EdgeError(f"--conv-mode '{conv_mode}' is not supported; use auto (the checkpoint's chat template)")
+    if backend == "tensorrt":
+        from .engines.platform import import_tensorrt
+        import_tensorrt()                    # before anything is exported: no TensorRT, nothing written
     settings = _settings(num_look_close, num_token_look_close, select_num_each_scale, look_close_mode,
                          smooth_selection_prob)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed).validate()

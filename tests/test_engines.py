@@ -27,7 +27,8 @@ from ps3edge.engines.builder import BuildOptions, plan_build, record_engines
 from ps3edge.engines.cache import EngineCache, engine_cache_key, read_timing_cache, write_timing_cache
 from ps3edge.engines.metadata import check_engines_section
 from ps3edge.engines.platform import check_engine_compatible, jetpack_version, l4t_version, same_tensorrt
-from ps3edge.engines.profiles import axis_bounds, is_dynamic, look_close_steps, profile_bounds, shape_arg
+from ps3edge.engines.profiles import (attention_step_limit, axis_bounds, is_dynamic, look_close_steps,
+                                      profile_bounds, shape_arg)
 from ps3edge.errors import Ps3EdgeError
 from ps3edge.exporter.manifest import build_manifest, load_manifest
 from ps3edge.exporter.spec import stage_specs
@@ -76,9 +77,14 @@ def test_profile_bounds_from_an_exported_manifest(artifacts):
 def test_profile_bounds_4k_default_all_and_explicit():
     manifest = unexported_manifest("ps3-4k")
     assert axis_bounds(manifest) == {"T": (1, 6, 6), "N": (1, 2560, 2560)}
-    assert axis_bounds(manifest, "all")["T"] == (1, 35, 35)          # ceil(87480 / 2560)
-    assert axis_bounds(manifest, "ALL")["T"] == (1, 35, 35)
+    # 'all' is ceil(87480 / 2560) = 35 steps, but one call holds at most 15: 15 x 16 heads x 2560
+    # queries x 3289 keys of attention scores stays under 2^31 elements, 16 would not
+    assert attention_step_limit(manifest) == 15
+    assert axis_bounds(manifest, "all")["T"] == (1, 15, 15)
+    assert axis_bounds(manifest, "ALL")["T"] == (1, 15, 15)
     assert axis_bounds(manifest, 12)["T"] == (1, 12, 12)
+    with pytest.raises(Ps3EdgeError, match="over 15, the most steps one engine call can hold"):
+        look_close_steps(manifest, 16)
     assert axis_bounds(manifest, "3")["T"] == (1, 3, 3)
     bounds = profile_bounds(manifest)
     assert bounds["lowres"]["pixels"]["max"] == [1, 3, 3780, 3780]

@@ -93,6 +93,7 @@ class StagePlan:
     map_source: str = ""                # "precisions.fp16" etc.: where the file / precision map came from
     key_inputs: dict = field(default_factory=dict)
     key: str = ""
+    extra_profiles: tuple = ()          # further optimization profiles (the LLM's decode profile)
 
     @property
     def engine_file(self) -> str:
@@ -398,11 +399,15 @@ def _configure(trt, builder, config, plan: StagePlan, options: BuildOptions, tim
         say("the timing cache was made by another TensorRT or GPU; starting an empty one")
         cache = config.create_timing_cache(b"")
         config.set_timing_cache(cache, False)
-    if is_dynamic(plan.profile):
-        profile = builder.create_optimization_profile()
-        for name, b in plan.profile.items():
-            profile.set_shape(name, tuple(b["min"]), tuple(b["opt"]), tuple(b["max"]))
-        config.add_optimization_profile(profile)
+    if is_dynamic(plan.profile) or plan.extra_profiles:
+        # profile 0 is plan.profile; more (the LLM's decode profile) follow in order, and the
+        # runtime selects them with set_optimization_profile_async
+        for bounds in (plan.profile, *plan.extra_profiles):
+            profile = builder.create_optimization_profile()
+            for name, b in bounds.items():
+                profile.set_shape(name, tuple(b["min"]), tuple(b["opt"]), tuple(b["max"]))
+            if config.add_optimization_profile(profile) < 0:
+                raise Ps3EdgeError(f"TensorRT refused an optimization profile of '{plan.stage}': {bounds}")
     return cache
 
 

@@ -29,15 +29,28 @@ def max_steps(manifest: dict) -> int:
     return math.ceil(geometry["highres_patches_total"] / per_step)
 
 
+def attention_step_limit(manifest: dict) -> int:
+    """Most steps one highres call may hold: TensorRT tensors have fewer than 2^31 elements, and
+    the attention scores of a call are T x heads x N x (N0 + N) (4K: 15 steps)."""
+    n = int(manifest["geometry"]["max_tokens_per_highres_call"])
+    keys = int(manifest["geometry"]["lowres_tokens"]) + n
+    per_step = int(manifest["model"]["num_heads"]) * n * keys
+    return max(1, (2 ** 31 - 1) // per_step)
+
+
 def look_close_steps(manifest: dict, max_look_close=None) -> int:
-    """T_max for `--max-look-close` (an int, 'all', or None for the model's default steps)."""
+    """T_max for `--max-look-close` (an int, 'all', or None for the model's default steps).
+
+    'all' and the default are capped at `attention_step_limit`; an explicit larger number is
+    refused (the runtime splits longer runs into several calls anyway)."""
     most = max_steps(manifest)
+    limit = attention_step_limit(manifest)
     if max_look_close is None:
-        return min(int(manifest["defaults"].get("num_look_close", defaults.DEFAULT_NUM_LOOK_CLOSE)), most)
+        return min(int(manifest["defaults"].get("num_look_close", defaults.DEFAULT_NUM_LOOK_CLOSE)), most, limit)
     if isinstance(max_look_close, str):
         text = max_look_close.strip().lower()
         if text == "all":
-            return most
+            return min(most, limit)
         try:
             max_look_close = int(text)
         except ValueError:
@@ -45,6 +58,9 @@ def look_close_steps(manifest: dict, max_look_close=None) -> int:
     if isinstance(max_look_close, bool) or not isinstance(max_look_close, int) or not 1 <= max_look_close <= most:
         raise Ps3EdgeError(f"--max-look-close must be between 1 and {most} for this model (or 'all'), "
                            f"got {max_look_close}")
+    if max_look_close > limit:
+        raise Ps3EdgeError(f"--max-look-close {max_look_close} is over {limit}, the most steps one engine call can "
+                           f"hold (its attention scores would pass 2^31 elements); longer runs are split into calls")
     return max_look_close
 
 

@@ -12,6 +12,10 @@ transformers' hidden_states[-1]). A prefill after a prefill or decode continues 
 - `OnnxLLM`: the graph `export_llm` writes from our `Qwen2Decoder` (explicit KV tensors), run on
   onnxruntime; the cache lives in numpy between calls.
 - `DecoderLLM`: our `Qwen2Decoder` in PyTorch (what the ONNX graph was traced from).
+- `TensorRTLLM`: the engine `ps3edge build` makes of that graph (engines/llm_engine.py), with a
+  prefill profile (index 0) and a decode profile (index 1) in one execution context; the cache
+  stays on the GPU between calls in two full-context torch CUDA buffers used in turn (past in
+  one, present written into the other, no copy).
 """
 
 from __future__ import annotations
@@ -166,3 +170,113 @@ def export_llm(hf_model, path, opset: int = defaults.DEFAULT_OPSET) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+class TensorRTLLM:
+    """The LLM engine of `ps3edge build` on one execution context, same interface as OnnxLLM.
+
+    Profile 0 (prefill) serves a fresh sequence (past length 0: an empty tensor, see
+    engines/llm_engine.py) and every call with more than one new position; profile 1 (decode)
+    serves S = 1 against a non-empty cache. The context switches profile with
+    set_optimization_profile_async only when the next call needs the other one. Input shapes and
+    tensor addresses are set on every call (the KV buffers alternate). A prefill longer than the
+    engine's max prompt runs in chunks (a prefill continues the cache)."""
+
+    def __init__(self, path: Path, entry: dict, trt=None, stream=None):
+        from ..engines.platform import import_tensorrt
+        from ..runtime.backends import _torch_dtype
+
+        trt = trt or import_tensorrt()
+        self.path = Path(path)
+        self.bindings = dict(entry.get("bindings") or {})
+        for name in ("inputs_embeds", "past_kv", "logits", "hidden", "present_kv"):
+            self.bindings.setdefault(name, name)
+        profiles = entry.get("optimization_profiles") or {}
+        if set(profiles) != {"prefill", "decode"}:
+            raise Ps3EdgeError(f"{self.path.name} has no prefill and decode profiles in its manifest entry; "
+                               "rebuild it with 'ps3edge build'")
+        self.context_length = int(entry["context_length"])
+        self.max_prompt = int(profiles["prefill"]["inputs_embeds"]["max"][1])
+        self.hidden_size = int(profiles["prefill"]["inputs_embeds"]["max"][2])
+        kv_max = tuple(profiles["prefill"]["past_kv"]["max"])
+        self.kv_shape = kv_max[:4] + (0,) + kv_max[5:]
+        self.decode_min_past = int(profiles["decode"]["past_kv"]["min"][4])
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.stream = stream or torch.cuda.Stream()
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise Ps3EdgeError(f"TensorRT cannot load {self.path.name}; rebuild it with 'ps3edge build'")
+        if self.engine.num_optimization_profiles != 2:
+            raise Ps3EdgeError(f"{self.path.name} has {self.engine.num_optimization_profiles} optimization "
+                               "profiles, expected 2 (prefill, decode); rebuild it with 'ps3edge build'")
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise Ps3EdgeError(f"TensorRT cannot create an execution context for {self.path.name} (out of GPU memory?)")
+        dtype = lambda name: _torch_dtype(trt, self.engine.get_tensor_dtype(self.bindings[name]))   # noqa: E731
+        full = int(np.prod(kv_max[:4] + (self.context_length,) + kv_max[5:]))
+        # two cache buffers at full context: one holds the past, the engine writes the present into the other
+        self.kv = [torch.empty(full, dtype=dtype("past_kv"), device=self.device) for _ in range(2)]
+        if dtype("present_kv") != dtype("past_kv"):
+            raise Ps3EdgeError(f"{self.path.name} takes past_kv as {dtype('past_kv')} but returns {dtype('present_kv')}")
+        self.embeds = torch.empty(self.max_prompt * self.hidden_size, dtype=dtype("inputs_embeds"), device=self.device)
+        vocab = int(self.engine.get_tensor_shape(self.bindings["logits"])[-1])
+        self.logits = torch.empty(vocab, dtype=dtype("logits"), device=self.device)
+        self.hidden = torch.empty(self.hidden_size, dtype=dtype("hidden"), device=self.device)
+        self.profile = 0                       # a new context starts on profile 0
+        self.reset()
+
+    def reset(self):
+        self.length = 0
+        self.current = 0                       # which kv buffer holds the past
+
+    def _set_shape(self, name: str, shape: tuple) -> None:
+        if not self.context.set_input_shape(self.bindings[name], shape):
+            raise Ps3EdgeError(f"the LLM engine does not take {name} of shape {shape} (profile {self.profile})")
+
+    def _address(self, name: str, tensor: torch.Tensor) -> None:
+        if not self.context.set_tensor_address(self.bindings[name], tensor.data_ptr()):
+            raise Ps3EdgeError(f"TensorRT refused the buffer of '{name}' in {self.path.name}")
+
+    def _run(self, x: torch.Tensor) -> None:
+        """One engine call: x (S, H) on the GPU, S <= max_prompt, against the cache so far."""
+        s, p = int(x.shape[0]), self.length
+        if p + s > self.context_length:
+            raise Ps3EdgeError(f"{p + s} positions do not fit the LLM engine's context of {self.context_length}")
+        profile = 1 if (s == 1 and p >= self.decode_min_past) else 0
+        if profile != self.profile:
+            if not self.context.set_optimization_profile_async(profile, self.stream.cuda_stream):
+                raise Ps3EdgeError(f"TensorRT cannot switch {self.path.name} to its "
+                                   f"{('prefill', 'decode')[profile]} profile")
+            self.profile = profile
+        past, present = self.kv[self.current], self.kv[1 - self.current]
+        self.embeds[: x.numel()].view(1, s, self.hidden_size).copy_(x[None])
+        self._set_shape("inputs_embeds", (1, s, self.hidden_size))
+        self._set_shape("past_kv", self.kv_shape[:4] + (p,) + self.kv_shape[5:])
+        for name, buf in (("inputs_embeds", self.embeds), ("past_kv", past), ("present_kv", present),
+                          ("logits", self.logits), ("hidden", self.hidden)):
+            self._address(name, buf)
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise Ps3EdgeError(f"TensorRT failed to run the LLM engine ({self.path.name})")
+        got = tuple(self.context.get_tensor_shape(self.bindings["present_kv"]))
+        if got[4] != p + s:
+            raise Ps3EdgeError(f"the LLM engine returned a cache of {got[4]} positions, expected {p + s}")
+        self.current, self.length = 1 - self.current, p + s
+
+    def _step(self, embeds) -> StepOutput:
+        x = _check_embeds(embeds, self.hidden_size)
+        with torch.cuda.stream(self.stream):
+            src = torch.from_numpy(x).to(self.device, non_blocking=False)
+            for start in range(0, len(src), self.max_prompt):
+                self._run(src[start: start + self.max_prompt])
+            logits, hidden = self.logits.float().cpu(), self.hidden.float().cpu()
+        self.stream.synchronize()
+        return StepOutput(logits.numpy(), hidden.numpy())
+
+    prefill = _step
+    decode = _step
+
+    def present(self) -> torch.Tensor:
+        """The cache so far on the GPU, (L, 2, 1, Hkv, length, D) (a view, valid until the next call)."""
+        shape = self.kv_shape[:4] + (self.length,) + self.kv_shape[5:]
+        return self.kv[self.current][: int(np.prod(shape))].view(shape)

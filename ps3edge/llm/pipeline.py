@@ -37,7 +37,7 @@ from ..model.projector import projector_cells, space_to_channel
 from ..model.weights import file_sha256
 from ..runtime.lookclose import Pipeline
 from ..runtime.planning import LookCloseSettings, resolve_steps
-from .engine import OnnxLLM, TorchLLM, export_llm
+from .engine import OnnxLLM, TensorRTLLM, TorchLLM, export_llm
 from .generate import Generation, SamplingConfig, generate
 from .tokenizer import IM_END, IMAGE_TOKEN, load_tokenizer, stop_token_ids
 from .vila import VILA_PRESETS, VilaHD, build_vila
@@ -46,7 +46,7 @@ VILA_MANIFEST = "vila.json"
 VILA_SCHEMA_VERSION = 1
 VILA_LAYER = -2                       # VILA-HD feeds PS3's second-to-last block to the projector
 CONTEXT_MARGIN = 1024                 # VILA-HD: context >= high-res patches / 4 + 1024
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
 
 # ------------------------------------------------------------------------------------------
@@ -180,8 +180,9 @@ def required_context(settings: LookCloseSettings, pipeline: Pipeline) -> int:
 
 
 class VilaPipeline:
-    """A VILA-HD artifact on one backend: `onnxruntime` (the exported files) or `torch` (the
-    reference: transformers' Qwen2 and our PyTorch PS3 / projector, rebuilt from the source)."""
+    """A VILA-HD artifact on one backend: `onnxruntime` (the exported files), `torch` (the
+    reference: transformers' Qwen2 and our PyTorch PS3 / projector, rebuilt from the source) or
+    `tensorrt` (the engines of `ps3edge build ARTIFACT`: PS3 stages, projector, LLM)."""
 
     def __init__(self, artifact_dir, backend: str = "onnxruntime", verify: bool = True):
         if backend not in BACKENDS:
@@ -189,13 +190,21 @@ class VilaPipeline:
         self.art = Path(artifact_dir)
         self.manifest = load_vila_manifest(self.art, verify)
         self.backend = backend
+        if backend == "tensorrt":
+            missing = [s for s in ("projector", "llm") if s not in (self.manifest.get("engines") or {})]
+            if missing:
+                raise Ps3EdgeError(f"{self.art} has no TensorRT engine for {', '.join(missing)}; build them with "
+                                   f"'ps3edge build {self.art}'")
         self.ps3 = Pipeline(self.art / "ps3", backend, verify=verify)
         self.tokenizer = load_tokenizer(self.art / "tokenizer")
         self.context_length = int(self.manifest["context_length"])
-        if backend == "onnxruntime":
-            self.llm = OnnxLLM(self.art / "llm.onnx")
-            from ..runtime.backends import OnnxRuntimeStage
-            stage = OnnxRuntimeStage(self.art / "projector.onnx")
+        if backend in ("onnxruntime", "tensorrt"):
+            if backend == "onnxruntime":
+                self.llm = OnnxLLM(self.art / "llm.onnx")
+                from ..runtime.backends import OnnxRuntimeStage
+                stage = OnnxRuntimeStage(self.art / "projector.onnx")
+            else:
+                stage = self._tensorrt_engines()
             self._project = lambda cells: stage.infer({"cells": cells})["embeddings"]
             self.embed_table = np.load(self.art / "embed_tokens.npy")
             head = np.load(self.art / "prompt_head.npz") if self.manifest.get("top_down") else None
@@ -220,6 +229,24 @@ class VilaPipeline:
         self.im_end_id = self.tokenizer.convert_tokens_to_ids(IM_END)
         self.newline_ids = self.tokenizer.encode("\n", add_special_tokens=False)
         self.stop_ids = tuple(stop_token_ids(self.tokenizer))
+
+    def _tensorrt_engines(self):
+        """The projector as a TensorRTStage and the LLM as a TensorRTLLM (sets self.llm), after
+        checking both engines against this machine's TensorRT and GPU."""
+        from ..engines.llm_engine import projector_width, vila_stage_specs
+        from ..engines.platform import check_engine_compatible, import_tensorrt, machine_facts
+        from ..runtime.backends import TensorRTStage
+
+        trt = import_tensorrt()
+        here = machine_facts(trt)
+        engines = self.manifest["engines"]
+        for name in ("projector", "llm"):
+            check_engine_compatible(name, engines[name], here)
+        stream = torch.cuda.Stream()
+        specs = vila_stage_specs(self.manifest, projector_width(self.art))
+        self.llm = TensorRTLLM(self.art / engines["llm"]["file"], engines["llm"], trt, stream)
+        return TensorRTStage(self.art / engines["projector"]["file"], "projector", specs["projector"],
+                             engines["projector"], trt, stream)
 
     def _rebuild(self) -> VilaHD:
         source = self.manifest["source"]

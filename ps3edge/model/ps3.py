@@ -308,10 +308,10 @@ class PS3(nn.Module):
         """
         x = self.trunk.patch_embed.forward_patches(patches)                # (T,N,C)
         x = x + position_table[positions]
-        wanted = set(returned_layers)
         outputs = {}
-        for i, block in enumerate(self.trunk.blocks):
+        last = max(returned_layers)            # blocks after the last returned layer are not run
+        for i, block in enumerate(self.trunk.blocks[: last + 1]):
             x, _, _ = block(x, kv_prefix=kv_cache[i])
-            if i in wanted:
+            if i in returned_layers:
                 outputs[i] = x
         return torch.stack([outputs[i] for i in returned_layers])          # (R,T,N,C)

@@ -1,0 +1,255 @@
+"""`ps3edge build` on a VILA-HD artifact: the projector and the LLM -> TensorRT engines.
+
+The PS3 stages under `ps3/` are built by the stage builder (builder.build) as for any PS3
+artifact; this module builds the two VILA-HD files next to them and records both in `vila.json`
+(an `engines` section, and each engine file with its sha256 in `files`, so the artifact's
+verification covers them). Everything else is the stage builder's: the plan (StagePlan), the
+ONNX route (_build_from_onnx), the engine-cache key, the engine cache, the timing cache, the
+machine facts (TensorRT version, SM, JetPack) and the manifest entry.
+
+The LLM engine has two optimization profiles (S new positions, P past positions, C the
+context length from vila.json, `--max-prompt` M, default min(C - 1, DEFAULT_LLM_MAX_PROMPT)):
+
+    0 prefill   inputs_embeds (1, S, H)  S in [1, M], opt M
+                past_kv       P in [0, C - 1], opt 0
+    1 decode    inputs_embeds (1, 1, H)
+                past_kv       P in [1, C - 1], opt M
+
+Zero-length past at prefill: TensorRT supports empty tensors (a dimension of length 0) on
+network inputs, and a profile minimum of 0 declares it, so a fresh sequence's prefill runs the
+same engine with past_kv of shape (L, 2, 1, Hkv, 0, D) - no dummy position, no second graph, the
+attention is exact. The runtime (llm/engine.py TensorRTLLM) keeps the KV buffers allocated at
+full context, so even an empty past is bound to a valid address. The decode profile exists for
+kernel selection at S = 1 (its shapes are a subset of prefill's); P + S <= C is checked by the
+runtime, as a profile cannot express a sum. A prompt longer than M is prefilled in chunks of M.
+
+The projector engine has one profile: cells (M_cells, 4C), M_cells in [1, M], opt 196 (the
+low-res image; projected tokens must fit in a prompt anyway).
+
+Precision: fp32 (TF32 off) or fp16 (TensorRT 10's FP16 flag; the LLM has no FP16 precision map
+or FP16 ONNX, so TensorRT 11 refuses fp16 here). int8 and best are refused for VILA-HD artifacts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from ..errors import Ps3EdgeError
+from ..exporter.manifest import write_json_atomic
+from ..model.weights import file_sha256
+from .builder import BuildOptions, StagePlan, _build_from_onnx, engine_entry, inspect_engine, workspace_bytes
+from .cache import EngineCache, copy_atomic, engine_cache_key, read_timing_cache, write_bytes_atomic, write_timing_cache
+from .platform import import_tensorrt, machine_facts, version_tuple
+
+DEFAULT_LLM_MAX_PROMPT = 4096            # VILA-HD 1.5K with every patch selected: 3841 image tokens + text
+PROJECTOR_OPT_CELLS = 196                # the low-res image: 14 x 14 cells
+VILA_ENGINE_STAGES = ("projector", "llm")
+LLM_PROFILE_NAMES = ("prefill", "decode")
+
+
+def _vila():
+    from ..llm import pipeline
+    return pipeline
+
+
+def max_prompt_for(manifest: dict, max_prompt=None) -> int:
+    """`--max-prompt`: at most C - 1 positions (one is left for the first generated token)."""
+    context = int(manifest["context_length"])
+    if context < 2:
+        raise Ps3EdgeError(f"the VILA-HD artifact's context length {context} leaves no room for a prompt")
+    if max_prompt is None:
+        return min(context - 1, DEFAULT_LLM_MAX_PROMPT)
+    if isinstance(max_prompt, str):
+        try:
+            max_prompt = int(max_prompt.strip())
+        except ValueError:
+            raise Ps3EdgeError(f"--max-prompt must be a whole number, got '{max_prompt}'") from None
+    if isinstance(max_prompt, bool) or not isinstance(max_prompt, int) or not 1 <= max_prompt <= context - 1:
+        raise Ps3EdgeError(f"--max-prompt must be between 1 and {context - 1} (the context length {context} "
+                           f"less one position to generate), got {max_prompt}")
+    return max_prompt
+
+
+def _shape(dims) -> list[int]:
+    return [int(d) for d in dims]
+
+
+def llm_profiles(manifest: dict, max_prompt=None) -> dict[str, dict[str, dict[str, list[int]]]]:
+    """"prefill" / "decode" -> input -> {"min", "opt", "max"}, from vila.json's LLM and context."""
+    m = max_prompt_for(manifest, max_prompt)
+    c = int(manifest["context_length"])
+    llm = manifest["llm"]
+    hidden = int(llm["hidden_size"])
+    head_dim = int(llm.get("head_dim") or hidden // int(llm["num_heads"]))
+    kv = lambda p: _shape((llm["num_layers"], 2, 1, llm["num_kv_heads"], p, head_dim))    # noqa: E731
+    return {
+        "prefill": {"inputs_embeds": {"min": [1, 1, hidden], "opt": [1, m, hidden], "max": [1, m, hidden]},
+                    "past_kv": {"min": kv(0), "opt": kv(0), "max": kv(c - 1)}},
+        "decode": {"inputs_embeds": {"min": [1, 1, hidden], "opt": [1, 1, hidden], "max": [1, 1, hidden]},
+                   "past_kv": {"min": kv(1), "opt": kv(min(m, c - 1)), "max": kv(c - 1)}},
+    }
+
+
+def projector_width(art: Path) -> int:
+    """4C, the projector's input channels, read from the ONNX graph (no weights loaded)."""
+    import onnx
+
+    model = onnx.load(str(Path(art) / "projector.onnx"), load_external_data=False)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return int(dims[1].dim_value)
+
+
+def vila_stage_specs(manifest: dict, width4: int) -> dict[str, dict]:
+    """The inputs / outputs of the two engines, in the stage-manifest form inspect_engine reads."""
+    from ..exporter.spec import projector_spec
+    from ..llm.engine import llm_spec
+
+    llm = manifest["llm"]
+    hidden = int(llm["hidden_size"])
+    head_dim = int(llm.get("head_dim") or hidden // int(llm["num_heads"]))
+    return {"projector": projector_spec(width4 // 4, hidden).to_dict(),
+            "llm": llm_spec(int(llm["num_layers"]), int(llm["num_kv_heads"]), head_dim, hidden,
+                            int(llm["vocab_size"])).to_dict()}
+
+
+def plan_vila_build(manifest: dict, options: BuildOptions, tensorrt_version: str, sm: int, width4: int,
+                    max_prompt=None) -> list[StagePlan]:
+    """The projector's and the LLM's StagePlan (pure: no TensorRT needed)."""
+    options.validate()
+    if options.via != "onnx":
+        raise Ps3EdgeError("the VILA-HD projector and LLM engines are built from their ONNX files; use --via onnx")
+    if options.precision not in ("fp32", "fp16"):
+        raise Ps3EdgeError(f"--precision {options.precision}: the VILA-HD projector and LLM are built at fp32 or "
+                           "fp16 (ps3edge calibrate quantizes PS3 stages only)")
+    if options.precision == "fp16" and version_tuple(tensorrt_version)[0] >= 11:
+        raise Ps3EdgeError(f"TensorRT {tensorrt_version} has no FP16 builder flag and the VILA-HD LLM has no FP16 "
+                           "ONNX; build it at fp32, or with TensorRT 10")
+    m = max_prompt_for(manifest, max_prompt)
+    llm = llm_profiles(manifest, m)
+    projector = {"cells": {"min": [1, width4], "opt": [min(PROJECTOR_OPT_CELLS, m), width4], "max": [m, width4]}}
+    fp16 = options.precision == "fp16"
+    plans = []
+    for stage, profile, extra in (("projector", projector, ()), ("llm", llm["prefill"], (llm["decode"],))):
+        onnx_file = f"{stage}.onnx"
+        if onnx_file not in manifest["files"]:
+            raise Ps3EdgeError(f"the VILA-HD artifact's {_vila().VILA_MANIFEST} does not list {onnx_file}")
+        plan = StagePlan(stage=stage, onnx_file=onnx_file, source_files=[onnx_file], precision=options.precision,
+                         strongly_typed=False, flags=("FP16",) if fp16 else (),
+                         clear_flags=() if fp16 else ("TF32",), fp32_nodes=(), fp32_tensors=(),
+                         profile=profile, max_look_close=0, extra_profiles=extra,
+                         note=f"stage '{stage}': fp16 without a precision map (every layer may run in fp16)"
+                         if fp16 else "")
+        plan.key_inputs = {
+            "onnx_hashes": {onnx_file: manifest["files"][onnx_file]},
+            "flags": {"stage": stage, "via": "onnx", "precision": plan.precision, "strongly_typed": False,
+                      "set": sorted(plan.flags), "clear": sorted(plan.clear_flags),
+                      "profiles": [profile, *extra], "workspace_bytes": workspace_bytes(options.workspace_gb),
+                      "optimization_level": options.optimization_level},
+        }
+        plan.key = engine_cache_key(plan.key_inputs["onnx_hashes"], plan.key_inputs["flags"], tensorrt_version, sm)
+        plans.append(plan)
+    return plans
+
+
+def _entry(plan: StagePlan, options: BuildOptions, facts: dict, sha256: str, inspected: dict, manifest: dict,
+           max_prompt: int) -> dict:
+    entry = engine_entry(plan, options, facts, sha256, inspected)
+    entry.pop("max_look_close", None)
+    entry["max_prompt"] = max_prompt
+    if plan.stage == "llm":
+        entry["context_length"] = int(manifest["context_length"])
+        entry["optimization_profiles"] = dict(zip(LLM_PROFILE_NAMES, (plan.profile, *plan.extra_profiles)))
+    return entry
+
+
+def check_vila_options(art: Path, options: BuildOptions, max_prompt=None) -> dict:
+    """Everything about a VILA-HD build that can fail without TensorRT; returns vila.json."""
+    manifest = _vila().load_vila_manifest(Path(art), verify=True)
+    plan_vila_build(manifest, options, "10.0.0", 0, projector_width(art), max_prompt)
+    return manifest
+
+
+def build_vila_engines(art, options: BuildOptions, max_prompt=None,
+                       progress: Callable[[str], None] | None = None) -> dict:
+    """Build (or reuse) the projector and LLM engines of a VILA-HD artifact; returns vila.json.
+
+    Engine files are written atomically, then vila.json is replaced in one rename; files of
+    engines a rebuild replaced are removed after that, new files again if the build fails."""
+    say = progress or (lambda msg: None)
+    art = Path(art)
+    manifest = check_vila_options(art, options, max_prompt)       # nothing written, no TensorRT yet
+    trt = import_tensorrt()
+    facts = machine_facts(trt)
+    width4 = projector_width(art)
+    m = max_prompt_for(manifest, max_prompt)
+    plans = plan_vila_build(manifest, options, facts["tensorrt_version"], facts["sm"], width4, m)
+    specs = vila_stage_specs(manifest, width4)
+    for plan in plans:
+        if plan.note:
+            say(plan.note)
+    cache = EngineCache(options.engine_cache) if options.engine_cache else None
+    timing = read_timing_cache(options.timing_cache)
+    old = dict(manifest.get("engines") or {})
+    old_files = {e["file"] for e in old.values()}
+    entries, written = {}, []
+    try:
+        for plan in plans:
+            previous = old.get(plan.stage)
+            if (not options.force and previous and previous.get("cache_key") == plan.key
+                    and (art / previous["file"]).is_file() and file_sha256(art / previous["file"]) == previous["sha256"]):
+                say(f"stage '{plan.stage}': engine {previous['file']} is up to date")
+                entries[plan.stage] = previous
+                continue
+            hit = None if (options.force or cache is None) else cache.get(plan.key)
+            target = art / plan.engine_file
+            if hit is not None:
+                say(f"stage '{plan.stage}': reusing the cached engine {plan.key[:12]}")
+                copy_atomic(hit[0], target)
+                written += [target] if target.name not in old_files else []
+                entry = {**hit[1], "file": plan.engine_file, "requested_precision": options.precision}
+            else:
+                say(f"stage '{plan.stage}': building {plan.precision} engine from {plan.onnx_file}"
+                    + (f" (profiles prefill S <= {m}, decode; context {manifest['context_length']})"
+                       if plan.stage == "llm" else f" (cells <= {m})"))
+                engine_bytes, timing, _ = _build_from_onnx(trt, art, plan, options, timing, say)
+                write_timing_cache(options.timing_cache, timing)
+                inspected = inspect_engine(trt, engine_bytes, specs[plan.stage])
+                write_bytes_atomic(target, engine_bytes)
+                written += [target] if target.name not in old_files else []
+                entry = _entry(plan, options, facts, file_sha256(target), inspected, manifest, m)
+                if cache is not None:
+                    cache.put(plan.key, engine_bytes, entry)
+                say(f"stage '{plan.stage}': wrote {plan.engine_file} ({len(engine_bytes) / 2**20:.1f} MiB)")
+            entries[plan.stage] = entry
+        manifest = record_vila_engines(art, entries)
+    except BaseException:
+        for f in written:
+            f.unlink(missing_ok=True)
+        raise
+    for name in old_files - {e["file"] for e in entries.values()}:
+        (art / name).unlink(missing_ok=True)
+    return manifest
+
+
+def record_vila_engines(art: Path, entries: dict[str, dict]) -> dict:
+    """vila.json with an `engines` section and every engine file's sha256 in `files`, replaced
+    atomically (re-read first, so other sections written meanwhile are kept)."""
+    import json
+
+    path = Path(art) / _vila().VILA_MANIFEST
+    manifest = json.loads(path.read_text())
+    old = manifest.get("engines") or {}
+    stale = {e["file"] for e in old.values()}
+    files = {k: v for k, v in manifest["files"].items() if k not in stale}
+    engines = {**{s: e for s, e in old.items() if s not in entries}, **entries}
+    for e in engines.values():
+        files[e["file"]] = e["sha256"]
+    manifest["files"], manifest["engines"] = files, engines
+    write_json_atomic(path, manifest)
+    return manifest
+
+
+def is_vila_artifact(path) -> bool:
+    return (Path(path) / _vila().VILA_MANIFEST).is_file()
+
