@@ -287,55 +287,82 @@ def build(artifact_dir, options: BuildOptions, progress: Callable[[str], None] |
         if plan.note:
             say(plan.note)
     cache = EngineCache(options.engine_cache) if options.engine_cache else None
+    models = {}                         # the torch route's rebuilt model, shared by the stages
+
+    def build_one(plan, timing):
+        say(f"stage '{plan.stage}': building {plan.precision} engine from "
+            f"{plan.onnx_file if options.via == 'onnx' else 'the PyTorch stage'} via {options.via}"
+            + (f", T <= {plan.max_look_close}" if is_dynamic(plan.profile) else ""))
+        if options.via == "onnx":
+            engine_bytes, timing, constraints = _build_from_onnx(trt, artifact_dir, plan, options, timing, say)
+        else:
+            engine_bytes, timing, constraints = _build_with_torch_tensorrt(
+                tt, trt, artifact_dir, manifest, plan, options, timing, models)
+        inspected = inspect_engine(trt, engine_bytes, manifest["stages"][plan.stage])
+        inspected["precision_constraints"] = constraints
+        return engine_bytes, timing, lambda sha256: engine_entry(plan, options, facts, sha256, inspected)
+
+    return reuse_or_build(artifact_dir, plans, dict(manifest.get("engines") or {}), options, cache,
+                          say, build_one, record_engines)
+
+
+def reuse_or_build(art: Path, plans, old: dict, options: BuildOptions, cache, say, build_one, record) -> dict:
+    """The engine loop shared by the PS3 stages and VILA-HD's projector / LLM.
+
+    For each plan: keep the engine the manifest already records (same cache key, file intact),
+    else copy it from the engine cache, else `build_one(plan, timing)`, which returns the engine
+    bytes, the updated timing cache and a function from the written file's sha256 to its entry.
+    `record(art, entries)` then writes the manifest once. New files are removed again if anything
+    fails; files of replaced engines are removed after the manifest no longer names them.
+    """
     timing = read_timing_cache(options.timing_cache)
-    old = dict(manifest.get("engines") or {})
     old_files = {e["file"] for e in old.values()}
     entries, written = {}, []           # written: new files, removed again if the build fails
-    models = {}                         # the torch route's rebuilt model, shared by the stages
     try:
         for plan in plans:
             previous = old.get(plan.stage)
             if (not options.force and previous and previous.get("cache_key") == plan.key
-                    and (artifact_dir / previous["file"]).is_file()
-                    and file_sha256(artifact_dir / previous["file"]) == previous["sha256"]):
+                    and (art / previous["file"]).is_file()
+                    and file_sha256(art / previous["file"]) == previous["sha256"]):
                 say(f"stage '{plan.stage}': engine {previous['file']} is up to date")
                 entries[plan.stage] = previous
                 continue
             hit = None if (options.force or cache is None) else cache.get(plan.key)
-            target = artifact_dir / plan.engine_file
+            target = art / plan.engine_file
             if hit is not None:
                 say(f"stage '{plan.stage}': reusing the cached engine {plan.key[:12]}")
                 copy_atomic(hit[0], target)
                 written += [target] if target.name not in old_files else []
                 entry = {**hit[1], "file": plan.engine_file, "requested_precision": options.precision}
             else:
-                say(f"stage '{plan.stage}': building {plan.precision} engine from "
-                    f"{plan.onnx_file if options.via == 'onnx' else 'the PyTorch stage'} via {options.via}"
-                    + (f", T <= {plan.max_look_close}" if is_dynamic(plan.profile) else ""))
-                if options.via == "onnx":
-                    engine_bytes, timing, constraints = _build_from_onnx(trt, artifact_dir, plan, options, timing, say)
-                else:
-                    engine_bytes, timing, constraints = _build_with_torch_tensorrt(
-                        tt, trt, artifact_dir, manifest, plan, options, timing, models)
+                engine_bytes, timing, make_entry = build_one(plan, timing)
                 write_timing_cache(options.timing_cache, timing)
-                inspected = inspect_engine(trt, engine_bytes, manifest["stages"][plan.stage])
-                inspected["precision_constraints"] = constraints
                 write_bytes_atomic(target, engine_bytes)
                 written += [target] if target.name not in old_files else []
-                entry = engine_entry(plan, options, facts, file_sha256(target), inspected)
+                entry = make_entry(file_sha256(target))
                 if cache is not None:
                     cache.put(plan.key, engine_bytes, entry)
                 say(f"stage '{plan.stage}': wrote {plan.engine_file} ({len(engine_bytes) / 2**20:.1f} MiB)")
             entries[plan.stage] = entry
-        manifest = record_engines(artifact_dir, entries)
+        manifest = record(art, entries)
     except BaseException:
         for f in written:
             f.unlink(missing_ok=True)
         raise
-    stale = old_files - {e["file"] for e in entries.values()}
-    for name in stale:
-        (artifact_dir / name).unlink(missing_ok=True)
+    for name in old_files - {e["file"] for e in entries.values()}:
+        (art / name).unlink(missing_ok=True)
     return manifest
+
+
+def merge_engines(manifest: dict, entries: dict[str, dict]) -> dict:
+    """The manifest with `entries` in its engines section and the engine files' hashes in
+    `files` (those of replaced engines dropped)."""
+    old = manifest.get("engines") or {}
+    files = {k: v for k, v in manifest["files"].items() if k not in {e["file"] for e in old.values()}}
+    engines = {**{s: e for s, e in old.items() if s not in entries}, **entries}
+    for e in engines.values():
+        files[e["file"]] = e["sha256"]
+    return {**manifest, "files": files, "engines": engines}
 
 
 def record_engines(artifact_dir: Path, entries: dict[str, dict]) -> dict:
@@ -344,14 +371,7 @@ def record_engines(artifact_dir: Path, entries: dict[str, dict]) -> dict:
     The manifest is re-read here so that sections others wrote since the build began are kept.
     """
     path = Path(artifact_dir) / defaults.MANIFEST_NAME
-    manifest = json.loads(path.read_text())
-    old = manifest.get("engines") or {}
-    files = {k: v for k, v in manifest["files"].items() if k not in {e["file"] for e in old.values()}}
-    engines = {**{s: e for s, e in old.items() if s not in entries}, **entries}
-    for e in engines.values():
-        files[e["file"]] = e["sha256"]
-    manifest["files"] = files
-    manifest["engines"] = engines
+    manifest = merge_engines(json.loads(path.read_text()), entries)
     _check_consistent(manifest, path)
     write_json_atomic(path, manifest)
     return manifest

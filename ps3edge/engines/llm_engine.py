@@ -37,9 +37,9 @@ from typing import Callable
 
 from ..errors import Ps3EdgeError
 from ..exporter.manifest import write_json_atomic
-from ..model.weights import file_sha256
-from .builder import BuildOptions, StagePlan, _build_from_onnx, engine_entry, inspect_engine, workspace_bytes
-from .cache import EngineCache, copy_atomic, engine_cache_key, read_timing_cache, write_bytes_atomic, write_timing_cache
+from .builder import (BuildOptions, StagePlan, _build_from_onnx, engine_entry, inspect_engine, merge_engines,
+                      reuse_or_build, workspace_bytes)
+from .cache import EngineCache, engine_cache_key
 from .platform import import_tensorrt, machine_facts, version_tuple
 
 DEFAULT_LLM_MAX_PROMPT = 4096            # VILA-HD 1.5K with every patch selected: 3841 image tokens + text
@@ -189,47 +189,17 @@ def build_vila_engines(art, options: BuildOptions, max_prompt=None,
         if plan.note:
             say(plan.note)
     cache = EngineCache(options.engine_cache) if options.engine_cache else None
-    timing = read_timing_cache(options.timing_cache)
-    old = dict(manifest.get("engines") or {})
-    old_files = {e["file"] for e in old.values()}
-    entries, written = {}, []
-    try:
-        for plan in plans:
-            previous = old.get(plan.stage)
-            if (not options.force and previous and previous.get("cache_key") == plan.key
-                    and (art / previous["file"]).is_file() and file_sha256(art / previous["file"]) == previous["sha256"]):
-                say(f"stage '{plan.stage}': engine {previous['file']} is up to date")
-                entries[plan.stage] = previous
-                continue
-            hit = None if (options.force or cache is None) else cache.get(plan.key)
-            target = art / plan.engine_file
-            if hit is not None:
-                say(f"stage '{plan.stage}': reusing the cached engine {plan.key[:12]}")
-                copy_atomic(hit[0], target)
-                written += [target] if target.name not in old_files else []
-                entry = {**hit[1], "file": plan.engine_file, "requested_precision": options.precision}
-            else:
-                say(f"stage '{plan.stage}': building {plan.precision} engine from {plan.onnx_file}"
-                    + (f" (profiles prefill S <= {m}, decode; context {manifest['context_length']})"
-                       if plan.stage == "llm" else f" (cells <= {m})"))
-                engine_bytes, timing, _ = _build_from_onnx(trt, art, plan, options, timing, say)
-                write_timing_cache(options.timing_cache, timing)
-                inspected = inspect_engine(trt, engine_bytes, specs[plan.stage])
-                write_bytes_atomic(target, engine_bytes)
-                written += [target] if target.name not in old_files else []
-                entry = _entry(plan, options, facts, file_sha256(target), inspected, manifest, m)
-                if cache is not None:
-                    cache.put(plan.key, engine_bytes, entry)
-                say(f"stage '{plan.stage}': wrote {plan.engine_file} ({len(engine_bytes) / 2**20:.1f} MiB)")
-            entries[plan.stage] = entry
-        manifest = record_vila_engines(art, entries)
-    except BaseException:
-        for f in written:
-            f.unlink(missing_ok=True)
-        raise
-    for name in old_files - {e["file"] for e in entries.values()}:
-        (art / name).unlink(missing_ok=True)
-    return manifest
+
+    def build_one(plan, timing):
+        say(f"stage '{plan.stage}': building {plan.precision} engine from {plan.onnx_file}"
+            + (f" (profiles prefill S <= {m}, decode; context {manifest['context_length']})"
+               if plan.stage == "llm" else f" (cells <= {m})"))
+        engine_bytes, timing, _ = _build_from_onnx(trt, art, plan, options, timing, say)
+        inspected = inspect_engine(trt, engine_bytes, specs[plan.stage])
+        return engine_bytes, timing, lambda sha256: _entry(plan, options, facts, sha256, inspected, manifest, m)
+
+    return reuse_or_build(art, plans, dict(manifest.get("engines") or {}), options, cache, say, build_one,
+                          record_vila_engines)
 
 
 def record_vila_engines(art: Path, entries: dict[str, dict]) -> dict:
@@ -238,14 +208,7 @@ def record_vila_engines(art: Path, entries: dict[str, dict]) -> dict:
     import json
 
     path = Path(art) / _vila().VILA_MANIFEST
-    manifest = json.loads(path.read_text())
-    old = manifest.get("engines") or {}
-    stale = {e["file"] for e in old.values()}
-    files = {k: v for k, v in manifest["files"].items() if k not in stale}
-    engines = {**{s: e for s, e in old.items() if s not in entries}, **entries}
-    for e in engines.values():
-        files[e["file"]] = e["sha256"]
-    manifest["files"], manifest["engines"] = files, engines
+    manifest = merge_engines(json.loads(path.read_text()), entries)
     write_json_atomic(path, manifest)
     return manifest
 

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from .. import defaults
 from ..errors import Ps3EdgeError
 from ..model.projector import Projector, random_projector
-from ..model.weights import LoadedModel, build as build_ps3, file_sha256, load_checkpoint, save_checkpoint
+from ..model.weights import LoadedModel, read_json, build as build_ps3, file_sha256, load_checkpoint, save_checkpoint
 from .tokenizer import load_tokenizer, tiny_tokenizer
 
 VILA_PRESETS = ("vila-hd-tiny",)
@@ -117,18 +117,8 @@ def is_vila_checkpoint(path) -> bool:
     return all((path / d).is_dir() for d in ("llm", "vision_tower", "mm_projector"))
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise Ps3EdgeError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise Ps3EdgeError(f"{path} is not a JSON object")
-    return data
-
-
 def _load_projector(path: Path, vision_width: int, llm_width: int):
-    cfg = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
+    cfg = read_json(path / "config.json") if (path / "config.json").is_file() else {}
     kind = cfg.get("mm_projector_type", "mlp_downsample")
     if kind not in ("mlp_downsample", "mlp_downsample_2x2_fix"):
         raise Ps3EdgeError(f"{path}: projector type '{kind}' is not supported (VILA-HD uses mlp_downsample)")
@@ -171,9 +161,9 @@ def load_vila(path) -> VilaHD:
     missing = [d for d in ("llm", "vision_tower", "mm_projector") if not (path / d).is_dir()]
     if missing:
         raise Ps3EdgeError(f"{path} is not a VILA-HD checkpoint: no {', '.join(d + '/' for d in missing)}")
-    top = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
+    top = read_json(path / "config.json") if (path / "config.json").is_file() else {}
     ps3 = load_checkpoint(path / "vision_tower")
-    llm_cfg = _read_json(path / "llm" / "config.json") if (path / "llm" / "config.json").is_file() else None
+    llm_cfg = read_json(path / "llm" / "config.json") if (path / "llm" / "config.json").is_file() else None
     if llm_cfg is None:
         raise Ps3EdgeError(f"{path / 'llm'} has no config.json")
     if llm_cfg.get("model_type") != "qwen2":

@@ -82,7 +82,7 @@ def random_model(cfg: PS3Config, seed: int = defaults.DEFAULT_SEED) -> PS3:
 # checkpoint directories
 # ------------------------------------------------------------------------------------------
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -98,7 +98,7 @@ def _weight_files(path: Path) -> list[Path]:
         return [single]
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise Ps3EdgeError(f"{index} has no weight_map")
         return [path / str(s) for s in sorted(set(map(str, weight_map.values())))]
@@ -121,7 +121,7 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def config_from_checkpoint(path: Path, tensors: dict[str, torch.Tensor]) -> PS3Config:
-    raw = _read_json(path / "config.json")
+    raw = read_json(path / "config.json")
     vc = raw.get("vision_config", raw)
     if not isinstance(vc, dict):
         raise Ps3EdgeError(f"{path / 'config.json'}: vision_config is not an object")
@@ -162,7 +162,7 @@ def _config_from_dict(path: Path, vc: dict, tensors: dict[str, torch.Tensor]) ->
     mean, std = defaults.CLIP_MEAN, defaults.CLIP_STD     # the official processor's fallback
     pp = path / "preprocessor_config.json"
     if pp.is_file():
-        ppc = _read_json(pp)
+        ppc = read_json(pp)
         mean = ppc.get("image_mean", ppc.get("mean", mean))
         std = ppc.get("image_std", ppc.get("std", std))
         mean = tuple(mean) if isinstance(mean, (list, tuple)) else (float(mean),) * 3
