@@ -100,3 +100,17 @@ def test_one_token_look_close_rounds_to_no_high_res_tokens(artifacts, image):
     pixels = torch.from_numpy(Pipeline(artifacts("ps3-tiny"), "torch").pixels(image))
     out = fast.forward(pixels, step_counts(settings, fast.geometry))
     assert out.features.shape == (1, 729, 64) and int(out.selection.sum()) == 0
+
+
+def test_long_runs_are_split_into_calls_of_at_most_the_profile_steps(artifacts, image):
+    """4K 'all' is 35 steps; the staged pipeline runs them in calls of at most 6 (the profile's
+    T_max), and the result equals the one-program fast path, which batches them all."""
+    settings = settings_from_env({}, num_look_close="all", mode="after_image")
+    pipe = Pipeline(artifacts("ps3-tiny-4k"), "torch")
+    staged = pipe.run(image, settings)
+    assert pipe.steps_per_call() == 6
+    assert staged.highres_calls == [(6, 2560)] * 5 + [(4, 2560)] + [(1, 440)]    # 34 full steps + 440
+    assert staged.features.shape == (1, 729 + 87480, 64)
+    fast = FastLookClose(build("ps3-tiny-4k").model, device="cpu", dtype="fp32")
+    out = fast.forward(torch.from_numpy(pipe.pixels(image)), step_counts(settings, fast.geometry))
+    assert np.abs(out.features.numpy() - staged.features).max() <= 1e-4

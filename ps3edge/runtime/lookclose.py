@@ -149,8 +149,17 @@ class Pipeline:
             prob=prob, plan=the_plan, scales=tuple(self.cfg.scales[1:]),
             timings_ms={k: v * 1e3 for k, v in times.items()}, highres_calls=calls)
 
+    def steps_per_call(self) -> int:
+        """Most look-close steps in one highres call: a TensorRT engine's T_max, else the
+        profile bound of engines/profiles.py (the default step count, at most what one call's
+        attention scores allow). Bounds memory on the CPU too: at 4K one step's scores take
+        16 x 2560 x 3289 floats = 539 MB per block."""
+        from ..engines.profiles import axis_bounds
+        return getattr(self.stages["highres"], "t_max", None) or axis_bounds(self.manifest)["T"][2]
+
     def _run_highres(self, the_plan: Plan, low: dict, r: int):
-        """All steps of equal length go through one highres call (T steps x N tokens)."""
+        """Steps of equal length go through one highres call (T steps x N tokens), at most
+        `steps_per_call` steps a call; steps are independent, so the split changes nothing."""
         steps_by_length = defaultdict(list)
         for t in range(len(the_plan.steps)):
             pos = the_plan.step_positions(self.geometry, t)
@@ -158,13 +167,15 @@ class Pipeline:
                 steps_by_length[len(pos)].append(pos)
         all_patches = low["highres_patches"][0]                                    # (P,588)
         positions, features, calls = [], [], []
+        chunk = self.steps_per_call()
         for n, group in sorted(steps_by_length.items(), reverse=True):
-            pos = np.stack(group)                                                  # (T,N) int32
-            out = self.stages["highres"].infer({
-                "patches": all_patches[pos], "positions": pos, "kv_cache": low["kv_cache"]})
-            positions.append(pos.reshape(-1))
-            features.append(out["highres_features"][r].reshape(-1, self.cfg.width))
-            calls.append(tuple(pos.shape))
+            for t0 in range(0, len(group), chunk):
+                pos = np.stack(group[t0: t0 + chunk])                              # (T,N) int32
+                out = self.stages["highres"].infer({
+                    "patches": all_patches[pos], "positions": pos, "kv_cache": low["kv_cache"]})
+                positions.append(pos.reshape(-1))
+                features.append(out["highres_features"][r].reshape(-1, self.cfg.width))
+                calls.append(tuple(pos.shape))
         if not positions:
             return np.zeros(0, np.int32), np.zeros((0, self.cfg.width), np.float32), calls
         return np.concatenate(positions), np.concatenate(features), calls
