@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 from .. import defaults
 from ..errors import Ps3EdgeError
 from ..model.projector import Projector, random_projector
-from ..model.weights import LoadedModel, read_json, build as build_ps3, file_sha256, load_checkpoint, save_checkpoint
+from ..model.weights import (LoadedModel, build as build_ps3, file_sha256, load_checkpoint, read_json,
+                             save_checkpoint, seeded_init_)
 from .tokenizer import load_tokenizer, tiny_tokenizer
 
 VILA_PRESETS = ("vila-hd-tiny",)
@@ -66,22 +67,6 @@ def _require_transformers():
         raise Ps3EdgeError("VILA-HD needs transformers (pip install transformers tokenizers)") from None
 
 
-def _seeded_(module: nn.Module, seed: int) -> None:
-    """Overwrite every parameter from one CPU generator in name order (like the PS3 presets)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(module.named_parameters()):
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("bias"):
-                p.copy_(0.02 * noise)
-            elif p.ndim == 1:                                  # RMSNorm gains
-                p.copy_(1.0 + 0.1 * noise)
-            elif "embed_tokens" in name:
-                p.copy_(noise)
-            else:
-                p.copy_(noise / p.shape[1] ** 0.5)
-
-
 def tiny_llm(vocab_size: int, seed: int):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -89,7 +74,7 @@ def tiny_llm(vocab_size: int, seed: int):
                       rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, sliding_window=None,
                       bos_token_id=None, eos_token_id=None, torch_dtype="float32")
     model = Qwen2ForCausalLM(cfg)
-    _seeded_(model, seed)
+    seeded_init_(model, seed, unit_noise=("embed_tokens",))
     return model.eval()
 
 
@@ -101,7 +86,7 @@ def build_vila(spec: str, seed: int = defaults.DEFAULT_SEED) -> VilaHD:
         ps3 = build_ps3("ps3-tiny", seed)
         projector = random_projector(ps3.cfg.width, 64, seed=seed + 1)
         head = nn.Linear(64, ps3.cfg.width)
-        _seeded_(head, seed + 2)
+        seeded_init_(head, seed + 2)
         llm = tiny_llm(len(tok), seed + 3)
         llm.config.eos_token_id = tok.eos_token_id
         return VilaHD(ps3, projector, head.eval(), llm, tok, TINY_CONTEXT,

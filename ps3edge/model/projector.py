@@ -18,7 +18,6 @@ With every patch of PS3-1.5K selected that is 196 + 729 + 2916 = 3841 embeddings
 from __future__ import annotations
 
 import numpy as np
-import torch
 import torch.nn as nn
 
 
@@ -86,15 +85,8 @@ def projector_cells(features: np.ndarray, selection_maps: list[np.ndarray], lowr
 
 
 def random_projector(vision_width: int, llm_width: int, seed: int = 0) -> Projector:
+    from .weights import seeded_init_
+
     proj = Projector(vision_width, llm_width)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(proj.named_parameters()):
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("bias"):
-                p.copy_(0.02 * noise)
-            elif p.ndim == 1:
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                p.copy_(noise / p.shape[1] ** 0.5)
+    seeded_init_(proj, seed)
     return proj.eval()

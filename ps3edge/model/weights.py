@@ -53,28 +53,34 @@ def build(spec: str, seed: int = defaults.DEFAULT_SEED) -> LoadedModel:
 # seeded random weights
 # ------------------------------------------------------------------------------------------
 
-def random_model(cfg: PS3Config, seed: int = defaults.DEFAULT_SEED) -> PS3:
+def seeded_init_(module, seed: int, unit_noise=(), small_noise=()) -> None:
     """Deterministic random weights, scaled like a trained network so activations stay O(1).
 
-    Every parameter is drawn from one CPU generator in name order, so a (preset, seed) pair
-    names the same weights on every machine with the same torch version.
+    Every parameter is drawn from one CPU generator in name order, so a (module, seed) pair
+    names the same weights on every machine with the same torch version: biases 0.02 * noise,
+    parameters named in `unit_noise` plain noise, those in `small_noise` 0.02 * noise, other 1-D
+    gains 1 + 0.1 * noise, matrices and kernels noise / sqrt(fan_in).
     """
-    model = PS3(cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
+        for name, p in sorted(module.named_parameters()):
             noise = torch.randn(p.shape, generator=gen)
             if name.endswith("bias"):
                 p.copy_(0.02 * noise)
-            elif p.ndim == 1 and name.endswith("weight"):        # LayerNorm / layer-scale gains
-                p.copy_(1.0 + 0.1 * noise)
-            elif "pos_embed" in name or "pos_emb_residual" in name:
-                p.copy_(0.02 * noise)
-            elif name == "prior_prompt":
+            elif any(key in name for key in unit_noise):
                 p.copy_(noise)
+            elif any(key in name for key in small_noise):
+                p.copy_(0.02 * noise)
+            elif p.ndim == 1:                                    # LayerNorm / RMSNorm / layer-scale gains
+                p.copy_(1.0 + 0.1 * noise)
             else:                                                # matrices and conv kernels
-                fan_in = p[0].numel()
-                p.copy_(noise / fan_in ** 0.5)
+                p.copy_(noise / p[0].numel() ** 0.5)
+
+
+def random_model(cfg: PS3Config, seed: int = defaults.DEFAULT_SEED) -> PS3:
+    """A PS3 with seeded random weights (see seeded_init_)."""
+    model = PS3(cfg)
+    seeded_init_(model, seed, unit_noise=("prior_prompt",), small_noise=("pos_embed", "pos_emb_residual"))
     return model.eval()
 
 
