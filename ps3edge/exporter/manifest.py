@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -32,6 +33,22 @@ def apply_default_mode(path) -> None:
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
+
+
+def publish_dir(staging: Path, target: Path, replace: bool = False) -> None:
+    """Make a finished staging directory the target: its tree made readable (mkdtemp / mkstemp
+    create private entries), then renamed into place. An existing target is removed first -
+    any contents with `replace`, else it must be empty."""
+    for root, _, names in os.walk(staging):
+        os.chmod(root, 0o755)
+        for name in names:
+            os.chmod(os.path.join(root, name), 0o644)
+    if target.exists():
+        if replace:
+            shutil.rmtree(target)
+        else:
+            target.rmdir()
+    staging.rename(target)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

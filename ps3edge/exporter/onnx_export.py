@@ -22,7 +22,7 @@ from ..errors import Ps3EdgeError
 from ..model import HighResStage, LowResStage, SelectorStage, build
 from ..model.stages import normalize_layers
 from ..model.weights import file_sha256
-from .manifest import build_manifest, write_json_atomic
+from .manifest import build_manifest, publish_dir, write_json_atomic
 from .spec import STAGE_ORDER, stage_specs
 
 
@@ -138,33 +138,35 @@ def export(model_spec: str, out_dir, opset: int = defaults.DEFAULT_OPSET,
         manifest = build_manifest(cfg, loaded.source, layers, returned_layers, opset, stages, files)
         write_json_atomic(staging / defaults.MANIFEST_NAME, manifest)
         say("finalising artifact")
-        staging.chmod(0o755)                 # mkdtemp / mkstemp make private files; artifacts are shared
-        for f in staging.iterdir():
-            f.chmod(0o644)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        publish_dir(staging, out_dir, replace=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
 
 
-def export_projector(projector, path, opset: int = defaults.DEFAULT_OPSET) -> Path:
-    """VILA-HD's projector to one ONNX file (dynamic cell count M), written atomically."""
-    from .spec import projector_spec
-
+def export_single_file(module, example: tuple, spec, path, opset: int, too_large: str) -> Path:
+    """One module to one self-contained ONNX file at `path`, written atomically; `too_large` is
+    the error when its weights would need an external data file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    spec = projector_spec(projector.vision_width, projector.llm_width)
-    example = (torch.randn(3, 4 * projector.vision_width, generator=torch.Generator().manual_seed(0)),)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.export-"))
     try:
-        written = _export_stage(projector.eval(), example, spec, opset, staging / "scratch", staging / spec.file)
+        written = _export_stage(module, example, spec, opset, staging / "scratch", staging / spec.file)
         if len(written) != 1:
-            raise Ps3EdgeError("the projector is too large for one ONNX file")
+            raise Ps3EdgeError(too_large)
         written[0].chmod(0o644)
         written[0].replace(path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def export_projector(projector, path, opset: int = defaults.DEFAULT_OPSET) -> Path:
+    """VILA-HD's projector to one ONNX file (dynamic cell count M), written atomically."""
+    from .spec import projector_spec
+
+    spec = projector_spec(projector.vision_width, projector.llm_width)
+    example = (torch.randn(3, 4 * projector.vision_width, generator=torch.Generator().manual_seed(0)),)
+    return export_single_file(projector.eval(), example, spec, path, opset,
+                              "the projector is too large for one ONNX file")

@@ -20,9 +20,6 @@ transformers' hidden_states[-1]). A prefill after a prefill or decode continues 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,10 +144,8 @@ class OnnxLLM:
 
 def export_llm(hf_model, path, opset: int = defaults.DEFAULT_OPSET) -> Path:
     """Our decoder over `hf_model`'s weights to one ONNX graph (dynamic S and P), written atomically."""
-    from ..exporter.onnx_export import _export_stage
+    from ..exporter.onnx_export import export_single_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     decoder = Qwen2Decoder(hf_model.float().eval()).eval()
     cfg = hf_model.config
     spec = llm_spec(decoder.num_layers, decoder.num_kv_heads, decoder.head_dim, cfg.hidden_size, cfg.vocab_size)
@@ -158,18 +153,8 @@ def export_llm(hf_model, path, opset: int = defaults.DEFAULT_OPSET) -> Path:
     # S=3 new positions after P=2 past ones: distinct sizes so the tracer keeps both axes symbolic
     example = (torch.randn(1, 3, cfg.hidden_size, generator=gen),
                torch.randn(decoder.num_layers, 2, 1, decoder.num_kv_heads, 2, decoder.head_dim, generator=gen))
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.export-"))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            written = _export_stage(decoder, example, spec, opset, staging / "scratch", staging / spec.file)
-        if len(written) != 1:
-            raise Ps3EdgeError("this LLM is too large for one ONNX file; external-data LLM export is not implemented")
-        written[0].chmod(0o644)
-        written[0].replace(path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+    return export_single_file(decoder, example, spec, path, opset, "this LLM is too large for one ONNX file; "
+                              "external-data LLM export is not implemented")
 
 
 class TensorRTLLM:

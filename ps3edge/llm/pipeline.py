@@ -32,7 +32,7 @@ import torch
 
 from .. import __version__, defaults
 from ..errors import Ps3EdgeError
-from ..exporter.manifest import write_json_atomic
+from ..exporter.manifest import publish_dir, write_json_atomic
 from ..model.projector import projector_cells, space_to_channel
 from ..model.weights import file_sha256
 from ..runtime.lookclose import Pipeline
@@ -90,13 +90,7 @@ def export_vila(model_spec: str, out_dir, seed: int = defaults.DEFAULT_SEED, ops
             "top_down": model.top_down_head is not None, "files": files,
         }
         write_json_atomic(staging / VILA_MANIFEST, manifest)
-        for root, _, names in os.walk(staging):
-            os.chmod(root, 0o755)
-            for n in names:
-                os.chmod(os.path.join(root, n), 0o644)
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
+        publish_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from safetensors.torch import save_file
 
 from .. import defaults
 from ..errors import Ps3EdgeError
+from ..exporter.manifest import publish_dir
 from ..model.projector import Projector, random_projector
 from ..model.weights import (LoadedModel, build as build_ps3, file_sha256, load_checkpoint, read_json,
                              save_checkpoint, seeded_init_)
@@ -203,13 +203,7 @@ def save_vila(model: VilaHD, path) -> Path:
             {"model_type": "vila_hd", "model_max_length": model.context_length, "ps3": True,
              "look_close_mode": "after_prompt", "top_down_prompt_head_type": "linear",
              "mm_hidden_size": model.ps3.cfg.width, "hidden_size": model.llm.config.hidden_size}, indent=2))
-        for root, dirs, files in os.walk(staging):
-            os.chmod(root, 0o755)
-            for f in files:
-                os.chmod(os.path.join(root, f), 0o644)
-        if path.exists():
-            path.rmdir()
-        staging.rename(path)
+        publish_dir(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
