@@ -34,6 +34,7 @@ class ParityRow:
     compared: str
     max_abs: float | None = None
     min_cosine: float | None = None
+    iou: float | None = None           # selection IoU, where a row measures one
     selection: str = ""
     ok: bool = True
 

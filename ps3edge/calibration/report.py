@@ -30,7 +30,7 @@ import numpy as np
 from .. import __version__, defaults
 from ..errors import Ps3EdgeError
 from ..exporter.manifest import write_json_atomic
-from ..parity import feature_diff, selection_iou
+from ..parity import ParityRow, feature_diff, selection_iou
 from ..runtime.planning import LookCloseSettings, plan
 from ..runtime.preprocess import open_image
 
@@ -38,21 +38,10 @@ FEATURE_ROWS = ("lowres", "lowres kv", "selection features", "conv features", "h
 
 
 @dataclass
-class Row:
-    stage: str
-    compared: str
-    max_abs: float | None = None
-    min_cosine: float | None = None
-    iou: float | None = None
-    selection: str = ""
-    ok: bool = True
-
-
-@dataclass
 class AccuracyReport:
     precision: str
     tolerance: dict
-    rows: list[Row] = field(default_factory=list)              # worst over the images
+    rows: list[ParityRow] = field(default_factory=list)              # worst over the images
     per_image: dict = field(default_factory=dict)              # image name -> its rows
     images: list[dict] = field(default_factory=list)           # name, sha256, held_out
     timings_ms: dict = field(default_factory=dict)             # pipeline label -> stage -> median ms
@@ -108,7 +97,7 @@ def near_ties_only(plan_ref, plan_test, prob_error: float) -> bool:
 
 
 def compare_pipelines(ref, test, pixels: np.ndarray, settings: LookCloseSettings, layer: int,
-                      label: str) -> tuple[list[Row], dict, dict]:
+                      label: str) -> tuple[list[ParityRow], dict, dict]:
     """Rows for one image; and the stage times (ms) of `ref` and `test`."""
     prompt = ref.prior_prompt.astype(np.float32)
     times_ref, times_test = {}, {}
@@ -127,9 +116,9 @@ def compare_pipelines(ref, test, pixels: np.ndarray, settings: LookCloseSettings
         if shape is not None:
             a, b = shape(a), shape(b)
         d, c = feature_diff(b, a)
-        rows.append(Row(stage, label, d, c))
+        rows.append(ParityRow(stage, label, d, c))
     d = float(np.abs(low_t["highres_patches"] - low_r["highres_patches"]).max())
-    rows.append(Row("highres patches", label, max_abs=d, ok=d <= 1e-6))
+    rows.append(ParityRow("highres patches", label, max_abs=d, ok=d <= 1e-6))
 
     sel_in = lambda low: {"selection_features": low["selection_features"],
                           "conv_features": low["conv_features"], "prompt": prompt}
@@ -137,8 +126,8 @@ def compare_pipelines(ref, test, pixels: np.ndarray, settings: LookCloseSettings
     prob_iso = test.stages["selector"].infer(sel_in(low_r))["prob"][0]
     prob_t = test.stages["selector"].infer(sel_in(low_t))["prob"][0]
     d = float(np.abs(prob_iso - prob_r).max())
-    rows.append(Row("selector (stage)", label, max_abs=d, ok=d <= defaults.PROB_MAX_ABS_FP32))
-    rows.append(Row("selector (chained)", label, max_abs=float(np.abs(prob_t - prob_r).max())))
+    rows.append(ParityRow("selector (stage)", label, max_abs=d, ok=d <= defaults.PROB_MAX_ABS_FP32))
+    rows.append(ParityRow("selector (chained)", label, max_abs=float(np.abs(prob_t - prob_r).max())))
 
     plan_r = plan(prob_r, settings, ref.geometry)
     plan_t = plan(prob_t, settings, test.geometry)
@@ -151,7 +140,7 @@ def compare_pipelines(ref, test, pixels: np.ndarray, settings: LookCloseSettings
         text = f"{iou_text} (near ties)"
     else:
         text = iou_text
-    rows.append(Row("selection", label, iou=min(ious), selection=text))
+    rows.append(ParityRow("selection", label, iou=min(ious), selection=text))
 
     # end to end, each pipeline on its own lowres outputs and selection
     res_r = ref.run_from_lowres(low_r, settings, layer=layer)
@@ -169,13 +158,13 @@ def compare_pipelines(ref, test, pixels: np.ndarray, settings: LookCloseSettings
     b = test.stages["highres"].infer(feed)["highres_features"][ref.layer_index(layer), 0]
     a = res_r.features[0, n0 + np.searchsorted(pos_r, pos0[0])]
     d, c = feature_diff(b, a)
-    rows.append(Row("highres (stage)", label, d, c))
+    rows.append(ParityRow("highres (stage)", label, d, c))
 
     common, i_r, i_t = np.intersect1d(pos_r, pos_t, assume_unique=True, return_indices=True)
     fa = np.concatenate([res_r.features[0, :n0], res_r.features[0, n0:][i_r]])
     fb = np.concatenate([res_t.features[0, :n0], res_t.features[0, n0:][i_t]])
     d, c = feature_diff(fb, fa)
-    rows.append(Row("end-to-end", label, d, c,
+    rows.append(ParityRow("end-to-end", label, d, c,
                     selection=f"{n0 + len(common)} of {res_r.features.shape[1]} tokens compared"))
     return rows, times_ref, times_test
 
@@ -184,14 +173,14 @@ def _kind(selection: str) -> int:
     return 0 if selection == "identical" else 1 if selection.endswith("(near ties)") else 2
 
 
-def _worst(rows_by_image: dict[str, list[Row]], tol: dict) -> list[Row]:
+def _worst(rows_by_image: dict[str, list[ParityRow]], tol: dict) -> list[ParityRow]:
     order, merged = [], {}
     for rows in rows_by_image.values():
         for r in rows:
             key = (r.stage, r.compared)
             if key not in merged:
                 order.append(key)
-                merged[key] = Row(r.stage, r.compared, r.max_abs, r.min_cosine, r.iou, r.selection, r.ok)
+                merged[key] = ParityRow(r.stage, r.compared, r.max_abs, r.min_cosine, r.iou, r.selection, r.ok)
                 continue
             m = merged[key]
             if r.max_abs is not None:
