@@ -4,8 +4,11 @@
 #      made by fetch_wheels.sh on a networked machine, kept out of git);
 #   2. checks parity on the GPU in fp32: our fast path against the official ps3-torch with its
 #      top-k ties pinned to our rule, tiny and real-width (4-block) models, 1.5K and 4K scales;
-#   3. runs the bf16 sweep NUM_LOOK_CLOSE=1..6 for ps3-1.5k and ps3-4k against the official code
-#      (as published), with CUDA graphs: JSON, markdown and a PNG plot.
+#   3. checks `ps3edge run --backend torch` on CUDA (device preprocessing, CUDA graph) against
+#      the CPU path on a 3840x2160 frame (gpu_run_parity.py; needs the onnx package there);
+#   4. runs the bf16 sweep NUM_LOOK_CLOSE=1..6 for ps3-1.5k and ps3-4k against the official code
+#      (as published), with CUDA graphs, preprocessing timed on a 3840x2160 frame both ways:
+#      JSON, markdown and a PNG plot; then vila-hd-tiny for the projector / LLM columns.
 # Results go to $OUT if set (the device tool's output folder), else benchmarks/results/.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -19,6 +22,8 @@ ps3edge() { python3 -m ps3edge.cli "$@"; }
 
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee "$out/device.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.total --format=csv >> "$out/device.txt" 2>/dev/null || true
+frame="$(mktemp -d)/frame_3840x2160.png"
+python3 -c "from PIL import Image; from ps3edge.demo import sample_image; sample_image().resize((3840, 2160), Image.BICUBIC).save('$frame')"
 
 echo "== fp32 parity on the GPU (official ties pinned)"
 ps3edge bench --model ps3-tiny --model ps3-tiny-4k --dtype fp32 --num-look-close 1,2 --against official \
@@ -26,6 +31,12 @@ ps3edge bench --model ps3-tiny --model ps3-tiny-4k --dtype fp32 --num-look-close
 ps3edge bench --model ps3-1.5k --model ps3-4k --depth 4 --dtype fp32 --num-look-close 2 --against official \
     --official-ties pinned --warmup 1 --repeat 3 --json "$out/parity_fp32_depth4.json"
 
+echo "== ps3edge run on CUDA against the CPU path"
+python3 "$here/gpu_run_parity.py" || echo "gpu_run_parity.py FAILED (exit $?)"
+
 echo "== bf16 sweep against the official code"
 ps3edge bench --model ps3-1.5k --model ps3-4k --dtype bf16 --num-look-close 1,2,3,4,5,6 --against official \
-    --warmup 3 --repeat 10 --json "$out/sweep_bf16.json" --markdown "$out/sweep_bf16.md" --plot "$out/sweep_bf16.png"
+    --image "$frame" --warmup 3 --repeat 10 --json "$out/sweep_bf16.json" --markdown "$out/sweep_bf16.md" \
+    --plot "$out/sweep_bf16.png"
+ps3edge bench --model vila-hd-tiny --dtype bf16 --num-look-close 1,6 --image "$frame" --warmup 2 --repeat 5 \
+    --json "$out/vila_tiny_bf16.json" || echo "vila-hd-tiny bench FAILED (exit $?)"

@@ -1,10 +1,14 @@
 """`ps3edge bench`: latency, tokens and peak memory of the look-close loop, against the official code.
 
-For each model and NUM_LOOK_CLOSE it times, on one device and one preprocessed image:
+For each model and NUM_LOOK_CLOSE it times, on one device and one image:
 - ours: the device-resident fast path (`runtime/fast.py`), replayed from a CUDA graph on CUDA,
   end to end from normalised pixels to the assembled features; plus one instrumented eager run
-  for the per-stage split (lowres, selector, planning, highres, assemble);
-- preprocessing (PIL resize + normalise, on the CPU, as the official processor does);
+  for the per-stage split (lowres, selector, planning, each highres call, assemble);
+- preprocessing both ways: PIL on the CPU (what the official processor does) and ours on the
+  device (`preprocess_on_device`, bit-identical), from the decoded 8-bit image;
+- for a VILA-HD model (`vila-hd-tiny` or a VILA-HD checkpoint directory): the projector, the
+  LLM prefill of the image's embeddings plus a short prompt, and greedy decode per token, with
+  the transformers LLM on the same device and dtype;
 - the official `ps3-torch` model on the same pixels, same dtype (`--against official`),
   and how far its output is from ours (selection agreement, cosine, max abs).
 Warm-up first, then medians over repeats, timed with CUDA events on CUDA. Results come as rows
@@ -25,6 +29,8 @@ from .model import preset, random_model
 from .parity import feature_diff
 from .runtime.fast import DTYPES, FastLookClose
 from .runtime.planning import LookCloseSettings, plan, step_counts
+
+PROMPT_TOKENS = 32                  # the text part of the LLM prefill (a short question)
 
 
 @dataclass
@@ -66,8 +72,11 @@ class Timer:
         fast.forward(pixels, counts, timer=mark)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-            return {n: round(e0.elapsed_time(e1), 3) for (_, e0), (n, e1) in zip(marks, marks[1:])}
-        return {n: round((t1 - t0) * 1e3, 3) for (_, t0), (n, t1) in zip(marks, marks[1:])}
+            stages = {n: round(e0.elapsed_time(e1), 3) for (_, e0), (n, e1) in zip(marks, marks[1:])}
+        else:
+            stages = {n: round((t1 - t0) * 1e3, 3) for (_, t0), (n, t1) in zip(marks, marks[1:])}
+        stages["highres"] = round(sum(v for k, v in stages.items() if k.startswith("highres[")), 3)
+        return stages
 
 
 def compare(ours: np.ndarray, ours_sel: np.ndarray, official_published, official_same_selection) -> dict:
@@ -90,36 +99,112 @@ def compare(ours: np.ndarray, ours_sel: np.ndarray, official_published, official
     return row
 
 
+def _load(name: str, depth: int | None):
+    """(PS3 model, VILA-HD model or None, label) for a PS3 preset, a VILA-HD preset or checkpoint."""
+    from .llm.vila import VILA_PRESETS, build_vila, is_vila_checkpoint
+
+    if name in VILA_PRESETS or is_vila_checkpoint(name):
+        if depth is not None:
+            raise Ps3EdgeError("--depth truncates PS3 presets; it does not apply to a VILA-HD model")
+        vila = build_vila(name)
+        return vila.ps3.model, vila, name
+    cfg = preset(name)
+    if depth is not None:
+        cfg = cfg.replace(depth=depth, select_layers=tuple(min(l, depth - 1) for l in cfg.select_layers))
+    return random_model(cfg), None, name if depth is None else f"{name}-depth{depth}"
+
+
+def selection_maps(selection: np.ndarray, grids) -> list[np.ndarray]:
+    """The fast path's flat (P,) selection -> one (g,g) map per high-res scale."""
+    maps, start = [], 0
+    for g in grids:
+        maps.append(selection[start: start + g * g].reshape(g, g))
+        start += g * g
+    return maps
+
+
+def time_vila_tail(vila, result, fast: FastLookClose, timer: "Timer", dtype: str, warmup: int, repeat: int,
+                   decode_tokens: int) -> dict:
+    """VILA-HD after PS3, on PS3's device: projector, LLM prefill, LLM decode per token."""
+    from .llm.pipeline import VILA_LAYER
+    from .model.projector import projector_cells
+
+    dev, td, cfg = fast.device, DTYPES[dtype], fast.cfg
+    if (VILA_LAYER % cfg.depth) != fast.layer:
+        raise Ps3EdgeError("internal: the VILA-HD bench must run PS3 at VILA's layer")
+    features = result.features[0].float().cpu().numpy()
+    maps = selection_maps(result.selection.cpu().numpy(), cfg.highres_grids)
+    cells, counts = projector_cells(features, maps, cfg.lowres_grid)
+    projector = vila.projector.to(dev, td).eval()
+    llm = vila.llm.to(dev, td).eval()
+    cells_t = torch.from_numpy(cells).to(dev, td)
+    with torch.inference_mode():
+        projector_ms = timer.measure(lambda: projector(cells_t), warmup, repeat)
+        image_embeds = projector(cells_t)[None]                                   # (1,M,H)
+        text_ids = torch.arange(PROMPT_TOKENS, device=dev)[None] % llm.config.vocab_size
+        prompt = torch.cat([image_embeds, llm.get_input_embeddings()(text_ids)], dim=1)
+
+        def prefill():
+            return llm(inputs_embeds=prompt, use_cache=True, logits_to_keep=1)
+
+        def prefill_and_decode():
+            out = prefill()
+            cache, n = out.past_key_values, prompt.shape[1]
+            token = out.logits[:, -1:].argmax(-1)
+            for i in range(decode_tokens):
+                position = torch.tensor([[n + i]], device=dev)
+                out = llm(input_ids=token, past_key_values=cache, use_cache=True, position_ids=position,
+                          cache_position=position[0], logits_to_keep=1)
+                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            return token
+
+        prefill_ms = timer.measure(prefill, warmup, repeat)
+        total_ms = timer.measure(prefill_and_decode, warmup, repeat)
+    return {"projector_ms": round(projector_ms, 3), "projector_cells": int(cells.shape[0]),
+            "llm_prefill_ms": round(prefill_ms, 3), "llm_prompt_tokens": int(prompt.shape[1]),
+            "llm_decode_ms_per_token": round(max(total_ms - prefill_ms, 0.0) / max(decode_tokens, 1), 3),
+            "llm_decode_tokens": decode_tokens}
+
+
 def bench_model(name: str, *, device: str, dtype: str, steps_list, against_official: bool,
                 warmup: int, repeat: int, graphs: bool = True, depth: int | None = None,
-                pin_ties: bool = False, progress=None) -> list[dict]:
-    """Rows for one preset. pin_ties: compare against the official run with its top-k ties
-    pinned to our rule (reference.stable_topk), so that 4K selections can be identical too."""
+                pin_ties: bool = False, image=None, decode_tokens: int = 16, progress=None) -> list[dict]:
+    """Rows for one model. pin_ties: compare against the official run with its top-k ties
+    pinned to our rule (reference.stable_topk), so that 4K selections can be identical too.
+    image: a PIL image (default: the sample image)."""
     say = progress or (lambda msg: None)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise Ps3EdgeError("--device cuda asked for, but torch sees no CUDA device here")
     if dtype not in DTYPES:
         raise Ps3EdgeError(f"--dtype must be one of {', '.join(DTYPES)}")
-    cfg = preset(name)
-    if depth is not None:
-        cfg = cfg.replace(depth=depth, select_layers=tuple(min(l, depth - 1) for l in cfg.select_layers))
-    label = name if depth is None else f"{name}-depth{depth}"
-    say(f"{label}: building seeded weights")
-    model = random_model(cfg)
+    say(f"{name}: building seeded weights")
+    model, vila, label = _load(name, depth)
+    cfg = model.cfg
     official = None
     if against_official:
         from .reference import official_model
         official = official_model(model).to(device=dev, dtype=DTYPES[dtype])
-    fast = FastLookClose(model, device=dev, dtype=dtype)
+    if vila is not None:
+        from .llm.pipeline import VILA_LAYER
+        fast = FastLookClose(model, layer=VILA_LAYER, device=dev, dtype=dtype)
+    else:
+        fast = FastLookClose(model, device=dev, dtype=dtype)
     timer = Timer(dev)
 
-    from .demo import sample_image
-    from .runtime.preprocess import preprocess
-    image = sample_image()
+    from .runtime.preprocess import preprocess, preprocess_on_device
+    if image is None:
+        from .demo import sample_image
+        image = sample_image()
     t0 = time.perf_counter()
     pixels_np = preprocess(image, cfg.max_size, cfg.image_mean, cfg.image_std)
-    preprocess_ms = (time.perf_counter() - t0) * 1e3
+    preprocess_cpu_ms = (time.perf_counter() - t0) * 1e3
+
+    def on_device():
+        return preprocess_on_device(image, cfg.max_size, cfg.image_mean, cfg.image_std, dev)
+    preprocess_device_ms = timer.measure(on_device, warmup=1, repeat=max(1, min(repeat, 5)))
+    if not np.array_equal(on_device().cpu().numpy(), pixels_np):
+        raise Ps3EdgeError("preprocessing on the device differs from PIL's on this image; please report it")
     pixels = torch.from_numpy(pixels_np).to(dev, DTYPES[dtype])
 
     rows = []
@@ -140,9 +225,14 @@ def bench_model(name: str, *, device: str, dtype: str, steps_list, against_offic
                # highres calls as {N tokens: T steps}
                "highres_calls": {str(n): [sum(c) for c in counts].count(n) for n in sorted({sum(c) for c in counts})},
                "ours_ms": round(ours_ms, 3), "cuda_graph": graphs and dev.type == "cuda",
-               "preprocess_cpu_ms": round(preprocess_ms, 1),
+               "image": f"{image.width}x{image.height}",
+               "preprocess_cpu_ms": round(preprocess_cpu_ms, 1),
+               "preprocess_device_ms": round(preprocess_device_ms, 3),
                "stages_ms": timer.stages(fast, pixels, counts),
                "peak_gib": None if peak is None else round(peak, 3)}
+        if vila is not None:
+            say(f"{label}: projector and LLM, NUM_LOOK_CLOSE={steps}")
+            row.update(time_vila_tail(vila, result, fast, timer, dtype, warmup, repeat, decode_tokens))
         if official is not None:
             def official_run():
                 with torch.no_grad():
@@ -172,21 +262,41 @@ def fit_per_step(rows: list[dict], key: str) -> float | None:
     return float(np.polyfit(x, y, 1)[0])
 
 
+def _fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
 def markdown(rows: list[dict]) -> str:
-    head = ("| model | device | dtype | steps | tokens | ours ms | official ms | speedup | lowres | selector "
-            "| planning | highres | assemble | peak GiB | selection vs official | min cos (same selection) |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    """One line per row; the VILA-HD columns only when a row has them."""
+    def selection(r):
+        if "selection_identical" not in r:
+            return ""
+        return "identical" if r["selection_identical"] else f"IoU {r['selection_iou']:.3f}"
+
+    def highres_calls(r):
+        return ", ".join(f"{k[8:-1]}: {v:.2f}" for k, v in r["stages_ms"].items() if k.startswith("highres["))
+
+    columns = [
+        ("model", lambda r: r["model"]), ("device", lambda r: r["device"]), ("dtype", lambda r: r["dtype"]),
+        ("steps", lambda r: r["num_look_close"]), ("tokens", lambda r: r["tokens"]),
+        ("ours ms", lambda r: f"{r['ours_ms']:.1f}"), ("official ms", lambda r: _fmt(r.get("official_ms"), ".1f")),
+        ("speedup", lambda r: _fmt(r.get("speedup"), ".2f")),
+        *[(k, (lambda k: lambda r: f"{r['stages_ms'].get(k, 0):.2f}")(k))
+          for k in ("lowres", "selector", "planning", "highres", "assemble")],
+        ("highres calls (TxN: ms)", highres_calls),
+        ("preprocess CPU / device ms", lambda r: f"{r['preprocess_cpu_ms']:.1f} / {r['preprocess_device_ms']:.2f}"),
+        ("peak GiB", lambda r: _fmt(r["peak_gib"], ".3f")),
+        ("selection vs official", selection),
+        ("min cos (same selection)", lambda r: _fmt(r.get("min_cosine"), ".5f")),
+    ]
+    if any("llm_prefill_ms" in r for r in rows):
+        columns += [("projector ms", lambda r: _fmt(r.get("projector_ms"), ".2f")),
+                    ("LLM prefill ms (tokens)", lambda r: "" if "llm_prefill_ms" not in r else
+                     f"{r['llm_prefill_ms']:.2f} ({r['llm_prompt_tokens']})"),
+                    ("LLM decode ms/token", lambda r: _fmt(r.get("llm_decode_ms_per_token"), ".2f"))]
+    lines = ["| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        st = r["stages_ms"]
-        sel = "" if "selection_identical" not in r else (
-            "identical" if r["selection_identical"] else f"IoU {r['selection_iou']:.3f}")
-        cos = r.get("min_cosine")
-        lines.append(
-            f"| {r['model']} | {r['device']} | {r['dtype']} | {r['num_look_close']} | {r['tokens']} | "
-            f"{r['ours_ms']:.1f} | {r.get('official_ms', float('nan')):.1f} | {r.get('speedup', float('nan')):.2f} | "
-            + " | ".join(f"{st.get(k, 0):.2f}" for k in ("lowres", "selector", "planning", "highres", "assemble"))
-            + f" | {r['peak_gib'] if r['peak_gib'] is not None else ''} | {sel} | "
-            + ("" if cos is None else f"{cos:.5f}") + " |")
+        lines.append("| " + " | ".join(str(get(r)) for _, get in columns) + " |")
     return "\n".join(lines)
 
 

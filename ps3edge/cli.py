@@ -252,6 +252,8 @@ def run(
     layer: int = Layer,
     overlay: Optional[Path] = typer.Option(None, "--overlay", help="Also write a PNG with the selected patches."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, or fp16 / int8: the stages of 'ps3edge calibrate' (torch: fp16, bf16)."),
+    device: str = typer.Option("auto", "--device", help="torch backend: cuda (the device-resident fast path with CUDA graphs), cpu, or auto (cuda when there is one)."),
+    preprocess_on: Optional[str] = typer.Option(None, "--preprocess", help="cpu (PIL) or device (the same resize on the torch device, bit-identical); default: device on the fast path."),
 ):
     """Run the look-close loop on one image."""
     from .runtime.lookclose import Pipeline
@@ -267,10 +269,11 @@ def run(
     if overlay is not None:
         check_output_path(overlay, "--overlay")
     pil = open_image(image)
-    pipeline = Pipeline(artifacts, backend, precision=precision)
+    pipeline = Pipeline(artifacts, backend, precision=precision, device=device,
+                        preprocess=preprocess_on)
     result = pipeline.run(pil, settings, prompt_embedding=prompt, layer=layer)
     write_outputs(result, pil, out, overlay)
-    _print_run_table(result, backend)
+    _print_run_table(result, backend if pipeline.fast is None else f"torch, {pipeline.device}, fast path")
     if precision != "fp32":
         console.print(f"precision {precision}", highlight=False)
     console.print(f"features {tuple(result.features.shape)} -> {escape(str(out))}", highlight=False)
@@ -465,7 +468,7 @@ def inspect(
 @app.command()
 @handle_errors
 def bench(
-    model: List[str] = typer.Option(["ps3-tiny"], "--model", help="Preset (repeatable): ps3-1.5k ps3-4k ps3-tiny ps3-tiny-4k."),
+    model: List[str] = typer.Option(["ps3-tiny"], "--model", help="Repeatable: a PS3 preset (ps3-1.5k ps3-4k ps3-tiny ps3-tiny-4k), or a VILA-HD model (vila-hd-tiny or a checkpoint directory) to also time the projector and the LLM."),
     backend: str = typer.Option("torch", "--backend", help="torch: the device-resident fast path (runtime/fast.py)."),
     device: str = typer.Option("auto", "--device", help="cuda, cpu, or auto (cuda when there is one)."),
     dtype: str = typer.Option("bf16", "--dtype", help="fp32, fp16 or bf16."),
@@ -479,6 +482,8 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the table as markdown."),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of latency against NUM_LOOK_CLOSE."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Input image (default: the 1600x1000 sample); preprocessing is timed on it."),
+    decode_tokens: int = typer.Option(16, "--decode-tokens", help="VILA-HD: greedy tokens to time the LLM decode on."),
 ):
     """Time the look-close loop per stage (and the official code on the same device)."""
     from . import bench as benchmod
@@ -493,16 +498,23 @@ def bench(
         steps = [int(x) for x in num_look_close.split(",") if x.strip()]
     except ValueError:
         raise Ps3EdgeError(f"--num-look-close must be comma-separated integers, got '{num_look_close}'") from None
+    if decode_tokens < 1:
+        raise Ps3EdgeError(f"--decode-tokens must be at least 1, got {decode_tokens}")
     if device == "auto":
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    pil = None
+    if image is not None:
+        from .runtime.preprocess import open_image
+        pil = open_image(image)
     rows = []
     with console.status("bench") as status:
         for name in model:
             rows += benchmod.bench_model(name, device=device, dtype=dtype, steps_list=steps,
                                          against_official=against == "official", warmup=warmup,
                                          repeat=repeat, graphs=graphs, depth=depth,
-                                         pin_ties=official_ties == "pinned", progress=_progress(status))
+                                         pin_ties=official_ties == "pinned", image=pil,
+                                         decode_tokens=decode_tokens, progress=_progress(status))
     table = benchmod.markdown(rows)
     console.print(table, highlight=False, soft_wrap=True)
     for name in dict.fromkeys(r["model"] for r in rows):

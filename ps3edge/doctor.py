@@ -183,7 +183,7 @@ def backend_matrix(packages: dict, providers: list[str], cuda: dict, jetson: dic
             return False, f"{label} fails to import ({p['error']})"
         return True, ""
 
-    # torch: our own stage modules (runtime 'torch' backend, bench's fast path)
+    # torch: our own stage modules on the CPU; on CUDA the device-resident fast path (run, bench)
     ok, why = usable("torch")
     rows.append(_row("torch", "cpu", "fp32", ok, why or "CPU"))
     rows.append(_row("torch", "cpu", "bf16", ok, why or "CPU (slow; for checks, not speed)"))
@@ -195,7 +195,8 @@ def backend_matrix(packages: dict, providers: list[str], cuda: dict, jetson: dic
         elif precision == "bf16" and cuda["devices"] and cuda["devices"][0].get("bf16") is False:
             rows.append(_row("torch", "cuda", precision, False, "this GPU has no bf16 support"))
         else:
-            rows.append(_row("torch", "cuda", precision, True, cuda["devices"][0]["name"]))
+            rows.append(_row("torch", "cuda", precision, True,
+                             f"{cuda['devices'][0]['name']}: fast path (CUDA graph, device preprocessing)"))
 
     # onnxruntime: the exported stages, per execution provider
     ok, why = usable("onnxruntime")

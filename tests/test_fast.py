@@ -15,7 +15,10 @@ from ps3edge.model import build
 from ps3edge.runtime.fast import FastLookClose
 from ps3edge.runtime.lookclose import Pipeline
 from ps3edge.runtime.planning import settings_from_env, step_counts
-from ps3edge.runtime.preprocess import preprocess
+from PIL import Image
+
+from ps3edge.runtime.preprocess import (_height_first_new_rule, _height_first_old_rule, pillow_pass_order,
+                                        preprocess, preprocess_on_device, resize_like_pil)
 
 CASES = [
     ("ps3-tiny", dict(num_look_close=1)),
@@ -77,9 +80,27 @@ def test_bench_cli_on_cpu_against_official(tmp_path):
         assert r["official_tokens"] == r["tokens"]
         assert r["selection_identical"]                 # 1.5K default budgets: no ties at the cut
         assert r["max_abs"] <= 1e-3 and r["min_cosine"] >= 0.99999
-        assert set(r["stages_ms"]) == {"lowres", "selector", "planning", "highres", "assemble"}
+        steps = r["num_look_close"]
+        assert set(r["stages_ms"]) == {"lowres", "selector", "planning", "highres", f"highres[{steps}x2560]", "assemble"}
+        assert r["stages_ms"]["highres"] == r["stages_ms"][f"highres[{steps}x2560]"]
         assert r["ours_ms"] > 0 and r["official_ms"] > 0
+        assert r["preprocess_cpu_ms"] > 0 and r["preprocess_device_ms"] > 0 and r["image"] == "1600x1000"
     assert "| ps3-tiny |" in md.read_text()
+
+
+def test_bench_times_projector_and_llm_for_a_vila_hd_model(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ps3edge.cli", "bench", "--model", "vila-hd-tiny", "--device", "cpu", "--dtype", "fp32",
+         "--num-look-close", "1", "--warmup", "0", "--repeat", "1", "--decode-tokens", "3", "--json", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(out.read_text())
+    # 196 low-res cells + the fully selected 2x2 cells of one step's 2560 patches, + 32 prompt tokens
+    assert row["llm_prompt_tokens"] == row["projector_cells"] + 32
+    assert row["projector_cells"] > 196
+    assert row["projector_ms"] > 0 and row["llm_prefill_ms"] > 0 and row["llm_decode_ms_per_token"] >= 0
+    assert row["llm_decode_tokens"] == 3
 
 
 def test_bench_refuses_bad_options():
@@ -114,3 +135,94 @@ def test_long_runs_are_split_into_calls_of_at_most_the_profile_steps(artifacts, 
     fast = FastLookClose(build("ps3-tiny-4k").model, device="cpu", dtype="fp32")
     out = fast.forward(torch.from_numpy(pipe.pixels(image)), step_counts(settings, fast.geometry))
     assert np.abs(out.features.numpy() - staged.features).max() <= 1e-4
+
+
+# --- preprocessing on the device ------------------------------------------------------------------
+def _noise(h, w, seed=0):
+    return Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("w,h", [(320, 240), (4000, 3000), (100, 2000), (2000, 90), (7, 301), (1, 1),
+                                 (378, 378), (1512, 1512), (600, 1600)])
+@pytest.mark.parametrize("size", [378, 1512])
+def test_device_preprocessing_is_bit_identical_to_pil(w, h, size):
+    """Same pixels as the official processor's PIL resize, whatever the scale factors (shrink,
+    enlarge, one of each, identity) - hence the same features and the same selection."""
+    image = _noise(h, w, seed=w + h)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    want = preprocess(image, size, mean, std)
+    got = preprocess_on_device(image, size, mean, std, "cpu")
+    assert got.dtype == torch.float32 and got.shape == (1, 3, size, size)
+    assert np.array_equal(got.numpy(), want)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16"])
+def test_device_preprocessing_handles_every_mode_like_pil(mode):
+    base = _noise(200, 260, seed=5)
+    image = base.convert("L").convert("I;16") if mode == "I;16" else base.convert(mode)
+    want = preprocess(image, 378, (0.5,) * 3, (0.5,) * 3)
+    assert np.array_equal(preprocess_on_device(image, 378, (0.5,) * 3, (0.5,) * 3).numpy(), want)
+
+
+def test_pillow_pass_order_matters_and_is_detected():
+    """Pillow rounds to 8 bits between its two passes, so the order changes pixels; newer
+    Pillow does the vertical pass first when the height shrinks much more than the width."""
+    image = _noise(900, 120, seed=1)                         # tall: height shrinks far more
+    want = np.asarray(image.resize((110, 40), Image.BICUBIC))
+    src = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    ours = resize_like_pil(src, 40, 110).permute(1, 2, 0).numpy()
+    assert np.array_equal(ours, want)
+    other = (_height_first_old_rule if pillow_pass_order() is _height_first_new_rule else _height_first_new_rule)
+    assert not np.array_equal(resize_like_pil(src, 40, 110, other).permute(1, 2, 0).numpy(), want)
+
+
+# --- the fast path behind Pipeline / `ps3edge run` ------------------------------------------------
+@pytest.mark.parametrize("preset,kwargs", [
+    ("ps3-tiny", dict(num_look_close=2)),
+    ("ps3-tiny-4k", dict(num_token_look_close=3000, smooth_selection_prob=True)),
+])
+def test_pipeline_fast_path_equals_staged_path(artifacts, image, preset, kwargs):
+    settings = settings_from_env({}, mode="after_image", **kwargs)
+    staged = Pipeline(artifacts(preset), "torch").run(image, settings)
+    pipe = Pipeline(artifacts(preset), "torch", device="cpu", fast=True)
+    assert pipe.fast is not None and pipe.preprocess_on == "device"
+    fast = pipe.run(image, settings)
+    assert fast.features.dtype == np.float32 and fast.features.shape == staged.features.shape
+    assert np.abs(fast.features - staged.features).max() <= 1e-4
+    for a, b in zip(fast.plan.selection_maps, staged.plan.selection_maps):
+        assert np.array_equal(a, b)
+    for t in range(len(staged.plan.steps)):
+        assert np.array_equal(np.sort(fast.plan.step_positions(pipe.geometry, t)),
+                              np.sort(staged.plan.step_positions(pipe.geometry, t)))
+    assert fast.tokens_each_scale == staged.tokens_each_scale
+    assert {"preprocess", "look-close (device)", "to host"} <= set(fast.timings_ms)
+
+
+def test_pipeline_fast_path_top_down(artifacts, image):
+    prompt = np.random.default_rng(4).standard_normal(64).astype(np.float32)
+    settings = settings_from_env({}, num_look_close=1)
+    staged = Pipeline(artifacts("ps3-tiny"), "torch").run(image, settings, prompt_embedding=prompt)
+    fast = Pipeline(artifacts("ps3-tiny"), "torch", device="cpu", fast=True).run(image, settings, prompt_embedding=prompt)
+    assert np.array_equal(fast.plan.selection_maps[0], staged.plan.selection_maps[0])
+    assert np.abs(fast.features - staged.features).max() <= 1e-4
+
+
+def test_run_cli_device_options(artifacts, image_file, tmp_path):
+    art = str(artifacts("ps3-tiny"))
+    base = [sys.executable, "-m", "ps3edge.cli", "run", art, "--image", str(image_file), "--num-look-close", "1"]
+    ok = subprocess.run(base + ["--out", str(tmp_path / "a.safetensors"), "--backend", "torch", "--device", "cpu",
+                                "--preprocess", "device"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    bad = [
+        (["--backend", "onnxruntime", "--device", "cpu"], "--device applies to the torch backend"),
+        (["--backend", "torch", "--device", "tpu"], "--device takes"),
+        (["--backend", "torch", "--preprocess", "gpu"], "--preprocess takes"),
+    ]
+    if not torch.cuda.is_available():
+        bad.append((["--backend", "torch", "--device", "cuda"], "torch sees no CUDA device"))
+    for extra, message in bad:
+        out = tmp_path / "b.safetensors"
+        proc = subprocess.run(base + ["--out", str(out)] + extra, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, (extra, proc.stderr)
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+        assert not out.exists()

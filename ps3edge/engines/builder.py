@@ -510,10 +510,10 @@ def _build_with_torch_tensorrt(tt, trt, artifact_dir: Path, manifest: dict, plan
     import torch
 
     from ..model import HighResStage, LowResStage, SelectorStage
-    from ..runtime.backends import _rebuild_torch_model
+    from ..runtime.backends import rebuild_torch_model
 
     if "model" not in models:
-        models["model"] = _rebuild_torch_model(manifest).eval().cuda()
+        models["model"] = rebuild_torch_model(manifest).eval().cuda()
     model = models["model"]
     layers = manifest["returned_layers"]
     module = {"lowres": lambda: LowResStage(model, layers, for_export=True),

@@ -111,7 +111,8 @@ def ort_tensorrt_options(stage_bounds: dict | None, cache_dir: Path) -> dict:
     return options
 
 
-def _rebuild_torch_model(manifest: dict):
+def rebuild_torch_model(manifest: dict):
+    """Our PyTorch PS3 with the artifact's weights (preset seed or the checkpoint, sha256 checked)."""
     source = manifest.get("source", {})
     if source.get("kind") == "preset":
         loaded = build(source["name"], seed=int(source.get("seed", defaults.DEFAULT_SEED)))
@@ -148,7 +149,7 @@ def load_stages(artifact_dir: Path, manifest: dict, backend: str, precision: str
             raise Ps3EdgeError("--precision picks ONNX stage files (onnxruntime, torch); TensorRT engines run at "
                                "the precision 'ps3edge build --precision' gave them")
         return load_tensorrt_stages(Path(artifact_dir), manifest)
-    model = _rebuild_torch_model(manifest)
+    model = rebuild_torch_model(manifest)
     layers = manifest["returned_layers"]
     if precision == "fp32":
         modules = {"lowres": LowResStage(model, layers), "selector": SelectorStage(model),

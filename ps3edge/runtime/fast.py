@@ -36,6 +36,7 @@ class FastResult:
     features: torch.Tensor          # (1, tokens, C) in the run's dtype, on the device
     prob: torch.Tensor              # (G0, G0)
     selection: torch.Tensor         # (P,) uint8, 1 where a high-res patch was encoded
+    steps: list                     # per step, (N_t,) global patch indices, scale-major
 
 
 class FastLookClose:
@@ -54,7 +55,8 @@ class FastLookClose:
                                  select_num_each_scale=cfg.select_num_each_scale)
         offsets = self.geometry.scale_offsets
         self.scale_offsets = [torch.tensor(o, device=self.device) for o in offsets]
-        self._graphs = {}
+        self._graphs = {}              # key -> (graph, static inputs, static outputs)
+        self._seen = set()             # keys run once eagerly: the second run captures
 
     def _attention_kernels(self):
         """On CUDA prefer cuDNN attention (faster than flash for 72-wide heads on Hopper)."""
@@ -71,15 +73,17 @@ class FastLookClose:
     # --- one run, eager ---------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor, counts: list[list[int]], smooth: bool = False,
-                prompt: torch.Tensor | None = None, timer=None) -> FastResult:
-        """pixels (1,3,S,S) on the device; counts[t][s] from planning.step_counts."""
+                prompt: torch.Tensor | None = None, timer=None, layer: int | None = None) -> FastResult:
+        """pixels (1,3,S,S) on the device; counts[t][s] from planning.step_counts; layer: the
+        block whose features come back (default: the one given at construction)."""
+        layer = self.layer if layer is None else layer % self.cfg.depth
         with self._attention_kernels():
-            return self._forward(pixels, counts, smooth, prompt, timer)
+            return self._forward(pixels, counts, smooth, prompt, timer, layer)
 
-    def _forward(self, pixels, counts, smooth, prompt, timer) -> FastResult:
+    def _forward(self, pixels, counts, smooth, prompt, timer, layer) -> FastResult:
         mark = timer or (lambda name: None)
         m, cfg = self.model, self.cfg
-        low_feats, kv, sel, conv, patches = m.lowres(pixels.to(self.dtype), (self.layer,))
+        low_feats, kv, sel, conv, patches = m.lowres(pixels.to(self.dtype), (layer,))
         mark("lowres")
         prompt = self.prior_prompt if prompt is None else prompt.to(self.dtype).reshape(1, -1)
         prob = m.selector(sel, conv, prompt)[0]                                # (G0,G0)
@@ -115,10 +119,10 @@ class FastLookClose:
         positions, feats = [], []
         for n in sorted(by_length, reverse=True):
             pos = torch.stack(by_length[n])                                    # (T,N)
-            out = m.highres(all_patches[pos], pos, kv, self.position_table, (self.layer,))[0]
+            out = m.highres(all_patches[pos], pos, kv, self.position_table, (layer,))[0]
             positions.append(pos.reshape(-1))
             feats.append(out.reshape(-1, cfg.width))
-        mark("highres")
+            mark(f"highres[{pos.shape[0]}x{n}]")                               # one per call: T x N
 
         lowres_tokens = low_feats[0, 0]                                        # (N0,C)
         if positions:
@@ -127,15 +131,21 @@ class FastLookClose:
         else:
             tokens = lowres_tokens
         mark("assemble")
-        return FastResult(features=tokens[None], prob=prob, selection=selection)
+        return FastResult(features=tokens[None], prob=prob, selection=selection, steps=steps)
 
     # --- CUDA graphs --------------------------------------------------------------------------
-    def graphed(self, pixels: torch.Tensor, counts, smooth=False, prompt=None) -> FastResult:
-        """Like forward, replayed from a CUDA graph captured on first use for these shapes."""
+    def graphed(self, pixels: torch.Tensor, counts, smooth=False, prompt=None, layer=None) -> FastResult:
+        """Like forward, replayed from a CUDA graph for these shapes. The first run of a key is
+        eager (a one-off image pays no capture), the second captures the graph, later ones
+        replay it. A replayed result's tensors belong to the graph: the next replay overwrites them."""
         if self.device.type != "cuda":
-            return self.forward(pixels, counts, smooth, prompt)
-        key = (tuple(map(tuple, counts)), smooth, prompt is None)
+            return self.forward(pixels, counts, smooth, prompt, layer=layer)
+        layer = self.layer if layer is None else layer % self.cfg.depth
+        key = (tuple(map(tuple, counts)), smooth, prompt is None, layer)
         entry = self._graphs.get(key)
+        if entry is None and key not in self._seen:
+            self._seen.add(key)
+            return self.forward(pixels, counts, smooth, prompt, layer=layer)
         if entry is None:
             static_pixels = pixels.to(self.dtype).clone()
             static_prompt = None if prompt is None else prompt.to(self.device, self.dtype).reshape(1, -1).clone()
@@ -143,11 +153,11 @@ class FastLookClose:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):                                   # warm up kernels and allocator
-                    self.forward(static_pixels, counts, smooth, static_prompt)
+                    self.forward(static_pixels, counts, smooth, static_prompt, layer=layer)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_out = self.forward(static_pixels, counts, smooth, static_prompt)
+                static_out = self.forward(static_pixels, counts, smooth, static_prompt, layer=layer)
             entry = self._graphs[key] = (graph, static_pixels, static_prompt, static_out)
         graph, static_pixels, static_prompt, static_out = entry
         static_pixels.copy_(pixels)

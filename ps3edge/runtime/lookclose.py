@@ -7,6 +7,10 @@
 
 The output order and values are those of the official `PS3VisionModel` with
 `output_hidden_states=True` for the requested layer.
+
+On a CUDA device the torch backend runs the same loop as one device-resident program
+(`fast.FastLookClose`: preprocessing, planning and all steps on the GPU, replayed from a CUDA
+graph); the stage-by-stage path below stays the reference and the CPU path.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ from PIL import Image
 from .. import defaults
 from ..errors import Ps3EdgeError
 from ..exporter.manifest import config_from_manifest, load_manifest
-from .backends import load_stages
-from .planning import Geometry, LookCloseSettings, Plan, plan
-from .preprocess import open_image, preprocess
+from .backends import load_stages, rebuild_torch_model
+from .planning import Geometry, LookCloseSettings, Plan, plan, plan_from_steps, step_counts
+from .preprocess import open_image, preprocess, preprocess_on_device
+
+DEVICES = ("auto", "cpu", "cuda")
+FAST_PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 @dataclass
@@ -44,10 +51,35 @@ class LookCloseResult:
         return counts
 
 
-class Pipeline:
-    """An artifact directory loaded on one backend, ready to run images."""
+def resolve_device(backend: str, device: str | None) -> str:
+    """'auto' / None -> where the backend runs: the torch backend on CUDA when torch sees a GPU,
+    else the CPU; onnxruntime and TensorRT pick their own device (providers, engines)."""
+    device = device or "auto"
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise Ps3EdgeError(f"--device takes {', '.join(DEVICES)} (or cuda:N), got '{device}'")
+    if backend != "torch":
+        if device != "auto":
+            raise Ps3EdgeError(f"--device applies to the torch backend; {backend} chooses its own device")
+        return "auto"
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise Ps3EdgeError(f"--device {device} asked for, but torch sees no CUDA device here")
+    return device
 
-    def __init__(self, artifact_dir, backend: str = "onnxruntime", verify: bool = True, precision: str = "fp32"):
+
+class Pipeline:
+    """An artifact directory loaded on one backend, ready to run images.
+
+    device: the torch backend's device (auto: CUDA when there is one). fast: run the loop as one
+    device-resident program (`fast.FastLookClose`); by default on CUDA only. preprocess:
+    'device' resizes on the run's device (bit-identical to PIL), 'cpu' with PIL; by default on
+    the device when the fast path runs.
+    """
+
+    def __init__(self, artifact_dir, backend: str = "onnxruntime", verify: bool = True, precision: str = "fp32",
+                 device: str | None = None, fast: bool | None = None, preprocess: str | None = None):
         self.artifact_dir = Path(artifact_dir)
         self.manifest = load_manifest(self.artifact_dir, verify=verify)
         self.cfg = config_from_manifest(self.manifest)
@@ -57,8 +89,29 @@ class Pipeline:
             select_num_each_scale=tuple(self.manifest["defaults"]["select_num_each_scale"]),
             max_tokens_per_call=self.manifest["geometry"]["max_tokens_per_highres_call"])
         self.precision = precision             # fp32, or a precision of the manifest's "precisions"
-        self.stages = load_stages(self.artifact_dir, self.manifest, backend, precision)
+        self.device = resolve_device(backend, device)
+        self.fast = None
+        if fast is None:
+            fast = backend == "torch" and self.device.startswith("cuda")
+        if fast:
+            if backend != "torch":
+                raise Ps3EdgeError("the device-resident fast path runs on the torch backend only")
+            if precision not in FAST_PRECISIONS:
+                raise Ps3EdgeError(f"the torch fast path runs in {', '.join(FAST_PRECISIONS)}, not {precision}")
+            from .fast import FastLookClose
+            self.fast = FastLookClose(rebuild_torch_model(self.manifest), device=self.device, dtype=precision)
+        if preprocess not in (None, "cpu", "device"):
+            raise Ps3EdgeError(f"--preprocess takes cpu or device, got '{preprocess}'")
+        self.preprocess_on = preprocess or ("device" if self.fast else "cpu")
+        # the stage runners; with the fast path they load only if the staged API is used
+        self._stages = None if self.fast else load_stages(self.artifact_dir, self.manifest, backend, precision)
         self.prior_prompt = np.load(self.artifact_dir / defaults.PRIOR_PROMPT_FILE).reshape(1, -1)
+
+    @property
+    def stages(self) -> dict:
+        if self._stages is None:
+            self._stages = load_stages(self.artifact_dir, self.manifest, self.backend, self.precision)
+        return self._stages
 
     # --- inputs --------------------------------------------------------------------------
     def pixels(self, image) -> np.ndarray:
@@ -66,6 +119,9 @@ class Pipeline:
         if not isinstance(image, Image.Image):
             image = open_image(image)
         pre = self.manifest["preprocessing"]
+        if self.preprocess_on == "device":
+            device = self.device if self.backend == "torch" else "cpu"
+            return preprocess_on_device(image, pre["size"], pre["mean"], pre["std"], device).cpu().numpy()
         return preprocess(image, pre["size"], pre["mean"], pre["std"])
 
     def prompt(self, settings: LookCloseSettings, prompt_embedding) -> np.ndarray:
@@ -99,6 +155,8 @@ class Pipeline:
             layer: int = defaults.DEFAULT_RUN_LAYER) -> LookCloseResult:
         self.layer_index(layer)
         self.prompt(settings, prompt_embedding)                  # refuse a bad prompt before any work
+        if self.fast is not None:
+            return self._run_fast(image, settings, prompt_embedding, layer)
         low, times = self.run_lowres(image)
         return self.run_from_lowres(low, settings, prompt_embedding, layer, times)
 
@@ -148,6 +206,50 @@ class Pipeline:
             features=tokens[None].astype(np.float32, copy=False), layer=self.manifest["returned_layers"][r],
             prob=prob, plan=the_plan, scales=tuple(self.cfg.scales[1:]),
             timings_ms={k: v * 1e3 for k, v in times.items()}, highres_calls=calls)
+
+    def _run_fast(self, image, settings: LookCloseSettings, prompt_embedding, layer: int) -> LookCloseResult:
+        """The whole loop on the device (fast.FastLookClose), then one copy of the results to the host."""
+        import torch
+
+        r = self.layer_index(layer)
+        counts = step_counts(settings, self.geometry)           # validates the settings
+        device = self.fast.device
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        times = {}
+        t0 = time.perf_counter()
+        if isinstance(image, np.ndarray):
+            pixels = torch.from_numpy(image).to(device)
+        else:
+            if not isinstance(image, Image.Image):
+                image = open_image(image)
+            pre = self.manifest["preprocessing"]
+            if self.preprocess_on == "device":
+                pixels = preprocess_on_device(image, pre["size"], pre["mean"], pre["std"], device)
+            else:
+                pixels = torch.from_numpy(preprocess(image, pre["size"], pre["mean"], pre["std"])).to(device)
+        sync()
+        times["preprocess"] = time.perf_counter() - t0
+
+        prompt = None
+        if prompt_embedding is not None:
+            prompt = torch.from_numpy(self.prompt(settings, prompt_embedding)).to(device)
+        t0 = time.perf_counter()
+        out = self.fast.graphed(pixels, counts, smooth=settings.smooth_selection_prob, prompt=prompt,
+                                layer=self.manifest["returned_layers"][r])
+        sync()
+        times["look-close (device)"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        features = out.features.float().cpu().numpy()
+        prob = out.prob.float().cpu().numpy()
+        steps = [s.cpu().numpy() for s in out.steps]
+        times["to host"] = time.perf_counter() - t0
+        the_plan = plan_from_steps(steps, prob, settings, self.geometry)
+        calls = sorted({len(s) for s in steps if len(s)}, reverse=True)
+        return LookCloseResult(
+            features=features, layer=self.manifest["returned_layers"][r], prob=prob, plan=the_plan,
+            scales=tuple(self.cfg.scales[1:]), timings_ms={k: v * 1e3 for k, v in times.items()},
+            highres_calls=[(sum(len(s) == n for s in steps), n) for n in calls])
 
     def steps_per_call(self) -> int:
         """Most look-close steps in one highres call: a TensorRT engine's T_max, else the

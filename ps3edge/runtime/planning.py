@@ -270,3 +270,29 @@ def plan(prob: np.ndarray, settings: LookCloseSettings, geometry: Geometry) -> P
         m[rankings[s][: taken[s]]] = 1
         maps.append(m.reshape(g, g))
     return Plan(steps=steps, selection_maps=maps, scale_probs=scale_probs, budget=budget)
+
+
+def plan_from_steps(step_positions: list[np.ndarray], prob: np.ndarray, settings: LookCloseSettings,
+                    geometry: Geometry) -> Plan:
+    """The Plan of a run whose steps were chosen elsewhere (the device-resident fast path):
+    step_positions[t] holds step t's global patch indices, scale-major, as `step_counts` says."""
+    budget, _ = resolve_steps(settings, geometry)
+    schedule = step_counts(settings, geometry)
+    if len(step_positions) != len(schedule):
+        raise ValueError(f"{len(step_positions)} steps given, the settings make {len(schedule)}")
+    steps = []
+    maps = [np.zeros(g * g, dtype=np.uint8) for g in geometry.highres_grids]
+    for positions, counts in zip(step_positions, schedule):
+        positions = np.asarray(positions, dtype=np.int64)
+        if len(positions) != sum(counts):
+            raise ValueError(f"a step holds {len(positions)} patches, the settings say {sum(counts)}")
+        step, start = [], 0
+        for s, k in enumerate(counts):
+            local = positions[start: start + k] - geometry.scale_offsets[s]
+            start += k
+            step.append(local)
+            maps[s][local] = 1
+        steps.append(step)
+    maps = [m.reshape(g, g) for m, g in zip(maps, geometry.highres_grids)]
+    scale_probs = scale_probability_maps(prob, geometry, settings.smooth_selection_prob)
+    return Plan(steps=steps, selection_maps=maps, scale_probs=scale_probs, budget=budget)

@@ -4,14 +4,19 @@ The official processor squash-resizes the PIL image to S_max x S_max (bicubic), 
 [0, 1] and normalises with the checkpoint's mean / std. Like VILA's image loader, we convert to
 RGB first, so grayscale, palette, RGBA (alpha dropped) and CMYK images all work; 16-bit images
 are scaled to 8 bits (65535 -> 255) rather than clipped.
+
+`preprocess` runs on the CPU with PIL; `preprocess_on_device` does the same on a torch device
+(the GPU fast path), bit for bit.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from .. import defaults
@@ -59,3 +64,109 @@ def preprocess(image: Image.Image, size: int, mean, std) -> np.ndarray:
     x = np.asarray(image, dtype=np.float32) / np.float32(255.0)          # (S,S,3)
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])               # (1,3,S,S)
+
+
+# --- the same preprocessing on a torch device ----------------------------------------------------
+# Pillow resizes 8-bit images in two separable passes with fixed-point coefficients, rounding
+# to 8 bits after each pass; torch's bicubic (even antialiased) differs from it by up to 28
+# levels on small images. So the device path repeats Pillow's arithmetic exactly: the same
+# kernel (a = -0.5, support widened by the scale when shrinking), the same coefficient rounding
+# to 22 fractional bits, int32 accumulation, and the same pass order. Result: bit-identical
+# pixels, so the features and the selection do not depend on where preprocessing ran.
+
+PIL_PRECISION_BITS = 32 - 8 - 2             # Pillow's fixed point for 8-bit images (Resample.c)
+
+
+def _pil_bicubic_kernel(x: np.ndarray) -> np.ndarray:
+    a = -0.5
+    x = np.abs(x)
+    return np.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1,
+                    np.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+
+
+@functools.lru_cache(maxsize=16)
+def pil_bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's resampling taps along one axis: source indices (out, K) and int32 weights
+    (out, K) in 22-bit fixed point (unused taps have weight 0 and a valid index). Cached: do
+    not modify the arrays."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)                       # shrinking widens the kernel (antialias)
+    support = 2.0 * filterscale
+    ksize = int(np.ceil(support)) * 2 + 1
+    center = (np.arange(out_size, dtype=np.float64) + 0.5) * scale
+    xmin = np.maximum((center - support + 0.5).astype(np.int64), 0)
+    count = np.minimum((center + support + 0.5).astype(np.int64), in_size) - xmin
+    k = np.arange(ksize)
+    used = k[None, :] < count[:, None]
+    w = np.where(used, _pil_bicubic_kernel((k[None, :] + xmin[:, None] - center[:, None] + 0.5) / filterscale), 0.0)
+    total = w.sum(axis=1, keepdims=True)
+    w = np.where(total != 0.0, w / np.where(total == 0.0, 1.0, total), w)
+    fixed = np.trunc(w * (1 << PIL_PRECISION_BITS) + np.where(w < 0, -0.5, 0.5)).astype(np.int32)
+    index = np.minimum(xmin[:, None] + k[None, :], in_size - 1)
+    return index, fixed
+
+
+def _resize_axis(x: torch.Tensor, axis: int, out_size: int) -> torch.Tensor:
+    """One Pillow pass over int32 pixels (C,H,W) along `axis`: weighted taps, round, clip to 0..255."""
+    index, weight = pil_bicubic_taps(x.shape[axis], out_size)
+    index = torch.from_numpy(index).to(x.device)
+    weight = torch.from_numpy(weight).to(x.device)
+    shape = [1] * x.ndim
+    shape[axis] = out_size
+    out_shape = list(x.shape)
+    out_shape[axis] = out_size
+    acc = torch.full(out_shape, 1 << (PIL_PRECISION_BITS - 1), dtype=torch.int32, device=x.device)
+    for t in range(index.shape[1]):
+        acc += x.index_select(axis, index[:, t]) * weight[:, t].reshape(shape)
+    return (acc >> PIL_PRECISION_BITS).clamp_(0, 255)
+
+
+def _height_first_new_rule(in_hw, out_hw) -> bool:
+    """Pillow >= 13: the vertical pass goes first when the height shrinks by more than twice
+    as many pixels as the width does (python-pillow/Pillow#9549)."""
+    (H, W), (h, w) = in_hw, out_hw
+    return h < H and (H - h) > 2 * (W - w)
+
+
+def _height_first_old_rule(in_hw, out_hw) -> bool:
+    return False                                         # older Pillow: always horizontal first
+
+
+@functools.lru_cache(maxsize=1)
+def pillow_pass_order():
+    """Which pass order the installed Pillow uses, found by resizing one probe image both ways."""
+    rng = np.random.default_rng(0)
+    probe = (rng.random((24, 24, 3)) * 255).astype(np.uint8)
+    want = np.asarray(Image.fromarray(probe).resize((23, 4), Image.BICUBIC))
+    for rule in (_height_first_new_rule, _height_first_old_rule):
+        got = resize_like_pil(torch.from_numpy(probe).permute(2, 0, 1), 4, 23, rule)
+        if np.array_equal(got.permute(1, 2, 0).numpy(), want):
+            return rule
+    raise Ps3EdgeError(f"Pillow {Image.__version__} resizes in a way ps3edge cannot reproduce on the device; "
+                       "preprocess on the CPU instead (--preprocess cpu)")
+
+
+def resize_like_pil(pixels: torch.Tensor, height: int, width: int, height_first=None) -> torch.Tensor:
+    """(C,H,W) uint8 -> (C,height,width) int32 in 0..255, equal to PIL's bicubic resize."""
+    height_first = height_first or pillow_pass_order()
+    x = pixels.to(torch.int32)
+    H, W = x.shape[-2:]
+    passes = [(2, width, W != width), (1, height, H != height)]
+    if height_first((H, W), (height, width)):
+        passes.reverse()
+    for axis, size, needed in passes:
+        if needed:
+            x = _resize_axis(x, axis, size)
+    return x
+
+
+def preprocess_on_device(image: Image.Image, size: int, mean, std, device="cpu",
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`preprocess` on a torch device: the 8-bit image goes up once, the resize and the
+    normalisation run there. Bit-identical to `preprocess` in float32."""
+    rgb = np.array(to_rgb(image), dtype=np.uint8)                            # (H,W,3), a writable copy
+    x = torch.from_numpy(rgb).to(device).permute(2, 0, 1)
+    x = resize_like_pil(x, size, size).to(torch.float32) / 255.0             # (3,S,S) in [0,1]
+    mean = torch.tensor(mean, dtype=torch.float32, device=x.device).reshape(3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32, device=x.device).reshape(3, 1, 1)
+    return ((x - mean) / std)[None].to(dtype)                                # (1,3,S,S)
