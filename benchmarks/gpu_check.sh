@@ -8,35 +8,60 @@
 #      the CPU path on a 3840x2160 frame (gpu_run_parity.py; needs the onnx package there);
 #   4. runs the bf16 sweep NUM_LOOK_CLOSE=1..6 for ps3-1.5k and ps3-4k against the official code
 #      (as published), with CUDA graphs, preprocessing timed on a 3840x2160 frame both ways:
-#      JSON, markdown and a PNG plot; then vila-hd-tiny for the projector / LLM columns.
+#      JSON, markdown and a PNG plot; then vila-hd-tiny for the projector / LLM columns;
+#   5. splits the high-res time into matmuls, attention and the rest (gpu_diagnose.py floor).
 # Results go to $OUT if set (the device tool's output folder), else benchmarks/results/.
+# GPU_CHECK_DRY=1 runs every step with tiny models on whatever device there is (a CPU rehearsal).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(dirname "$here")"
 out="${OUT:-$here/results}"
 mkdir -p "$out"
-site="$(mktemp -d)/site"
-python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "${WHEELS:-$here/wheels}"/*.whl
-export PYTHONPATH="$root:$site" PYTHONUNBUFFERED=1 COLUMNS=200
+if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
+    real=(--model ps3-tiny --model ps3-tiny-4k); sweep_steps=1,2; depth=(); floor_models="ps3-tiny"
+    device=cpu; repeat=(--warmup 0 --repeat 1); export PYTHONPATH="$root"
+else
+    real=(--model ps3-1.5k --model ps3-4k); sweep_steps=1,2,3,4,5,6; depth=(--depth 4); floor_models="ps3-1.5k ps3-4k"
+    device=cuda; repeat=(--warmup 3 --repeat 10)
+    site="$(mktemp -d)/site"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "${WHEELS:-$here/wheels}"/*.whl
+    export PYTHONPATH="$root:$site"
+fi
+export PYTHONUNBUFFERED=1 COLUMNS=200
 ps3edge() { python3 -m ps3edge.cli "$@"; }
 
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee "$out/device.txt"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.total --format=csv >> "$out/device.txt" 2>/dev/null || true
-frame="$(mktemp -d)/frame_3840x2160.png"
+# at most 8 files come back from the device tool: log.txt (the caller's), parity_fp32.json,
+# run_parity.json, sweep_bf16.{json,md,png}, vila_tiny_bf16.json, floor.txt
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.total --format=csv 2>/dev/null || true
+scratch="$(mktemp -d)"
+frame="$scratch/frame_3840x2160.png"
 python3 -c "from PIL import Image; from ps3edge.demo import sample_image; sample_image().resize((3840, 2160), Image.BICUBIC).save('$frame')"
 
 echo "== fp32 parity on the GPU (official ties pinned)"
-ps3edge bench --model ps3-tiny --model ps3-tiny-4k --dtype fp32 --num-look-close 1,2 --against official \
-    --official-ties pinned --warmup 1 --repeat 3 --json "$out/parity_fp32_tiny.json"
-ps3edge bench --model ps3-1.5k --model ps3-4k --depth 4 --dtype fp32 --num-look-close 2 --against official \
-    --official-ties pinned --warmup 1 --repeat 3 --json "$out/parity_fp32_depth4.json"
+ps3edge bench --model ps3-tiny --model ps3-tiny-4k --device "$device" --dtype fp32 --num-look-close 1,2 \
+    --against official --official-ties pinned --warmup 1 --repeat 3 --json "$scratch/parity_fp32_tiny.json"
+parts=("$scratch/parity_fp32_tiny.json")
+if [ ${#depth[@]} -gt 0 ]; then
+    ps3edge bench "${real[@]}" "${depth[@]}" --device "$device" --dtype fp32 --num-look-close 2 --against official \
+        --official-ties pinned --warmup 1 --repeat 3 --json "$scratch/parity_fp32_depth4.json"
+    parts+=("$scratch/parity_fp32_depth4.json")
+fi
+python3 -c "import json, sys; json.dump([r for f in sys.argv[2:] for r in json.load(open(f))], open(sys.argv[1], 'w'), indent=2)" \
+    "$out/parity_fp32.json" "${parts[@]}"
 
 echo "== ps3edge run on CUDA against the CPU path"
-python3 "$here/gpu_run_parity.py" || echo "gpu_run_parity.py FAILED (exit $?)"
+OUT="$out" python3 "$here/gpu_run_parity.py" --device "$device" || echo "gpu_run_parity.py FAILED (exit $?)"
 
 echo "== bf16 sweep against the official code"
-ps3edge bench --model ps3-1.5k --model ps3-4k --dtype bf16 --num-look-close 1,2,3,4,5,6 --against official \
-    --image "$frame" --warmup 3 --repeat 10 --json "$out/sweep_bf16.json" --markdown "$out/sweep_bf16.md" \
+ps3edge bench "${real[@]}" --device "$device" --dtype bf16 --num-look-close "$sweep_steps" --against official \
+    --image "$frame" "${repeat[@]}" --json "$out/sweep_bf16.json" --markdown "$out/sweep_bf16.md" \
     --plot "$out/sweep_bf16.png"
-ps3edge bench --model vila-hd-tiny --dtype bf16 --num-look-close 1,6 --image "$frame" --warmup 2 --repeat 5 \
-    --json "$out/vila_tiny_bf16.json" || echo "vila-hd-tiny bench FAILED (exit $?)"
+ps3edge bench --model vila-hd-tiny --device "$device" --dtype bf16 --num-look-close 1,6 --image "$frame" \
+    --warmup 2 --repeat 5 --json "$out/vila_tiny_bf16.json" || echo "vila-hd-tiny bench FAILED (exit $?)"
+
+echo "== where the high-res time goes (matmuls, attention, the rest) and the best ratio these kernels allow"
+for m in $floor_models; do
+    python3 "$here/gpu_diagnose.py" --skip accuracy,attention --floor-model "$m" --device "$device" \
+        | tee -a "$out/floor.txt" || echo "gpu_diagnose.py floor $m FAILED"
+done

@@ -6,10 +6,16 @@
    Per-token cosine: min, 0.1 % quantile and median.
 2. Attention. Times each SDPA backend alone on the high-res shape (6 steps x 2560 queries
    over 729 + 2560 keys, 16 heads of 72), bf16.
+3. Floor. For one model at NUM_LOOK_CLOSE=6, times one high-res block on each highres call's
+   real shape, and inside it the four matrix products alone (cuBLAS, bf16) and the attention
+   alone (the kernel the fast path uses), times the blocks the run needs; next to the whole fast
+   path and the official code. official / (our run - our blocks + matmuls + attention) is the
+   best ratio these kernels allow, whatever else is fused away.
 (A third part, torch.compile of each block, was dropped after it measured 52.95 vs 53.38 ms at
 1.5K and 56.50 vs 57.19 ms at 4K on an H200: no gain worth a compile step.)
 
-    python benchmarks/gpu_diagnose.py [--models ps3-1.5k,ps3-4k] [--depth N]
+    python benchmarks/gpu_diagnose.py [--models ps3-1.5k,ps3-4k] [--depth N] [--skip accuracy,attention,floor]
+    python benchmarks/gpu_diagnose.py --skip accuracy,attention --floor-model ps3-tiny --device cpu   # dry run
 """
 
 from __future__ import annotations
@@ -97,16 +103,84 @@ def attention_kernels():
             print(f"  {backend.name:22s} unavailable: {str(e).splitlines()[0][:100]}")
 
 
+def floor(name: str, device: str, steps: int = 6, dtype=torch.bfloat16):
+    """Where the high-res time goes, per block and per call, against the official code."""
+    import torch.nn.functional as F
+    from ps3edge.defaults import DEFAULT_RUN_LAYER
+
+    cfg = preset(name)
+    model = random_model(cfg)
+    official = official_model(model).to(device=device, dtype=dtype)
+    fast = FastLookClose(model, device=device, dtype="bf16" if dtype == torch.bfloat16 else "fp32")
+    dev = torch.device(device)
+    timer = Timer(dev)
+    px = torch.from_numpy(preprocess(sample_image(), cfg.max_size, cfg.image_mean, cfg.image_std)).to(dev, dtype)
+    settings = LookCloseSettings(num_look_close=steps, mode="after_image")
+    counts = step_counts(settings, fast.geometry)
+    ours_ms = timer.measure(lambda: fast.graphed(px, counts), 3, 10)
+    stages = timer.stages(fast, px, counts)
+
+    def official_run():
+        with torch.no_grad():
+            return official(px, num_look_close=steps)
+    official_ms = timer.measure(official_run, 2, 5)
+
+    blocks = DEFAULT_RUN_LAYER % cfg.depth + 1                      # high-res blocks the run needs
+    block = fast.model.trunk.blocks[0]
+    C, H, D, N0 = cfg.width, cfg.num_heads, cfg.width // cfg.num_heads, cfg.lowres_tokens
+    lengths = [sum(c) for c in counts]
+    groups = {n: lengths.count(n) for n in sorted(set(lengths), reverse=True) if n}
+    print(f"\nfloor: {name} NUM_LOOK_CLOSE={steps}, {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}, "
+          f"{str(dtype)[6:]}, {blocks} high-res blocks, calls {groups} (N: T)")
+    total = {"block": 0.0, "matmuls": 0.0, "attention": 0.0}
+    with torch.no_grad(), fast._attention_kernels():
+        for n, t in groups.items():
+            x = torch.randn(t, n, C, device=dev, dtype=dtype)
+            kv = torch.randn(2, 1, H, N0, D, device=dev, dtype=dtype)
+            xs = x.reshape(-1, C)
+            hidden = torch.randn(t * n, cfg.mlp_dim, device=dev, dtype=dtype)
+            a, m = block.attn, block.mlp
+            q = torch.randn(t, H, n, D, device=dev, dtype=dtype)
+            k = torch.randn(t, H, N0 + n, D, device=dev, dtype=dtype)
+            v = torch.randn(t, H, N0 + n, D, device=dev, dtype=dtype)
+            ms = {
+                "block": timer.measure(lambda: block(x, kv_prefix=kv), 3, 20),
+                "matmuls": sum(timer.measure(f, 3, 20) for f in (
+                    lambda: F.linear(xs, a.qkv.weight, a.qkv.bias), lambda: F.linear(xs, a.proj.weight, a.proj.bias),
+                    lambda: F.linear(xs, m.fc1.weight, m.fc1.bias), lambda: F.linear(hidden, m.fc2.weight, m.fc2.bias))),
+                "attention": timer.measure(lambda: F.scaled_dot_product_attention(q, k, v), 3, 20),
+            }
+            flops = 2 * t * n * (C * 3 * C + C * C + 2 * C * cfg.mlp_dim)
+            attn_flops = 4 * t * H * n * (N0 + n) * D
+            print(f"  call {t}x{n}: block {ms['block']:.3f} ms = matmuls {ms['matmuls']:.3f} "
+                  f"({flops / ms['matmuls'] / 1e9:.0f} TFLOP/s) + attention {ms['attention']:.3f} "
+                  f"({attn_flops / ms['attention'] / 1e9:.0f} TFLOP/s) + the rest {ms['block'] - ms['matmuls'] - ms['attention']:.3f}")
+            for key in total:
+                total[key] += ms[key] * blocks
+    outside = ours_ms - total["block"]
+    best = outside + total["matmuls"] + total["attention"]
+    print(f"  x{blocks} blocks: {total['block']:.1f} ms = matmuls {total['matmuls']:.1f} + attention "
+          f"{total['attention']:.1f} + the rest {total['block'] - total['matmuls'] - total['attention']:.1f}")
+    print(f"  ours {ours_ms:.1f} ms (CUDA graph; eager stages {stages}), of which outside the high-res blocks "
+          f"{outside:.1f} ms; official {official_ms:.1f} ms: {official_ms / ours_ms:.2f}x")
+    print(f"  with every non-matmul, non-attention op of the blocks free: {best:.1f} ms, "
+          f"{official_ms / best:.2f}x at most with these kernels")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="ps3-1.5k,ps3-4k")
     ap.add_argument("--depth", type=int, default=None)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: accuracy,attention")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: accuracy,attention,floor")
+    ap.add_argument("--floor-model", default="ps3-1.5k", help="the model of the floor part")
+    ap.add_argument("--device", default="cuda", help="floor part only: cpu for a dry run")
     args = ap.parse_args()
     skip = set(args.skip.split(","))
-    print(torch.__version__, torch.cuda.get_device_name())
+    print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA")
     if "attention" not in skip:
         attention_kernels()
+    if "floor" not in skip:
+        floor(args.floor_model, args.device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
     if "accuracy" not in skip:
         for name in args.models.split(","):
             accuracy(name, args.depth)

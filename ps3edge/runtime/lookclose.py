@@ -90,6 +90,8 @@ class Pipeline:
             max_tokens_per_call=self.manifest["geometry"]["max_tokens_per_highres_call"])
         self.precision = precision             # fp32, or a precision of the manifest's "precisions"
         self.device = resolve_device(backend, device)
+        if preprocess not in (None, "cpu", "device"):
+            raise Ps3EdgeError(f"--preprocess takes cpu or device, got '{preprocess}'")
         self.fast = None
         if fast is None:
             fast = backend == "torch" and self.device.startswith("cuda")
@@ -100,8 +102,6 @@ class Pipeline:
                 raise Ps3EdgeError(f"the torch fast path runs in {', '.join(FAST_PRECISIONS)}, not {precision}")
             from .fast import FastLookClose
             self.fast = FastLookClose(rebuild_torch_model(self.manifest), device=self.device, dtype=precision)
-        if preprocess not in (None, "cpu", "device"):
-            raise Ps3EdgeError(f"--preprocess takes cpu or device, got '{preprocess}'")
         self.preprocess_on = preprocess or ("device" if self.fast else "cpu")
         # the stage runners; with the fast path they load only if the staged API is used
         self._stages = None if self.fast else load_stages(self.artifact_dir, self.manifest, backend, precision)
