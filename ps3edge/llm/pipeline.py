@@ -189,7 +189,9 @@ class VilaPipeline:
             if missing:
                 raise Ps3EdgeError(f"{self.art} has no TensorRT engine for {', '.join(missing)}; build them with "
                                    f"'ps3edge build {self.art}'")
-        self.ps3 = Pipeline(self.art / "ps3", backend, verify=verify)
+        # VILA-HD looks at the low-res tokens before it selects (run_lowres / run_from_lowres),
+        # which the one-program GPU fast path does not split; its torch backend stays staged
+        self.ps3 = Pipeline(self.art / "ps3", backend, verify=verify, fast=False if backend == "torch" else None)
         self.tokenizer = load_tokenizer(self.art / "tokenizer")
         self.context_length = int(self.manifest["context_length"])
         if backend in ("onnxruntime", "tensorrt"):

@@ -102,6 +102,10 @@ class Pipeline:
                 raise Ps3EdgeError(f"the torch fast path runs in {', '.join(FAST_PRECISIONS)}, not {precision}")
             from .fast import FastLookClose
             self.fast = FastLookClose(rebuild_torch_model(self.manifest), device=self.device, dtype=precision)
+        elif backend == "torch" and self.device != "cpu":
+            if device not in (None, "auto"):
+                raise Ps3EdgeError("the staged torch backend runs on the CPU; on CUDA the torch backend is the fast path")
+            self.device = "cpu"
         self.preprocess_on = preprocess or ("device" if self.fast else "cpu")
         # the stage runners; with the fast path they load only if the staged API is used
         self._stages = None if self.fast else load_stages(self.artifact_dir, self.manifest, backend, precision)
