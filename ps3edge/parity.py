@@ -93,7 +93,7 @@ def run_parity(model_spec: str, image, settings: LookCloseSettings, *, prompt_em
             artifact_dir = Path(tmp) / "artifact"
             export(model_spec, artifact_dir, seed=seed, returned_layers=sorted({layer, -1}))
         say("loading our torch model and the exported stages")
-        pipelines = {"ours-torch": Pipeline(artifact_dir, "torch")}
+        pipelines = {"ours-torch": Pipeline(artifact_dir, "torch", device="cpu")}   # the staged reference
         for backend in backends:
             pipelines[f"exported-{backend}"] = Pipeline(artifact_dir, backend)
         ours = pipelines["ours-torch"]

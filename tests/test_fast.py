@@ -32,8 +32,8 @@ CASES = [
 @pytest.mark.parametrize("preset,kwargs", CASES, ids=[f"{p}-{k}" for p, k in CASES])
 def test_fast_path_equals_staged_pipeline(artifacts, image, preset, kwargs):
     settings = settings_from_env({}, mode="after_image", **kwargs)
-    staged = Pipeline(artifacts(preset), "torch").run(image, settings)
-    pixels = Pipeline(artifacts(preset), "torch").pixels(image)
+    staged = Pipeline(artifacts(preset), "torch", device="cpu").run(image, settings)
+    pixels = Pipeline(artifacts(preset), "torch", device="cpu").pixels(image)
 
     fast = FastLookClose(build(preset).model, device="cpu", dtype="fp32")
     out = fast.forward(torch.from_numpy(pixels), step_counts(settings, fast.geometry),
@@ -118,7 +118,7 @@ def test_one_token_look_close_rounds_to_no_high_res_tokens(artifacts, image):
     assert staged.features.shape == (1, 729, 64)
     assert staged.highres_calls == []
     fast = FastLookClose(build("ps3-tiny").model, device="cpu", dtype="fp32")
-    pixels = torch.from_numpy(Pipeline(artifacts("ps3-tiny"), "torch").pixels(image))
+    pixels = torch.from_numpy(Pipeline(artifacts("ps3-tiny"), "torch", device="cpu").pixels(image))
     out = fast.forward(pixels, step_counts(settings, fast.geometry))
     assert out.features.shape == (1, 729, 64) and int(out.selection.sum()) == 0
 
@@ -127,7 +127,7 @@ def test_long_runs_are_split_into_calls_of_at_most_the_profile_steps(artifacts, 
     """4K 'all' is 35 steps; the staged pipeline runs them in calls of at most 6 (the profile's
     T_max), and the result equals the one-program fast path, which batches them all."""
     settings = settings_from_env({}, num_look_close="all", mode="after_image")
-    pipe = Pipeline(artifacts("ps3-tiny-4k"), "torch")
+    pipe = Pipeline(artifacts("ps3-tiny-4k"), "torch", device="cpu")
     staged = pipe.run(image, settings)
     assert pipe.steps_per_call() == 6
     assert staged.highres_calls == [(6, 2560)] * 5 + [(4, 2560)] + [(1, 440)]    # 34 full steps + 440
@@ -183,7 +183,7 @@ def test_pillow_pass_order_matters_and_is_detected():
 ])
 def test_pipeline_fast_path_equals_staged_path(artifacts, image, preset, kwargs):
     settings = settings_from_env({}, mode="after_image", **kwargs)
-    staged = Pipeline(artifacts(preset), "torch").run(image, settings)
+    staged = Pipeline(artifacts(preset), "torch", device="cpu").run(image, settings)
     pipe = Pipeline(artifacts(preset), "torch", device="cpu", fast=True)
     assert pipe.fast is not None and pipe.preprocess_on == "device"
     fast = pipe.run(image, settings)
@@ -201,7 +201,7 @@ def test_pipeline_fast_path_equals_staged_path(artifacts, image, preset, kwargs)
 def test_pipeline_fast_path_top_down(artifacts, image):
     prompt = np.random.default_rng(4).standard_normal(64).astype(np.float32)
     settings = settings_from_env({}, num_look_close=1)
-    staged = Pipeline(artifacts("ps3-tiny"), "torch").run(image, settings, prompt_embedding=prompt)
+    staged = Pipeline(artifacts("ps3-tiny"), "torch", device="cpu").run(image, settings, prompt_embedding=prompt)
     fast = Pipeline(artifacts("ps3-tiny"), "torch", device="cpu", fast=True).run(image, settings, prompt_embedding=prompt)
     assert np.array_equal(fast.plan.selection_maps[0], staged.plan.selection_maps[0])
     assert np.abs(fast.features - staged.features).max() <= 1e-4

@@ -105,7 +105,7 @@ def test_parity_with_official(artifacts, image, name, settings, prompt_seed, hig
 def test_top_down_prompt_reaches_the_selector(artifacts, image):
     """Guards the top-down cases above: a prompt (also the one parity hands the official model)
     changes the probability map and the pick, so those cases do not silently run bottom-up."""
-    pipe = Pipeline(artifacts("ps3-tiny"), "torch")
+    pipe = Pipeline(artifacts("ps3-tiny"), "torch", device="cpu")
     settings = settings_from_env({}, num_look_close=1)
     runs = [pipe.run(image, settings, prompt_embedding=p) for p in (None, prompt_embedding(1), prompt_embedding(2))]
     for a, b in ((0, 1), (0, 2), (1, 2)):

@@ -60,7 +60,7 @@ def test_token_counts_with_every_patch_selected(grids, expected):
 
 
 def test_cells_of_a_real_run_follow_the_selection(artifacts, image):
-    result = Pipeline(artifacts("ps3-tiny"), "torch").run(image, settings_from_env({}, num_look_close=1, mode="after_image"))
+    result = Pipeline(artifacts("ps3-tiny"), "torch", device="cpu").run(image, settings_from_env({}, num_look_close=1, mode="after_image"))
     feats = result.features[0]
     cells, counts = projector_cells(feats, result.plan.selection_maps, 27)
     for m, (key, n) in zip(result.plan.selection_maps, list(counts.items())[1:]):

@@ -225,8 +225,8 @@ def accuracy_report(artifact_dir, precision: str, images: list[Path], settings: 
     if with_torch:
         if precision not in ("fp16", "bf16"):
             raise Ps3EdgeError("the torch comparison exists for fp16 (our torch model has no INT8 path)")
-        pairs.append((f"{precision} vs fp32 (torch)", Pipeline(artifact_dir, "torch"),
-                      Pipeline(artifact_dir, "torch", precision=precision)))
+        pairs.append((f"{precision} vs fp32 (torch)", Pipeline(artifact_dir, "torch", device="cpu"),
+                      Pipeline(artifact_dir, "torch", precision=precision, device="cpu")))
     report = AccuracyReport(precision, tol, settings={
         "num_look_close": settings.num_look_close, "num_token_look_close": settings.num_token_look_close,
         "select_num_each_scale": list(settings.select_num_each_scale or []) or None, "layer": layer,
