@@ -226,3 +226,30 @@ def test_run_cli_device_options(artifacts, image_file, tmp_path):
         assert proc.returncode == 2, (extra, proc.stderr)
         assert message in proc.stderr and "Traceback" not in proc.stderr
         assert not out.exists()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_pipeline_fast_path_half_precision_stays_within_tolerance(artifacts, image, precision):
+    """bf16 / fp16 (the GPU precisions, run here on the CPU): the selection equal up to
+    near-ties (IoU >= 0.9), per-token cosine >= 0.99 on the low-res tokens, and on every token
+    against the official fp32 model run on the same steps."""
+    from ps3edge.parity import feature_diff, selection_iou
+
+    settings = settings_from_env({}, num_look_close=2, mode="after_image")
+    ref = Pipeline(artifacts("ps3-tiny"), "torch", device="cpu").run(image, settings)
+    half = Pipeline(artifacts("ps3-tiny"), "torch", device="cpu", fast=True, precision=precision).run(image, settings)
+    assert half.features.dtype == np.float32 and np.all(np.isfinite(half.features))
+    for a, b in zip(half.plan.selection_maps, ref.plan.selection_maps):
+        assert selection_iou(a, b) >= 0.9
+    _, lowres_cos = feature_diff(half.features[0, :729], ref.features[0, :729])
+    assert lowres_cos >= 0.99
+    # a token's features depend on its step-mates, and near-ties may split the same patches
+    # differently: compare every token with the official fp32 model made to take our steps
+    pytest.importorskip("ps3", reason="the official ps3-torch reference is not installed")
+    from ps3edge.reference import official_model, run_official_with_selection
+    pipe = Pipeline(artifacts("ps3-tiny"), "torch", device="cpu")
+    official = official_model(build("ps3-tiny").model)
+    same_steps = run_official_with_selection(official, torch.from_numpy(pipe.pixels(image)),
+                                             half.plan.step_maps(pipe.geometry))
+    _, cos = feature_diff(half.features[0], same_steps)
+    assert cos >= 0.99
