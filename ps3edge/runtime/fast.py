@@ -9,8 +9,11 @@ the pixels and the features:
   step is a fixed slice of it, so planning needs no host round trip;
 - all steps of equal length run as one `highres` call (T steps x N tokens) against the low-res
   K/V cache broadcast over T;
-- every shape is fixed for given settings, so on CUDA the whole run is captured once as a CUDA
-  graph per (settings, prompt kind) and replayed.
+- every shape is fixed for given settings, so on CUDA the whole run is captured as a CUDA
+  graph per (settings, prompt kind, layer) on its second use and replayed after that.
+
+`lookclose.Pipeline` runs this for `ps3edge run --backend torch` on CUDA (with the image
+preprocessed on the device, `preprocess.preprocess_on_device`); `ps3edge bench` times it.
 
 fp16 / bf16 run the network in that precision (as the official code does when cast); the
 position table is computed in fp32 and then cast.
