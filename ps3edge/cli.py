@@ -251,7 +251,7 @@ def run(
     prompt_embedding: Optional[Path] = PromptEmbedding,
     layer: int = Layer,
     overlay: Optional[Path] = typer.Option(None, "--overlay", help="Also write a PNG with the selected patches."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, or fp16 / int8: the stages of 'ps3edge calibrate' (torch: fp16, bf16)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or fp16 / int8: the stages of 'ps3edge calibrate'; torch backend: fp16 / bf16 (on CUDA the whole fast path runs in it)."),
     device: str = typer.Option("auto", "--device", help="torch backend: cuda (the device-resident fast path with CUDA graphs), cpu, or auto (cuda when there is one)."),
     preprocess_on: Optional[str] = typer.Option(None, "--preprocess", help="cpu (PIL) or device (the same resize on the torch device, bit-identical); default: device on the fast path."),
 ):
