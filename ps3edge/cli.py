@@ -517,13 +517,8 @@ def bench(
                                          decode_tokens=decode_tokens, progress=_progress(status))
     table = benchmod.markdown(rows)
     console.print(table, highlight=False, soft_wrap=True)
-    for name in dict.fromkeys(r["model"] for r in rows):
-        rs = [r for r in rows if r["model"] == name]
-        slope = benchmod.fit_per_step(rs, "ours_ms")
-        if slope is not None:
-            per_step_highres = [r["stages_ms"]["highres"] / r["num_look_close"] for r in rs]
-            console.print(f"{name}: {slope:.2f} ms per look-close step (fit); highres stage alone "
-                          f"{min(per_step_highres):.2f}-{max(per_step_highres):.2f} ms per step", highlight=False)
+    for line in benchmod.summary(rows):
+        console.print(line, highlight=False)
     if json_out:
         json_out.write_text(json.dumps(rows, indent=2))
     if markdown_out:

@@ -253,3 +253,18 @@ def test_pipeline_fast_path_half_precision_stays_within_tolerance(artifacts, ima
                                              half.plan.step_maps(pipe.geometry))
     _, cos = feature_diff(half.features[0], same_steps)
     assert cos >= 0.99
+
+
+def test_bench_summary_states_ratio_step_cost_and_scale_gap():
+    from ps3edge.bench import summary
+
+    def row(model, steps, ours, official, highres):
+        return {"model": model, "num_look_close": steps, "ours_ms": ours, "official_ms": official,
+                "speedup": round(official / ours, 2), "stages_ms": {"highres": highres}}
+    rows = [row("a", 1, 15.0, 36.0, 10.0), row("a", 6, 55.0, 150.0, 48.0),
+            row("b", 1, 14.0, 30.0, 11.0), row("b", 6, 50.0, 113.0, 46.0)]
+    lines = summary(rows)
+    assert lines[0] == ("a: NUM_LOOK_CLOSE=6 55.0 ms, official 150.0 ms, 2.73x; 8.00 ms per step (fit), "
+                        "the high-res blocks alone 8.00-10.00 ms per step (1.00x of the fastest)")
+    assert lines[1].startswith("b: NUM_LOOK_CLOSE=6 50.0 ms, official 113.0 ms, 2.26x; 7.20 ms per step")
+    assert lines[2] == "a vs b at NUM_LOOK_CLOSE=6: 55.0 vs 50.0 ms (9% apart)"
