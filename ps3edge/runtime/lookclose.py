@@ -66,6 +66,11 @@ def resolve_device(backend: str, device: str | None) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise Ps3EdgeError(f"--device {device} asked for, but torch sees no CUDA device here")
+    if device.startswith("cuda:"):
+        index = device[5:]
+        if not index.isdigit() or int(index) >= torch.cuda.device_count():
+            raise Ps3EdgeError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                               f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
