@@ -104,7 +104,8 @@ class Pipeline:
             if backend != "torch":
                 raise Ps3EdgeError("the device-resident fast path runs on the torch backend only")
             if precision not in FAST_PRECISIONS:
-                raise Ps3EdgeError(f"the torch fast path runs in {', '.join(FAST_PRECISIONS)}, not {precision}")
+                raise Ps3EdgeError(f"the torch fast path runs in {', '.join(FAST_PRECISIONS)}, not {precision} "
+                                   f"(--device cpu runs the staged torch path)")
             from .fast import FastLookClose
             self.fast = FastLookClose(rebuild_torch_model(self.manifest), device=self.device, dtype=precision)
         elif backend == "torch" and self.device != "cpu":
