@@ -1,4 +1,4 @@
-"""Shared fixtures: exported tiny artifacts (once per test session) and small test images."""
+"""Shared fixtures: exported tiny artifacts, PS3 and VILA-HD (once per test session), and small test images."""
 
 from __future__ import annotations
 
@@ -22,6 +22,16 @@ def artifacts(tmp_path_factory):
         return cache[preset]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def vila_art(tmp_path_factory):
+    """The exported vila-hd-tiny artifact (read-only: tests that change it work on a copy)."""
+    from ps3edge.llm.pipeline import export_vila
+
+    out = tmp_path_factory.mktemp("vila") / "art"
+    export_vila("vila-hd-tiny", out)
+    return out
 
 
 def random_image(width=320, height=240, seed=0, mode="RGB") -> Image.Image:

@@ -16,17 +16,10 @@ from ps3edge.engines.builder import BuildOptions
 from ps3edge.engines.llm_engine import (DEFAULT_LLM_MAX_PROMPT, llm_profiles, max_prompt_for, plan_vila_build,
                                         projector_width)
 from ps3edge.errors import Ps3EdgeError
-from ps3edge.llm.pipeline import VilaPipeline, export_vila, load_vila_manifest
+from ps3edge.llm.pipeline import VilaPipeline, load_vila_manifest
 from ps3edge.model.weights import file_sha256
 from test_cli import cli, clean_env
 from test_engines import TRT_SKIP, tensorrt_missing
-
-
-@pytest.fixture(scope="module")
-def vila_art(tmp_path_factory):
-    out = tmp_path_factory.mktemp("vila-trt") / "art"
-    export_vila("vila-hd-tiny", out)
-    return out
 
 
 @pytest.fixture(scope="module")

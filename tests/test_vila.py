@@ -28,13 +28,6 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def vila_art(tmp_path_factory):
-    out = tmp_path_factory.mktemp("vila") / "art"
-    export_vila("vila-hd-tiny", out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def pipelines(vila_art):
     return {b: VilaPipeline(vila_art, b) for b in ("onnxruntime", "torch")}
 
