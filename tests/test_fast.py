@@ -164,6 +164,30 @@ def test_device_preprocessing_handles_every_mode_like_pil(mode):
     assert np.array_equal(preprocess_on_device(image, 378, (0.5,) * 3, (0.5,) * 3).numpy(), want)
 
 
+def test_device_normalisation_is_exact_for_every_level():
+    """The normalisation is a per-channel lookup of PIL-path values, so no device arithmetic
+    (CUDA divides by a scalar via its reciprocal) can move a value by an ulp."""
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    image = Image.fromarray(np.stack([levels, levels.T, 255 - levels], axis=-1))
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    assert np.array_equal(preprocess_on_device(image, 16, mean, std).numpy(), preprocess(image, 16, mean, std))
+
+
+def test_bench_reports_which_part_of_device_preprocessing_is_off():
+    from ps3edge.bench import compare_preprocessing
+    from ps3edge.model import preset as model_preset
+    cfg = model_preset("ps3-tiny")
+    image = _noise(120, 160, seed=3)
+    want = preprocess(image, cfg.max_size, cfg.image_mean, cfg.image_std)
+    got = preprocess_on_device(image, cfg.max_size, cfg.image_mean, cfg.image_std)
+    assert compare_preprocessing(image, cfg, torch.device("cpu"), want, got) == {"identical": True}
+    off = got.clone()
+    off[0, 1, 5, 7] = torch.nextafter(off[0, 1, 5, 7], torch.tensor(9.0))       # one ulp, one value
+    check = compare_preprocessing(image, cfg, torch.device("cpu"), want, off)
+    assert check["identical"] is False and check["resize_max_level_diff"] == 0
+    assert 0 < check["normalised_max_abs"] < 1e-6
+
+
 def test_pillow_pass_order_matters_and_is_detected():
     """Pillow rounds to 8 bits between its two passes, so the order changes pixels; newer
     Pillow does the vertical pass first when the height shrinks much more than the width."""

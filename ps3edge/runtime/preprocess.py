@@ -160,13 +160,24 @@ def resize_like_pil(pixels: torch.Tensor, height: int, width: int, height_first=
     return x
 
 
+@functools.lru_cache(maxsize=8)
+def _normalise_table(mean: tuple, std: tuple) -> np.ndarray:
+    """(3,256) float32: what `preprocess` maps each 8-bit value of each channel to, computed with
+    the same numpy float32 arithmetic. Indexing it on the device gives bit-identical values on any
+    device (CUDA divides by a scalar as a multiply by its reciprocal, 1 ulp off numpy)."""
+    levels = np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)              # (256,1)
+    table = (levels - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(table.T)                                                # (3,256)
+
+
 def preprocess_on_device(image: Image.Image, size: int, mean, std, device="cpu",
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`preprocess` on a torch device: the 8-bit image goes up once, the resize and the
     normalisation run there. Bit-identical to `preprocess` in float32."""
     rgb = np.array(to_rgb(image), dtype=np.uint8)                            # (H,W,3), a writable copy
     x = torch.from_numpy(rgb).to(device).permute(2, 0, 1)
-    x = resize_like_pil(x, size, size).to(torch.float32) / 255.0             # (3,S,S) in [0,1]
-    mean = torch.tensor(mean, dtype=torch.float32, device=x.device).reshape(3, 1, 1)
-    std = torch.tensor(std, dtype=torch.float32, device=x.device).reshape(3, 1, 1)
-    return ((x - mean) / std)[None].to(dtype)                                # (1,3,S,S)
+    x = resize_like_pil(x, size, size).long()                                # (3,S,S) levels 0..255
+    table = torch.from_numpy(_normalise_table(tuple(float(m) for m in mean),
+                                              tuple(float(s) for s in std))).to(x.device)
+    channel = torch.arange(3, device=x.device).reshape(3, 1, 1)
+    return table[channel, x][None].to(dtype)                                 # (1,3,S,S)
