@@ -9,7 +9,8 @@
 #   4. runs the bf16 sweep NUM_LOOK_CLOSE=1..6 for ps3-1.5k and ps3-4k against the official code
 #      (as published), with CUDA graphs, preprocessing timed on a 3840x2160 frame both ways:
 #      JSON, markdown and a PNG plot; then vila-hd-tiny for the projector / LLM columns;
-#   5. splits the high-res time into matmuls, attention and the rest (gpu_diagnose.py floor).
+#   5. splits the high-res time into matmuls, attention and the rest (gpu_diagnose.py floor),
+#      and lists the GPU kernels that take the time (gpu_profile.py), both into floor.txt.
 # Results go to $OUT if set (the device tool's output folder), else benchmarks/results/.
 # GPU_CHECK_DRY=1 runs every step with tiny models on whatever device there is (a CPU rehearsal).
 set -euo pipefail
@@ -65,3 +66,6 @@ for m in $floor_models; do
     python3 "$here/gpu_diagnose.py" --skip accuracy,attention --floor-model "$m" --device "$device" \
         | tee -a "$out/floor.txt" || echo "gpu_diagnose.py floor $m FAILED"
 done
+echo "== kernel time per stage and the top kernels (torch.profiler, one eager run)"
+python3 "$here/gpu_profile.py" --models "${floor_models// /,}" --device "$device" --top 15 2>&1 \
+    | grep -v -e USDT -e "Profiler clears" -e "_warn_once" | tee -a "$out/floor.txt" || echo "gpu_profile.py FAILED"
