@@ -34,7 +34,7 @@ from ps3edge.bench import Timer                                   # noqa: E402
 from ps3edge.demo import sample_image                             # noqa: E402
 from ps3edge.model import preset, random_model                    # noqa: E402
 from ps3edge.reference import official_model, run_official_with_selection                      # noqa: E402
-from ps3edge.runtime.fast import FastLookClose                    # noqa: E402
+from ps3edge.runtime.fast import FastLookClose, attention_kernels  # noqa: E402
 from ps3edge.runtime.planning import LookCloseSettings, plan, step_counts   # noqa: E402
 from ps3edge.runtime.preprocess import preprocess                 # noqa: E402
 
@@ -83,7 +83,7 @@ def accuracy(name: str, depth, steps: int = 6):
           f"median norm {np.median(np.linalg.norm(ref, axis=-1)):.2f}")
 
 
-def attention_kernels():
+def attention_backends():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
     T, H, N, K, D = 6, 16, 2560, 729 + 2560, 72
@@ -134,7 +134,7 @@ def floor(name: str, device: str, steps: int = 6, dtype=torch.bfloat16):
     print(f"\nfloor: {name} NUM_LOOK_CLOSE={steps}, {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}, "
           f"{str(dtype)[6:]}, {blocks} high-res blocks, calls {groups} (N: T)")
     total = {"block": 0.0, "matmuls": 0.0, "attention": 0.0}
-    with torch.no_grad(), fast._attention_kernels():
+    with torch.no_grad(), attention_kernels(dev):
         for n, t in groups.items():
             x = torch.randn(t, n, C, device=dev, dtype=dtype)
             kv = torch.randn(2, 1, H, N0, D, device=dev, dtype=dtype)
@@ -180,7 +180,7 @@ def main():
     skip = set(args.skip.split(","))
     print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA")
     if "attention" not in skip:
-        attention_kernels()
+        attention_backends()
     if "floor" not in skip:
         floor(args.floor_model, args.device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
     if "accuracy" not in skip:

@@ -20,11 +20,16 @@ next to the prefix (`FastLookClose.highres_block`), with no concatenation at all
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ps3edge.bench import Timer                                   # noqa: E402
+from ps3edge.runtime.fast import attention_kernels                # noqa: E402
 
 
 def heads_first(qkv, prefix, H):
@@ -67,28 +72,6 @@ def attend(build, qkv, prefix, H):
     return out.transpose(1, 2).reshape(B, N, -1)
 
 
-def timed(fn, device, repeat=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    if device.type != "cuda":
-        import time
-        samples = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(samples)
-    samples = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        samples.append(a.elapsed_time(b))
-    return statistics.median(samples)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -99,7 +82,7 @@ def main():
         sys.exit("error: no CUDA device")
     H, D, N0 = (16, 72, 729) if cuda else (4, 16, 49)
     shapes = [(5, 2560), (6, 2560), (1, 1780)] if cuda else [(2, 256)]
-    kernels = contextlib_for(device)
+    timer = Timer(device)
     print(torch.__version__, torch.cuda.get_device_name() if cuda else "cpu", f"H={H} D={D} N0={N0} bf16")
     g = torch.Generator(device="cpu").manual_seed(0)
     for B, N in shapes:
@@ -107,28 +90,18 @@ def main():
         qkv = torch.randn(B, N, 3 * C, generator=g).to(device, torch.bfloat16)
         prefix = torch.randn(2, 1, H, N0, D, generator=g).to(device, torch.bfloat16)     # (2,1,H,N0,D)
         prefix_tm = prefix.transpose(2, 3).reshape(2, 1, N0, C).contiguous()            # (2,1,N0,C)
-        with kernels():
+        with attention_kernels(device):
             ref = attend(heads_first, qkv, prefix, H)
             rows = [("heads-first", heads_first, prefix), ("token-major", token_major, prefix_tm),
                     ("token-major-copy", token_major_copy, prefix_tm)]
             print(f"\ncall {B}x{N}: keys {N0}+{N}")
             for name, build, pre in rows:
-                whole = timed(lambda: attend(build, qkv, pre, H), device)
-                inputs = timed(lambda: build(qkv, pre, H), device)
+                whole = timer.measure(lambda: attend(build, qkv, pre, H), warmup=3, repeat=20)
+                inputs = timer.measure(lambda: build(qkv, pre, H), warmup=3, repeat=20)
                 diff = (attend(build, qkv, pre, H).float() - ref.float()).abs().max().item()
                 print(f"  {name:<18} attention from qkv {whole:7.3f} ms   building its K/V inputs {inputs:7.3f} ms   "
                       f"max |diff| vs heads-first {diff:.3g}")
     return 0
-
-
-def contextlib_for(device):
-    """The SDPA kernel order the fast path uses on CUDA (cuDNN first)."""
-    import contextlib
-    if device.type != "cuda":
-        return contextlib.nullcontext
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    return lambda: sdpa_kernel(order, set_priority=True)
 
 
 if __name__ == "__main__":

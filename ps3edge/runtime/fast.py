@@ -43,6 +43,19 @@ class FastResult:
     steps: list                     # per step, (N_t,) global patch indices, scale-major
 
 
+def attention_kernels(device: torch.device):
+    """On CUDA prefer cuDNN attention (faster than flash for 72-wide heads on Hopper)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:            # older torch: no priority order, plain allow-list
+        return sdpa_kernel(order)
+
+
 class FastLookClose:
     def __init__(self, model: PS3, layer: int = defaults.DEFAULT_RUN_LAYER, device="cpu", dtype="fp32"):
         cfg = model.cfg
@@ -62,18 +75,6 @@ class FastLookClose:
         self._graphs = {}              # key -> (graph, static inputs, static outputs)
         self._seen = set()             # keys run once eagerly: the second run captures
 
-    def _attention_kernels(self):
-        """On CUDA prefer cuDNN attention (faster than flash for 72-wide heads on Hopper)."""
-        if self.device.type != "cuda":
-            return contextlib.nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                 SDPBackend.MATH]
-        try:
-            return sdpa_kernel(order, set_priority=True)
-        except TypeError:            # older torch: no priority order, plain allow-list
-            return sdpa_kernel(order)
-
     # --- one run, eager ---------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor, counts: list[list[int]], smooth: bool = False,
@@ -81,7 +82,7 @@ class FastLookClose:
         """pixels (1,3,S,S) on the device; counts[t][s] from planning.step_counts; layer: the
         block whose features come back (default: the one given at construction)."""
         layer = self.layer if layer is None else layer % self.cfg.depth
-        with self._attention_kernels():
+        with attention_kernels(self.device):
             return self._forward(pixels, counts, smooth, prompt, timer, layer)
 
     def _forward(self, pixels, counts, smooth, prompt, timer, layer) -> FastResult:

@@ -61,9 +61,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def preprocess(image: Image.Image, size: int, mean, std) -> np.ndarray:
     """PIL image -> (1,3,size,size) float32, resized (bicubic), scaled to [0,1], normalised."""
     image = to_rgb(image).resize((size, size), Image.BICUBIC)
-    x = np.asarray(image, dtype=np.float32) / np.float32(255.0)          # (S,S,3)
-    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    x = normalise(np.asarray(image), mean, std)                           # (S,S,3)
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])               # (1,3,S,S)
+
+
+def normalise(levels: np.ndarray, mean, std) -> np.ndarray:
+    """8-bit RGB levels (...,3) -> float32 (...,3): scaled to [0,1], minus mean, over std."""
+    x = levels.astype(np.float32) / np.float32(255.0)
+    return (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
 
 
 # --- the same preprocessing on a torch device ----------------------------------------------------
@@ -162,12 +167,11 @@ def resize_like_pil(pixels: torch.Tensor, height: int, width: int, height_first=
 
 @functools.lru_cache(maxsize=8)
 def _normalise_table(mean: tuple, std: tuple) -> np.ndarray:
-    """(3,256) float32: what `preprocess` maps each 8-bit value of each channel to, computed with
-    the same numpy float32 arithmetic. Indexing it on the device gives bit-identical values on any
-    device (CUDA divides by a scalar as a multiply by its reciprocal, 1 ulp off numpy)."""
-    levels = np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)              # (256,1)
-    table = (levels - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(table.T)                                                # (3,256)
+    """(3,256) float32: what `preprocess` maps each 8-bit value of each channel to (`normalise`
+    itself). Indexing it on the device gives bit-identical values on any device (CUDA divides
+    by a scalar as a multiply by its reciprocal, 1 ulp off numpy)."""
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)             # (256,3)
+    return np.ascontiguousarray(normalise(levels, mean, std).T)                         # (3,256)
 
 
 def preprocess_on_device(image: Image.Image, size: int, mean, std, device="cpu",
