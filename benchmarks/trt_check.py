@@ -98,12 +98,18 @@ def linked_copy(art: Path, dst: Path) -> Path:
 # --- reference ---------------------------------------------------------------------------------------
 def reference_run(art: Path, image, settings):
     """onnxruntime fp32 on the CPU: every stage's inputs and outputs, and the end-to-end result."""
-    from ps3edge.runtime.backends import OnnxRuntimeStage
+    from ps3edge.runtime.backends import ENV_ORT_PROVIDERS
     from ps3edge.runtime.lookclose import Pipeline
 
-    pipe = Pipeline(art, "onnxruntime")
-    pipe.stages = {n: OnnxRuntimeStage(art / info["file"], providers=["CPUExecutionProvider"])
-                   for n, info in pipe.manifest["stages"].items()}
+    saved = os.environ.get(ENV_ORT_PROVIDERS)
+    os.environ[ENV_ORT_PROVIDERS] = "CPUExecutionProvider"         # the stages load in Pipeline()
+    try:
+        pipe = Pipeline(art, "onnxruntime")
+    finally:
+        if saved is None:
+            del os.environ[ENV_ORT_PROVIDERS]
+        else:
+            os.environ[ENV_ORT_PROVIDERS] = saved
     pixels = pipe.pixels(image)
     low = pipe.stages["lowres"].infer({"pixels": pixels})
     sel_feed = {"selection_features": low["selection_features"], "conv_features": low["conv_features"],
@@ -111,7 +117,7 @@ def reference_run(art: Path, image, settings):
     prob = pipe.stages["selector"].infer(sel_feed)["prob"]
     calls = highres_feeds(pipe, prob[0], low, settings)
     high = [pipe.stages["highres"].infer(feed) for feed in calls]
-    result = pipe.run(image, settings)
+    result = pipe.run_from_lowres(low, settings)
     return {"pipeline": pipe, "pixels": pixels, "low": low, "sel_feed": sel_feed, "prob": prob,
             "calls": calls, "high": high, "result": result}
 

@@ -345,20 +345,8 @@ def official_selection(enc, probs, budget, num_look_close=None, num_token_look_c
     return [as_np(ms) for ms in each], as_np(maps)
 
 
-def step_maps(p, geo: Geometry):
-    out = []
-    for step in p.steps:
-        maps = []
-        for idx, g in zip(step, geo.highres_grids):
-            m = np.zeros(g * g, np.uint8)
-            m[idx] = 1
-            maps.append(m.reshape(g, g))
-        out.append(maps)
-    return out
-
-
 def assert_same_as_official(p, geo, official_each, official_cumulative):
-    ours_each = step_maps(p, geo)
+    ours_each = p.step_maps(geo)
     assert len(ours_each) == len(official_each), "step count"
     for t, (mine, theirs) in enumerate(zip(ours_each, official_each)):
         for s, (a, b) in enumerate(zip(mine, theirs)):

@@ -251,10 +251,9 @@ class TensorRTStage:
                                f"(min {tuple(p['min'])}, max {tuple(p['max'])}); rebuild with a larger --max-look-close")
 
     def infer(self, feed: dict) -> dict[str, np.ndarray]:
-        """numpy (or torch) inputs -> numpy outputs; floating outputs as float32."""
-        steps = next((feed[n].shape[a] for n, a in self.t_axis.items() if n in feed), None)
-        split = self.t_max is not None and steps is not None and steps > self.t_max
-        outputs = self.infer_device(feed, split=split)
+        """numpy (or torch) inputs -> numpy outputs; floating outputs as float32. A call with more
+        than T_max steps runs as several."""
+        outputs = self.infer_device(feed, split=True)
         return {name: (out.float() if out.is_floating_point() else out).cpu().numpy()
                 for name, out in outputs.items()}
 
