@@ -126,13 +126,19 @@ class Pipeline:
     # --- inputs --------------------------------------------------------------------------
     def pixels(self, image) -> np.ndarray:
         """A path or PIL image -> the (1,3,S,S) normalised input of the lowres stage."""
+        on_device = self.backend == "torch" and self.preprocess_on == "device"
+        return self._pixels_on(image, self.device if on_device else "cpu").cpu().numpy()
+
+    def _pixels_on(self, image, device):
+        """`pixels` as a float32 tensor on `device`, preprocessed where --preprocess says."""
+        import torch
+
         if not isinstance(image, Image.Image):
             image = open_image(image)
         pre = self.manifest["preprocessing"]
         if self.preprocess_on == "device":
-            device = self.device if self.backend == "torch" else "cpu"
-            return preprocess_on_device(image, pre["size"], pre["mean"], pre["std"], device).cpu().numpy()
-        return preprocess(image, pre["size"], pre["mean"], pre["std"])
+            return preprocess_on_device(image, pre["size"], pre["mean"], pre["std"], device)
+        return torch.from_numpy(preprocess(image, pre["size"], pre["mean"], pre["std"])).to(device)
 
     def prompt(self, settings: LookCloseSettings, prompt_embedding) -> np.ndarray:
         """(1,C): the learned prior (bottom-up) or the caller's embedding (top-down)."""
@@ -230,13 +236,7 @@ class Pipeline:
         if isinstance(image, np.ndarray):
             pixels = torch.from_numpy(image).to(device)
         else:
-            if not isinstance(image, Image.Image):
-                image = open_image(image)
-            pre = self.manifest["preprocessing"]
-            if self.preprocess_on == "device":
-                pixels = preprocess_on_device(image, pre["size"], pre["mean"], pre["std"], device)
-            else:
-                pixels = torch.from_numpy(preprocess(image, pre["size"], pre["mean"], pre["std"])).to(device)
+            pixels = self._pixels_on(image, device)
         sync()
         times["preprocess"] = time.perf_counter() - t0
 
