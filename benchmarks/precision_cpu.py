@@ -25,12 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ps3edge.calibration.calibrate import calibrate  # noqa: E402
 from ps3edge.calibration.data import synthetic_image  # noqa: E402
+from ps3edge.calibration.report import FEATURE_ROWS as ROWS  # noqa: E402
 from ps3edge.exporter.onnx_export import export  # noqa: E402
 from ps3edge.model import random_model, save_checkpoint  # noqa: E402
 from ps3edge.model.config import preset  # noqa: E402
 from ps3edge.runtime.planning import LookCloseSettings  # noqa: E402
-
-ROWS = ("lowres", "lowres kv", "selection features", "conv features", "highres (stage)", "end-to-end")
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from ..exporter.manifest import apply_default_mode, config_from_manifest, load_m
 from ..model.weights import file_sha256
 from ..runtime.planning import LookCloseSettings
 from . import int8 as int8mod
-from .data import StageInputs, file_digest, image_files
+from .data import StageInputs, image_files
 from .precision import convert_fp16, check_types, fp16_precision_map, tensor_types
 from .registry import SECTION, without_precision
 from .report import AccuracyReport, accuracy_report
@@ -115,6 +115,7 @@ def calibrate(artifact_dir, precision: str = "int8", images=None, *, method: str
         raise Ps3EdgeError(f"{artifact_dir} is not writable")
 
     calib_files: list[Path] = []
+    calib_digests: list[str] = []                   # sha256 of each calibration image, hashed once
     if precision == "int8":
         if images is None:
             raise Ps3EdgeError("INT8 calibration needs images: --images DIR")
@@ -145,11 +146,12 @@ def calibrate(artifact_dir, precision: str = "int8", images=None, *, method: str
                 staged += staged_files
                 stages_entry[name] = {"file": staged_files[0][1], "external_data": [f for _, f in staged_files[1:]],
                                       "precision_map": pmap}
+            calib_digests = [file_sha256(f) for f in calib_files]
             entry = {"producer": f"ps3edge {__version__}", "tool": int8mod.tool_version(tool), "method": method,
                      "percentile": defaults.CALIBRATION_PERCENTILE if method == "percentile" else None,
                      "samples": len(calib_files), "highres_samples": len(feeds["highres"]),
                      "exclude_blocks": list(blocks), "exclude_selection_branch": exclude_selection_branch,
-                     "calibration_images": [{"name": f.name, "sha256": file_digest(f)} for f in calib_files]}
+                     "calibration_images": [{"name": f.name, "sha256": d} for f, d in zip(calib_files, calib_digests)]}
         sel = manifest["stages"]["selector"]
         stages_entry["selector"] = {"file": sel["file"], "external_data": list(sel.get("external_data", [])),
                                     "precision_map": fp16_precision_map("selector")}
@@ -166,7 +168,7 @@ def calibrate(artifact_dir, precision: str = "int8", images=None, *, method: str
     with tempfile.TemporaryDirectory(prefix="ps3edge-sample-") as tmp:
         held = _report_images(precision, images, calib_files, holdout_images, holdout, Path(tmp))
         rep = accuracy_report(artifact_dir, precision, held, report_settings or LookCloseSettings(num_look_close=1),
-                              layer=layer, held_out={file_digest(f) for f in calib_files}, with_torch=with_torch,
+                              layer=layer, held_out=set(calib_digests), with_torch=with_torch,
                               progress=say)
     _attach_report(artifact_dir, manifest, precision, rep)
     return rep

@@ -10,7 +10,6 @@ their positions and that image's K/V cache. Everything is computed lazily, one i
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Callable
 
@@ -39,10 +38,6 @@ def image_files(folder, limit: int | None = None, what: str = "image folder") ->
             raise Ps3EdgeError(f"the number of samples must be at least 1, got {limit}")
         files = files[:limit]
     return files
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def spread(n: int, k: int) -> list[int]:

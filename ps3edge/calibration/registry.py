@@ -24,8 +24,6 @@ precision map's schema is in calibration/precision.py.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .. import defaults
 from ..errors import Ps3EdgeError
 
@@ -86,15 +84,13 @@ def stage_files(manifest: dict, precision: str, artifact_dir=None) -> dict[str, 
     return {name: info["file"] for name, info in entry["stages"].items()}
 
 
-def referenced_files(manifest: dict, skip_precision: str | None = None) -> set[str]:
+def referenced_files(manifest: dict) -> set[str]:
     """Files that the FP32 stages, the prior prompt and the other precisions' entries use."""
     used = {defaults.PRIOR_PROMPT_FILE}
     for info in manifest["stages"].values():
         used.add(info["file"])
         used.update(info.get("external_data", []))
-    for precision, entry in manifest.get(SECTION, {}).items():
-        if precision == skip_precision:
-            continue
+    for entry in manifest.get(SECTION, {}).values():
         for info in entry["stages"].values():
             used.add(info["file"])
             used.update(info.get("external_data", []))
@@ -122,6 +118,3 @@ def without_precision(manifest: dict, precision: str) -> dict:
         del m[SECTION]
     return m
 
-
-def precision_paths(artifact_dir, manifest: dict, precision: str) -> dict[str, Path]:
-    return {name: Path(artifact_dir) / f for name, f in stage_files(manifest, precision, artifact_dir).items()}

@@ -31,7 +31,7 @@ from .. import __version__, defaults
 from ..errors import Ps3EdgeError
 from ..exporter.manifest import write_json_atomic
 from ..parity import ParityRow, feature_diff, selection_iou
-from ..runtime.planning import LookCloseSettings, plan
+from ..runtime.planning import LookCloseSettings
 from ..runtime.preprocess import open_image
 
 FEATURE_ROWS = ("lowres", "lowres kv", "selection features", "conv features", "highres (stage)", "end-to-end")
@@ -122,15 +122,16 @@ def compare_pipelines(ref, test, pixels: np.ndarray, settings: LookCloseSettings
 
     sel_in = lambda low: {"selection_features": low["selection_features"],
                           "conv_features": low["conv_features"], "prompt": prompt}
-    prob_r = ref.stages["selector"].infer(sel_in(low_r))["prob"][0]
+    # each pipeline on its own lowres outputs and selection (used below and end to end)
+    res_r = ref.run_from_lowres(low_r, settings, layer=layer)
+    res_t = test.run_from_lowres(low_t, settings, layer=layer)
+    prob_r, prob_t = res_r.prob, res_t.prob
     prob_iso = test.stages["selector"].infer(sel_in(low_r))["prob"][0]
-    prob_t = test.stages["selector"].infer(sel_in(low_t))["prob"][0]
     d = float(np.abs(prob_iso - prob_r).max())
     rows.append(ParityRow("selector (stage)", label, max_abs=d, ok=d <= defaults.PROB_MAX_ABS_FP32))
     rows.append(ParityRow("selector (chained)", label, max_abs=float(np.abs(prob_t - prob_r).max())))
 
-    plan_r = plan(prob_r, settings, ref.geometry)
-    plan_t = plan(prob_t, settings, test.geometry)
+    plan_r, plan_t = res_r.plan, res_t.plan
     ious = [selection_iou(a, b) for a, b in zip(plan_t.selection_maps, plan_r.selection_maps)]
     same = all(np.array_equal(a, b) for a, b in zip(plan_t.selection_maps, plan_r.selection_maps))
     iou_text = "IoU " + ", ".join(f"{x:.3f}" for x in ious)
@@ -142,9 +143,6 @@ def compare_pipelines(ref, test, pixels: np.ndarray, settings: LookCloseSettings
         text = iou_text
     rows.append(ParityRow("selection", label, iou=min(ious), selection=text))
 
-    # end to end, each pipeline on its own lowres outputs and selection
-    res_r = ref.run_from_lowres(low_r, settings, layer=layer)
-    res_t = test.run_from_lowres(low_t, settings, layer=layer)
     for times, res in ((times_ref, res_r), (times_test, res_t)):
         for k in ("selector", "planning", "highres"):
             times[k] = res.timings_ms.get(k, 0.0)
@@ -210,7 +208,7 @@ def accuracy_report(artifact_dir, precision: str, images: list[Path], settings: 
     """`precision`'s stages against the FP32 stages (onnxruntime), on `images`; with
     `with_torch` also our torch model at that precision against itself in fp32."""
     from ..runtime.lookclose import Pipeline
-    from .data import file_digest
+    from ..model.weights import file_sha256
 
     say = progress or (lambda msg: None)
     if precision not in defaults.CALIBRATION_PRECISIONS:
@@ -234,7 +232,7 @@ def accuracy_report(artifact_dir, precision: str, images: list[Path], settings: 
     times: dict[str, dict[str, list[float]]] = {}
     for k, path in enumerate(images):
         path = Path(path)
-        digest = file_digest(path)
+        digest = file_sha256(path)
         report.images.append({"name": path.name, "sha256": digest,
                               "held_out": held_out is None or digest not in held_out})
         pil = open_image(path)
