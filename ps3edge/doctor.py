@@ -198,6 +198,22 @@ def backend_matrix(packages: dict, providers: list[str], cuda: dict, jetson: dic
             rows.append(_row("torch", "cuda", precision, True,
                              f"{cuda['devices'][0]['name']}: fast path (CUDA graph, device preprocessing)"))
 
+    # TensorRT, decided once: importable (what onnxruntime's TensorRT EP rows ask), and importable in a
+    # release ps3edge builds and runs engines with (platform.import_tensorrt's check, for `ps3edge build`)
+    trt_import_ok, trt_import_why = usable("tensorrt")
+    trt_engine_ok, trt_engine_why = trt_import_ok, trt_import_why
+    if trt_import_ok:
+        try:
+            from .engines.platform import MIN_TENSORRT_MAJOR, version_tuple
+
+            version = packages["tensorrt"]["version"]
+            if version is None or version_tuple(version)[0] < MIN_TENSORRT_MAJOR:
+                trt_engine_ok, trt_engine_why = False, (
+                    f"ps3edge builds and runs engines with TensorRT {MIN_TENSORRT_MAJOR} or newer; this is "
+                    f"TensorRT {version or '(version unknown)'} (JetPack 6.1+ ships TensorRT 10.3)")
+        except Exception as e:
+            trt_engine_ok, trt_engine_why = False, f"tensorrt version check failed ({_first_line(e)})"
+
     # onnxruntime: the exported stages, per execution provider
     ok, why = usable("onnxruntime")
     if not ok:
@@ -218,16 +234,18 @@ def backend_matrix(packages: dict, providers: list[str], cuda: dict, jetson: dic
                 elif not cuda["available"]:
                     rows.append(_row("onnxruntime", device, precision, False,
                                      f"{provider} listed, but {cuda['reason'] or 'no CUDA GPU'}"))
-                elif provider == "TensorrtExecutionProvider" and not usable("tensorrt")[0]:
+                elif provider == "TensorrtExecutionProvider" and not trt_import_ok:
                     rows.append(_row("onnxruntime", device, precision, False,
-                                     f"{provider} listed, but {usable('tensorrt')[1]}"))
+                                     f"{provider} listed, but {trt_import_why}"))
                 else:
                     good, reason = _sm_reason(precision, sm)
                     rows.append(_row("onnxruntime", device, precision, good, f"{provider}, {reason}"))
 
-    # TensorRT engines: ps3edge build (ONNX parser) and --via torch-tensorrt
-    for label, backend in (("tensorrt", "tensorrt"), ("torch-tensorrt", "torch-tensorrt")):
-        ok, why = usable(label)
+    # TensorRT engines: ps3edge build (ONNX parser) and --via torch-tensorrt (which needs TensorRT too)
+    tt_ok, tt_why = usable("torch-tensorrt")
+    if tt_ok and not trt_engine_ok:
+        tt_ok, tt_why = False, trt_engine_why
+    for backend, ok, why in (("tensorrt", trt_engine_ok, trt_engine_why), ("torch-tensorrt", tt_ok, tt_why)):
         for precision in ("fp32", "fp16", "bf16", "int8"):
             if not ok:
                 rows.append(_row(backend, "cuda", precision, False, why))
@@ -238,7 +256,19 @@ def backend_matrix(packages: dict, providers: list[str], cuda: dict, jetson: dic
                 rows.append(_row(backend, "cuda", precision, good, reason))
 
     # INT8 calibration (ps3edge calibrate): Model Optimizer where installed, else onnxruntime
+    # (the decision is calibrate's own: int8.modelopt_available, which also wants a data-reader-taking PTQ)
     mo_ok, mo_why = usable("modelopt")
+    if mo_ok:
+        try:
+            from .calibration.int8 import modelopt_available
+
+            mo_version = modelopt_available()
+        except Exception as e:
+            mo_version, mo_why = None, f"modelopt unusable ({_first_line(e)})"
+        if mo_version is None:
+            mo_ok = False
+            mo_why = mo_why or ("modelopt's ONNX quantization does not import, or is too old to take a "
+                                "calibration data reader")
     ort_ok, ort_why = usable("onnxruntime")
     if mo_ok:
         rows.append(_row("calibrate", "cpu", "int8", True, "NVIDIA Model Optimizer ONNX PTQ"))

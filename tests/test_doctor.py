@@ -8,16 +8,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
+from conftest import cli
 from ps3edge.doctor import jetpack_for, parse_tegra_release, probe_jetson
 
 
 def doctor(*args, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).with_name("ps3edge")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "ps3edge.cli"]
-    env = {**os.environ, "COLUMNS": "200", **(env_extra or {})}
-    return subprocess.run(command + ["doctor", *args], capture_output=True, text=True, timeout=300, env=env)
+    """`ps3edge doctor ARGS` through the shared runner, in the full os.environ (look-close variables kept)."""
+    return cli("doctor", *args, env={**os.environ, "COLUMNS": "200", **(env_extra or {})})
 
 
 def test_doctor_json_describes_this_machine():
@@ -73,6 +71,21 @@ def test_a_broken_package_is_reported_not_raised(tmp_path):
     assert trt["installed"] is True and "libnvinfer.so.10" in trt["error"]
     rows = [b for b in info["backends"] if b["backend"] == "tensorrt"]
     assert rows and all(not b["ok"] and "fails to import" in b["reason"] for b in rows)
+
+
+def test_a_tensorrt_older_than_build_accepts_is_reported_as_unusable(tmp_path):
+    """doctor agrees with `ps3edge build` (engines/platform.import_tensorrt): TensorRT 8.6 imports,
+    but engines need 10 or newer."""
+    fake = tmp_path / "tensorrt"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("__version__ = '8.6.1'\n")
+    r = doctor("--json", env_extra={"PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["packages"]["tensorrt"] == {"installed": True, "version": "8.6.1", "error": None}
+    rows = [b for b in info["backends"] if b["backend"] == "tensorrt"]
+    assert rows and all(not b["ok"] and "TensorRT 10 or newer" in b["reason"] and "8.6.1" in b["reason"]
+                        for b in rows)
 
 
 def test_jetson_release_parsing(tmp_path):
