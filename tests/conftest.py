@@ -1,12 +1,40 @@
-"""Shared fixtures: exported tiny artifacts, PS3 and VILA-HD (once per test session), and small test images."""
+"""Shared fixtures: exported tiny artifacts, PS3 and VILA-HD (once per test session), small test images,
+and the runner for the `ps3edge` command line (`cli`, `clean_env`)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from ps3edge.exporter.onnx_export import export
+
+LOOK_CLOSE_VARS = ("NUM_LOOK_CLOSE", "NUM_TOKEN_LOOK_CLOSE", "SELECT_NUM_EACH_SCALE", "LOOK_CLOSE_MODE",
+                   "SMOOTH_SELECTION_PROB")
+SCRIPT = Path(sys.executable).with_name("ps3edge")
+
+
+def clean_env(columns: str | None = "200", **extra: str) -> dict:
+    """os.environ without the look-close variables (so the developer's shell cannot leak in), COLUMNS set to
+    `columns` (rich wraps tables at 80 columns when not on a terminal; None leaves COLUMNS as it is), and `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in LOOK_CLOSE_VARS}
+    if columns is not None:
+        env["COLUMNS"] = columns
+    env.update(extra)
+    return env
+
+
+def cli(*args, env: dict | None = None, cwd=None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the installed console script (or `python -m ps3edge.cli` where it is not installed); env defaults
+    to clean_env()."""
+    command = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "ps3edge.cli"]
+    return subprocess.run(command + [str(a) for a in args], env=clean_env() if env is None else env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,24 +12,15 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import random_image
+from conftest import clean_env, random_image
+from conftest import cli as run_cli
 from ps3edge.runtime.preprocess import open_image, to_rgb
-
-LOOK_CLOSE_VARS = ("NUM_LOOK_CLOSE", "NUM_TOKEN_LOOK_CLOSE", "SELECT_NUM_EACH_SCALE", "LOOK_CLOSE_MODE",
-                   "SMOOTH_SELECTION_PROB")
-SCRIPT = Path(sys.executable).with_name("ps3edge")
-
-
-def clean_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in LOOK_CLOSE_VARS}
-    env.update(extra)
-    return env
 
 
 def cli(*args, **env) -> subprocess.CompletedProcess:
-    command = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "ps3edge.cli"]
-    return subprocess.run(command + [str(a) for a in args], env=clean_env(**env), capture_output=True,
-                          text=True, timeout=300)
+    """The shared runner, the look-close variables given as keywords; COLUMNS is left as it is (rich's own
+    width when not on a terminal), unlike the other CLI tests."""
+    return run_cli(*args, env=clean_env(columns=None, **env))
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str, absent=(), clean_dirs=()) -> str:

@@ -14,28 +14,10 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import random_image
+from conftest import SCRIPT, clean_env, cli, random_image
 
-LOOK_CLOSE_VARS = ("NUM_LOOK_CLOSE", "NUM_TOKEN_LOOK_CLOSE", "SELECT_NUM_EACH_SCALE", "LOOK_CLOSE_MODE",
-                   "SMOOTH_SELECTION_PROB")
 LOWRES_TOKENS = 729
 TINY_WIDTH = 64
-SCRIPT = Path(sys.executable).with_name("ps3edge")
-
-
-def clean_env(**extra: str) -> dict:
-    """os.environ without the look-close variables (so the developer's shell cannot leak in)."""
-    env = {k: v for k, v in os.environ.items() if k not in LOOK_CLOSE_VARS}
-    env["COLUMNS"] = "200"          # rich wraps tables at 80 columns when not on a terminal
-    env.update(extra)
-    return env
-
-
-def cli(*args, env: dict | None = None, cwd=None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the installed console script (or `python -m ps3edge.cli` where it is not installed)."""
-    command = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "ps3edge.cli"]
-    return subprocess.run(command + [str(a) for a in args], env=clean_env() if env is None else env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import cli as run_cli
 from ps3edge.errors import Ps3EdgeError
 from ps3edge.exporter.lint import lint_artifacts, lint_model, parse_trt_version
 from ps3edge.model.weights import file_sha256
@@ -230,10 +228,8 @@ def test_our_stages_lint_clean(artifacts, preset, max_look_close):
 
 
 def cli(*args):
-    script = Path(sys.executable).with_name("ps3edge")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "ps3edge.cli"]
-    return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, timeout=300,
-                          env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    """The shared runner in a bare environment: only COLUMNS and the system PATH."""
+    return run_cli(*args, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
 
 
 def test_cli_inspect_lint(artifacts, tmp_path):

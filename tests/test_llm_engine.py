@@ -11,15 +11,14 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import random_image
+from conftest import clean_env, cli, random_image
 from ps3edge.engines.builder import BuildOptions
 from ps3edge.engines.llm_engine import (DEFAULT_LLM_MAX_PROMPT, llm_profiles, max_prompt_for, plan_vila_build,
                                         projector_width)
 from ps3edge.errors import Ps3EdgeError
 from ps3edge.llm.pipeline import VilaPipeline, load_vila_manifest
 from ps3edge.model.weights import file_sha256
-from test_cli import cli, clean_env
-from test_engines import TRT_SKIP, tensorrt_missing
+from test_engines import _need_gpu_tensorrt, tensorrt_missing
 
 
 @pytest.fixture(scope="module")
@@ -124,13 +123,6 @@ def test_build_and_chat_without_tensorrt_exit_2_with_one_line_and_write_nothing(
 
 
 # --- with TensorRT (skipped here) ------------------------------------------------------------------
-def _need_gpu_tensorrt():
-    pytest.importorskip("tensorrt", reason=TRT_SKIP)
-    import torch
-    if not torch.cuda.is_available():
-        pytest.skip("TensorRT is installed but no CUDA GPU is visible")
-
-
 @pytest.fixture
 def vila_copy(vila_art, tmp_path):
     import shutil

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,20 +12,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conftest import clean_env
+from conftest import cli as run_cli
 from ps3edge import defaults
 from ps3edge.errors import Ps3EdgeError
 from ps3edge.model import PS3, build, load_checkpoint, preset, random_model, save_checkpoint
 
-SCRIPT = Path(sys.executable).with_name("ps3edge")
-LOOK_CLOSE_VARS = ("NUM_LOOK_CLOSE", "NUM_TOKEN_LOOK_CLOSE", "SELECT_NUM_EACH_SCALE", "LOOK_CLOSE_MODE",
-                   "SMOOTH_SELECTION_PROB")
-
 
 def cli(*args) -> subprocess.CompletedProcess:
-    command = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "ps3edge.cli"]
-    env = {k: v for k, v in os.environ.items() if k not in LOOK_CLOSE_VARS}
-    env["COLUMNS"] = "400"                # rich wraps at 80 columns when not on a terminal
-    return subprocess.run(command + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=300)
+    """The shared runner with COLUMNS=400: rich wraps at 80 columns when not on a terminal."""
+    return run_cli(*args, env=clean_env(columns="400"))
 
 
 def assert_same_state(a: torch.nn.Module | dict, b: torch.nn.Module | dict):
