@@ -401,6 +401,9 @@ def _print_lint(artifacts: Path, manifest: dict, trt_version: str, max_look_clos
             console.print(title, highlight=False)
         for note in report.notes:
             console.print(f"note: {escape(note)}", highlight=False)
+        if report.largest_tensor:
+            console.print(f"largest tensor at the profile max: {report.largest_tensor:.3g} elements "
+                          f"({report.largest_tensor / 2 ** 31:.0%} of TensorRT's 2^31 limit)", highlight=False)
         console.print(f"{len(report.errors)} errors, {len(report.warnings)} warnings in "
                       f"{len(manifest['stages'])} stages", highlight=False)
     if report.errors:

@@ -225,6 +225,13 @@ def test_our_stages_lint_clean(artifacts, preset, max_look_close):
     assert not [f for f in report.findings if f.check in ("dtype", "int64")]
     assert t_max == (6 if max_look_close is None else {"ps3-tiny": 6, "ps3-tiny-4k": 35}[preset])
     assert {f.stage for f in report.findings} <= {"lowres", "selector", "highres"}
+    # shape inference follows every stage to the end (the `unflatten` axis arithmetic of the
+    # traced attention is folded first), so the attention scores, T x heads x N x (N0 + N),
+    # are sized and are the largest tensor at the profile max
+    assert report.notes == []
+    manifest = json.loads((artifacts(preset) / "manifest.json").read_text())
+    n, n0 = (manifest["geometry"][k] for k in ("max_tokens_per_highres_call", "lowres_tokens"))
+    assert report.largest_tensor == t_max * manifest["model"]["num_heads"] * n * (n0 + n)
 
 
 def cli(*args):
@@ -237,6 +244,7 @@ def test_cli_inspect_lint(artifacts, tmp_path):
     r = cli("inspect", "--lint", good)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "0 errors" in r.stdout and "TensorRT 10.3" in r.stdout
+    assert "largest tensor at the profile max: 2.02e+08 elements (9% of TensorRT's 2^31 limit)" in r.stdout
 
     # the same artifact with its highres stage declared opset 21: TensorRT 10.3 cannot parse it
     bad = tmp_path / "bad"

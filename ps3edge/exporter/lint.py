@@ -205,8 +205,8 @@ class LintReport:
 
     def to_dict(self) -> dict:
         return {"trt_version": self.trt_version, "ok": self.ok, "errors": len(self.errors),
-                "warnings": len(self.warnings), "notes": list(self.notes),
-                "findings": [f.to_dict() for f in self.findings]}
+                "warnings": len(self.warnings), "largest_tensor": self.largest_tensor,
+                "notes": list(self.notes), "findings": [f.to_dict() for f in self.findings]}
 
 
 # --- versions -----------------------------------------------------------------------------------
@@ -281,7 +281,51 @@ def _prepare_for_inference(model: onnx.ModelProto, base_dir: Path | None, max_el
                     a.t.CopyFrom(t)
         nodes.append(n)
     del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    model.graph.node.extend(_fold_small_constants(model, nodes))
+
+
+_FOLD_MAX_ELEMENTS = 4096
+
+
+def _fold_small_constants(model: onnx.ModelProto, nodes: list) -> list:
+    """Evaluate, with onnx's reference evaluator, the nodes whose inputs are all small constants
+    (e.g. the `-1 % 3` Mod that `torch.unflatten(-1, ...)` leaves in a traced graph to find its
+    axis), and replace each by a Constant node holding its result. onnxruntime's symbolic shape
+    inference does not compute such values, and without them it cannot follow the Slice ->
+    Concat -> Reshape that sizes the attention tensors."""
+    from onnx.reference import ReferenceEvaluator
+
+    opsets = {o.domain or "": o.version for o in model.opset_import if o.domain in ("", "ai.onnx")}
+    values: dict[str, np.ndarray] = {}
+    for t in model.graph.initializer:
+        if math.prod(t.dims) <= _FOLD_MAX_ELEMENTS and t.data_location == TensorProto.DEFAULT:
+            values[t.name] = numpy_helper.to_array(t)
+    folded = []
+    for n in nodes:
+        if n.op_type == "Constant":
+            t = _attr(n, "value")
+            if isinstance(t, TensorProto) and n.output and math.prod(t.dims) <= _FOLD_MAX_ELEMENTS:
+                values[n.output[0]] = numpy_helper.to_array(t)
+            folded.append(n)
+            continue
+        foldable = (n.domain in ("", "ai.onnx") and n.op_type not in _RANDOM_OPS | _NO_TYPE_CHECK
+                    and n.input and all(i in values for i in n.input if i))
+        results = None
+        if foldable:
+            try:
+                results = ReferenceEvaluator(n, opsets=opsets).run(None, {i: values[i] for i in n.input if i})
+            except Exception:     # an op the reference evaluator lacks: leave it to inference
+                results = None
+        if results is None or len(results) != len(n.output) or any(
+                np.asarray(r).size > _FOLD_MAX_ELEMENTS for r in results):
+            folded.append(n)
+            continue
+        for name, r in zip(n.output, results):
+            r = np.asarray(r)
+            values[name] = r
+            folded.append(onnx.helper.make_node("Constant", [], [name], name=f"{n.name or name}_folded",
+                                                value=numpy_helper.from_array(r, name)))
+    return folded
 
 
 @contextlib.contextmanager
@@ -818,6 +862,14 @@ def lint_model(model, trt_version=defaults.DEFAULT_LINT_TRT_VERSION, profile: di
     declared: input name -> {"dtype", "shape"} from the stage declaration (manifest), if any.
     """
     version = parse_trt_version(trt_version)
+    report = _lint_stage(model, version, profile, declared, base_dir, stage)
+    if _version_note(version):
+        report.notes.append(_version_note(version))
+    _sort_findings(report)
+    return report
+
+
+def _lint_stage(model, version: tuple[int, int], profile, declared, base_dir, stage) -> LintReport:
     if isinstance(model, (str, Path)):
         path = Path(model)
         try:
@@ -825,13 +877,12 @@ def lint_model(model, trt_version=defaults.DEFAULT_LINT_TRT_VERSION, profile: di
         except Exception as e:
             raise Ps3EdgeError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         base_dir = path.parent if base_dir is None else base_dir
-    linter = _Linter(model, version, profile, declared, Path(base_dir) if base_dir else None, stage)
-    report = linter.run()
-    if _version_note(version):
-        report.notes.append(_version_note(version))
+    return _Linter(model, version, profile, declared, Path(base_dir) if base_dir else None, stage).run()
+
+
+def _sort_findings(report: LintReport) -> None:
     order = {s: i for i, s in enumerate(SEVERITIES)}
     report.findings.sort(key=lambda f: order.get(f.severity, 9))
-    return report
 
 
 def lint_artifacts(artifact_dir, trt_version=defaults.DEFAULT_LINT_TRT_VERSION, max_look_close=None,
@@ -853,16 +904,9 @@ def lint_artifacts(artifact_dir, trt_version=defaults.DEFAULT_LINT_TRT_VERSION, 
         report.notes.append(_version_note(version))
     for stage, info in manifest["stages"].items():
         declared = {t["name"]: t for t in info["inputs"]}
-        r = lint_model(artifact_dir / info["file"], trt_version, profile=bounds.get(stage), declared=declared,
-                       base_dir=artifact_dir, stage=stage)
+        r = _lint_stage(artifact_dir / info["file"], version, bounds.get(stage), declared, artifact_dir, stage)
         report.findings.extend(r.findings)
-        report.notes.extend(f"{stage}: {n}" for n in r.notes if n != _version_note(version))
-        if stage == "highres" and r.largest_tensor > MAX_TENSOR_ELEMENTS:
-            # every big highres tensor has T as its leading axis, so sizes grow linearly with T
-            fits = MAX_TENSOR_ELEMENTS * t_max // r.largest_tensor
-            report.notes.append(f"highres: at most {fits} look-close steps per call keep every tensor under "
-                                f"2^31 elements (--max-look-close {fits})" if fits >= 1 else
-                                "highres: even one look-close step per call overflows a TensorRT tensor")
-    order = {s: i for i, s in enumerate(SEVERITIES)}
-    report.findings.sort(key=lambda f: order.get(f.severity, 9))
+        report.notes.extend(f"{stage}: {n}" for n in r.notes)
+        report.largest_tensor = max(report.largest_tensor, r.largest_tensor)
+    _sort_findings(report)
     return report, t_max
