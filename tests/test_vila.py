@@ -196,6 +196,34 @@ def test_context_rule_refuses_requests_that_cannot_fit(short_context_art):
         p.check_context(settings_from_env({}, num_token_look_close=5000))
 
 
+def test_vision_tower_is_built_once(short_context_art, tmp_path, monkeypatch):
+    """Export and the torch pipeline use VILA-HD's own vision tower for the PS3 stages instead of
+    loading the checkpoint's (or building the preset's) weights a second time."""
+    import ps3edge.exporter.onnx_export as onnx_export
+    import ps3edge.runtime.backends as backends
+    from ps3edge.model.weights import LoadedModel
+    from ps3edge.runtime.backends import rebuild_torch_model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the PS3 model was built a second time")
+    for module, name in ((backends, "build"), (backends, "load_checkpoint"), (onnx_export, "build")):
+        monkeypatch.setattr(module, name, refuse)
+    export_vila("vila-hd-tiny", tmp_path / "art", seed=3)
+    p = VilaPipeline(short_context_art / "art", "torch")
+    assert p.manifest["source"]["kind"] == "checkpoint"
+    tower = p.ps3.stages["lowres"].module.model
+    assert p.ps3.stages["highres"].module.model is tower
+
+    # a tower that is not the artifact's is refused in one line
+    other = build_vila("vila-hd-tiny", seed=5).ps3
+    with pytest.raises(Ps3EdgeError, match="not the one the artifact was exported from"):
+        rebuild_torch_model(json.loads((tmp_path / "art" / "ps3" / "manifest.json").read_text()), other)
+    same = build_vila("vila-hd-tiny", seed=3).ps3
+    manifest = json.loads((tmp_path / "art" / "ps3" / "manifest.json").read_text())
+    assert rebuild_torch_model(manifest, same) is same.model
+    assert isinstance(same, LoadedModel)
+
+
 # --- the chat command ---------------------------------------------------------------------------
 
 def test_chat_cli_json_and_exit_codes(vila_art, short_context_art, tmp_path):

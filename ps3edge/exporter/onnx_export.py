@@ -21,7 +21,7 @@ from .. import defaults
 from ..errors import Ps3EdgeError
 from ..model import HighResStage, LowResStage, SelectorStage, build
 from ..model.stages import normalize_layers
-from ..model.weights import file_sha256
+from ..model.weights import LoadedModel, file_sha256
 from .manifest import build_manifest, publish_dir, write_json_atomic
 from .spec import STAGE_ORDER, stage_specs
 
@@ -90,10 +90,11 @@ def _max_opset() -> int | None:
         return None
 
 
-def export(model_spec: str, out_dir, opset: int = defaults.DEFAULT_OPSET,
+def export(model_spec, out_dir, opset: int = defaults.DEFAULT_OPSET,
            returned_layers=defaults.DEFAULT_RETURNED_LAYERS, seed: int = defaults.DEFAULT_SEED,
            overwrite: bool = False, progress: Callable[[str], None] | None = None) -> dict:
-    """Export `model_spec` (preset or checkpoint dir) to `out_dir`; returns the manifest."""
+    """Export `model_spec` (preset name, checkpoint dir, or an already built weights.LoadedModel)
+    to `out_dir`; returns the manifest."""
     say = progress or (lambda msg: None)
     if opset < defaults.MIN_OPSET:
         raise Ps3EdgeError(f"opset {opset} is too old; ps3edge exports opset {defaults.MIN_OPSET} or newer")
@@ -106,8 +107,11 @@ def export(model_spec: str, out_dir, opset: int = defaults.DEFAULT_OPSET,
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, overwrite)
 
-    say(f"loading {model_spec}")
-    loaded = build(model_spec, seed)
+    if isinstance(model_spec, LoadedModel):
+        loaded = model_spec
+    else:
+        say(f"loading {model_spec}")
+        loaded = build(model_spec, seed)
     model, cfg = loaded.model, loaded.cfg
     bad = [l for l in returned_layers if not -cfg.depth <= l < cfg.depth]
     if bad:

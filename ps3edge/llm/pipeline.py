@@ -68,7 +68,7 @@ def export_vila(model_spec: str, out_dir, seed: int = defaults.DEFAULT_SEED, ops
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
     try:
         say("exporting PS3 stages")
-        export_ps3(model.ps3_spec, staging / "ps3", opset=opset, returned_layers=(VILA_LAYER,), seed=model.ps3_seed)
+        export_ps3(model.ps3, staging / "ps3", opset=opset, returned_layers=(VILA_LAYER,))
         say("exporting the projector")
         export_projector(model.projector, staging / "projector.onnx", opset=opset)
         say("exporting the LLM")
@@ -189,9 +189,12 @@ class VilaPipeline:
             if missing:
                 raise Ps3EdgeError(f"{self.art} has no TensorRT engine for {', '.join(missing)}; build them with "
                                    f"'ps3edge build {self.art}'")
+        # the torch backend's whole model, built once: its vision tower also runs the PS3 stages
+        model = self._rebuild() if backend == "torch" else None
         # VILA-HD looks at the low-res tokens before it selects (run_lowres / run_from_lowres),
         # which the one-program GPU fast path does not split; its torch backend stays staged
-        self.ps3 = Pipeline(self.art / "ps3", backend, verify=verify, fast=False if backend == "torch" else None)
+        self.ps3 = Pipeline(self.art / "ps3", backend, verify=verify, fast=False if backend == "torch" else None,
+                            loaded=model.ps3 if model is not None else None)
         self.tokenizer = load_tokenizer(self.art / "tokenizer")
         self.context_length = int(self.manifest["context_length"])
         if backend in ("onnxruntime", "tensorrt"):
@@ -206,7 +209,6 @@ class VilaPipeline:
             head = np.load(self.art / "prompt_head.npz") if self.manifest.get("top_down") else None
             self._head = (lambda h: h @ head["weight"].T + head["bias"]) if head is not None else None
         else:
-            model = self._rebuild()
             self.llm = TorchLLM(model.llm)
             self.embed_table = model.llm.get_input_embeddings().weight.detach().float().numpy()
 

@@ -49,16 +49,6 @@ class VilaHD:
     context_length: int
     source: dict                           # {"kind": "preset", ...} or {"kind": "checkpoint", ...}
 
-    @property
-    def ps3_spec(self) -> str:
-        """What `ps3edge.exporter.onnx_export.export` takes to export the vision tower."""
-        s = self.ps3.source
-        return s["name"] if s["kind"] == "preset" else s["path"]
-
-    @property
-    def ps3_seed(self) -> int:
-        return int(self.ps3.source.get("seed", defaults.DEFAULT_SEED))
-
 
 def _require_transformers():
     try:

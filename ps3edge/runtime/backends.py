@@ -111,10 +111,17 @@ def ort_tensorrt_options(stage_bounds: dict | None, cache_dir: Path) -> dict:
     return options
 
 
-def rebuild_torch_model(manifest: dict):
-    """Our PyTorch PS3 with the artifact's weights (preset seed or the checkpoint, sha256 checked)."""
+def rebuild_torch_model(manifest: dict, loaded=None):
+    """Our PyTorch PS3 with the artifact's weights (preset seed or the checkpoint, sha256 checked).
+
+    `loaded` (a weights.LoadedModel the caller already holds, e.g. VILA-HD's vision tower) is
+    used instead of building the model again, after the same checks."""
     source = manifest.get("source", {})
-    if source.get("kind") == "preset":
+    if loaded is not None:
+        keys = ("kind", "name", "seed") if source.get("kind") == "preset" else ("kind", "sha256")
+        if any(loaded.source.get(k) != source.get(k) for k in keys):
+            raise Ps3EdgeError("the PS3 model given to the torch backend is not the one the artifact was exported from")
+    elif source.get("kind") == "preset":
         loaded = build(source["name"], seed=int(source.get("seed", defaults.DEFAULT_SEED)))
     elif source.get("kind") == "checkpoint":
         loaded = load_checkpoint(Path(source["path"]))
@@ -129,12 +136,13 @@ def rebuild_torch_model(manifest: dict):
     return loaded.model
 
 
-def load_stages(artifact_dir: Path, manifest: dict, backend: str, precision: str = "fp32") -> dict:
+def load_stages(artifact_dir: Path, manifest: dict, backend: str, precision: str = "fp32", loaded=None) -> dict:
     """name -> runner for the three stages of an artifact, on the chosen backend.
 
     `precision` (fp32, fp16, int8) picks the stage files that 'ps3edge calibrate' registered in
     the manifest's "precisions" section (onnxruntime); the torch backend runs fp16 / bf16 by the
-    same policy (calibration/precision.py)."""
+    same policy (calibration/precision.py). `loaded`: the torch backend's model, if already built
+    (see rebuild_torch_model)."""
     if backend not in BACKENDS:
         raise Ps3EdgeError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
     stages = manifest["stages"]
@@ -149,7 +157,7 @@ def load_stages(artifact_dir: Path, manifest: dict, backend: str, precision: str
             raise Ps3EdgeError("--precision picks ONNX stage files (onnxruntime, torch); TensorRT engines run at "
                                "the precision 'ps3edge build --precision' gave them")
         return load_tensorrt_stages(Path(artifact_dir), manifest)
-    model = rebuild_torch_model(manifest)
+    model = rebuild_torch_model(manifest, loaded)
     layers = manifest["returned_layers"]
     if precision == "fp32":
         modules = {"lowres": LowResStage(model, layers), "selector": SelectorStage(model),

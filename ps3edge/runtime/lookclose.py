@@ -80,11 +80,13 @@ class Pipeline:
     device: the torch backend's device (auto: CUDA when there is one). fast: run the loop as one
     device-resident program (`fast.FastLookClose`); by default on CUDA only. preprocess:
     'device' resizes on the run's device (bit-identical to PIL), 'cpu' with PIL; by default on
-    the device when the fast path runs.
+    the device when the fast path runs. loaded: for the torch backend, the artifact's PS3 model
+    when the caller already holds it (a weights.LoadedModel; checked against the manifest).
     """
 
     def __init__(self, artifact_dir, backend: str = "onnxruntime", verify: bool = True, precision: str = "fp32",
-                 device: str | None = None, fast: bool | None = None, preprocess: str | None = None):
+                 device: str | None = None, fast: bool | None = None, preprocess: str | None = None,
+                 loaded=None):
         self.artifact_dir = Path(artifact_dir)
         self.manifest = load_manifest(self.artifact_dir, verify=verify)
         self.cfg = config_from_manifest(self.manifest)
@@ -107,20 +109,21 @@ class Pipeline:
                 raise Ps3EdgeError(f"the torch fast path runs in {', '.join(FAST_PRECISIONS)}, not {precision} "
                                    f"(--device cpu runs the staged torch path)")
             from .fast import FastLookClose
-            self.fast = FastLookClose(rebuild_torch_model(self.manifest), device=self.device, dtype=precision)
+            self.fast = FastLookClose(rebuild_torch_model(self.manifest, loaded), device=self.device, dtype=precision)
         elif backend == "torch" and self.device != "cpu":
             if device not in (None, "auto"):
                 raise Ps3EdgeError("the staged torch backend runs on the CPU; on CUDA the torch backend is the fast path")
             self.device = "cpu"
         self.preprocess_on = preprocess or ("device" if self.fast else "cpu")
         # the stage runners; with the fast path they load only if the staged API is used
-        self._stages = None if self.fast else load_stages(self.artifact_dir, self.manifest, backend, precision)
+        self._loaded = loaded
+        self._stages = None if self.fast else load_stages(self.artifact_dir, self.manifest, backend, precision, loaded)
         self.prior_prompt = np.load(self.artifact_dir / defaults.PRIOR_PROMPT_FILE).reshape(1, -1)
 
     @property
     def stages(self) -> dict:
         if self._stages is None:
-            self._stages = load_stages(self.artifact_dir, self.manifest, self.backend, self.precision)
+            self._stages = load_stages(self.artifact_dir, self.manifest, self.backend, self.precision, self._loaded)
         return self._stages
 
     # --- inputs --------------------------------------------------------------------------
