@@ -180,8 +180,10 @@ def preprocess_on_device(image: Image.Image, size: int, mean, std, device="cpu",
     normalisation run there. Bit-identical to `preprocess` in float32."""
     rgb = np.array(to_rgb(image), dtype=np.uint8)                            # (H,W,3), a writable copy
     x = torch.from_numpy(rgb).to(device).permute(2, 0, 1)
-    x = resize_like_pil(x, size, size).long()                                # (3,S,S) levels 0..255
+    x = resize_like_pil(x, size, size)                                       # (3,S,S) int32 levels 0..255
     table = torch.from_numpy(_normalise_table(tuple(float(m) for m in mean),
                                               tuple(float(s) for s in std))).to(x.device)
-    channel = torch.arange(3, device=x.device).reshape(3, 1, 1)
-    return table[channel, x][None].to(dtype)                                 # (1,3,S,S)
+    # row c of the table starts at 256 c: look each level up with int32 indices (an int64 index
+    # of a 3780^2 image would be another 343 MB)
+    x += torch.arange(0, 3 * 256, 256, dtype=torch.int32, device=x.device).reshape(3, 1, 1)
+    return table.flatten().index_select(0, x.flatten()).reshape(1, 3, size, size).to(dtype)
