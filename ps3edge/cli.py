@@ -156,7 +156,7 @@ def build(
                            force=force).validate()
     vila = is_vila_artifact(artifacts)
     if vila:
-        check_vila_options(artifacts, options, max_prompt)        # fails before any PS3 engine is written
+        vila_checked = check_vila_options(artifacts, options, max_prompt)   # fails before any PS3 engine is written
     elif max_prompt is not None:
         raise Ps3EdgeError(f"--max-prompt applies to VILA-HD artifacts (with vila.json); {artifacts} is a PS3 artifact")
     start = time.perf_counter()
@@ -165,7 +165,8 @@ def build(
         manifest = do_build(ps3_dir, options, progress=_progress(status))
         rows = [(name, ps3_dir, e) for name, e in manifest["engines"].items()]
         if vila:
-            vila_manifest = build_vila_engines(artifacts, options, max_prompt, progress=_progress(status))
+            vila_manifest = build_vila_engines(artifacts, options, max_prompt, progress=_progress(status),
+                                               checked=vila_checked)
             rows += [(name, Path(artifacts), e) for name, e in vila_manifest["engines"].items()]
     table = Table(title=f"TensorRT engines in {escape(str(artifacts))}")
     for col in ("stage", "file", "precision", "MiB", "context MiB", "profile (max)"):

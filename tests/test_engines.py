@@ -294,6 +294,26 @@ def test_timing_cache_file_round_trip_and_atomic_replace(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["timing.cache"]   # and no temporary is left
 
 
+def test_atomic_writes_give_the_usual_file_permissions(tmp_path):
+    """Manifests rewritten by build / calibrate, engines and caches are readable as a plain
+    open() would make them (mkstemp's temporaries are 0600)."""
+    import os
+    import stat
+
+    from ps3edge.exporter.manifest import copy_atomic, write_json_atomic
+
+    mask = os.umask(0)
+    os.umask(mask)
+    write_json_atomic(tmp_path / "manifest.json", {"a": 1})
+    write_json_atomic(tmp_path / "manifest.json", {"a": 2})           # replacing an existing file
+    write_timing_cache(tmp_path / "timing.cache", b"tactics")
+    copy_atomic(tmp_path / "timing.cache", tmp_path / "copy.engine")
+    for name in ("manifest.json", "timing.cache", "copy.engine"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask, name
+    assert json.loads((tmp_path / "manifest.json").read_text()) == {"a": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.engine", "manifest.json", "timing.cache"]
+
+
 def test_timing_cache_path_errors(tmp_path):
     with pytest.raises(Ps3EdgeError, match="is a directory"):
         read_timing_cache(tmp_path)

@@ -41,10 +41,10 @@ from typing import Callable
 from .. import defaults
 from ..calibration.precision import WHOLE_STAGE_FP32
 from ..errors import Ps3EdgeError
-from ..exporter.manifest import _check_consistent, load_manifest, write_json_atomic
+from ..exporter.manifest import _check_consistent, copy_atomic, load_manifest, write_bytes_atomic, write_json_atomic
 from ..exporter.spec import STAGE_ORDER
 from ..model.weights import file_sha256
-from .cache import EngineCache, copy_atomic, engine_cache_key, read_timing_cache, write_bytes_atomic, write_timing_cache
+from .cache import EngineCache, engine_cache_key, read_timing_cache, write_timing_cache
 from .platform import import_tensorrt, import_torch_tensorrt, machine_facts, version_tuple
 from .profiles import is_dynamic, look_close_steps, profile_bounds
 

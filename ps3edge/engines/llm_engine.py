@@ -171,14 +171,17 @@ def check_vila_options(art: Path, options: BuildOptions, max_prompt=None) -> dic
 
 
 def build_vila_engines(art, options: BuildOptions, max_prompt=None,
-                       progress: Callable[[str], None] | None = None) -> dict:
+                       progress: Callable[[str], None] | None = None, checked: dict | None = None) -> dict:
     """Build (or reuse) the projector and LLM engines of a VILA-HD artifact; returns vila.json.
 
+    `checked`: vila.json as `check_vila_options` returned it for these options, when the caller
+    has checked already (its files are hashed once: an LLM's ONNX can be tens of GB).
     Engine files are written atomically, then vila.json is replaced in one rename; files of
     engines a rebuild replaced are removed after that, new files again if the build fails."""
     say = progress or (lambda msg: None)
     art = Path(art)
-    manifest = check_vila_options(art, options, max_prompt)       # nothing written, no TensorRT yet
+    # nothing written, no TensorRT yet
+    manifest = checked if checked is not None else check_vila_options(art, options, max_prompt)
     trt = import_tensorrt()
     facts = machine_facts(trt)
     width4 = projector_width(art)
