@@ -123,23 +123,12 @@ def reference_run(art: Path, image, settings):
 
 
 def highres_feeds(pipe, prob, low, settings):
-    """The highres calls of the loop for this probability map: one per step length."""
-    from collections import defaultdict
-
+    """The highres calls of the loop for this probability map: one per step length (the
+    TensorRT stage splits calls longer than its profile itself)."""
+    from ps3edge.runtime.lookclose import highres_feeds as plan_feeds
     from ps3edge.runtime.planning import plan
 
-    the_plan = plan(prob, settings, pipe.geometry)
-    by_length = defaultdict(list)
-    for t in range(len(the_plan.steps)):
-        pos = the_plan.step_positions(pipe.geometry, t)
-        if len(pos):
-            by_length[len(pos)].append(pos)
-    patches = low["highres_patches"][0]
-    feeds = []
-    for n, group in sorted(by_length.items(), reverse=True):
-        pos = np.stack(group)
-        feeds.append({"patches": patches[pos], "positions": pos, "kv_cache": low["kv_cache"]})
-    return feeds
+    return list(plan_feeds(plan(prob, settings, pipe.geometry), low, pipe.geometry))
 
 
 # --- measuring ---------------------------------------------------------------------------------------

@@ -253,6 +253,28 @@ def test_steps_partition_the_selection():
     assert pos.min() >= 0 and pos.max() < 87480
 
 
+@pytest.mark.parametrize("steps_per_call", [None, 2, 1])
+def test_highres_feeds_group_steps_by_length(steps_per_call):
+    """3 full steps of 2560 and a last one of 918 (the floor rule on the 920 left): calls hold
+    steps of one length, longest first, at most steps_per_call each; every step once, in order."""
+    from ps3edge.runtime.lookclose import highres_feeds
+
+    p = plan(np.random.default_rng(6).random((27, 27), dtype=np.float32),
+             settings_from_env({}, num_token_look_close=3 * 2560 + 920), GEO_4K)
+    low = {"highres_patches": np.random.default_rng(7).random((1, 87480, 588), dtype=np.float32),
+           "kv_cache": np.zeros((2, 1, 4, 729, 16), np.float32)}
+    feeds = list(highres_feeds(p, low, GEO_4K, steps_per_call))
+    shapes = [f["positions"].shape for f in feeds]
+    assert shapes == {None: [(3, 2560), (1, 918)], 2: [(2, 2560), (1, 2560), (1, 918)],
+                      1: [(1, 2560)] * 3 + [(1, 918)]}[steps_per_call]
+    got = [row for f in feeds for row in f["positions"]]
+    want = [p.step_positions(GEO_4K, t) for t in range(len(p.steps))]
+    assert [r.tolist() for r in got] == [w.tolist() for w in want]     # steps in plan order
+    for f in feeds:
+        np.testing.assert_array_equal(f["patches"], low["highres_patches"][0][f["positions"]])
+        assert f["kv_cache"] is low["kv_cache"]
+
+
 # ------------------------------------------------------------------------------------------
 # the tie rule
 # ------------------------------------------------------------------------------------------

@@ -169,7 +169,7 @@ class TensorRTLLM:
 
     def __init__(self, path: Path, entry: dict, trt=None, stream=None):
         from ..engines.platform import import_tensorrt
-        from ..runtime.backends import _torch_dtype
+        from ..runtime.backends import _torch_dtype, open_engine
 
         trt = trt or import_tensorrt()
         self.path = Path(path)
@@ -188,16 +188,10 @@ class TensorRTLLM:
         self.decode_min_past = int(profiles["decode"]["past_kv"]["min"][4])
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.stream = stream or torch.cuda.Stream()
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
-        if self.engine is None:
-            raise Ps3EdgeError(f"TensorRT cannot load {self.path.name}; rebuild it with 'ps3edge build'")
+        self._runtime, self.engine, self.context = open_engine(trt, self.path)
         if self.engine.num_optimization_profiles != 2:
             raise Ps3EdgeError(f"{self.path.name} has {self.engine.num_optimization_profiles} optimization "
                                "profiles, expected 2 (prefill, decode); rebuild it with 'ps3edge build'")
-        self.context = self.engine.create_execution_context()
-        if self.context is None:
-            raise Ps3EdgeError(f"TensorRT cannot create an execution context for {self.path.name} (out of GPU memory?)")
         dtype = lambda name: _torch_dtype(trt, self.engine.get_tensor_dtype(self.bindings[name]))   # noqa: E731
         full = int(np.prod(kv_max[:4] + (self.context_length,) + kv_max[5:]))
         # two cache buffers at full context: one holds the past, the engine writes the present into the other

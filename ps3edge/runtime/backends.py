@@ -203,6 +203,19 @@ def _torch_dtype(trt, dtype):
     return table[dtype]
 
 
+def open_engine(trt, path: Path):
+    """Deserialize the engine file at `path` and create its execution context: (runtime, engine,
+    context); the runtime is returned because it must outlive the engine."""
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+    if engine is None:
+        raise Ps3EdgeError(f"TensorRT cannot load {Path(path).name}; rebuild it with 'ps3edge build'")
+    context = engine.create_execution_context()
+    if context is None:
+        raise Ps3EdgeError(f"TensorRT cannot create an execution context for {Path(path).name} (out of GPU memory?)")
+    return runtime, engine, context
+
+
 class TensorRTStage:
     """One engine behind `infer(feed) -> outputs`.
 
@@ -221,14 +234,7 @@ class TensorRTStage:
         self.profiles = entry["profiles"]
         self.stream = stream
         self.device = torch.device("cuda", torch.cuda.current_device())
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
-        if self.engine is None:
-            raise Ps3EdgeError(f"TensorRT cannot load {self.path.name}; rebuild it with 'ps3edge build'")
-        self.context = self.engine.create_execution_context()
-        if self.context is None:
-            raise Ps3EdgeError(f"TensorRT cannot create an execution context for {self.path.name} "
-                               "(out of GPU memory?)")
+        self._runtime, self.engine, self.context = open_engine(trt, self.path)
         # the T axis (look-close steps) of every tensor that has one, from the manifest's shapes
         self.t_axis = {t["name"]: t["shape"].index("T") for t in info["inputs"] + info["outputs"] if "T" in t["shape"]}
         self.t_max = next((self.profiles[n]["max"][a] for n, a in self.t_axis.items() if n in self.profiles), None)

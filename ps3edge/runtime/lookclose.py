@@ -74,6 +74,25 @@ def resolve_device(backend: str, device: str | None) -> str:
     return device
 
 
+
+def highres_feeds(the_plan: Plan, low: dict, geometry: Geometry, steps_per_call: int | None = None):
+    """The highres stage's inputs for a plan, one call at a time: steps of equal length go
+    through one call (T steps x N tokens), longest first, at most `steps_per_call` steps a call
+    (None: no limit); steps are independent, so the grouping changes no result. `low` holds
+    the lowres outputs."""
+    steps_by_length = defaultdict(list)
+    for t in range(len(the_plan.steps)):
+        pos = the_plan.step_positions(geometry, t)
+        if len(pos):
+            steps_by_length[len(pos)].append(pos)
+    all_patches = low["highres_patches"][0]                                        # (P,588)
+    for n, group in sorted(steps_by_length.items(), reverse=True):
+        chunk = steps_per_call or len(group)
+        for t0 in range(0, len(group), chunk):
+            pos = np.stack(group[t0: t0 + chunk])                                  # (T,N) int32
+            yield {"patches": all_patches[pos], "positions": pos, "kv_cache": low["kv_cache"]}
+
+
 class Pipeline:
     """An artifact directory loaded on one backend, ready to run images.
 
@@ -273,24 +292,13 @@ class Pipeline:
         return getattr(self.stages["highres"], "t_max", None) or axis_bounds(self.manifest)["T"][2]
 
     def _run_highres(self, the_plan: Plan, low: dict, r: int):
-        """Steps of equal length go through one highres call (T steps x N tokens), at most
-        `steps_per_call` steps a call; steps are independent, so the split changes nothing."""
-        steps_by_length = defaultdict(list)
-        for t in range(len(the_plan.steps)):
-            pos = the_plan.step_positions(self.geometry, t)
-            if len(pos):
-                steps_by_length[len(pos)].append(pos)
-        all_patches = low["highres_patches"][0]                                    # (P,588)
+        """The plan's highres calls (`highres_feeds`), at most `steps_per_call` steps a call."""
         positions, features, calls = [], [], []
-        chunk = self.steps_per_call()
-        for n, group in sorted(steps_by_length.items(), reverse=True):
-            for t0 in range(0, len(group), chunk):
-                pos = np.stack(group[t0: t0 + chunk])                              # (T,N) int32
-                out = self.stages["highres"].infer({
-                    "patches": all_patches[pos], "positions": pos, "kv_cache": low["kv_cache"]})
-                positions.append(pos.reshape(-1))
-                features.append(out["highres_features"][r].reshape(-1, self.cfg.width))
-                calls.append(tuple(pos.shape))
+        for feed in highres_feeds(the_plan, low, self.geometry, self.steps_per_call()):
+            out = self.stages["highres"].infer(feed)
+            positions.append(feed["positions"].reshape(-1))
+            features.append(out["highres_features"][r].reshape(-1, self.cfg.width))
+            calls.append(tuple(feed["positions"].shape))
         if not positions:
             return np.zeros(0, np.int32), np.zeros((0, self.cfg.width), np.float32), calls
         return np.concatenate(positions), np.concatenate(features), calls
