@@ -10,7 +10,8 @@
 #      (as published), with CUDA graphs, preprocessing timed on a 3840x2160 frame both ways:
 #      JSON, markdown and a PNG plot; then vila-hd-tiny for the projector / LLM columns;
 #   5. splits the high-res time into matmuls, attention and the rest (gpu_diagnose.py floor),
-#      and lists the GPU kernels that take the time (gpu_profile.py), both into floor.txt.
+#      lists the GPU kernels that take the time (gpu_profile.py), and times the MLP half of a
+#      block without its GELU / residual-add passes (gpu_epilogue.py), all into floor.txt.
 # Results go to $OUT if set (the device tool's output folder), else benchmarks/results/.
 # GPU_CHECK_DRY=1 runs every step with tiny models on whatever device there is (a CPU rehearsal).
 set -euo pipefail
@@ -69,3 +70,5 @@ done
 echo "== kernel time per stage and the top kernels (torch.profiler, one eager run)"
 python3 "$here/gpu_profile.py" --models "${floor_models// /,}" --device "$device" --top 15 2>&1 \
     | grep -v -e USDT -e "Profiler clears" -e "_warn_once" | tee -a "$out/floor.txt" || echo "gpu_profile.py FAILED"
+echo "== the MLP half without separate GELU / residual-add passes (cuBLASLt epilogue, residual in the GEMM)"
+python3 "$here/gpu_epilogue.py" --device "$device" 2>&1 | tee -a "$out/floor.txt" || echo "gpu_epilogue.py FAILED"
