@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ps3edge.bench import Timer                                   # noqa: E402
+from ps3edge.bench import Timer, script_device                    # noqa: E402
 from ps3edge.defaults import DEFAULT_RUN_LAYER                    # noqa: E402
 from ps3edge.model import preset                                  # noqa: E402
 from ps3edge.model.ps3 import Block                               # noqa: E402
@@ -122,10 +122,8 @@ def main():
     ap.add_argument("--models", default="ps3-1.5k,ps3-4k")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
-    device = torch.device(args.device)
+    device = script_device(args.device)
     cuda = device.type == "cuda"
-    if cuda and not torch.cuda.is_available():
-        sys.exit("error: no CUDA device (use --device cpu for a dry run)")
     dtype = torch.bfloat16 if cuda else torch.float32
     timer = Timer(device)
     print(torch.__version__, torch.cuda.get_device_name() if cuda else "cpu", str(dtype)[6:])

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ps3edge.bench import Timer                                   # noqa: E402
+from ps3edge.bench import Timer, script_device                    # noqa: E402
 from ps3edge.runtime.fast import attention_kernels                # noqa: E402
 
 
@@ -76,10 +76,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
-    device = torch.device(args.device)
+    device = script_device(args.device)
     cuda = device.type == "cuda"
-    if cuda and not torch.cuda.is_available():
-        sys.exit("error: no CUDA device")
     H, D, N0 = (16, 72, 729) if cuda else (4, 16, 49)
     shapes = [(5, 2560), (6, 2560), (1, 1780)] if cuda else [(2, 256)]
     timer = Timer(device)

@@ -23,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ps3edge.bench import script_device                           # noqa: E402
 from ps3edge.demo import sample_image                             # noqa: E402
 from ps3edge.model import preset, random_model                    # noqa: E402
 from ps3edge.runtime.fast import FastLookClose                    # noqa: E402
@@ -106,8 +107,7 @@ def main():
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: no CUDA device (use --device cpu for a dry run)")
+    script_device(args.device)
     print("torch", torch.__version__)
     for name in args.models.split(","):
         profile_model(name, args.device, args.steps, args.top)

@@ -33,6 +33,14 @@ from .runtime.planning import LookCloseSettings, plan, step_counts
 PROMPT_TOKENS = 32                  # the text part of the LLM prefill (a short question)
 
 
+def script_device(name: str) -> torch.device:
+    """The --device of a benchmarks/ script; exits in one line where CUDA is asked for and absent."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA device (use --device cpu for a dry run)")
+    return device
+
+
 @dataclass
 class Timer:
     device: torch.device
