@@ -379,15 +379,16 @@ def parity(
         raise typer.Exit(1)
 
 
-def _print_lint(artifacts: Path, manifest: dict, trt_version: str, max_look_close, as_json: bool):
+def _print_lint(artifacts: Path, manifest: dict, trt_version: str, max_look_close, as_json: bool,
+                precision: str = "fp32"):
     """`inspect --lint`: a table of findings (repeats of one finding folded into one row)."""
     from .exporter.lint import group_findings, lint_artifacts
 
-    report, t_max = lint_artifacts(artifacts, trt_version, max_look_close, manifest=manifest)
+    report, t_max = lint_artifacts(artifacts, trt_version, max_look_close, manifest=manifest, precision=precision)
     if as_json:
-        print(json.dumps({**report.to_dict(), "max_look_close": t_max}, indent=2))
+        print(json.dumps({**report.to_dict(), "precision": precision, "max_look_close": t_max}, indent=2))
     else:
-        title = (f"TensorRT {report.trt_version} lint of {escape(str(artifacts))} "
+        title = (f"TensorRT {report.trt_version} lint of {escape(str(artifacts))}, {precision} stages "
                  f"(highres profile T <= {t_max}, N <= {manifest['geometry']['max_tokens_per_highres_call']})")
         if report.findings:
             table = Table(title=title)
@@ -419,13 +420,16 @@ def inspect(
     lint: bool = typer.Option(False, "--lint", help="Check every stage against the TensorRT ONNX parser; exit 1 on errors."),
     trt_version: str = typer.Option(defaults.DEFAULT_LINT_TRT_VERSION, "--trt-version", help="TensorRT the lint targets (10.3 = JetPack 6)."),
     max_look_close: Optional[str] = typer.Option(None, "--max-look-close", help="Lint: steps per highres call the profile bounds (int or 'all'; default: the manifest's)."),
+    precision: str = typer.Option("fp32", "--precision", help="Lint: the stage files to check, fp32 or the fp16 / int8 ones 'ps3edge calibrate' wrote."),
 ):
     """Show what an artifact's manifest says (and check its files); --lint checks TensorRT compatibility."""
     from .exporter.manifest import load_manifest
 
     manifest = load_manifest(artifacts, verify=True)
+    if precision != "fp32" and not lint:
+        raise Ps3EdgeError("--precision applies to --lint")
     if lint:
-        _print_lint(artifacts, manifest, trt_version, max_look_close, as_json)
+        _print_lint(artifacts, manifest, trt_version, max_look_close, as_json, precision)
         return
     if as_json:
         print(json.dumps(manifest, indent=2))

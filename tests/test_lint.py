@@ -245,6 +245,8 @@ def test_cli_inspect_lint(artifacts, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "0 errors" in r.stdout and "TensorRT 10.3" in r.stdout
     assert "largest tensor at the profile max: 2.02e+08 elements (9% of TensorRT's 2^31 limit)" in r.stdout
+    r = cli("inspect", "--lint", good, "--precision", "int8")          # nothing calibrated yet
+    assert r.returncode == 2 and "has no int8 stages" in r.stderr and "ps3edge calibrate" in r.stderr
 
     # the same artifact with its highres stage declared opset 21: TensorRT 10.3 cannot parse it
     bad = tmp_path / "bad"

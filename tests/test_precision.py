@@ -239,6 +239,22 @@ def test_int8_graph_and_registration(tiny):
     assert scales and all(len(s.dims) == 1 and s.dims[0] > 1 for s in scales)
 
 
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_calibrated_stages_lint_clean(tiny, precision):
+    """`inspect --lint --precision P` checks the stage files the build takes for P (a Q/DQ
+    graph, an FP16 one): clean for TensorRT 10.3, every tensor sized."""
+    from ps3edge.exporter.lint import lint_artifacts
+
+    art, _, _ = tiny
+    report, t_max = lint_artifacts(art, "10.3", precision=precision)
+    assert report.findings == [] and report.notes == [], [f.to_dict() for f in report.findings] + report.notes
+    assert report.largest_tensor == t_max * 4 * 2560 * (729 + 2560)          # highres attention scores
+    r = cli("inspect", "--lint", art, "--precision", precision)
+    assert r.returncode == 0 and f"{precision} stages" in r.stdout, r.stdout + r.stderr
+    r = cli("inspect", art, "--precision", precision)
+    assert r.returncode == 2 and "--precision applies to --lint" in r.stderr
+
+
 def test_precision_pipelines_run_and_differ_slightly(tiny, images):
     art, _, _ = tiny
     _, held = images

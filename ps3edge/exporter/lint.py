@@ -886,16 +886,19 @@ def _sort_findings(report: LintReport) -> None:
 
 
 def lint_artifacts(artifact_dir, trt_version=defaults.DEFAULT_LINT_TRT_VERSION, max_look_close=None,
-                   manifest: dict | None = None) -> tuple[LintReport, int]:
-    """Lint every stage of an artifact against the profiles a build would use.
+                   manifest: dict | None = None, precision: str = "fp32") -> tuple[LintReport, int]:
+    """Lint every stage of an artifact against the profiles a build would use: the FP32 stage
+    files, or the FP16 / INT8 ones 'ps3edge calibrate' registered (`precision`).
 
     Returns one report (findings carry their stage) and T_max, the steps per highres call bounded."""
+    from ..calibration.registry import stage_files
     from ..engines.profiles import look_close_steps, profile_bounds
     from .manifest import load_manifest
 
     artifact_dir = Path(artifact_dir)
     if manifest is None:
         manifest = load_manifest(artifact_dir, verify=True)
+    files = stage_files(manifest, precision, artifact_dir)
     t_max = look_close_steps(manifest, max_look_close)
     bounds = profile_bounds(manifest, max_look_close)
     version = parse_trt_version(trt_version)
@@ -904,7 +907,7 @@ def lint_artifacts(artifact_dir, trt_version=defaults.DEFAULT_LINT_TRT_VERSION, 
         report.notes.append(_version_note(version))
     for stage, info in manifest["stages"].items():
         declared = {t["name"]: t for t in info["inputs"]}
-        r = _lint_stage(artifact_dir / info["file"], version, bounds.get(stage), declared, artifact_dir, stage)
+        r = _lint_stage(artifact_dir / files[stage], version, bounds.get(stage), declared, artifact_dir, stage)
         report.findings.extend(r.findings)
         report.notes.extend(f"{stage}: {n}" for n in r.notes)
         report.largest_tensor = max(report.largest_tensor, r.largest_tensor)
