@@ -100,7 +100,8 @@ class Pipeline:
     device-resident program (`fast.FastLookClose`); by default on CUDA only. preprocess:
     'device' resizes on the run's device (bit-identical to PIL), 'cpu' with PIL; by default on
     the device when the fast path runs. loaded: for the torch backend, the artifact's PS3 model
-    when the caller already holds it (a weights.LoadedModel; checked against the manifest).
+    when the caller already holds it (a weights.LoadedModel; checked against the manifest). It
+    is used, not copied: the fast path moves it to its device and dtype.
     """
 
     def __init__(self, artifact_dir, backend: str = "onnxruntime", verify: bool = True, precision: str = "fp32",
