@@ -188,11 +188,57 @@ def test_plan_int8_needs_qdq_stages_and_keeps_the_rest_fp32():
     assert best11["selector"].precision == "fp32"
 
 
-def test_plan_torch_tensorrt_route_types_the_graph_itself():
+def test_plan_torch_tensorrt_route_fp16_is_weakly_typed():
     manifest = unexported_manifest("ps3-1.5k")
-    plans = plans_by_stage(manifest, trt="11.4.0.106", precision="fp16", via="torch-tensorrt")
+    plans = plans_by_stage(manifest, trt="10.3.0", precision="fp16", via="torch-tensorrt")
     assert plans["highres"].precision == "fp16" and plans["selector"].precision == "fp32"
     assert plans["highres"].onnx_file == "highres.onnx"
+    assert not plans["highres"].strongly_typed and "weakly typed" in plans["highres"].note
+    assert plans["selector"].strongly_typed and plans["selector"].note == ""
+    fp32 = plans_by_stage(manifest, trt="11.4.0.106", via="torch-tensorrt")
+    assert all(p.strongly_typed and p.precision == "fp32" for p in fp32.values())
+    with pytest.raises(Ps3EdgeError, match="no weak typing.*--via onnx"):      # TensorRT 11 dropped it
+        plans_by_stage(manifest, trt="11.4.0.106", precision="fp16", via="torch-tensorrt")
+
+
+# the converter's signatures (keyword parameters only) in Torch-TensorRT 2.12 and 2.14, as published
+def _convert_2_12(exported_program, inputs=None, *, arg_inputs=None, enabled_precisions=None,
+                  use_explicit_typing=True, workspace_size=0, timing_cache_path="", **kwargs):
+    raise AssertionError("signature only")
+
+
+def _convert_2_14(exported_program, inputs=None, *, arg_inputs=None, workspace_size=0, timing_cache_path="",
+                  arg_input_binding_names=None, kwarg_input_binding_names=None, output_binding_names=None,
+                  **kwargs):
+    raise AssertionError("signature only")
+
+
+def test_torch_tensorrt_keywords_follow_the_converters_signature():
+    """The converter ignores keywords it does not know, so each is chosen from its signature:
+    fp16 is weak typing with fp16 enabled (2.12 would otherwise build the fp32 program as fp32),
+    2.14 (no enabled_precisions) refuses fp16, binding names go as the tuple the program's
+    argument spec is."""
+    import inspect
+    from types import SimpleNamespace
+
+    import torch
+
+    from ps3edge.engines.builder import _torch_tensorrt_converter, torch_tensorrt_typing
+
+    p12, p14 = (inspect.signature(f).parameters for f in (_convert_2_12, _convert_2_14))
+    assert torch_tensorrt_typing(p12, "fp16", ["a"], ["y"]) == {
+        "enabled_precisions": {torch.float32, torch.float16}, "use_explicit_typing": False}
+    assert torch_tensorrt_typing(p12, "fp32", ["a"], ["y"]) == {
+        "enabled_precisions": {torch.float32}, "use_explicit_typing": True}
+    assert torch_tensorrt_typing(p14, "fp32", ["patches", "positions"], ["y", "z"]) == {
+        "arg_input_binding_names": ("patches", "positions"), "output_binding_names": ("y", "z")}
+    assert torch_tensorrt_typing(p14, "fp32", ["a"], ["y"])["output_binding_names"] == "y"
+    tt = lambda convert, version: SimpleNamespace(                                   # noqa: E731
+        __version__=version, dynamo=SimpleNamespace(convert_exported_program_to_serialized_trt_engine=convert))
+    assert _torch_tensorrt_converter(tt(_convert_2_12, "2.12.0"), "fp16")[0] is _convert_2_12
+    assert _torch_tensorrt_converter(tt(_convert_2_14, "2.14.0"), "fp32")[0] is _convert_2_14
+    with pytest.raises(Ps3EdgeError, match="Torch-TensorRT 2.14.0 builds engines in the exported program's own dtypes"):
+        _torch_tensorrt_converter(tt(_convert_2_14, "2.14.0"), "fp16")
 
 
 def test_torch_tensorrt_route_exports_the_stages_with_the_profile_dims(artifacts):

@@ -239,6 +239,20 @@ def test_int8_graph_and_registration(tiny):
     assert scales and all(len(s.dims) == 1 and s.dims[0] > 1 for s in scales)
 
 
+def test_feed_reader_first_feed_does_not_advance():
+    """Model Optimizer's INT8 quantize asks the reader for get_first (GEMV detection) before
+    it iterates with get_next."""
+    from ps3edge.calibration.data import FeedReader
+
+    made = []
+    reader = FeedReader([lambda i=i: made.append(i) or {"x": i} for i in range(3)])
+    assert reader.get_first() == {"x": 0}
+    assert [reader.get_next(), reader.get_next(), reader.get_next(), reader.get_next()] == [
+        {"x": 0}, {"x": 1}, {"x": 2}, None]
+    assert made == [0, 0, 1, 2]                        # feeds are made on demand, one at a time
+    assert FeedReader([]).get_first() is None
+
+
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_calibrated_stages_lint_clean(tiny, precision):
     """`inspect --lint --precision P` checks the stage files the build takes for P (a Q/DQ

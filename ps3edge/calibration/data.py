@@ -114,6 +114,11 @@ class FeedReader(CalibrationDataReader):
     def rewind(self) -> None:
         self.set_range(0, len(self.feeds))
 
+    def get_first(self) -> dict | None:
+        """The first feed, without moving the iteration (NVIDIA Model Optimizer's readers have it,
+        and its INT8 quantize calls it to find GEMV MatMuls)."""
+        return self.feeds[0]() if self.feeds else None
+
     def get_next(self) -> dict | None:
         i = next(self._iter, None)
         if i is None:

@@ -21,7 +21,10 @@ calibration/precision.py):
 
 Routes (`--via`): `onnx` parses the ONNX file with TensorRT's parser; `torch-tensorrt` compiles
 our PyTorch stage modules (model/stages.py) with Torch-TensorRT's dynamo frontend into a
-serialized engine with the same profiles, precision and manifest entry.
+serialized engine with the same profiles and manifest entry. Its fp32 is strongly typed; its
+fp16 is weakly typed (`enabled_precisions`: TensorRT may run any layer of the stage in fp16,
+where the ONNX route holds LayerNorm and softmax in fp32), so it needs TensorRT 10 and a
+Torch-TensorRT whose converter still takes `enabled_precisions` (before 2.14).
 
 Writes are atomic: engine files get names that include their cache key, are written through a
 temporary file and rename, and the manifest is replaced in one rename after all of them; files of
@@ -206,11 +209,18 @@ def plan_build(manifest: dict, options: BuildOptions, tensorrt_version: str, sm:
     plans = []
     for stage in STAGE_ORDER:
         if options.via == "torch-tensorrt":
-            # Torch-TensorRT types the graph itself (fp16: its autocast, with the FP16 policy's
-            # fp32 ops); the fp32 ONNX files only fingerprint the weights in the cache key
+            # Torch-TensorRT converts our torch stage modules (fp16: weakly typed, see the module
+            # docstring); the fp32 ONNX files only fingerprint the weights in the cache key
             base = manifest["stages"][stage]
             fp16 = options.precision == "fp16" and stage not in WHOLE_STAGE_FP32
-            src = _Source(base["file"], tuple(base.get("external_data", [])), "fp16" if fp16 else "fp32", True)
+            if fp16 and trt_major >= 11:
+                raise Ps3EdgeError(f"TensorRT {tensorrt_version} has no weak typing, which --via torch-tensorrt "
+                                   "needs for fp16; build fp16 with --via onnx (after 'ps3edge calibrate "
+                                   "ARTIFACTS --precision fp16')")
+            src = _Source(base["file"], tuple(base.get("external_data", [])), "fp16" if fp16 else "fp32",
+                          strongly_typed=not fp16,
+                          note=f"stage '{stage}': Torch-TensorRT fp16 is weakly typed (TensorRT may run any layer "
+                               "in fp16; --via onnx holds LayerNorm and softmax in fp32)" if fp16 else "")
         else:
             src = _choose_source(manifest, stage, options.precision, trt_major)
         files = [src.onnx_file, *src.external_data]
@@ -278,6 +288,8 @@ def build(artifact_dir, options: BuildOptions, progress: Callable[[str], None] |
     profile_bounds(manifest, options.max_look_close)          # a bad --max-look-close fails before TensorRT
     trt = import_tensorrt()                                   # nothing has been written yet
     tt = import_torch_tensorrt() if options.via == "torch-tensorrt" else None
+    if tt is not None:
+        _torch_tensorrt_converter(tt, options.precision)     # fp16 it cannot build: refused before any stage
     facts = machine_facts(trt)
     say(f"TensorRT {facts['tensorrt_version']} on {facts['gpu_name']} (SM{facts['sm']})"
         + (f", JetPack {facts['jetpack']}" if facts.get("jetpack") else ""))
@@ -414,9 +426,12 @@ def _configure(trt, builder, config, plan: StagePlan, options: BuildOptions, tim
     for name in plan.clear_flags:
         if hasattr(trt.BuilderFlag, name):
             config.clear_flag(getattr(trt.BuilderFlag, name))
-    cache = config.create_timing_cache(timing or b"")
-    if not config.set_timing_cache(cache, False):
-        say("the timing cache was made by another TensorRT or GPU; starting an empty one")
+    try:
+        cache = config.create_timing_cache(timing or b"")
+    except (RuntimeError, TypeError):                      # a damaged cache file
+        cache = None
+    if cache is None or not config.set_timing_cache(cache, False):
+        say("the timing cache is damaged or was made by another TensorRT or GPU; starting an empty one")
         cache = config.create_timing_cache(b"")
         config.set_timing_cache(cache, False)
     if is_dynamic(plan.profile) or plan.extra_profiles:
@@ -425,7 +440,11 @@ def _configure(trt, builder, config, plan: StagePlan, options: BuildOptions, tim
         for bounds in (plan.profile, *plan.extra_profiles):
             profile = builder.create_optimization_profile()
             for name, b in bounds.items():
-                profile.set_shape(name, tuple(b["min"]), tuple(b["opt"]), tuple(b["max"]))
+                try:      # the binding raises RuntimeError for shapes it refuses
+                    profile.set_shape(name, tuple(b["min"]), tuple(b["opt"]), tuple(b["max"]))
+                except RuntimeError as e:
+                    raise Ps3EdgeError(f"TensorRT refused the profile of '{plan.stage}' input '{name}' "
+                                       f"{b}: {str(e).splitlines()[0]}") from None
             if config.add_optimization_profile(profile) < 0:
                 raise Ps3EdgeError(f"TensorRT refused an optimization profile of '{plan.stage}': {bounds}")
     return cache
@@ -444,12 +463,14 @@ def _apply_precision_map(trt, network, nodes: tuple[str, ...], tensors: tuple[st
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
-        if not match(layer.name, [o.name for o in outputs]):
+        float_outputs = [j for j, out in enumerate(outputs) if out.dtype in floating]
+        # a layer with no floating output (shape arithmetic, integer gathers) has no fp16 to avoid,
+        # and an fp32 precision constraint on it could make the builder fail under OBEY
+        if not float_outputs or not match(layer.name, [o.name for o in outputs]):
             continue
         layer.precision = trt.float32
-        for j, out in enumerate(outputs):
-            if out.dtype in floating:
-                layer.set_output_type(j, trt.float32)
+        for j in float_outputs:
+            layer.set_output_type(j, trt.float32)
         held += 1
     return held
 
@@ -503,6 +524,36 @@ def export_stage_program(module, stage: dict, profile: dict, num_positions: int,
         return torch.export.export(module, tuple(examples), dynamic_shapes=dynamic if dims else None)
 
 
+def _torch_tensorrt_converter(tt, precision: str):
+    """Torch-TensorRT's ExportedProgram -> engine converter and its parameters; refuses fp16
+    where the converter takes no enabled_precisions (2.14 on: it builds in the program's dtypes)."""
+    convert = tt.dynamo.convert_exported_program_to_serialized_trt_engine
+    params = inspect.signature(convert).parameters
+    if precision == "fp16" and "enabled_precisions" not in params:
+        raise Ps3EdgeError(f"Torch-TensorRT {tt.__version__} builds engines in the exported program's own dtypes "
+                           "(its converter takes no enabled_precisions); build fp16 with --via onnx")
+    return convert, params
+
+
+def torch_tensorrt_typing(params, precision: str, input_names: list[str], output_names: list[str]) -> dict:
+    """The converter's typing and naming keywords, chosen from its parameters: the converter
+    takes no autocast (only dynamo.compile does) and drops keywords it does not know into
+    **kwargs without a word. fp16: weak typing with fp16 allowed (2.10 on default to explicit
+    typing, which would build the fp32 program as fp32); fp32: explicit typing."""
+    import torch
+
+    kwargs = {}
+    if "enabled_precisions" in params:
+        kwargs["enabled_precisions"] = {torch.float32, torch.float16} if precision == "fp16" else {torch.float32}
+    if "use_explicit_typing" in params:
+        kwargs["use_explicit_typing"] = precision != "fp16"
+    if "arg_input_binding_names" in params:                # name the engine's tensors as the manifest does
+        # the names mirror the exported program's argument spec, a tuple
+        kwargs["arg_input_binding_names"] = tuple(input_names)
+        kwargs["output_binding_names"] = tuple(output_names) if len(output_names) > 1 else output_names[0]
+    return kwargs
+
+
 def _build_with_torch_tensorrt(tt, trt, artifact_dir: Path, manifest: dict, plan: StagePlan,
                                options: BuildOptions, timing: bytes, models: dict):
     """Compile our PyTorch stage module with Torch-TensorRT (dynamo) into a serialized engine.
@@ -530,34 +581,22 @@ def _build_with_torch_tensorrt(tt, trt, artifact_dir: Path, manifest: dict, plan
             inputs.append(tt.Input(min_shape=tuple(b["min"]), opt_shape=tuple(b["opt"]),
                                    max_shape=tuple(b["max"]), dtype=dtype))
 
-    convert = tt.dynamo.convert_exported_program_to_serialized_trt_engine
-    params = inspect.signature(convert).parameters
+    convert, params = _torch_tensorrt_converter(tt, plan.precision)
     kwargs = {"arg_inputs": inputs, "workspace_size": workspace_bytes(options.workspace_gb),
               "optimization_level": options.optimization_level, "require_full_compilation": True,
               "min_block_size": 1, "disable_tf32": plan.precision == "fp32"}
-    if plan.precision == "fp16":
-        from torch_tensorrt.dynamo import _defaults as tt_defaults
-        if hasattr(tt_defaults, "ENABLE_AUTOCAST"):        # strong typing: rule-based autocast to fp16
-            kwargs.update(use_explicit_typing=True, enable_autocast=True, autocast_low_precision_type=torch.float16)
-            if hasattr(tt_defaults, "AUTOCAST_EXCLUDED_OPS"):  # the FP16 policy: LayerNorm and softmax in fp32
-                aten = torch.ops.aten
-                kwargs["autocast_excluded_ops"] = {op for op in (
-                    getattr(aten.native_layer_norm, "default", None), getattr(aten.layer_norm, "default", None),
-                    getattr(aten._softmax, "default", None), getattr(aten.softmax, "int", None)) if op is not None}
-        else:                                              # older Torch-TensorRT: weak typing
-            kwargs["enabled_precisions"] = {torch.float32, torch.float16}
-    else:
-        kwargs["enabled_precisions"] = {torch.float32}
-    if "arg_input_binding_names" in params:                # name the engine's tensors as the manifest does
-        outs = [t["name"] for t in stage["outputs"]]
-        kwargs["arg_input_binding_names"] = [t["name"] for t in stage["inputs"]]
-        kwargs["output_binding_names"] = tuple(outs) if len(outs) > 1 else outs[0]
+    kwargs.update(torch_tensorrt_typing(params, plan.precision, [t["name"] for t in stage["inputs"]],
+                                        [t["name"] for t in stage["outputs"]]))
     scratch = Path(tempfile.mkdtemp(prefix=".ps3edge-timing-", dir=artifact_dir))
     try:
         timing_path = scratch / "timing.cache"
         if timing:
             timing_path.write_bytes(timing)
         kwargs["timing_cache_path"] = str(timing_path)
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise Ps3EdgeError(f"Torch-TensorRT {tt.__version__}'s converter does not take {unknown}; "
+                               "build with --via onnx")
         try:
             try:
                 engine = convert(program, **kwargs)

@@ -224,9 +224,11 @@ class TensorRTLLM:
             raise Ps3EdgeError(f"{p + s} positions do not fit the LLM engine's context of {self.context_length}")
         profile = 1 if (s == 1 and p >= self.decode_min_past) else 0
         if profile != self.profile:
-            if not self.context.set_optimization_profile_async(profile, self.stream.cuda_stream):
+            try:      # the binding raises RuntimeError on failure (it returns True otherwise)
+                self.context.set_optimization_profile_async(profile, self.stream.cuda_stream)
+            except RuntimeError as e:
                 raise Ps3EdgeError(f"TensorRT cannot switch {self.path.name} to its "
-                                   f"{('prefill', 'decode')[profile]} profile")
+                                   f"{('prefill', 'decode')[profile]} profile: {str(e).splitlines()[0]}") from None
             self.profile = profile
         past, present = self.kv[self.current], self.kv[1 - self.current]
         self.embeds[: x.numel()].view(1, s, self.hidden_size).copy_(x[None])
