@@ -118,6 +118,8 @@ def _load(name: str, depth: int | None):
         return vila.ps3.model, vila, name
     cfg = preset(name)
     if depth is not None:
+        if not 1 <= depth <= cfg.depth:
+            raise Ps3EdgeError(f"--depth truncates {name} to its first N blocks: 1 to {cfg.depth}, got {depth}")
         cfg = cfg.replace(depth=depth, select_layers=tuple(min(l, depth - 1) for l in cfg.select_layers))
     return random_model(cfg), None, name if depth is None else f"{name}-depth{depth}"
 

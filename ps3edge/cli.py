@@ -23,6 +23,8 @@ from rich.table import Table
 from . import __version__, defaults
 from .errors import Ps3EdgeError
 
+SEED_MAX = 2 ** 63 - 1                  # seeds go to torch.Generator.manual_seed (a signed 64-bit int)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="PS3 / VILA-HD from PyTorch to ONNX and TensorRT, and the look-close runtime.")
 console = Console()
@@ -35,12 +37,20 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except Ps3EdgeError as e:
-            err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+            _error_line(str(e))
+            raise typer.Exit(2)
+        except OSError as e:     # a file the command reads or writes: permissions, space, a directory in the way
+            where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+            _error_line(f"{e.strerror or type(e).__name__}{': ' + where if where else ''}")
             raise typer.Exit(2)
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130)
     return wrapper
+
+
+def _error_line(message: str) -> None:
+    err_console.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
 
 
 def _progress(status):
@@ -66,13 +76,20 @@ def _load_prompt_embedding(path: Optional[Path]):
     if not path.is_file():
         raise Ps3EdgeError(f"prompt embedding file not found: {path}")
     try:
-        return np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False)
     except Exception as e:  # numpy raises ValueError / OSError / UnpicklingError for bad files
         raise Ps3EdgeError(f"{path} is not a .npy array ({type(e).__name__}: {e})") from None
+    if not np.issubdtype(array.dtype, np.number) or not np.isfinite(array).all():
+        raise Ps3EdgeError(f"the prompt embedding {path} must hold finite numbers (it has NaN, inf or non-numbers)")
+    return array
 
 
 def _settings(num_look_close, num_token_look_close, select_num_each_scale, look_close_mode, smooth):
     from .runtime.planning import settings_from_env
+    for flag, value in (("--num-look-close", num_look_close), ("--num-token-look-close", num_token_look_close),
+                        ("--select-num-each-scale", select_num_each_scale), ("--look-close-mode", look_close_mode)):
+        if value is not None and not value.strip():    # an empty environment variable means unset; a flag must say
+            raise Ps3EdgeError(f"{flag} is empty; leave it out to use the environment or the default")
     return settings_from_env(num_look_close=num_look_close, num_token_look_close=num_token_look_close,
                              select_num_each_scale=select_num_each_scale, mode=look_close_mode,
                              smooth_selection_prob=smooth)
@@ -114,7 +131,7 @@ def export(
     out: Path = typer.Option(..., "--out", help="Artifact directory to create."),
     opset: int = typer.Option(defaults.DEFAULT_OPSET, "--opset", help="ONNX opset (>= 17)."),
     layers: str = typer.Option(",".join(str(l) for l in defaults.DEFAULT_RETURNED_LAYERS), "--layers", help="Blocks whose features the stages return."),
-    seed: int = typer.Option(defaults.DEFAULT_SEED, "--seed", help="Seed of a preset's random weights."),
+    seed: int = typer.Option(defaults.DEFAULT_SEED, "--seed", min=0, max=SEED_MAX, help="Seed of a preset's random weights."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing artifact directory."),
 ):
     """Export the lowres, selector and highres stages to ONNX, with manifest.json."""
@@ -209,12 +226,12 @@ def calibrate(
     images: Optional[Path] = typer.Option(None, "--images", help="Image folder: INT8 calibrates on the first --samples (by name) and reports on the next ones; FP16 reports on it."),
     precision: str = typer.Option("int8", "--precision", help="int8 (explicit Q/DQ) or fp16 (the FP16 precision policy)."),
     method: str = typer.Option(defaults.DEFAULT_CALIBRATION_METHOD, "--method", help="INT8 calibration: max, entropy or percentile."),
-    samples: int = typer.Option(defaults.DEFAULT_CALIBRATION_SAMPLES, "--samples", help="Calibration images."),
+    samples: int = typer.Option(defaults.DEFAULT_CALIBRATION_SAMPLES, "--samples", min=1, help="Calibration images."),
     exclude_blocks: str = typer.Option(defaults.DEFAULT_EXCLUDE_BLOCKS, "--exclude-blocks", help="Transformer blocks kept float in INT8: first, last, indices, e.g. first,last."),
     quantize_selector_inputs: bool = typer.Option(False, "--quantize-selector-inputs/--keep-selector-inputs", help="INT8 also for the layers that only feed the selector (selection_feature_proj, ShallowConvNet)."),
     tool: str = typer.Option("auto", "--tool", help="auto (NVIDIA Model Optimizer when installed, else onnxruntime), modelopt or onnxruntime."),
     holdout_images: Optional[Path] = typer.Option(None, "--holdout-images", help="Folder of held-out images for the accuracy report."),
-    holdout: int = typer.Option(defaults.DEFAULT_HOLDOUT_SAMPLES, "--holdout", help="Held-out images the report runs on."),
+    holdout: int = typer.Option(defaults.DEFAULT_HOLDOUT_SAMPLES, "--holdout", min=1, help="Held-out images the report runs on."),
     num_look_close: Optional[str] = typer.Option("1", "--num-look-close", help="Look-close steps of the report's runs."),
     with_torch: bool = typer.Option(False, "--with-torch", help="FP16: also compare our torch model in fp16 with itself in fp32 (slow on a CPU)."),
 ):
@@ -231,9 +248,10 @@ def calibrate(
     _print_accuracy(report, f"{precision} vs fp32")
     name = defaults.ACCURACY_REPORT.format(precision=precision)
     console.print(f"wrote {precision} stages and {name} into {escape(str(artifacts))} in "
-                  f"{time.perf_counter() - start:.1f} s; run them with --precision {precision}", highlight=False)
+                  f"{time.perf_counter() - start:.1f} s" + (f"; run them with --precision {precision}" if report.ok else
+                  " (registered, but see the report before running them)"), highlight=False)
     if not report.ok:
-        err_console.print(f"[red]error:[/red] {precision} accuracy outside tolerance")
+        _error_line(f"{precision} accuracy outside tolerance")
         raise typer.Exit(1)
 
 
@@ -266,9 +284,17 @@ def run(
     prompt = _load_prompt_embedding(prompt_embedding)
     if out.suffix != ".safetensors":
         raise Ps3EdgeError(f"--out must end in .safetensors, got {out}")
+    paths = {"--image": image, "--out": out, **({"--overlay": overlay} if overlay is not None else {})}
+    names = list(paths)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if paths[a].resolve() == paths[b].resolve():
+                raise Ps3EdgeError(f"{a} and {b} are the same file ({paths[a]}); nothing was written")
     check_output_path(out, "--out")
     if overlay is not None:
         check_output_path(overlay, "--overlay")
+        if overlay.suffix.lower() != ".png":
+            raise Ps3EdgeError(f"--overlay is written as PNG: give a .png name, got {overlay}")
     pil = open_image(image)
     pipeline = Pipeline(artifacts, backend, precision=precision, device=device,
                         preprocess=preprocess_on)
@@ -282,32 +308,53 @@ def run(
         console.print(f"overlay -> {escape(str(overlay))}", highlight=False)
 
 
+def _check_replaceable_artifact(artifacts: Path) -> None:
+    """A rerun of `demo` replaces its previous artifact, and nothing else: the directory must hold
+    a manifest and only the files it lists."""
+    try:
+        listed = set(json.loads((artifacts / defaults.MANIFEST_NAME).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise Ps3EdgeError(f"{artifacts} exists and is not a ps3edge artifact; choose another --out") from None
+    extra = sorted(p.name for p in artifacts.iterdir() if p.name not in listed | {defaults.MANIFEST_NAME})
+    if extra:
+        raise Ps3EdgeError(f"{artifacts} holds files that are not part of its artifact ({', '.join(extra[:3])}); "
+                           "choose another --out")
+
+
 @app.command()
 @handle_errors
 def demo(
-    out: Path = typer.Option(Path("ps3edge-demo"), "--out", help="Where to put the artifact, features and overlay."),
+    out: Path = typer.Option(Path("ps3edge-demo"), "--out", help="Where to put the artifact, features and overlay (a rerun replaces a previous demo's)."),
 ):
     """Export ps3-tiny, run it on the sample image and write the selection overlay."""
+    import os
+
     from .demo import sample_image
     from .exporter.onnx_export import export as do_export
+    from .model import preset
     from .runtime.lookclose import Pipeline
-    from .runtime.outputs import write_outputs
-    from .runtime.planning import settings_from_env
+    from .runtime.outputs import check_output_path, write_outputs
+    from .runtime.planning import Geometry, resolve_steps, settings_from_env
 
     start = time.perf_counter()
     artifacts = out / "artifacts"
-    if artifacts.exists() and not (artifacts / defaults.MANIFEST_NAME).is_file():
-        raise Ps3EdgeError(f"{artifacts} exists and is not a ps3edge artifact; choose another --out")
+    if artifacts.exists():
+        _check_replaceable_artifact(artifacts)
+    for name in ("features.safetensors", "overlay.png"):
+        check_output_path(out / name)
+    # one look-close step unless the environment asks otherwise, so the overlay shows a choice;
+    # settings the model cannot take fail here, before anything is written
+    env_steps = os.environ.get(defaults.ENV_NUM_LOOK_CLOSE) or os.environ.get(defaults.ENV_NUM_TOKEN_LOOK_CLOSE)
+    settings = settings_from_env(num_look_close=None if env_steps else 1)
+    cfg = preset("ps3-tiny")
+    resolve_steps(settings, Geometry(lowres_grid=cfg.lowres_grid, highres_grids=cfg.highres_grids,
+                                     select_num_each_scale=cfg.select_num_each_scale))
     with console.status("demo") as status:
         say = _progress(status)
         do_export("ps3-tiny", artifacts, overwrite=True, progress=say)
         say("running the look-close loop on the sample image")
         image = sample_image()
         pipeline = Pipeline(artifacts, "onnxruntime")
-        # one look-close step unless the environment asks otherwise, so the overlay shows a choice
-        import os
-        env_steps = os.environ.get(defaults.ENV_NUM_LOOK_CLOSE) or os.environ.get(defaults.ENV_NUM_TOKEN_LOOK_CLOSE)
-        settings = settings_from_env(num_look_close=None if env_steps else 1)
         result = pipeline.run(image, settings, layer=defaults.DEFAULT_RUN_LAYER)
         write_outputs(result, image, out / "features.safetensors", out / "overlay.png")
     _print_run_table(result, "onnxruntime")
@@ -329,11 +376,11 @@ def parity(
     smooth_selection_prob: Optional[bool] = Smooth,
     prompt_embedding: Optional[Path] = PromptEmbedding,
     layer: int = Layer,
-    seed: int = typer.Option(defaults.DEFAULT_SEED, "--seed"),
+    seed: int = typer.Option(defaults.DEFAULT_SEED, "--seed", min=0, max=SEED_MAX),
     precision: str = typer.Option("fp32", "--precision", help="fp32: against the official code; fp16 / int8: those exported stages against the FP32 ones."),
     artifacts: Optional[Path] = typer.Option(None, "--artifacts", help="Use this artifact directory instead of exporting --model (fp16/int8: its calibrated stages)."),
     images: Optional[Path] = typer.Option(None, "--images", help="fp16/int8: folder of held-out images (without --artifacts, INT8 calibrates on the first --samples)."),
-    samples: int = typer.Option(defaults.DEFAULT_CALIBRATION_SAMPLES, "--samples", help="int8 without --artifacts: calibration images."),
+    samples: int = typer.Option(defaults.DEFAULT_CALIBRATION_SAMPLES, "--samples", min=1, help="int8 without --artifacts: calibration images."),
     method: str = typer.Option(defaults.DEFAULT_CALIBRATION_METHOD, "--method", help="int8 without --artifacts: max, entropy or percentile."),
     with_torch: bool = typer.Option(False, "--with-torch", help="fp16: also our torch model in fp16 against fp32."),
 ):
@@ -426,8 +473,11 @@ def inspect(
     from .exporter.manifest import load_manifest
 
     manifest = load_manifest(artifacts, verify=True)
-    if precision != "fp32" and not lint:
-        raise Ps3EdgeError("--precision applies to --lint")
+    given = [flag for flag, on in (("--trt-version", trt_version != defaults.DEFAULT_LINT_TRT_VERSION),
+                                   ("--max-look-close", max_look_close is not None),
+                                   ("--precision", precision != "fp32")) if on]
+    if given and not lint:
+        raise Ps3EdgeError(f"{', '.join(given)} applies to --lint")
     if lint:
         _print_lint(artifacts, manifest, trt_version, max_look_close, as_json, precision)
         return
@@ -482,10 +532,10 @@ def bench(
     dtype: str = typer.Option("bf16", "--dtype", help="fp32, fp16 or bf16."),
     num_look_close: str = typer.Option("1,2,3,4,5,6", "--num-look-close", help="Comma-separated sweep."),
     against: Optional[str] = typer.Option(None, "--against", help="'official': time ps3-torch in the same run."),
-    warmup: int = typer.Option(3, "--warmup"),
-    repeat: int = typer.Option(10, "--repeat"),
+    warmup: int = typer.Option(3, "--warmup", min=0),
+    repeat: int = typer.Option(10, "--repeat", min=1),
     graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="Replay the run from a CUDA graph."),
-    depth: Optional[int] = typer.Option(None, "--depth", help="Truncate the presets to their first N blocks."),
+    depth: Optional[int] = typer.Option(None, "--depth", min=1, help="Truncate the presets to their first N blocks."),
     official_ties: str = typer.Option("published", "--official-ties", help="published, or pinned: compare against the official run with top-k ties broken like ours."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the table as markdown."),
@@ -503,14 +553,21 @@ def bench(
     if against not in (None, "official"):
         raise Ps3EdgeError(f"--against takes 'official', got '{against}'")
     try:
-        steps = [int(x) for x in num_look_close.split(",") if x.strip()]
+        steps = [int(x) for x in num_look_close.split(",")]
     except ValueError:
-        raise Ps3EdgeError(f"--num-look-close must be comma-separated integers, got '{num_look_close}'") from None
+        steps = []
+    if not steps or min(steps) < 1 or len(set(steps)) != len(steps):
+        raise Ps3EdgeError(f"--num-look-close must be distinct whole numbers >= 1, comma-separated like 1,2,6; "
+                           f"got '{num_look_close}'")
     if decode_tokens < 1:
         raise Ps3EdgeError(f"--decode-tokens must be at least 1, got {decode_tokens}")
-    if device == "auto":
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from .runtime.lookclose import resolve_device
+    from .runtime.outputs import check_output_path
+    device = resolve_device("torch", device)
+    for path, flag in ((json_out, "--json"), (markdown_out, "--markdown"), (plot_out, "--plot")):
+        if path is not None:                 # before the benchmark, not after it
+            check_output_path(path, flag)
+            path.parent.mkdir(parents=True, exist_ok=True)
     pil = None
     if image is not None:
         from .runtime.preprocess import open_image
@@ -539,15 +596,15 @@ def bench(
 @handle_errors
 def chat(
     model_path: str = typer.Option(..., "--model-path", help="A VILA-HD checkpoint directory (llm/, vision_tower/, mm_projector/) or the preset vila-hd-tiny."),
-    text: str = typer.Option(..., "--text", help="The question."),
+    text: str = typer.Option(..., "--text", help="The question (not empty)."),
     media: Path = typer.Option(..., "--media", help="The image."),
     conv_mode: str = typer.Option("auto", "--conv-mode", help="Chat template: auto (the tokenizer's, Qwen2's for VILA-HD)."),
     backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime (exported stages), torch (transformers + our PyTorch PS3) or tensorrt (the engines of 'ps3edge build ARTIFACTS')."),
     artifacts: Optional[Path] = typer.Option(None, "--artifacts", help="Use (or export into) this VILA-HD artifact directory instead of the cache."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Most tokens to generate."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed (and a preset's weights seed)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Sampling seed (and a preset's weights seed)."),
     num_look_close: Optional[str] = NumLookClose,
     num_token_look_close: Optional[str] = NumTokenLookClose,
     select_num_each_scale: Optional[str] = SelectNumEachScale,
@@ -564,6 +621,8 @@ def chat(
 
     if conv_mode != "auto":
         raise Ps3EdgeError(f"--conv-mode '{conv_mode}' is not supported; use auto (the checkpoint's chat template)")
+    if not text.strip():
+        raise Ps3EdgeError("--text is empty: ask a question about the image")
     if backend == "tensorrt":
         from .engines.platform import import_tensorrt
         import_tensorrt()                    # before anything is exported: no TensorRT, nothing written
@@ -660,7 +719,23 @@ def version():
 
 
 def main():
-    app()
+    """The console script: typer's usage errors (bad option values, unknown options, missing
+    arguments) become one `error:` line too, with the exit code 2 click gives them."""
+    import sys
+
+    # click's exceptions, wherever this typer takes click from (its own copy since 0.29)
+    click_exceptions = sys.modules[typer.BadParameter.__module__]
+    try:
+        code = app(standalone_mode=False)
+    except click_exceptions.ClickException as e:     # UsageError, BadParameter, NoSuchOption, ...
+        command = e.ctx.command_path if getattr(e, "ctx", None) is not None else "ps3edge"
+        if e.format_message():                       # (no arguments at all: the help was printed)
+            _error_line(f"{e.format_message()} (see '{command} --help')")
+        sys.exit(e.exit_code)
+    except click_exceptions.Abort:
+        err_console.print("interrupted")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,9 @@ def run_official(official, pixels: torch.Tensor, *, num_look_close=None, num_tok
                            prompt=prompt, smooth_selection_prob=smooth_selection_prob)
             # the prob map before smoothing, at the low-res grid (the scale maps are nearest copies)
             feature_map_probs = _unsmoothed_prob(official, pixels, prompt)
+    except (AssertionError, RuntimeError, ValueError, IndexError) as e:   # the reference, not our code, gave up
+        raise Ps3EdgeError(f"the official ps3-torch model fails on these settings or inputs "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'})") from None
     finally:
         enc.max_select_num_each_scale = saved_budget
     features = out.hidden_states[layer].float().numpy()

@@ -443,3 +443,88 @@ def test_demo_into_a_foreign_artifacts_directory(tmp_path):
     result = cli("demo", "--out", tmp_path)
     assert_one_line_error(result, "artifacts", "not a ps3edge artifact")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifacts"]
+
+
+# --- usage errors, counts and paths refused before any work (a CLI walk-through's findings) -----------
+@pytest.mark.parametrize("args, needle", [
+    (("run", "ART", "--image", "x.png", "--out", "y.safetensors", "--layer", "abc"), "Invalid value for '--layer'"),
+    (("version", "--bogus"), "No such option: --bogus"),
+    (("frobnicate",), "No such command 'frobnicate'"),
+    (("export", "--model", "ps3-tiny", "--out", "OUT", "--seed", "99999999999999999999"), "'--seed'"),
+    (("bench", "--device", "cpu", "--repeat", "0"), "'--repeat'"),
+    (("bench", "--device", "cpu", "--depth", "99"), "1 to 4, got 99"),
+    (("bench", "--device", "bogus"), "--device takes"),
+    (("bench", "--device", "cpu", "--num-look-close", "1,1"), "distinct whole numbers"),
+    (("bench", "--device", "cpu", "--num-look-close", ""), "distinct whole numbers"),
+    (("export", "--model", "ps3-tiny", "--out", "OUT", "--layers", "-1,3"), "the same block twice"),
+    (("inspect", "ART", "--trt-version", "10.15"), "--trt-version applies to --lint"),
+    (("run", "ART", "--image", "IMG", "--out", "OUT/f.safetensors", "--num-look-close", ""), "--num-look-close is empty"),
+    (("chat", "--model-path", "vila-hd-tiny", "--text", "  ", "--media", "IMG"), "--text is empty"),
+    (("chat", "--model-path", "vila-hd-tiny", "--text", "hi", "--media", "IMG", "--temperature", "inf"),
+     "finite number"),
+])
+def test_usage_errors_are_one_line(tiny, image_file, tmp_path, args, needle):
+    """typer's own usage errors and the counts it checks are one `error:` line with exit 2, and
+    nothing is written (the export --out is never created)."""
+    subst = {"ART": tiny, "IMG": image_file, "OUT": tmp_path / "out", "OUT/f.safetensors": tmp_path / "f.safetensors"}
+    result = cli(*[subst.get(a, a) for a in args])
+    assert_one_line_error(result, needle, absent=(tmp_path / "out", tmp_path / "f.safetensors"))
+
+
+def test_run_refuses_to_overwrite_its_own_inputs(tiny, image_file, outdir):
+    out = outdir / "features.safetensors"
+    before = Path(image_file).read_bytes()
+    for flags, needle in ((("--out", out, "--overlay", image_file), "--image and --overlay are the same file"),
+                          (("--out", out, "--overlay", out), "--out and --overlay are the same file"),
+                          (("--out", out, "--overlay", outdir / "overlay.jpg"), "give a .png name")):
+        assert_one_line_error(cli("run", tiny, "--image", image_file, *flags), needle, absent=(out,))
+    assert Path(image_file).read_bytes() == before
+
+
+def test_non_finite_prompt_embedding_and_output_are_refused(tiny, image_file, outdir, tmp_path):
+    nan = tmp_path / "nan.npy"
+    np.save(nan, np.full(64, np.nan, np.float32))
+    run_and_fail(tiny, image_file, outdir, "--prompt-embedding", nan, needles=("finite numbers",))
+    huge = tmp_path / "huge.npy"                   # finite, but the selector's softmax overflows on it
+    np.save(huge, np.full(64, 3e38, np.float32))
+    run_and_fail(tiny, image_file, outdir, "--prompt-embedding", huge, needles=("non-finite",))
+
+
+def test_demo_checks_settings_and_its_directory_first(tmp_path):
+    out = tmp_path / "demo"
+    assert_one_line_error(cli("demo", "--out", out, NUM_LOOK_CLOSE="abc"), "NUM_LOOK_CLOSE", absent=(out,))
+    assert_one_line_error(cli("demo", "--out", out, NUM_TOKEN_LOOK_CLOSE="0"), "NUM_TOKEN_LOOK_CLOSE", absent=(out,))
+    (out / "artifacts").mkdir(parents=True)
+    (out / "artifacts" / defaults_manifest()).write_text(json.dumps({"files": {}}))
+    (out / "artifacts" / "mine.txt").write_text("mine")
+    assert_one_line_error(cli("demo", "--out", out), "not part of its artifact", "mine.txt")
+    assert (out / "artifacts" / "mine.txt").read_text() == "mine"
+
+
+def defaults_manifest() -> str:
+    from ps3edge import defaults
+    return defaults.MANIFEST_NAME
+
+
+def test_calibrate_checks_every_input_before_writing(copy_of_tiny, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        random_image(seed=i).save(images / f"{i}.png")
+    before = sorted(p.name for p in copy_of_tiny.iterdir())
+    for flags, needle in ((("--holdout-images", tmp_path / "none"), "not found"),
+                          (("--num-look-close", "0"), "NUM_LOOK_CLOSE")):
+        result = cli("calibrate", copy_of_tiny, "--images", images, "--samples", "1", *flags)
+        assert_one_line_error(result, needle)
+        assert sorted(p.name for p in copy_of_tiny.iterdir()) == before       # no int8 stage written
+    (images / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")           # a held-out image that cannot open
+    assert_one_line_error(cli("calibrate", copy_of_tiny, "--images", images, "--samples", "1"), "3.png")
+    assert sorted(p.name for p in copy_of_tiny.iterdir()) == before
+
+
+def test_file_system_errors_are_one_line(tmp_path):
+    """The last net: an OSError the command did not foresee (here a name too long to create,
+    after the benchmark ran) is one line too."""
+    result = cli("bench", "--device", "cpu", "--num-look-close", "1", "--warmup", "0", "--repeat", "1",
+                 "--json", tmp_path / ("x" * 300 + ".json"))
+    assert_one_line_error(result, "File name too long")

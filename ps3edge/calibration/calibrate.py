@@ -24,7 +24,8 @@ from .. import __version__, defaults
 from ..errors import Ps3EdgeError
 from ..exporter.manifest import apply_default_mode, config_from_manifest, load_manifest, write_json_atomic
 from ..model.weights import file_sha256
-from ..runtime.planning import LookCloseSettings
+from ..runtime.planning import LookCloseSettings, resolve_steps
+from ..runtime.preprocess import open_image
 from . import int8 as int8mod
 from .data import StageInputs, image_files
 from .precision import convert_fp16, check_types, fp16_precision_map, tensor_types
@@ -122,6 +123,18 @@ def calibrate(artifact_dir, precision: str = "int8", images=None, *, method: str
         tool = int8mod.resolve_tool(tool, method)
         blocks = int8mod.parse_exclude_blocks(exclude_blocks, cfg.depth)
         calib_files = image_files(images, limit=samples, what="calibration image folder")
+    # everything the run will read is checked before anything is written: the report's settings
+    # against this model, and every image it will open
+    report_settings = report_settings or LookCloseSettings(num_look_close=1)
+    held: list[Path] = []
+    if report:
+        from ..runtime.lookclose import geometry_of
+        resolve_steps(report_settings, geometry_of(manifest))
+        # the sample image, when the report has no other, goes in a folder removed with `scratch`
+        scratch = tempfile.TemporaryDirectory(prefix="ps3edge-sample-")
+        held = _report_images(precision, images, calib_files, holdout_images, holdout, Path(scratch.name))
+    for f in dict.fromkeys(calib_files + held):
+        open_image(f)
 
     staged: list[tuple[Path, str]] = []
     try:
@@ -165,11 +178,8 @@ def calibrate(artifact_dir, precision: str = "int8", images=None, *, method: str
 
     if not report:
         return None
-    with tempfile.TemporaryDirectory(prefix="ps3edge-sample-") as tmp:
-        held = _report_images(precision, images, calib_files, holdout_images, holdout, Path(tmp))
-        rep = accuracy_report(artifact_dir, precision, held, report_settings or LookCloseSettings(num_look_close=1),
-                              layer=layer, held_out=set(calib_digests), with_torch=with_torch,
-                              progress=say)
+    rep = accuracy_report(artifact_dir, precision, held, report_settings, layer=layer,
+                          held_out=set(calib_digests), with_torch=with_torch, progress=say)
     _attach_report(artifact_dir, manifest, precision, rep)
     return rep
 

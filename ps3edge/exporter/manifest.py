@@ -37,17 +37,21 @@ def apply_default_mode(path) -> None:
 
 def publish_dir(staging: Path, target: Path, replace: bool = False) -> None:
     """Make a finished staging directory the target: its tree made readable (mkdtemp / mkstemp
-    create private entries), then renamed into place. An existing target is removed first -
-    any contents with `replace`, else it must be empty."""
+    create private entries), then renamed into place. An existing target is swapped out and then
+    deleted with `replace` (whole until the new one is in place), else it must be empty."""
     for root, _, names in os.walk(staging):
         os.chmod(root, 0o755)
         for name in names:
             os.chmod(os.path.join(root, name), 0o644)
+    if target.exists() and replace:
+        # swap, then delete: the old artifact is whole until the new one is in place
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        target.rename(old / target.name)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+        return
     if target.exists():
-        if replace:
-            shutil.rmtree(target)
-        else:
-            target.rmdir()
+        target.rmdir()
     staging.rename(target)
 
 
@@ -104,7 +108,7 @@ def build_manifest(cfg: PS3Config, source: dict, returned_layers, returned_layer
         "geometry": _geometry(cfg),
         "defaults": {
             "select_num_each_scale": list(cfg.select_num_each_scale),
-            "num_look_close": defaults.DEFAULT_NUM_LOOK_CLOSE,
+            "num_look_close": min(defaults.DEFAULT_NUM_LOOK_CLOSE, cfg.max_look_close),
             "look_close_mode": "after_prompt",
         },
         "preprocessing": _preprocessing(cfg),
@@ -154,6 +158,13 @@ def _check_consistent(manifest: dict, path: Path) -> None:
         bad(f"the 'model' section is not a valid PS3 config ({e})")
     except (TypeError, ValueError, AttributeError) as e:
         bad(f"the 'model' section is not a valid PS3 config ({type(e).__name__}: {e})")
+    opset = manifest["opset"]
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < defaults.MIN_OPSET:
+        bad(f"opset must be a whole number >= {defaults.MIN_OPSET}, got {opset!r}")
+    if manifest["precision"] != "fp32":
+        bad(f"precision must be 'fp32' (the exported stages; 'ps3edge calibrate' records others under "
+            f"'precisions'), got {manifest['precision']!r}")
+    _check_defaults(manifest["defaults"], cfg, bad)
     layers = manifest["returned_layers"]
     if (not isinstance(layers, list) or not layers
             or not all(isinstance(l, int) and 0 <= l < cfg.depth for l in layers)):
@@ -203,6 +214,18 @@ def _check_consistent(manifest: dict, path: Path) -> None:
     check_precisions(manifest, path)
 
 
+def _check_defaults(section: dict, cfg: PS3Config, bad) -> None:
+    """The look-close defaults that build and calibrate read (select_num_each_scale is checked
+    against the model config by the caller)."""
+    if "num_look_close" in section:
+        steps = section["num_look_close"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= cfg.max_look_close:
+            bad(f"defaults.num_look_close must be a whole number from 1 to {cfg.max_look_close}, got {steps!r}")
+    if "look_close_mode" in section and section["look_close_mode"] not in defaults.LOOK_CLOSE_MODES:
+        bad(f"defaults.look_close_mode must be one of {', '.join(defaults.LOOK_CLOSE_MODES)}, "
+            f"got {section['look_close_mode']!r}")
+
+
 def load_manifest(artifact_dir, verify: bool = True) -> dict:
     """Read and check an artifact directory's manifest; verify every file's sha256."""
     artifact_dir = Path(artifact_dir)
@@ -218,8 +241,8 @@ def load_manifest(artifact_dir, verify: bool = True) -> dict:
     if not isinstance(manifest, dict):
         raise Ps3EdgeError(f"{path} is not a ps3edge manifest")
     version = manifest.get("schema_version")
-    if version != defaults.MANIFEST_SCHEMA_VERSION:
-        raise Ps3EdgeError(f"{path} has schema version {version}; this ps3edge reads version "
+    if isinstance(version, bool) or version != defaults.MANIFEST_SCHEMA_VERSION:
+        raise Ps3EdgeError(f"{path} has schema version {version!r}; this ps3edge reads version "
                            f"{defaults.MANIFEST_SCHEMA_VERSION} - re-export the model")
     for key in REQUIRED_SECTIONS:
         if key not in manifest:

@@ -117,6 +117,9 @@ def export(model_spec, out_dir, opset: int = defaults.DEFAULT_OPSET,
     if bad:
         raise Ps3EdgeError(f"returned layers {bad} do not exist in a {cfg.depth}-block model")
     layers = normalize_layers(returned_layers, cfg.depth)
+    if len(set(layers)) != len(layers):
+        raise Ps3EdgeError(f"returned layers {returned_layers} name the same block twice in a {cfg.depth}-block "
+                           f"model (blocks {list(layers)})")
     specs = stage_specs(cfg, len(layers))
     modules = {"lowres": LowResStage(model, layers, for_export=True), "selector": SelectorStage(model),
                "highres": HighResStage(model, layers)}

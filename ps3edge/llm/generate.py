@@ -29,8 +29,8 @@ class SamplingConfig:
     def validate(self) -> "SamplingConfig":
         if self.max_new_tokens < 1:
             raise Ps3EdgeError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0:
-            raise Ps3EdgeError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):
+            raise Ps3EdgeError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise Ps3EdgeError(f"top-p must be in (0, 1], got {self.top_p}")
         return self

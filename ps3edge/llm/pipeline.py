@@ -62,9 +62,9 @@ def export_vila(model_spec: str, out_dir, seed: int = defaults.DEFAULT_SEED, ops
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise Ps3EdgeError(f"{out_dir} exists and is not an empty directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     say(f"loading {model_spec}")
-    model = build_vila(model_spec, seed)
+    model = build_vila(model_spec, seed)              # a bad model path fails before any directory is made
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
     try:
         say("exporting PS3 stages")
@@ -105,10 +105,35 @@ def load_vila_manifest(art: Path, verify: bool = True) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise Ps3EdgeError(f"cannot read {path}: {e}") from None
-    if manifest.get("schema_version") != VILA_SCHEMA_VERSION:
-        raise Ps3EdgeError(f"{path} has schema {manifest.get('schema_version')}, this ps3edge reads {VILA_SCHEMA_VERSION}")
+    if not isinstance(manifest, dict):
+        raise Ps3EdgeError(f"{path} is not a JSON object")
+    version = manifest.get("schema_version")
+    if isinstance(version, bool) or version != VILA_SCHEMA_VERSION:
+        raise Ps3EdgeError(f"{path} has schema {version!r}, this ps3edge reads {VILA_SCHEMA_VERSION}")
+
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    if manifest.get("kind") != "vila-hd":
+        raise Ps3EdgeError(f"{path}: kind must be 'vila-hd', got {manifest.get('kind')!r}")
+    context = manifest.get("context_length")
+    if not whole(context):
+        raise Ps3EdgeError(f"{path}: context_length must be a positive whole number, got {context!r}")
+    llm = manifest.get("llm")
+    if not isinstance(llm, dict):
+        raise Ps3EdgeError(f"{path} lacks the 'llm' section - re-export the model")
+    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size"):
+        if not whole(llm.get(key)):
+            raise Ps3EdgeError(f"{path}: llm.{key} must be a positive whole number, got {llm.get(key)!r}")
+    if llm.get("head_dim") is not None and not whole(llm["head_dim"]):
+        raise Ps3EdgeError(f"{path}: llm.head_dim must be a positive whole number, got {llm['head_dim']!r}")
+    if not isinstance(manifest.get("source"), dict):
+        raise Ps3EdgeError(f"{path} lacks the 'source' section - re-export the model")
+    files = manifest.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise Ps3EdgeError(f"{path}: 'files' must map file names to sha256 strings")
     if verify:
-        for name, digest in manifest.get("files", {}).items():
+        for name, digest in files.items():
             f = Path(art) / name
             if not f.is_file():
                 raise Ps3EdgeError(f"VILA-HD artifact {art} lacks {name}")

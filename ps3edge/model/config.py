@@ -9,6 +9,7 @@ architectures and two tiny ones with the same geometry for tests and the demo.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .. import defaults
@@ -81,11 +82,49 @@ class PS3Config:
     def tokens_per_step(self) -> int:
         return sum(self.select_num_each_scale)
 
+    @property
+    def max_look_close(self) -> int:
+        """Look-close steps that NUM_LOOK_CLOSE='all' takes with the default per-step budget."""
+        return math.ceil(self.highres_patches_total / self.tokens_per_step)
+
     def validate(self) -> "PS3Config":
+        problems = self._value_problems()
+        if not problems:                    # the geometry checks below divide by these values
+            problems = self._geometry_problems()
+        if problems:
+            raise Ps3EdgeError(f"invalid PS3 config '{self.name}': " + "; ".join(problems))
+        return self
+
+    def _value_problems(self) -> list[str]:
+        """Every field of the right type and sign: a JSON file can hold anything."""
+        problems = []
+        if not isinstance(self.name, str):
+            problems.append(f"name must be a string, got {self.name!r}")
+        for key in ("width", "depth", "num_heads", "mlp_dim", "conv_hidden", "conv_out", "conv_depth",
+                    "conv_kernel", "patch_size"):
+            value = getattr(self, key)
+            if not _is_whole(value) or value < 1:
+                problems.append(f"{key} must be a positive whole number, got {value!r}")
+        for key, least in (("scales", 1), ("select_layers", 0), ("select_num_each_scale", 0)):
+            value = getattr(self, key)
+            if not isinstance(value, tuple) or not all(_is_whole(v) and v >= least for v in value):
+                kind = "positive whole numbers" if least else "whole numbers >= 0"
+                problems.append(f"{key} must be a list of {kind}, got {_shown(value)}")
+        if not _is_finite(self.ln_eps) or self.ln_eps <= 0:
+            problems.append(f"ln_eps must be a number above 0, got {self.ln_eps!r}")
+        for key in ("image_mean", "image_std"):
+            value = getattr(self, key)
+            if not isinstance(value, tuple) or len(value) != 3 or not all(_is_finite(v) for v in value):
+                problems.append(f"{key} must be 3 finite numbers, got {_shown(value)}")
+            elif key == "image_std" and min(value) <= 0:
+                problems.append(f"image_std must be above 0 (it divides the pixels), got {_shown(value)}")
+        return problems
+
+    def _geometry_problems(self) -> list[str]:
         problems = []
         if self.width % self.num_heads:
             problems.append(f"width {self.width} is not divisible by num_heads {self.num_heads}")
-        if len(self.scales) < 2 or list(self.scales) != sorted(self.scales):
+        if len(self.scales) < 2 or list(self.scales) != sorted(set(self.scales)):
             problems.append(f"scales must be at least two sizes in increasing order, got {list(self.scales)}")
         if any(s % self.patch_size for s in self.scales):
             problems.append(f"every scale must be a multiple of the patch size {self.patch_size}: {list(self.scales)}")
@@ -94,13 +133,17 @@ class PS3Config:
         if len(self.select_num_each_scale) != len(self.scales) - 1:
             problems.append(f"select_num_each_scale needs one entry per high-res scale "
                             f"({len(self.scales) - 1}), got {list(self.select_num_each_scale)}")
-        if any(n < 0 for n in self.select_num_each_scale):
-            problems.append("select_num_each_scale entries must be >= 0")
-        if any(not 0 <= l < self.depth for l in self.select_layers):
-            problems.append(f"select_layers {list(self.select_layers)} must lie in [0, {self.depth - 1}]")
-        if problems:
-            raise Ps3EdgeError(f"invalid PS3 config '{self.name}': " + "; ".join(problems))
-        return self
+        if not 1 <= self.tokens_per_step <= defaults.MAX_TOKENS_PER_HIGHRES_CALL:
+            problems.append(f"select_num_each_scale must sum to 1..{defaults.MAX_TOKENS_PER_HIGHRES_CALL} "
+                            f"patches per look-close step, got {list(self.select_num_each_scale)}")
+        if not self.select_layers or any(not 0 <= l < self.depth for l in self.select_layers):
+            problems.append(f"select_layers {list(self.select_layers)} must be one or more of 0..{self.depth - 1}")
+        if not problems and self.conv_grid // 2 != self.lowres_grid:
+            # the selector max-pools the ShallowConvNet's grid 2 x 2 onto the low-res grid
+            problems.append(f"conv_kernel {self.conv_kernel} gives a {self.conv_grid} x {self.conv_grid} selector "
+                            f"grid; it must be {2 * self.lowres_grid} x {2 * self.lowres_grid}, twice the "
+                            f"low-res grid")
+        return problems
 
     def replace(self, **changes) -> "PS3Config":
         return dataclasses.replace(self, **changes).validate()
@@ -115,15 +158,35 @@ class PS3Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PS3Config":
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        if not isinstance(d, dict):
+            raise Ps3EdgeError(f"a PS3 config must be an object, got {type(d).__name__}")
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in d]
+        if missing:
+            raise Ps3EdgeError(f"a PS3 config needs {', '.join(missing)}")
+        known = {f.name for f in fields} - {"extra"}
         kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
         return cls(**kwargs).validate()
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _shown(value) -> str:
+    return repr(list(value) if isinstance(value, tuple) else value)
 
 
 def default_select_num_each_scale(scales, max_select_num: int) -> tuple[int, ...]:
     """The official rule: the per-step budget split in proportion to each scale's pixel count."""
     pixels = [s * s for s in scales]
-    return tuple(int(max_select_num * pixels[i] / sum(pixels[1:])) for i in range(1, len(scales)))
+    highres = sum(pixels[1:]) or 1          # no high-res pixels: PS3Config.validate refuses the scales
+    return tuple(int(max_select_num * pixels[i] / highres) for i in range(1, len(scales)))
 
 
 _SCALES_15K = (378, 756, 1512)

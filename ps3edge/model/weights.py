@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,13 +132,38 @@ def config_from_checkpoint(path: Path, tensors: dict[str, torch.Tensor]) -> PS3C
     vc = raw.get("vision_config", raw)
     if not isinstance(vc, dict):
         raise Ps3EdgeError(f"{path / 'config.json'}: vision_config is not an object")
+    mean, std = read_normalisation(path / "preprocessor_config.json")
     try:
-        return _config_from_dict(path, vc, tensors)
+        cfg = _config_from_dict(path, vc, tensors, mean, std)
     except (TypeError, ValueError) as e:       # a value of the wrong type, e.g. "depth": "abc"
         raise Ps3EdgeError(f"{path / 'config.json'} has an invalid value ({type(e).__name__}: {e})") from None
+    try:
+        return cfg.validate()
+    except Ps3EdgeError as e:                   # e.g. "max_select_num_each_scale": [0, 0]
+        raise Ps3EdgeError(f"{path / 'config.json'}: {e}") from None
 
 
-def _config_from_dict(path: Path, vc: dict, tensors: dict[str, torch.Tensor]) -> PS3Config:
+def read_normalisation(pp: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Image mean and std from preprocessor_config.json (each 3 numbers or one for all channels);
+    CLIP's statistics, the official processor's fallback, where the file is absent."""
+    if not pp.is_file():
+        return defaults.CLIP_MEAN, defaults.CLIP_STD
+    ppc = read_json(pp)
+    values = []
+    for key, short, fallback in (("image_mean", "mean", defaults.CLIP_MEAN), ("image_std", "std", defaults.CLIP_STD)):
+        value = ppc.get(key, ppc.get(short, fallback))
+        numbers = tuple(value) if isinstance(value, (list, tuple)) else (value,) * 3
+        if (len(numbers) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                          and math.isfinite(v) for v in numbers)):
+            raise Ps3EdgeError(f"{pp}: {key} must be 3 finite numbers (or one), got {value!r}")
+        if key == "image_std" and min(numbers) <= 0:
+            raise Ps3EdgeError(f"{pp}: image_std must be above 0 (it divides the pixels), got {value!r}")
+        values.append(tuple(float(v) for v in numbers))
+    return values[0], values[1]
+
+
+def _config_from_dict(path: Path, vc: dict, tensors: dict[str, torch.Tensor],
+                      mean: tuple[float, ...], std: tuple[float, ...]) -> PS3Config:
     if vc.get("separate_pos_emb", True) is False or vc.get("highres_selection_feature", True) is False:
         raise Ps3EdgeError("checkpoints without separate_pos_emb or highres_selection_feature are not supported")
     if vc.get("radio"):
@@ -165,25 +191,23 @@ def _config_from_dict(path: Path, vc: dict, tensors: dict[str, torch.Tensor]) ->
     budget = vc.get("max_select_num_each_scale") or default_select_num_each_scale(
         scales, vc.get("max_select_num", 1280))
 
-    mean, std = defaults.CLIP_MEAN, defaults.CLIP_STD     # the official processor's fallback
-    pp = path / "preprocessor_config.json"
-    if pp.is_file():
-        ppc = read_json(pp)
-        mean = ppc.get("image_mean", ppc.get("mean", mean))
-        std = ppc.get("image_std", ppc.get("std", std))
-        mean = tuple(mean) if isinstance(mean, (list, tuple)) else (float(mean),) * 3
-        std = tuple(std) if isinstance(std, (list, tuple)) else (float(std),) * 3
-
     return PS3Config(
         name=vc.get("name") or path.name, width=width, depth=depth, num_heads=int(num_heads),
         mlp_dim=tensors["trunk.blocks.0.mlp.fc1.weight"].shape[0], scales=scales,
         select_layers=select_layers, select_num_each_scale=tuple(int(n) for n in budget),
-        conv_hidden=int(vc.get("highres_selection_module_hidden_dim", 512)),
-        conv_out=int(vc.get("highres_selection_module_out_dim", 512)),
-        conv_depth=int(vc.get("highres_selection_module_depth", 3)),
-        conv_kernel=int(vc.get("highres_selection_module_kernel_size", 28)),
-        image_mean=tuple(float(m) for m in mean), image_std=tuple(float(s) for s in std),
-    ).validate()
+        conv_hidden=_positive_int(path, vc, "highres_selection_module_hidden_dim", 512),
+        conv_out=_positive_int(path, vc, "highres_selection_module_out_dim", 512),
+        conv_depth=_positive_int(path, vc, "highres_selection_module_depth", 3),
+        conv_kernel=_positive_int(path, vc, "highres_selection_module_kernel_size", 28),
+        image_mean=mean, image_std=std)
+
+
+def _positive_int(path: Path, vc: dict, key: str, default: int) -> int:
+    """A config.json size whose PS3Config name differs from its key: checked here to name the key."""
+    value = vc.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise Ps3EdgeError(f"{path / 'config.json'}: {key} must be a positive whole number, got {value!r}")
+    return value
 
 
 def load_checkpoint(path: Path) -> LoadedModel:
@@ -214,6 +238,10 @@ def load_checkpoint(path: Path) -> LoadedModel:
                 parts.append(f"{label}: {shown}")
         raise Ps3EdgeError(f"checkpoint {path} does not match the PS3 architecture - " + "; ".join(parts))
 
+    broken = sorted(k for k in expected if tensors[k].is_floating_point() and not torch.isfinite(tensors[k]).all())
+    if broken:
+        shown = ", ".join(PREFIX + k for k in broken[:4]) + (f" (+{len(broken) - 4} more)" if len(broken) > 4 else "")
+        raise Ps3EdgeError(f"checkpoint {path} has NaN or infinite weights in {shown}")
     model.load_state_dict({k: tensors[k].float() for k in expected}, strict=True)
     digest = hashlib.sha256()
     for f in files:

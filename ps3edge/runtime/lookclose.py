@@ -75,6 +75,14 @@ def resolve_device(backend: str, device: str | None) -> str:
 
 
 
+def geometry_of(manifest: dict) -> Geometry:
+    """The look-close geometry an artifact's manifest describes."""
+    cfg = config_from_manifest(manifest)
+    return Geometry(lowres_grid=cfg.lowres_grid, highres_grids=cfg.highres_grids,
+                    select_num_each_scale=tuple(manifest["defaults"]["select_num_each_scale"]),
+                    max_tokens_per_call=manifest["geometry"]["max_tokens_per_highres_call"])
+
+
 def highres_feeds(the_plan: Plan, low: dict, geometry: Geometry, steps_per_call: int | None = None):
     """The highres stage's inputs for a plan, one call at a time: steps of equal length go
     through one call (T steps x N tokens), longest first, at most `steps_per_call` steps a call
@@ -111,10 +119,7 @@ class Pipeline:
         self.manifest = load_manifest(self.artifact_dir, verify=verify)
         self.cfg = config_from_manifest(self.manifest)
         self.backend = backend
-        self.geometry = Geometry(
-            lowres_grid=self.cfg.lowres_grid, highres_grids=self.cfg.highres_grids,
-            select_num_each_scale=tuple(self.manifest["defaults"]["select_num_each_scale"]),
-            max_tokens_per_call=self.manifest["geometry"]["max_tokens_per_highres_call"])
+        self.geometry = geometry_of(self.manifest)
         self.precision = precision             # fp32, or a precision of the manifest's "precisions"
         self.device = resolve_device(backend, device)
         if preprocess not in (None, "cpu", "device"):
@@ -195,9 +200,15 @@ class Pipeline:
         self.layer_index(layer)
         self.prompt(settings, prompt_embedding)                  # refuse a bad prompt before any work
         if self.fast is not None:
-            return self._run_fast(image, settings, prompt_embedding, layer)
-        low, times = self.run_lowres(image)
-        return self.run_from_lowres(low, settings, prompt_embedding, layer, times)
+            result = self._run_fast(image, settings, prompt_embedding, layer)
+        else:
+            low, times = self.run_lowres(image)
+            result = self.run_from_lowres(low, settings, prompt_embedding, layer, times)
+        for name, values in (("selection probabilities", result.prob), ("features", result.features)):
+            if not np.isfinite(values).all():
+                raise Ps3EdgeError(f"the model gave non-finite {name} (NaN or inf): look at the prompt embedding's "
+                                   f"scale and the checkpoint's weights; nothing was written")
+        return result
 
     def run_lowres(self, image) -> tuple[dict, dict]:
         """Preprocess + the lowres stage: (the stage's outputs, times in seconds).
