@@ -88,8 +88,14 @@ def test_missing_image(tiny, outdir, tmp_path):
     run_and_fail(tiny, tmp_path / "nowhere.png", outdir, needles=("image not found", "nowhere.png"))
 
 
-def test_directory_as_image(tiny, outdir, tmp_path):
-    run_and_fail(tiny, tmp_path, outdir, needles=("image not found",))
+def test_directory_or_device_as_image(tiny, outdir, tmp_path):
+    run_and_fail(tiny, tmp_path, outdir, needles=("is a directory, not an image file",))
+    run_and_fail(tiny, "/dev/zero", outdir, needles=("not a regular file",))
+
+
+def test_vila_artifact_given_where_a_ps3_artifact_goes(vila_art, image_file, outdir):
+    result = cli("run", vila_art, "--image", image_file, "--out", outdir / "f.safetensors")
+    assert_one_line_error(result, "is a VILA-HD artifact", str(vila_art / "ps3"))
 
 
 def test_image_name_with_brackets_is_printed_verbatim(tiny, outdir, tmp_path):

@@ -253,6 +253,16 @@ def test_steps_partition_the_selection():
     assert pos.min() >= 0 and pos.max() < 87480
 
 
+def test_default_steps_are_capped_by_a_small_model():
+    """A model with one high-res scale of 54 x 54 = 2916 patches and a 2560 budget has 2 steps:
+    unset NUM_LOOK_CLOSE gives those 2, not an error about the default 6."""
+    small = Geometry(lowres_grid=27, highres_grids=(54,), select_num_each_scale=(2560,))
+    budget, targets = resolve_steps(settings_from_env({}), small)
+    assert budget == (2560,) and targets == [None, None]
+    with pytest.raises(Ps3EdgeError, match="between 1 and 2"):
+        resolve_steps(settings_from_env({}, num_look_close=6), small)
+
+
 @pytest.mark.parametrize("steps_per_call", [None, 2, 1])
 def test_highres_feeds_group_steps_by_length(steps_per_call):
     """3 full steps of 2560 and a last one of 918 (the floor rule on the 920 left): calls hold

@@ -233,6 +233,9 @@ def load_manifest(artifact_dir, verify: bool = True) -> dict:
     if not artifact_dir.is_dir():
         raise Ps3EdgeError(f"artifact directory not found: {artifact_dir}")
     if not path.is_file():
+        if (artifact_dir / "vila.json").is_file() and (artifact_dir / "ps3" / defaults.MANIFEST_NAME).is_file():
+            raise Ps3EdgeError(f"{artifact_dir} is a VILA-HD artifact; its PS3 stages are the artifact "
+                               f"{artifact_dir / 'ps3'}")
         raise Ps3EdgeError(f"{artifact_dir} has no {defaults.MANIFEST_NAME}; create one with 'ps3edge export'")
     try:
         manifest = json.loads(path.read_text())

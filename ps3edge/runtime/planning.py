@@ -197,7 +197,9 @@ def resolve_steps(settings: LookCloseSettings, geometry: Geometry) -> tuple[tupl
         # the official code: full steps, then the remainder through the num_select_token rule
         return budget, [None] * (steps - 1) + [n % per_step or per_step]
 
-    nlc = settings.num_look_close if settings.num_look_close is not None else defaults.DEFAULT_NUM_LOOK_CLOSE
+    # unset: VILA-HD's default, or every step a model with fewer high-res patches has
+    nlc = settings.num_look_close if settings.num_look_close is not None else min(defaults.DEFAULT_NUM_LOOK_CLOSE,
+                                                                                  max_steps)
     if nlc == "all":
         steps = max_steps
     else:

@@ -26,8 +26,12 @@ from ..errors import Ps3EdgeError
 def open_image(path) -> Image.Image:
     """Open and fully decode an image file, or raise a one-line Ps3EdgeError."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise Ps3EdgeError(f"{path} is a directory, not an image file")
+    if not path.exists():
         raise Ps3EdgeError(f"image not found: {path}")
+    if not path.is_file():
+        raise Ps3EdgeError(f"{path} is not a regular file (a device or a pipe?), not an image file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
