@@ -88,6 +88,17 @@ def test_flags_override_environment():
                                   smooth_selection_prob=False)
 
 
+def test_a_flag_makes_its_malformed_environment_variable_irrelevant():
+    env = {"NUM_LOOK_CLOSE": "abc", "NUM_TOKEN_LOOK_CLOSE": "-4", "SELECT_NUM_EACH_SCALE": "x+y",
+           "LOOK_CLOSE_MODE": "sideways", "SMOOTH_SELECTION_PROB": "maybe"}
+    s = settings_from_env(env, num_look_close=2, select_num_each_scale="256+1024", mode="after_image",
+                          smooth_selection_prob=True)
+    assert s == LookCloseSettings(num_look_close=2, num_token_look_close=None, select_num_each_scale=(256, 1024),
+                                  mode="after_image", smooth_selection_prob=True)
+    with pytest.raises(Ps3EdgeError, match="NUM_LOOK_CLOSE"):       # without its flag, it is read and refused
+        settings_from_env(env, select_num_each_scale="256+1024", mode="after_image", smooth_selection_prob=True)
+
+
 def test_flags_left_unset_keep_the_environment():
     env = {"NUM_LOOK_CLOSE": "4", "SELECT_NUM_EACH_SCALE": "300+1000", "SMOOTH_SELECTION_PROB": "1"}
     s = settings_from_env(env, num_look_close=None, num_token_look_close=None, select_num_each_scale=None,

@@ -89,23 +89,24 @@ def settings_from_env(env=None, **overrides) -> LookCloseSettings:
     count, wherever it comes from, would otherwise take precedence over any step count).
     """
     env = os.environ if env is None else env
-    values = {
-        "num_look_close": parse_num_look_close(env.get(defaults.ENV_NUM_LOOK_CLOSE)),
-        "num_token_look_close": parse_num_token_look_close(env.get(defaults.ENV_NUM_TOKEN_LOOK_CLOSE)),
-        "select_num_each_scale": parse_select_num_each_scale(env.get(defaults.ENV_SELECT_NUM_EACH_SCALE)),
-        "mode": env.get(defaults.ENV_LOOK_CLOSE_MODE) or "after_prompt",
-        "smooth_selection_prob": parse_bool(defaults.ENV_SMOOTH_SELECTION_PROB,
-                                            env.get(defaults.ENV_SMOOTH_SELECTION_PROB, "false")),
+    smooth = lambda v: parse_bool(defaults.ENV_SMOOTH_SELECTION_PROB, v)                  # noqa: E731
+    # setting -> (its environment variable, the parser of a value, the value when neither is given)
+    sources = {
+        "num_look_close": (defaults.ENV_NUM_LOOK_CLOSE, parse_num_look_close, None),
+        "num_token_look_close": (defaults.ENV_NUM_TOKEN_LOOK_CLOSE, parse_num_token_look_close, None),
+        "select_num_each_scale": (defaults.ENV_SELECT_NUM_EACH_SCALE, parse_select_num_each_scale, None),
+        "mode": (defaults.ENV_LOOK_CLOSE_MODE, lambda v: v or "after_prompt", "after_prompt"),
+        "smooth_selection_prob": (defaults.ENV_SMOOTH_SELECTION_PROB, smooth, False),
     }
-    parsers = {"num_look_close": parse_num_look_close,
-               "num_token_look_close": parse_num_token_look_close,
-               "select_num_each_scale": parse_select_num_each_scale,
-               "smooth_selection_prob": lambda v: parse_bool(defaults.ENV_SMOOTH_SELECTION_PROB, v)}
-    if overrides.get("num_look_close") is not None and overrides.get("num_token_look_close") is None:
-        values["num_token_look_close"] = None
-    for key, value in overrides.items():
-        if value is not None:
-            values[key] = parsers.get(key, lambda v: v)(value)
+    flags = {key: value for key, value in overrides.items() if value is not None}
+    values = {}
+    for key, (name, parse, unset) in sources.items():
+        if key in flags:                 # a flag wins; its environment variable is not even read
+            values[key] = parse(flags[key])
+        elif key == "num_token_look_close" and "num_look_close" in flags:
+            values[key] = None
+        else:
+            values[key] = parse(env[name]) if env.get(name) is not None else unset
     if values["mode"] not in defaults.LOOK_CLOSE_MODES:
         raise Ps3EdgeError(f"LOOK_CLOSE_MODE must be one of {', '.join(defaults.LOOK_CLOSE_MODES)}, "
                            f"got '{values['mode']}'")
