@@ -623,6 +623,10 @@ def chat(
         raise Ps3EdgeError(f"--conv-mode '{conv_mode}' is not supported; use auto (the checkpoint's chat template)")
     if not text.strip():
         raise Ps3EdgeError("--text is empty: ask a question about the image")
+    from .llm.vila import VILA_PRESETS
+    if model_path not in VILA_PRESETS and not Path(model_path).is_dir():    # before any progress line
+        raise Ps3EdgeError(f"--model-path '{model_path}' is neither a VILA-HD preset ({', '.join(VILA_PRESETS)}) "
+                           "nor a checkpoint directory")
     if backend == "tensorrt":
         from .engines.platform import import_tensorrt
         import_tensorrt()                    # before anything is exported: no TensorRT, nothing written

@@ -466,6 +466,7 @@ def test_demo_into_a_foreign_artifacts_directory(tmp_path):
     (("inspect", "ART", "--trt-version", "10.15"), "--trt-version applies to --lint"),
     (("run", "ART", "--image", "IMG", "--out", "OUT/f.safetensors", "--num-look-close", ""), "--num-look-close is empty"),
     (("chat", "--model-path", "vila-hd-tiny", "--text", "  ", "--media", "IMG"), "--text is empty"),
+    (("chat", "--model-path", "OUT", "--text", "hi", "--media", "IMG"), "neither a VILA-HD preset"),
     (("chat", "--model-path", "vila-hd-tiny", "--text", "hi", "--media", "IMG", "--temperature", "inf"),
      "finite number"),
 ])
