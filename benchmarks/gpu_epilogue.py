@@ -131,9 +131,7 @@ def main():
     for name in args.models.split(",") if cuda else ["ps3-tiny"]:
         cfg = preset(name)
         blocks = DEFAULT_RUN_LAYER % cfg.depth + 1
-        geometry = Geometry(lowres_grid=cfg.lowres_grid, highres_grids=cfg.highres_grids,
-                            select_num_each_scale=cfg.select_num_each_scale)
-        lengths = [sum(c) for c in step_counts(LookCloseSettings(num_look_close=6), geometry)]
+        lengths = [sum(c) for c in step_counts(LookCloseSettings(num_look_close=6), Geometry.of(cfg))]
         # the calls of a NUM_LOOK_CLOSE=6 run, (T, N); the dry run takes one small call
         calls = [(lengths.count(n), n) for n in sorted(set(lengths), reverse=True)] if cuda else [(2, 64)]
         print(f"\n{name}: MLP half of the high-res blocks, C={cfg.width}, hidden {cfg.mlp_dim}; "

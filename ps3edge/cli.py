@@ -346,9 +346,7 @@ def demo(
     # settings the model cannot take fail here, before anything is written
     env_steps = os.environ.get(defaults.ENV_NUM_LOOK_CLOSE) or os.environ.get(defaults.ENV_NUM_TOKEN_LOOK_CLOSE)
     settings = settings_from_env(num_look_close=None if env_steps else 1)
-    cfg = preset("ps3-tiny")
-    resolve_steps(settings, Geometry(lowres_grid=cfg.lowres_grid, highres_grids=cfg.highres_grids,
-                                     select_num_each_scale=cfg.select_num_each_scale))
+    resolve_steps(settings, Geometry.of(preset("ps3-tiny")))
     with console.status("demo") as status:
         say = _progress(status)
         do_export("ps3-tiny", artifacts, overwrite=True, progress=say)

@@ -20,9 +20,7 @@ from ps3edge.runtime.planning import (Geometry, LookCloseSettings, plan, resolve
 
 
 def geometry(name: str) -> Geometry:
-    cfg = preset(name)
-    return Geometry(lowres_grid=cfg.lowres_grid, highres_grids=cfg.highres_grids,
-                    select_num_each_scale=cfg.select_num_each_scale)
+    return Geometry.of(preset(name))
 
 
 GEO_15K = geometry("ps3-tiny")

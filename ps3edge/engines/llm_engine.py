@@ -37,6 +37,7 @@ from typing import Callable
 
 from ..errors import Ps3EdgeError
 from ..exporter.manifest import write_json_atomic
+from ..model.config import is_whole_number
 from .builder import (BuildOptions, StagePlan, _build_from_onnx, engine_entry, inspect_engine, merge_engines,
                       reuse_or_build, workspace_bytes)
 from .cache import EngineCache, engine_cache_key
@@ -65,7 +66,7 @@ def max_prompt_for(manifest: dict, max_prompt=None) -> int:
             max_prompt = int(max_prompt.strip())
         except ValueError:
             raise Ps3EdgeError(f"--max-prompt must be a whole number, got '{max_prompt}'") from None
-    if isinstance(max_prompt, bool) or not isinstance(max_prompt, int) or not 1 <= max_prompt <= context - 1:
+    if not is_whole_number(max_prompt) or not 1 <= max_prompt <= context - 1:
         raise Ps3EdgeError(f"--max-prompt must be between 1 and {context - 1} (the context length {context} "
                            f"less one position to generate), got {max_prompt}")
     return max_prompt

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 from .. import defaults
+from ..model.config import is_whole_number
 from ..errors import Ps3EdgeError
 
 
@@ -55,7 +56,7 @@ def look_close_steps(manifest: dict, max_look_close=None) -> int:
             max_look_close = int(text)
         except ValueError:
             raise Ps3EdgeError(f"--max-look-close must be a whole number or 'all', got '{max_look_close}'") from None
-    if isinstance(max_look_close, bool) or not isinstance(max_look_close, int) or not 1 <= max_look_close <= most:
+    if not is_whole_number(max_look_close) or not 1 <= max_look_close <= most:
         raise Ps3EdgeError(f"--max-look-close must be between 1 and {most} for this model (or 'all'), "
                            f"got {max_look_close}")
     if max_look_close > limit:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import __version__, defaults
 from ..errors import Ps3EdgeError
-from ..model.config import PS3Config
+from ..model.config import PS3Config, is_whole_number
 from ..model.weights import file_sha256
 from .spec import stage_specs
 
@@ -159,7 +159,7 @@ def _check_consistent(manifest: dict, path: Path) -> None:
     except (TypeError, ValueError, AttributeError) as e:
         bad(f"the 'model' section is not a valid PS3 config ({type(e).__name__}: {e})")
     opset = manifest["opset"]
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < defaults.MIN_OPSET:
+    if not is_whole_number(opset) or opset < defaults.MIN_OPSET:
         bad(f"opset must be a whole number >= {defaults.MIN_OPSET}, got {opset!r}")
     if manifest["precision"] != "fp32":
         bad(f"precision must be 'fp32' (the exported stages; 'ps3edge calibrate' records others under "
@@ -219,7 +219,7 @@ def _check_defaults(section: dict, cfg: PS3Config, bad) -> None:
     against the model config by the caller)."""
     if "num_look_close" in section:
         steps = section["num_look_close"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= cfg.max_look_close:
+        if not is_whole_number(steps) or not 1 <= steps <= cfg.max_look_close:
             bad(f"defaults.num_look_close must be a whole number from 1 to {cfg.max_look_close}, got {steps!r}")
     if "look_close_mode" in section and section["look_close_mode"] not in defaults.LOOK_CLOSE_MODES:
         bad(f"defaults.look_close_mode must be one of {', '.join(defaults.LOOK_CLOSE_MODES)}, "

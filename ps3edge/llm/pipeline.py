@@ -33,6 +33,7 @@ import torch
 from .. import __version__, defaults
 from ..errors import Ps3EdgeError
 from ..exporter.manifest import publish_dir, write_json_atomic
+from ..model.config import is_whole_number
 from ..model.projector import projector_cells, space_to_channel
 from ..model.weights import file_sha256
 from ..runtime.lookclose import Pipeline
@@ -112,7 +113,7 @@ def load_vila_manifest(art: Path, verify: bool = True) -> dict:
         raise Ps3EdgeError(f"{path} has schema {version!r}, this ps3edge reads {VILA_SCHEMA_VERSION}")
 
     def whole(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        return is_whole_number(value) and value >= 1
 
     if manifest.get("kind") != "vila-hd":
         raise Ps3EdgeError(f"{path}: kind must be 'vila-hd', got {manifest.get('kind')!r}")

@@ -103,18 +103,18 @@ class PS3Config:
         for key in ("width", "depth", "num_heads", "mlp_dim", "conv_hidden", "conv_out", "conv_depth",
                     "conv_kernel", "patch_size"):
             value = getattr(self, key)
-            if not _is_whole(value) or value < 1:
+            if not is_whole_number(value) or value < 1:
                 problems.append(f"{key} must be a positive whole number, got {value!r}")
         for key, least in (("scales", 1), ("select_layers", 0), ("select_num_each_scale", 0)):
             value = getattr(self, key)
-            if not isinstance(value, tuple) or not all(_is_whole(v) and v >= least for v in value):
+            if not isinstance(value, tuple) or not all(is_whole_number(v) and v >= least for v in value):
                 kind = "positive whole numbers" if least else "whole numbers >= 0"
                 problems.append(f"{key} must be a list of {kind}, got {_shown(value)}")
-        if not _is_finite(self.ln_eps) or self.ln_eps <= 0:
+        if not is_finite_number(self.ln_eps) or self.ln_eps <= 0:
             problems.append(f"ln_eps must be a number above 0, got {self.ln_eps!r}")
         for key in ("image_mean", "image_std"):
             value = getattr(self, key)
-            if not isinstance(value, tuple) or len(value) != 3 or not all(_is_finite(v) for v in value):
+            if not isinstance(value, tuple) or len(value) != 3 or not all(is_finite_number(v) for v in value):
                 problems.append(f"{key} must be 3 finite numbers, got {_shown(value)}")
             elif key == "image_std" and min(value) <= 0:
                 problems.append(f"image_std must be above 0 (it divides the pixels), got {_shown(value)}")
@@ -170,11 +170,12 @@ class PS3Config:
         return cls(**kwargs).validate()
 
 
-def _is_whole(value) -> bool:
+def is_whole_number(value) -> bool:
+    """An int from JSON or a caller, not a bool (which Python counts as an int)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_finite(value) -> bool:
+def is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 

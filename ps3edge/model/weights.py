@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from safetensors.torch import save_file
 
 from .. import defaults
 from ..errors import Ps3EdgeError
-from .config import PS3Config, default_select_num_each_scale, preset, PRESETS
+from .config import PS3Config, default_select_num_each_scale, is_finite_number, is_whole_number, preset, PRESETS
 from .ps3 import PS3
 
 PREFIX = "vision_model."
@@ -153,8 +152,7 @@ def read_normalisation(pp: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
     for key, short, fallback in (("image_mean", "mean", defaults.CLIP_MEAN), ("image_std", "std", defaults.CLIP_STD)):
         value = ppc.get(key, ppc.get(short, fallback))
         numbers = tuple(value) if isinstance(value, (list, tuple)) else (value,) * 3
-        if (len(numbers) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                          and math.isfinite(v) for v in numbers)):
+        if len(numbers) != 3 or not all(is_finite_number(v) for v in numbers):
             raise Ps3EdgeError(f"{pp}: {key} must be 3 finite numbers (or one), got {value!r}")
         if key == "image_std" and min(numbers) <= 0:
             raise Ps3EdgeError(f"{pp}: image_std must be above 0 (it divides the pixels), got {value!r}")
@@ -205,7 +203,7 @@ def _config_from_dict(path: Path, vc: dict, tensors: dict[str, torch.Tensor],
 def _positive_int(path: Path, vc: dict, key: str, default: int) -> int:
     """A config.json size whose PS3Config name differs from its key: checked here to name the key."""
     value = vc.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_whole_number(value) or value < 1:
         raise Ps3EdgeError(f"{path / 'config.json'}: {key} must be a positive whole number, got {value!r}")
     return value
 

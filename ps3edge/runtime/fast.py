@@ -68,8 +68,7 @@ class FastLookClose:
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.position_table = table.to(device=self.device, dtype=self.dtype)
         self.prior_prompt = self.model.prior_prompt.detach().reshape(1, -1)
-        self.geometry = Geometry(lowres_grid=cfg.lowres_grid, highres_grids=cfg.highres_grids,
-                                 select_num_each_scale=cfg.select_num_each_scale)
+        self.geometry = Geometry.of(cfg)
         offsets = self.geometry.scale_offsets
         self.scale_offsets = [torch.tensor(o, device=self.device) for o in offsets]
         self._graphs = {}              # key -> (graph, static inputs, static outputs)

@@ -74,7 +74,6 @@ def resolve_device(backend: str, device: str | None) -> str:
     return device
 
 
-
 def geometry_of(manifest: dict) -> Geometry:
     """The look-close geometry an artifact's manifest describes."""
     cfg = config_from_manifest(manifest)

@@ -90,12 +90,13 @@ def settings_from_env(env=None, **overrides) -> LookCloseSettings:
     """
     env = os.environ if env is None else env
     smooth = lambda v: parse_bool(defaults.ENV_SMOOTH_SELECTION_PROB, v)                  # noqa: E731
-    # setting -> (its environment variable, the parser of a value, the value when neither is given)
+    # setting -> (its environment variable, the parser of a value, the value when neither is given;
+    # an empty variable counts as unset)
     sources = {
         "num_look_close": (defaults.ENV_NUM_LOOK_CLOSE, parse_num_look_close, None),
         "num_token_look_close": (defaults.ENV_NUM_TOKEN_LOOK_CLOSE, parse_num_token_look_close, None),
         "select_num_each_scale": (defaults.ENV_SELECT_NUM_EACH_SCALE, parse_select_num_each_scale, None),
-        "mode": (defaults.ENV_LOOK_CLOSE_MODE, lambda v: v or "after_prompt", "after_prompt"),
+        "mode": (defaults.ENV_LOOK_CLOSE_MODE, lambda v: v, "after_prompt"),
         "smooth_selection_prob": (defaults.ENV_SMOOTH_SELECTION_PROB, smooth, False),
     }
     flags = {key: value for key, value in overrides.items() if value is not None}
@@ -106,7 +107,7 @@ def settings_from_env(env=None, **overrides) -> LookCloseSettings:
         elif key == "num_token_look_close" and "num_look_close" in flags:
             values[key] = None
         else:
-            values[key] = parse(env[name]) if env.get(name) is not None else unset
+            values[key] = parse(env[name]) if env.get(name) else unset
     if values["mode"] not in defaults.LOOK_CLOSE_MODES:
         raise Ps3EdgeError(f"LOOK_CLOSE_MODE must be one of {', '.join(defaults.LOOK_CLOSE_MODES)}, "
                            f"got '{values['mode']}'")
@@ -124,6 +125,12 @@ class Geometry:
     highres_grids: tuple[int, ...]            # (54, 108) or (54, 108, 270)
     select_num_each_scale: tuple[int, ...]    # the model's per-step budget
     max_tokens_per_call: int = defaults.MAX_TOKENS_PER_HIGHRES_CALL
+
+    @classmethod
+    def of(cls, cfg) -> "Geometry":
+        """A PS3Config's geometry, with its own per-step budget."""
+        return cls(lowres_grid=cfg.lowres_grid, highres_grids=cfg.highres_grids,
+                   select_num_each_scale=cfg.select_num_each_scale)
 
     @property
     def patches_each_scale(self) -> tuple[int, ...]:
