@@ -253,7 +253,7 @@ def main(argv=None) -> int:
             print("Torch-TensorRT is not installed: checking the onnx route only", flush=True)
             routes = ["onnx"]
     from ps3edge.demo import sample_image
-    from ps3edge.exporter.manifest import load_manifest
+    from ps3edge.artifact.manifest import load_manifest
     from ps3edge.runtime.planning import settings_from_env
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -142,7 +142,7 @@ def export(
         manifest = do_export(model, out, opset=opset, returned_layers=_parse_layers(layers), seed=seed,
                              overwrite=overwrite, progress=_progress(status))
     size = sum(f.stat().st_size for f in Path(out).iterdir()) / 2 ** 20
-    console.print(f"wrote {escape(str(out))} ({len(manifest['files'])} files, {size:.1f} MiB) "
+    console.print(f"wrote {escape(str(out))} ({len(manifest.files)} files, {size:.1f} MiB) "
                   f"in {time.perf_counter() - start:.1f} s", highlight=False)
 
 
@@ -180,7 +180,7 @@ def build(
     with console.status("building engines") as status:
         ps3_dir = Path(artifacts) / "ps3" if vila else Path(artifacts)
         manifest = do_build(ps3_dir, options, progress=_progress(status))
-        rows = [(name, ps3_dir, e) for name, e in manifest["engines"].items()]
+        rows = [(name, ps3_dir, e.to_dict()) for name, e in manifest.engines.items()]
         if vila:
             vila_manifest = build_vila_engines(artifacts, options, max_prompt, progress=_progress(status),
                                                checked=vila_checked)
@@ -195,7 +195,7 @@ def build(
         table.add_row(name, e["file"], e["precision"], f"{size:.1f}", "" if ctx is None else f"{ctx / 2 ** 20:.1f}",
                       ", ".join(f"{k} {v}" for k, v in dynamic.items()))
     console.print(table)
-    first = next(iter(manifest["engines"].values()))
+    first = rows[0][2]
     console.print(f"TensorRT {first['tensorrt_version']}, {escape(first['gpu_name'])} (SM{first['sm']}); "
                   f"done in {time.perf_counter() - start:.1f} s", highlight=False)
 
@@ -424,7 +424,7 @@ def parity(
         raise typer.Exit(1)
 
 
-def _print_lint(artifacts: Path, manifest: dict, trt_version: str, max_look_close, as_json: bool,
+def _print_lint(artifacts: Path, manifest, trt_version: str, max_look_close, as_json: bool,
                 precision: str = "fp32"):
     """`inspect --lint`: a table of findings (repeats of one finding folded into one row)."""
     from .exporter.lint import group_findings, lint_artifacts
@@ -434,7 +434,7 @@ def _print_lint(artifacts: Path, manifest: dict, trt_version: str, max_look_clos
         print(json.dumps({**report.to_dict(), "precision": precision, "max_look_close": t_max}, indent=2))
     else:
         title = (f"TensorRT {report.trt_version} lint of {escape(str(artifacts))}, {precision} stages "
-                 f"(highres profile T <= {t_max}, N <= {manifest['geometry']['max_tokens_per_highres_call']})")
+                 f"(highres profile T <= {t_max}, N <= {manifest.geometry.max_tokens_per_highres_call})")
         if report.findings:
             table = Table(title=title)
             for col in ("severity", "stage", "check", "op", "node", "message"):
@@ -452,7 +452,7 @@ def _print_lint(artifacts: Path, manifest: dict, trt_version: str, max_look_clos
             console.print(f"largest tensor at the profile max: {report.largest_tensor:.3g} elements "
                           f"({report.largest_tensor / 2 ** 31:.0%} of TensorRT's 2^31 limit)", highlight=False)
         console.print(f"{len(report.errors)} errors, {len(report.warnings)} warnings in "
-                      f"{len(manifest['stages'])} stages", highlight=False)
+                      f"{len(manifest.stages)} stages", highlight=False)
     if report.errors:
         raise typer.Exit(1)
 
@@ -468,7 +468,7 @@ def inspect(
     precision: str = typer.Option("fp32", "--precision", help="Lint: the stage files to check, fp32 or the fp16 / int8 ones 'ps3edge calibrate' wrote."),
 ):
     """Show what an artifact's manifest says (and check its files); --lint checks TensorRT compatibility."""
-    from .exporter.manifest import load_manifest
+    from .artifact.manifest import load_manifest
 
     manifest = load_manifest(artifacts, verify=True)
     given = [flag for flag, on in (("--trt-version", trt_version != defaults.DEFAULT_LINT_TRT_VERSION),
@@ -480,45 +480,46 @@ def inspect(
         _print_lint(artifacts, manifest, trt_version, max_look_close, as_json, precision)
         return
     if as_json:
-        print(json.dumps(manifest, indent=2))
+        print(json.dumps(manifest.to_dict(), indent=2))
         return
-    m, g = manifest["model"], manifest["geometry"]
-    console.print(f"[bold]{escape(str(artifacts))}[/bold]  schema v{manifest['schema_version']}, "
-                  f"ps3edge {manifest['producer'].get('version', '?')}, opset {manifest['opset']}, {manifest['precision']}",
+    m, g = manifest.config, manifest.geometry
+    console.print(f"[bold]{escape(str(artifacts))}[/bold]  schema v{manifest.schema_version}, "
+                  f"ps3edge {manifest.producer.get('version', '?')}, opset {manifest.opset}, {manifest.precision}",
                   highlight=False)
-    src = manifest["source"]
+    src = manifest.source
     origin = (f"preset {src['name']} (seed {src['seed']})" if src.get("kind") == "preset"
               else f"checkpoint {escape(str(src.get('path')))}")
-    console.print(f"model  {escape(str(m['name']))}: width {m['width']}, depth {m['depth']}, heads {m['num_heads']}, "
-                  f"mlp {m['mlp_dim']}; weights from {origin}", highlight=False)
-    console.print(f"scales {g['scales']} -> grids {g['grids']}; {g['lowres_tokens']} low-res tokens, "
-                  f"{g['highres_patches_total']} high-res patches {g['highres_patches_each_scale']}", highlight=False)
-    d = manifest["defaults"]
-    console.print(f"look-close  {'+'.join(map(str, d['select_num_each_scale']))} patches per step, "
-                  f"default {d.get('num_look_close', defaults.DEFAULT_NUM_LOOK_CLOSE)} steps, at most {g['max_tokens_per_highres_call']} "
-                  f"tokens per highres call; returned layers {manifest['returned_layers']}", highlight=False)
-    p = manifest["preprocessing"]
-    console.print(f"preprocess  {p['resize']} resize to {p['size']} ({p['interpolation']}), x{p['rescale']}, "
-                  f"mean {p['mean']}, std {p['std']}", highlight=False)
+    console.print(f"model  {escape(str(m.name))}: width {m.width}, depth {m.depth}, heads {m.num_heads}, "
+                  f"mlp {m.mlp_dim}; weights from {origin}", highlight=False)
+    console.print(f"scales {list(g.scales)} -> grids {list(g.grids)}; {g.lowres_tokens} low-res tokens, "
+                  f"{g.highres_patches_total} high-res patches {list(g.highres_patches_each_scale)}", highlight=False)
+    d = manifest.look_close_defaults
+    steps = defaults.DEFAULT_NUM_LOOK_CLOSE if d.num_look_close is None else d.num_look_close
+    console.print(f"look-close  {'+'.join(map(str, d.select_num_each_scale))} patches per step, "
+                  f"default {steps} steps, at most {g.max_tokens_per_highres_call} "
+                  f"tokens per highres call; returned layers {list(manifest.returned_layers)}", highlight=False)
+    p = manifest.preprocessing
+    console.print(f"preprocess  {p.resize} resize to {p.size} ({p.interpolation}), x{p.rescale}, "
+                  f"mean {list(p.mean)}, std {list(p.std)}", highlight=False)
     table = Table(title="stages")
     for col in ("stage", "file", "inputs", "outputs"):
         table.add_column(col)
-    fmt = lambda ts: "\n".join(f"{t['name']} {t['dtype']} {tuple(t['shape'])}" for t in ts)
-    for name, s in manifest["stages"].items():
-        files = s["file"] + "".join(f" + {x}" for x in s.get("external_data", []))
-        table.add_row(name, files, fmt(s["inputs"]), fmt(s["outputs"]))
+    fmt = lambda ts: "\n".join(f"{t.name} {t.dtype} {tuple(t.shape)}" for t in ts)
+    for name, s in manifest.stages.items():
+        files = s.file + "".join(f" + {x}" for x in s.external_data)
+        table.add_row(name, files, fmt(s.inputs), fmt(s.outputs))
     console.print(table)
-    for name, e in (manifest.get("engines") or {}).items():
-        console.print(f"engine {name}: {e['file']}, {e['precision']} via {e['built_via']}, TensorRT "
-                      f"{e['tensorrt_version']} on SM{e['sm']} ({escape(e['gpu_name'])}), T <= {e.get('max_look_close', '?')}",
+    for name, e in manifest.engines.items():
+        console.print(f"engine {name}: {e.file}, {e.precision} via {e.built_via}, TensorRT "
+                      f"{e.tensorrt_version} on SM{e.sm} ({escape(e.gpu_name)}), T <= {e.get('max_look_close', '?')}",
                       highlight=False)
-    for name, p in (manifest.get("precisions") or {}).items():
+    for name, p in manifest.precisions.items():
         how = ", ".join(str(x) for x in (p.get("tool"), p.get("method"),
-                                         f"{p['samples']} images" if "samples" in p else None) if x)
-        console.print(f"precision {name}: {', '.join(s['file'] for s in p['stages'].values())} ({escape(how)})"
-                      + (f"; report {p['report']}" if p.get("report") else ""), highlight=False)
-    total = sum((Path(artifacts) / f).stat().st_size for f in manifest["files"]) / 2 ** 20
-    console.print(f"{len(manifest['files'])} files, {total:.1f} MiB, all sha256 match the manifest", highlight=False)
+                                         f"{p.samples} images" if "samples" in p else None) if x)
+        console.print(f"precision {name}: {', '.join(s['file'] for s in p.stages.values())} ({escape(how)})"
+                      + (f"; report {p.report}" if p.get("report") else ""), highlight=False)
+    total = sum((Path(artifacts) / f).stat().st_size for f in manifest.files) / 2 ** 20
+    console.print(f"{len(manifest.files)} files, {total:.1f} MiB, all sha256 match the manifest", highlight=False)
 
 
 @app.command()

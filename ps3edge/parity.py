@@ -128,7 +128,7 @@ def run_parity(model_spec: str, image, settings: LookCloseSettings, *, prompt_em
         say("official low-res pass")
         with torch.no_grad():
             low = official.vision_model.forward_low_res(px, output_hidden_states=True, return_kv_cache=True)
-        official_lowres = np.stack([low["hidden_states"][l].numpy() for l in ours.manifest["returned_layers"]])
+        official_lowres = np.stack([low["hidden_states"][l].numpy() for l in ours.manifest.returned_layers])
         official_kv = low["output_kv_cache"].numpy()
 
         say("official look-close (as published, and with ties pinned)")
@@ -193,7 +193,7 @@ def run_precision_parity(precision: str, settings: LookCloseSettings, *, model_s
     from .calibration.calibrate import calibrate
     from .calibration.data import image_files
     from .calibration.report import accuracy_report
-    from .exporter.manifest import load_manifest
+    from .artifact.manifest import load_manifest
     say = progress or (lambda msg: None)
     if precision not in defaults.CALIBRATION_PRECISIONS:
         raise Ps3EdgeError(f"unknown precision '{precision}' for this comparison; choose one of: "
@@ -216,7 +216,7 @@ def run_precision_parity(precision: str, settings: LookCloseSettings, *, model_s
                              exclude_blocks=exclude_blocks, holdout_images=held, report_settings=settings,
                              layer=layer, with_torch=with_torch, progress=say)
         manifest = load_manifest(artifact_dir, verify=True)
-        entry = manifest.get("precisions", {}).get(precision, {})
+        entry = manifest.precisions[precision].to_dict() if precision in manifest.precisions else {}
         if images is not None:
             files = image_files(images, limit=defaults.DEFAULT_HOLDOUT_SAMPLES, what="held-out image folder")
         else:

@@ -25,28 +25,29 @@ from ps3edge import defaults
 from ps3edge.engines import cache as cache_mod
 from ps3edge.engines.builder import BuildOptions, plan_build, record_engines
 from ps3edge.engines.cache import EngineCache, engine_cache_key, read_timing_cache, write_timing_cache
-from ps3edge.engines.metadata import check_engines_section
+from ps3edge.artifact.engines import check_engines_section
 from ps3edge.engines.platform import check_engine_compatible, jetpack_version, l4t_version, same_tensorrt
-from ps3edge.engines.profiles import (attention_step_limit, axis_bounds, is_dynamic, look_close_steps,
+from ps3edge.artifact.profiles import (attention_step_limit, axis_bounds, is_dynamic, look_close_steps,
                                       profile_bounds, shape_arg)
 from ps3edge.errors import Ps3EdgeError
-from ps3edge.exporter.manifest import build_manifest, load_manifest
-from ps3edge.exporter.spec import stage_specs
+from ps3edge.artifact.manifest import Manifest, build_manifest, load_manifest
+from ps3edge.artifact.spec import stage_specs
 from ps3edge.model.config import preset
-from ps3edge.model.weights import file_sha256
+from ps3edge.artifact.io import file_sha256
 from ps3edge.runtime.backends import load_stages, ort_tensorrt_options, preferred_ort_providers
 
 TRT_SKIP = "TensorRT is not installed (DESIGN.md section 4: it cannot be installed here); benchmarks/trt_check.py runs this path where it is"
 SCRIPT = Path(sys.executable).with_name("ps3edge")
 
 
-def unexported_manifest(name: str) -> dict:
+def unexported_manifest(name: str) -> Manifest:
     """The manifest `export` would write for a preset, without exporting (for geometry checks)."""
     cfg = preset(name)
     specs = stage_specs(cfg, 2)
     stages = {n: {"file": s.file, "external_data": [], **s.to_dict()} for n, s in specs.items()}
     files = {s.file: "0" * 64 for s in specs.values()} | {defaults.PRIOR_PROMPT_FILE: "0" * 64}
-    return build_manifest(cfg, {"kind": "preset", "name": name, "seed": 0}, [25, 26], [-2, -1], 17, stages, files)
+    layers = [cfg.depth - 2, cfg.depth - 1]          # 25, 26 for the real presets
+    return build_manifest(cfg, {"kind": "preset", "name": name, "seed": 0}, layers, [-2, -1], 17, stages, files)
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def tiny_copy(artifacts, tmp_path):
 def test_profile_bounds_from_an_exported_manifest(artifacts):
     manifest = load_manifest(artifacts("ps3-tiny"))
     bounds = profile_bounds(manifest)
-    kv = manifest["stages"]["highres"]["inputs"][2]["shape"]
+    kv = list(manifest.stages["highres"].inputs[2].shape)
     assert bounds["highres"]["patches"] == {"min": [1, 1, 588], "opt": [6, 2560, 588], "max": [6, 2560, 588]}
     assert bounds["highres"]["positions"] == {"min": [1, 1], "opt": [6, 2560], "max": [6, 2560]}
     assert bounds["highres"]["kv_cache"] == {"min": kv, "opt": kv, "max": kv}
@@ -99,33 +100,33 @@ def test_max_look_close_out_of_range(value):
 
 
 def test_a_dynamic_axis_without_bounds_is_refused():
-    manifest = unexported_manifest("ps3-1.5k")
-    manifest["stages"]["selector"]["inputs"][2]["shape"] = ["M", 1152]
+    raw = unexported_manifest("ps3-1.5k").to_dict()
+    raw["stages"]["selector"]["inputs"][2]["shape"] = ["M", 1152]
     with pytest.raises(Ps3EdgeError, match="dynamic axis 'M' that no optimization profile bounds"):
-        profile_bounds(manifest)
+        profile_bounds(Manifest(raw))                   # unchecked: the manifest check would refuse it first
 
 
 # --- the build plan ---------------------------------------------------------------------------------
-def with_precision(manifest: dict, precision: str, quantized=("lowres", "highres")) -> dict:
-    """The manifest with a "precisions" entry as `ps3edge calibrate` writes it (calibration/registry.py)."""
+def with_precision(manifest: Manifest, precision: str, quantized=("lowres", "highres")) -> Manifest:
+    """The manifest with a "precisions" entry as `ps3edge calibrate` writes it (artifact/precisions.py)."""
     from ps3edge.calibration.precision import fp16_precision_map
 
-    manifest = json.loads(json.dumps(manifest))
+    raw = manifest.to_dict()
     stages = {}
     for s in ("lowres", "selector", "highres"):
         if precision == "fp16":
             name = f"{s}.fp16.onnx"
             pmap = fp16_precision_map(s, fp32_nodes=[f"/{s}/LayerNormalization"], fp32_tensors=[f"/{s}/Softmax_output_0"])
         else:
-            name = f"{s}.int8.onnx" if s in quantized else manifest["stages"][s]["file"]
+            name = f"{s}.int8.onnx" if s in quantized else raw["stages"][s]["file"]
             pmap = {"schema": 1, "default": "fp32", "io_dtype": "float32",
                     "quantized_nodes": [f"/{s}/MatMul"] if s in quantized else [], "fp32_op_types": [],
                     "fp32_regions": [], "fp32_nodes": [f"/{s}/blocks.0/MatMul"] if s in quantized else [],
                     "fp32_tensors": [], "tensorrt": {"strongly_typed": True, "builder_flags": []}}
-        manifest["files"].setdefault(name, f"{abs(hash(name)) & 0xffffffff:064x}")
+        raw["files"].setdefault(name, f"{abs(hash(name)) & 0xffffffff:064x}")
         stages[s] = {"file": name, "external_data": [], "precision_map": pmap}
-    manifest.setdefault("precisions", {})[precision] = {"stages": stages}
-    return manifest
+    raw.setdefault("precisions", {})[precision] = {"stages": stages}
+    return Manifest.from_dict(raw)
 
 
 def plans_by_stage(manifest, trt="10.3.0", sm=87, **options):
@@ -252,8 +253,8 @@ def test_torch_tensorrt_route_exports_the_stages_with_the_profile_dims(artifacts
     manifest = load_manifest(artifacts("ps3-tiny"))
     bounds = profile_bounds(manifest, 3)
     model = build("ps3-tiny").model.eval()
-    highres = HighResStage(model, manifest["returned_layers"]).eval()
-    program = export_stage_program(highres, manifest["stages"]["highres"], bounds["highres"], 14580)
+    highres = HighResStage(model, list(manifest.returned_layers)).eval()
+    program = export_stage_program(highres, manifest.stages["highres"].to_dict(), bounds["highres"], 14580)
     kv = torch.randn(*bounds["highres"]["kv_cache"]["max"])
     for T, N in ((1, 1), (3, 2560), (2, 77)):
         patches = torch.randn(T, N, 588)
@@ -264,7 +265,7 @@ def test_torch_tensorrt_route_exports_the_stages_with_the_profile_dims(artifacts
         assert got.shape == (2, T, N, 64) and torch.allclose(got, want, atol=1e-5)
     with pytest.raises(Exception):                     # beyond the profile's T_max: refused by the guards
         program.module()(torch.randn(4, 8, 588), torch.zeros(4, 8, dtype=torch.int32), kv)
-    selector = export_stage_program(SelectorStage(model).eval(), manifest["stages"]["selector"],
+    selector = export_stage_program(SelectorStage(model).eval(), manifest.stages["selector"].to_dict(),
                                     bounds["selector"], 14580)
     assert [n.meta["val"].shape for n in selector.graph.nodes if n.op == "placeholder"][-1] == (1, 64)
 
@@ -314,9 +315,9 @@ def test_plan_keys_follow_their_inputs():
     assert all(e[s].key != a[s].key for s in a)
     f = plans_by_stage(manifest, via="torch-tensorrt")
     assert all(f[s].key != a[s].key for s in a)
-    edited = json.loads(json.dumps(manifest))
+    edited = manifest.to_dict()
     edited["files"]["selector.onnx"] = "f" * 64
-    g = plans_by_stage(edited)
+    g = plans_by_stage(Manifest.from_dict(edited))
     assert g["selector"].key != a["selector"].key and g["highres"].key == a["highres"].key
 
 
@@ -346,7 +347,7 @@ def test_atomic_writes_give_the_usual_file_permissions(tmp_path):
     import os
     import stat
 
-    from ps3edge.exporter.manifest import copy_atomic, write_json_atomic
+    from ps3edge.artifact.io import copy_atomic, write_json_atomic
 
     mask = os.umask(0)
     os.umask(mask)
@@ -386,7 +387,7 @@ def fake_engines(art: Path, tensorrt_version="10.3.0", sm=87) -> dict:
     manifest = load_manifest(art)
     bounds = profile_bounds(manifest)
     entries = {}
-    for stage in manifest["stages"]:
+    for stage in manifest.stages:
         name = f"{stage}.fp16.{'0' * 12}.engine"
         (art / name).write_bytes(f"not really a {stage} engine".encode())
         entries[stage] = {
@@ -395,8 +396,7 @@ def fake_engines(art: Path, tensorrt_version="10.3.0", sm=87) -> dict:
             "tensorrt_version": tensorrt_version, "cuda_version": "12.6", "gpu_name": "Orin", "sm": sm,
             "jetpack": "6.2", "l4t": "36.4.3", "profiles": bounds[stage], "max_look_close": 6,
             "workspace_bytes": 1 << 30, "builder_optimization_level": 3, "device_memory_bytes": 123456,
-            "bindings": {t["name"]: t["name"] for t in manifest["stages"][stage]["inputs"]
-                         + manifest["stages"][stage]["outputs"]},
+            "bindings": {n: n for n in manifest.stages[stage].input_names + manifest.stages[stage].output_names},
             "cache_key": "a" * 64,
         }
     return entries
@@ -405,8 +405,8 @@ def fake_engines(art: Path, tensorrt_version="10.3.0", sm=87) -> dict:
 def test_manifest_accepts_an_engines_section(tiny_copy):
     record_engines(tiny_copy, fake_engines(tiny_copy))
     manifest = load_manifest(tiny_copy, verify=True)
-    assert set(manifest["engines"]) == {"lowres", "selector", "highres"}
-    assert all(manifest["files"][e["file"]] == e["sha256"] for e in manifest["engines"].values())
+    assert set(manifest.engines) == {"lowres", "selector", "highres"}
+    assert all(manifest.files[e.file] == e.sha256 for e in manifest.engines.values())
     assert not list(tiny_copy.glob(".*.tmp"))
     # recording again replaces the entries and drops the old files' hashes
     newer = fake_engines(tiny_copy)
@@ -416,7 +416,7 @@ def test_manifest_accepts_an_engines_section(tiny_copy):
         shutil.copy(old, tiny_copy / e["file"])
     record_engines(tiny_copy, newer)
     manifest = load_manifest(tiny_copy, verify=True)
-    assert not any(".000000000000." in f for f in manifest["files"])
+    assert not any(".000000000000." in f for f in manifest.files)
 
 
 def tampered(art: Path, edit) -> str:
@@ -601,10 +601,10 @@ def test_build_and_run_tiny_engines_match_onnxruntime(tiny_copy, tmp_path, image
 
     options = BuildOptions(precision=precision, engine_cache=tmp_path / "cache", timing_cache=tmp_path / "t.cache")
     manifest = build(tiny_copy, options)
-    assert set(manifest["engines"]) == {"lowres", "selector", "highres"} and (tmp_path / "t.cache").is_file()
+    assert set(manifest.engines) == {"lowres", "selector", "highres"} and (tmp_path / "t.cache").is_file()
     load_manifest(tiny_copy, verify=True)
     rebuilt = build(tiny_copy, options)                             # identical build: nothing changes
-    assert rebuilt["engines"] == manifest["engines"]
+    assert rebuilt.engines == manifest.engines
     settings = settings_from_env(env={}, num_look_close=6)
     ref = Pipeline(tiny_copy, "onnxruntime").run(image, settings)
     got = Pipeline(tiny_copy, "tensorrt").run(image, settings)
@@ -622,7 +622,7 @@ def test_tensorrt_highres_splits_calls_beyond_t_max(tiny_copy, tmp_path):
     stages = load_stages(tiny_copy, manifest, "tensorrt")
     onnx = load_stages(tiny_copy, manifest, "onnxruntime")
     rng = np.random.default_rng(0)
-    kv_shape = manifest["stages"]["highres"]["inputs"][2]["shape"]
+    kv_shape = list(manifest.stages["highres"].inputs[2].shape)
     feed = {"patches": rng.standard_normal((5, 64, 588), dtype=np.float32),
             "positions": rng.integers(0, 14580, (5, 64), dtype=np.int32),
             "kv_cache": rng.standard_normal(kv_shape, dtype=np.float32)}
@@ -637,7 +637,7 @@ def test_build_via_torch_tensorrt(tiny_copy, tmp_path):
     from ps3edge.engines.builder import build
 
     manifest = build(tiny_copy, BuildOptions(via="torch-tensorrt", engine_cache=None))
-    assert {e["built_via"] for e in manifest["engines"].values()} == {"torch-tensorrt"}
+    assert {e.built_via for e in manifest.engines.values()} == {"torch-tensorrt"}
     stages = load_stages(tiny_copy, manifest, "tensorrt")
     assert set(stages) == {"lowres", "selector", "highres"}
 

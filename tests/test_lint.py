@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import cli as run_cli
 from ps3edge.errors import Ps3EdgeError
 from ps3edge.exporter.lint import lint_artifacts, lint_model, parse_trt_version
-from ps3edge.model.weights import file_sha256
+from ps3edge.artifact.io import file_sha256
 
 F, I32, I64, F64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64, TensorProto.DOUBLE
 

@@ -17,7 +17,7 @@ from ps3edge.engines.llm_engine import (DEFAULT_LLM_MAX_PROMPT, llm_profiles, ma
                                         projector_width)
 from ps3edge.errors import Ps3EdgeError
 from ps3edge.llm.pipeline import VilaPipeline, load_vila_manifest
-from ps3edge.model.weights import file_sha256
+from ps3edge.artifact.io import file_sha256
 from test_engines import _need_gpu_tensorrt, tensorrt_missing
 
 

@@ -19,7 +19,7 @@ from ps3edge.calibration.data import synthetic_image
 from ps3edge.calibration.precision import convert_fp16, fp32_layer_matcher
 from ps3edge.calibration.report import AccuracyReport
 from ps3edge.errors import Ps3EdgeError
-from ps3edge.exporter.manifest import load_manifest
+from ps3edge.artifact.manifest import load_manifest
 from ps3edge.exporter.onnx_export import export
 from ps3edge.model import random_model, save_checkpoint
 from ps3edge.model.config import preset
@@ -126,7 +126,7 @@ def check_int8(report: AccuracyReport):
 
 def check_registered(artifact, expect_fp16=True):
     manifest = load_manifest(artifact, verify=True)                    # every sha256 checked
-    section = manifest["precisions"]
+    section = manifest.to_dict()["precisions"]
     assert sorted(section) == (["fp16", "int8"] if expect_fp16 else ["int8"])
     for precision, entry in section.items():
         assert entry["stages"]["selector"]["file"] == "selector.onnx"
@@ -202,7 +202,7 @@ def test_real_width_int8_accuracy(real_width):
     art, _, int8 = real_width
     check_int8(int8)
     manifest = check_registered(art)
-    entry = manifest["precisions"]["int8"]
+    entry = manifest.precisions["int8"]
     assert entry["samples"] == 3 and entry["highres_samples"] == 3
     assert entry["method"] == defaults.DEFAULT_CALIBRATION_METHOD == "entropy"
     assert [i["name"] for i in entry["calibration_images"]] == ["cal0.png", "cal1.png", "cal2.png"]
@@ -213,7 +213,7 @@ def test_int8_graph_and_registration(tiny):
     manifest = check_registered(art)
     for stage, expected in (("lowres", 4 * 4 + 1), ("highres", 4 * 4 + 1)):   # 4 per block + patch embed
         model = onnx.load(str(art / f"{stage}.int8.onnx"))
-        pmap = manifest["precisions"]["int8"]["stages"][stage]["precision_map"]
+        pmap = manifest.precisions["int8"].stages[stage]["precision_map"]
         assert pmap["tensorrt"]["strongly_typed"] is True and len(pmap["quantized_nodes"]) == expected
         by_output = {o: n for n in model.graph.node for o in n.output}
         for node in model.graph.node:
@@ -324,7 +324,7 @@ def test_other_methods_write_runnable_qdq(artifacts, images, tmp_path, method):
     art = copy_artifact(artifacts("ps3-tiny"), tmp_path / "art")
     cal, held = images
     assert calibrate(art, "int8", cal, method=method, samples=2, highres_steps=1, report=False) is None
-    entry = load_manifest(art)["precisions"]["int8"]
+    entry = load_manifest(art).precisions["int8"]
     assert entry["method"] == method and entry["tool"].startswith("onnxruntime")
     px = Pipeline(art, "onnxruntime").pixels(held / "held1.png")
     so = ort.SessionOptions()
@@ -352,7 +352,7 @@ def test_excluded_blocks_stay_float(artifacts, images, tmp_path):
     art = copy_artifact(artifacts("ps3-tiny"), tmp_path / "art")
     cal, _ = images
     calibrate(art, "int8", cal, method="max", samples=1, highres_steps=1, exclude_blocks="first,last", report=False)
-    pmap = load_manifest(art)["precisions"]["int8"]["stages"]["highres"]["precision_map"]
+    pmap = load_manifest(art).precisions["int8"].stages["highres"]["precision_map"]
     assert pmap["quantized_nodes"] and not any(n.startswith(("/blocks.0/", "/blocks.3/")) for n in pmap["quantized_nodes"])
     assert {n for n in pmap["fp32_nodes"] if n.startswith("/blocks.")} == {
         f"/blocks.{b}/{m}/MatMul" for b in (0, 3) for m in ("attn/qkv", "attn/proj", "mlp/fc1", "mlp/fc2")}
@@ -406,9 +406,9 @@ def test_recalibration_replaces_the_entry(tiny, images, tmp_path):
     cal, _ = images
     calibrate(art, "int8", cal, method="percentile", samples=1, highres_steps=1, report=False)
     manifest = load_manifest(art, verify=True)
-    entry = manifest["precisions"]["int8"]
+    entry = manifest.precisions["int8"]
     assert entry["method"] == "percentile" and "report" not in entry
-    assert "accuracy.int8.json" not in manifest["files"] and "fp16" in manifest["precisions"]
+    assert "accuracy.int8.json" not in manifest.files and "fp16" in manifest.precisions
 
 
 # ------------------------------------------------------------------------------------------

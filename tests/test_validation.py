@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import cli
 from ps3edge.errors import Ps3EdgeError
-from ps3edge.exporter.manifest import load_manifest
+from ps3edge.artifact.manifest import load_manifest
 from ps3edge.exporter.onnx_export import export
 from ps3edge.llm.pipeline import load_vila_manifest
 from ps3edge.model import load_checkpoint, preset, random_model, save_checkpoint

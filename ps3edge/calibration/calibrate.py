@@ -21,24 +21,22 @@ from typing import Callable
 import onnx
 
 from .. import __version__, defaults
+from ..artifact.io import apply_default_mode, file_sha256, temp_dir, temp_file
+from ..artifact.lock import writer_lock
+from ..artifact.manifest import Manifest, load_manifest
 from ..errors import Ps3EdgeError
-from ..exporter.manifest import apply_default_mode, config_from_manifest, load_manifest, write_json_atomic
-from ..model.weights import file_sha256
 from ..runtime.planning import LookCloseSettings, resolve_steps
 from ..runtime.preprocess import open_image
 from . import int8 as int8mod
 from .data import StageInputs, image_files
 from .precision import convert_fp16, check_types, fp16_precision_map, tensor_types
-from .registry import SECTION, without_precision
 from .report import AccuracyReport, accuracy_report
 
 QUANTIZED_STAGES = ("lowres", "highres")           # the selector stays FP32 in every precision
 
 
 def _temp_path(directory: Path, final_name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{final_name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
+    return temp_file(directory, final_name)
 
 
 def save_model(model: onnx.ModelProto, path: Path, final_name: str) -> list[tuple[Path, str]]:
@@ -73,19 +71,18 @@ def _external_tensors(model: onnx.ModelProto):
                 yield a.t
 
 
-def _register(artifact_dir: Path, manifest: dict, precision: str, entry: dict,
-              staged: list[tuple[Path, str]]) -> dict:
+def _register(artifact_dir: Path, manifest: Manifest, precision: str, entry: dict,
+              staged: list[tuple[Path, str]]) -> Manifest:
     """Drop the old entry, move the staged files into place, record the new entry and hashes."""
-    path = artifact_dir / defaults.MANIFEST_NAME
-    manifest = without_precision(manifest, precision)
-    write_json_atomic(path, manifest)
+    manifest = manifest.without_precision(precision)
+    manifest.write(artifact_dir)
     for tmp, final in staged:
         apply_default_mode(tmp)
         os.replace(tmp, artifact_dir / final)
-    for _, final in staged:
-        manifest["files"][final] = file_sha256(artifact_dir / final)
-    manifest.setdefault(SECTION, {})[precision] = entry
-    write_json_atomic(path, manifest)
+    files = {**manifest.files, **{final: file_sha256(artifact_dir / final) for _, final in staged}}
+    precisions = {**{p: e.to_dict() for p, e in manifest.precisions.items()}, precision: entry}
+    manifest = manifest.replace(files=files, precisions=precisions)
+    manifest.write(artifact_dir)
     return manifest
 
 
@@ -111,7 +108,7 @@ def calibrate(artifact_dir, precision: str = "int8", images=None, *, method: str
     if with_torch and precision != "fp16":
         raise Ps3EdgeError("--with-torch compares our torch model in fp16; it has no INT8 path")
     manifest = load_manifest(artifact_dir, verify=True)
-    cfg = config_from_manifest(manifest)
+    cfg = manifest.config
     if not os.access(artifact_dir, os.W_OK):
         raise Ps3EdgeError(f"{artifact_dir} is not writable")
 
@@ -135,7 +132,17 @@ def calibrate(artifact_dir, precision: str = "int8", images=None, *, method: str
         held = _report_images(precision, images, calib_files, holdout_images, holdout, Path(scratch.name))
     for f in dict.fromkeys(calib_files + held):
         open_image(f)
+    with writer_lock(artifact_dir):
+        manifest = load_manifest(artifact_dir, verify=True)       # as it is now that no other writer runs
+        return _write_precision(artifact_dir, manifest, precision, cfg, calib_files, held, report, report_settings,
+                                blocks if precision == "int8" else (), tool, method, exclude_selection_branch,
+                                settings, highres_steps, layer, with_torch, say)
 
+
+def _write_precision(artifact_dir, manifest, precision, cfg, calib_files, held, report, report_settings, blocks,
+                     tool, method, exclude_selection_branch, settings, highres_steps, layer, with_torch, say):
+    """Write, register and (with `report`) measure the stages, under the artifact's writer lock."""
+    calib_digests: list[str] = []
     staged: list[tuple[Path, str]] = []
     try:
         stages_entry = {}
@@ -165,8 +172,8 @@ def calibrate(artifact_dir, precision: str = "int8", images=None, *, method: str
                      "samples": len(calib_files), "highres_samples": len(feeds["highres"]),
                      "exclude_blocks": list(blocks), "exclude_selection_branch": exclude_selection_branch,
                      "calibration_images": [{"name": f.name, "sha256": d} for f, d in zip(calib_files, calib_digests)]}
-        sel = manifest["stages"]["selector"]
-        stages_entry["selector"] = {"file": sel["file"], "external_data": list(sel.get("external_data", [])),
+        sel = manifest.stages["selector"]
+        stages_entry["selector"] = {"file": sel.file, "external_data": list(sel.external_data),
                                     "precision_map": fp16_precision_map("selector")}
         entry["stages"] = {k: stages_entry[k] for k in ("lowres", "selector", "highres")}
         say("registering the stages in the manifest")
@@ -198,17 +205,18 @@ def _report_images(precision, images, calib_files, holdout_images, holdout, scra
     return [scratch / "sample.png"]
 
 
-def _attach_report(artifact_dir: Path, manifest: dict, precision: str, rep: AccuracyReport) -> None:
+def _attach_report(artifact_dir: Path, manifest: Manifest, precision: str, rep: AccuracyReport) -> None:
     name = defaults.ACCURACY_REPORT.format(precision=precision)
     rep.write(artifact_dir / name)
     apply_default_mode(artifact_dir / name)
-    manifest["files"][name] = file_sha256(artifact_dir / name)
-    manifest[SECTION][precision]["report"] = name
-    write_json_atomic(artifact_dir / defaults.MANIFEST_NAME, manifest)
+    precisions = {p: e.to_dict() for p, e in manifest.precisions.items()}
+    precisions[precision]["report"] = name
+    manifest.replace(files={**manifest.files, name: file_sha256(artifact_dir / name)},
+                     precisions=precisions).write(artifact_dir)
 
 
-def _fp16_stage(artifact_dir: Path, manifest: dict, name: str):
-    src = artifact_dir / manifest["stages"][name]["file"]
+def _fp16_stage(artifact_dir: Path, manifest: Manifest, name: str):
+    src = artifact_dir / manifest.stages[name].file
     types = tensor_types(onnx.load(str(src), load_external_data=False))
     model = onnx.load(str(src))
     model, pmap = convert_fp16(model, name, types)
@@ -218,15 +226,15 @@ def _fp16_stage(artifact_dir: Path, manifest: dict, name: str):
     return save_model(model, _temp_path(artifact_dir, final), final), pmap
 
 
-def _int8_stage(artifact_dir: Path, manifest: dict, name: str, depth: int, blocks, exclude_selection_branch,
+def _int8_stage(artifact_dir: Path, manifest: Manifest, name: str, depth: int, blocks, exclude_selection_branch,
                 feeds, method: str, tool: str, say):
-    info = manifest["stages"][name]
-    src = artifact_dir / info["file"]
+    info = manifest.stages[name]
+    src = artifact_dir / info.file
     meta = onnx.load(str(src), load_external_data=False)
     selection = int8mod.select_nodes(meta, name, depth, blocks, exclude_selection_branch)
     final = name + defaults.PRECISION_FILE_SUFFIX["int8"]
-    large = bool(info.get("external_data"))
-    scratch = Path(tempfile.mkdtemp(prefix=".int8-", dir=artifact_dir))
+    large = bool(info.external_data)
+    scratch = temp_dir(artifact_dir, final, "int8")
     try:
         dst = scratch / final
         int8mod.quantize_stage(src, dst, name, selection, feeds, method, tool, large, progress=say)

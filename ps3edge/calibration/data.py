@@ -54,9 +54,9 @@ class StageInputs:
                  highres_steps: int = defaults.CALIBRATION_HIGHRES_STEPS):
         self.pipeline = pipeline
         self.images = list(images)
-        defaults_section = pipeline.manifest["defaults"]
+        steps = pipeline.manifest.look_close_defaults.num_look_close
         self.settings = settings or LookCloseSettings(
-            num_look_close=defaults_section.get("num_look_close", defaults.DEFAULT_NUM_LOOK_CLOSE))
+            num_look_close=defaults.DEFAULT_NUM_LOOK_CLOSE if steps is None else steps)
         self.highres_steps = highres_steps
         self._cached: tuple[int, dict] | None = None
 

@@ -41,6 +41,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .. import defaults
+from ..artifact.io import temp_prefix
 from ..errors import Ps3EdgeError
 from .data import FeedReader
 
@@ -197,7 +198,7 @@ def collect_thresholds(model_path: Path, activations: list[str], reader: FeedRea
         if name not in existing:
             model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     # next to the original, so that its external data (if any) resolves the same way
-    fd, tmp = tempfile.mkstemp(dir=model_path.parent, prefix=f".{model_path.stem}.calib-", suffix=".onnx")
+    fd, tmp = tempfile.mkstemp(dir=model_path.parent, prefix=temp_prefix(model_path.stem, "calib"), suffix=".onnx")
     os.close(fd)
     augmented = Path(tmp)
     try:

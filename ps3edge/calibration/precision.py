@@ -15,7 +15,7 @@ Everything else that computes on floats (matrix products, convolutions, GELU, re
 the attention scale, the position-table gather) runs in FP16. Float graph inputs and outputs stay
 float32 - the FP16 file casts at its boundary - so the runtime feeds and reads the same arrays.
 
-The precision map, manifest["precisions"][p]["stages"][stage]["precision_map"] (schema 1):
+The precision map, the manifest's precisions.<p>.stages.<stage>.precision_map (schema 1):
 
     {
       "schema": 1,
@@ -29,8 +29,8 @@ The precision map, manifest["precisions"][p]["stages"][stage]["precision_map"] (
       "tensorrt": {"strongly_typed": false, "builder_flags": ["FP16", "OBEY_PRECISION_CONSTRAINTS"]}
     }
 
-How a TensorRT builder applies an FP16 map: parse the stage's FP32 ONNX file
-(manifest["stages"][s]["file"]), set the builder flags listed under "tensorrt", and for every
+How a TensorRT builder applies an FP16 map: parse the stage's FP32 ONNX file,
+set the builder flags listed under "tensorrt", and for every
 layer where `fp32_layer_matcher(map)(layer.name, [layer.get_output(i).name ...])` is true set
 `layer.precision = trt.float32` and `layer.set_output_type(i, trt.float32)` on its float
 outputs. The ONNX parser keeps tensor names and names layers after their node, so either matches.

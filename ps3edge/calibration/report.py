@@ -29,7 +29,7 @@ import numpy as np
 
 from .. import __version__, defaults
 from ..errors import Ps3EdgeError
-from ..exporter.manifest import write_json_atomic
+from ..artifact.io import write_json_atomic
 from ..parity import ParityRow, feature_diff, selection_iou
 from ..runtime.planning import LookCloseSettings
 from ..runtime.preprocess import open_image
@@ -208,7 +208,7 @@ def accuracy_report(artifact_dir, precision: str, images: list[Path], settings: 
     """`precision`'s stages against the FP32 stages (onnxruntime), on `images`; with
     `with_torch` also our torch model at that precision against itself in fp32."""
     from ..runtime.lookclose import Pipeline
-    from ..model.weights import file_sha256
+    from ..artifact.io import file_sha256
 
     say = progress or (lambda msg: None)
     if precision not in defaults.CALIBRATION_PRECISIONS:

@@ -44,12 +44,13 @@ from typing import Callable
 from .. import defaults
 from ..calibration.precision import WHOLE_STAGE_FP32
 from ..errors import Ps3EdgeError
-from ..exporter.manifest import _check_consistent, copy_atomic, load_manifest, write_bytes_atomic, write_json_atomic
-from ..exporter.spec import STAGE_ORDER
-from ..model.weights import file_sha256
+from ..artifact.engines import merge_engines
+from ..artifact.manifest import Manifest, load_manifest
+from ..artifact.io import copy_atomic, file_sha256, write_bytes_atomic
+from ..artifact.spec import STAGE_ORDER
 from .cache import EngineCache, engine_cache_key, read_timing_cache, write_timing_cache
 from .platform import import_tensorrt, import_torch_tensorrt, machine_facts, version_tuple
-from .profiles import is_dynamic, look_close_steps, profile_bounds
+from ..artifact.profiles import is_dynamic, look_close_steps, profile_bounds
 
 
 @dataclass(frozen=True)
@@ -104,12 +105,12 @@ class StagePlan:
 
 
 # --- deciding (pure) -----------------------------------------------------------------------------
-def stage_variants(manifest: dict, stage: str) -> dict[str, dict]:
+def stage_variants(manifest: Manifest, stage: str) -> dict[str, dict]:
     """precision -> {"file", "external_data", "precision_map"} of a stage, from the manifest's
     "precisions" section (fp16 / int8, written by `ps3edge calibrate`)."""
     out = {}
-    for precision, entry in (manifest.get("precisions") or {}).items():
-        info = (entry.get("stages") or {}).get(stage)
+    for precision, entry in manifest.precisions.items():
+        info = entry.to_dict().get("stages", {}).get(stage)
         if info:
             out[precision] = {"file": info["file"], "external_data": list(info.get("external_data", [])),
                               "precision_map": info.get("precision_map") or {}}
@@ -129,13 +130,13 @@ class _Source:
     map_source: str = ""                  # the manifest section whose precision map / file was used
 
 
-def _choose_source(manifest: dict, stage: str, precision: str, trt_major: int) -> _Source:
-    base = manifest["stages"][stage]
+def _choose_source(manifest: Manifest, stage: str, precision: str, trt_major: int) -> _Source:
+    base = manifest.stages[stage]
     variants = stage_variants(manifest, stage)
     weak = trt_major < 11                 # TensorRT 11 builds strongly typed networks only
 
     def fp32():
-        return _Source(base["file"], tuple(base.get("external_data", [])), "fp32", not weak)
+        return _Source(base.file, base.external_data, "fp32", not weak)
 
     def from_file(p, engine_precision):
         v = variants[p]
@@ -143,7 +144,7 @@ def _choose_source(manifest: dict, stage: str, precision: str, trt_major: int) -
 
     def quantized():
         v = variants.get("int8")
-        return bool(v and (v["precision_map"].get("quantized_nodes") or v["file"] != base["file"]))
+        return bool(v and (v["precision_map"].get("quantized_nodes") or v["file"] != base.file))
 
     def fp16_map():
         pmap = variants.get("fp16", {}).get("precision_map")
@@ -154,7 +155,7 @@ def _choose_source(manifest: dict, stage: str, precision: str, trt_major: int) -
         if v is None and stage in WHOLE_STAGE_FP32:   # the FP16 policy's rule, map or no map
             return fp32()
         if v is None:
-            return _Source(base["file"], tuple(base.get("external_data", [])), "fp16", False, ("FP16",),
+            return _Source(base.file, base.external_data, "fp16", False, ("FP16",),
                            note=f"stage '{stage}': no FP16 precision map (ps3edge calibrate ARTIFACTS --precision "
                                 "fp16), so every layer may run in fp16, LayerNorm and Softmax included")
         pmap = v["precision_map"]
@@ -162,7 +163,7 @@ def _choose_source(manifest: dict, stage: str, precision: str, trt_major: int) -
         if "FP16" not in flags:                    # the policy keeps this stage (the selector) in fp32
             return fp32()
         nodes, tensors = fp16_map()
-        return _Source(base["file"], tuple(base.get("external_data", [])), "fp16", False, flags, nodes, tensors,
+        return _Source(base.file, base.external_data, "fp16", False, flags, nodes, tensors,
                        map_source="precisions.fp16")
 
     def fp16_strong():
@@ -196,14 +197,14 @@ def _choose_source(manifest: dict, stage: str, precision: str, trt_major: int) -
                        "write it with 'ps3edge calibrate ARTIFACTS --precision fp16', or build with TensorRT 10")
 
 
-def plan_build(manifest: dict, options: BuildOptions, tensorrt_version: str, sm: int,
+def plan_build(manifest: Manifest, options: BuildOptions, tensorrt_version: str, sm: int,
                torch_tensorrt_version: str | None = None) -> list[StagePlan]:
     """Decide every stage's build; raises one line for a combination that cannot be built."""
     options.validate()
     trt_major = version_tuple(tensorrt_version)[0]
     bounds = profile_bounds(manifest, options.max_look_close)
     t_max = look_close_steps(manifest, options.max_look_close)
-    if options.precision == "int8" and not any("int8" in stage_variants(manifest, s) for s in manifest["stages"]):
+    if options.precision == "int8" and not any("int8" in stage_variants(manifest, s) for s in manifest.stages):
         raise Ps3EdgeError("--precision int8 needs the Q/DQ stages of 'ps3edge calibrate ARTIFACTS --images DIR'; "
                            "this artifact has none")
     plans = []
@@ -211,20 +212,20 @@ def plan_build(manifest: dict, options: BuildOptions, tensorrt_version: str, sm:
         if options.via == "torch-tensorrt":
             # Torch-TensorRT converts our torch stage modules (fp16: weakly typed, see the module
             # docstring); the fp32 ONNX files only fingerprint the weights in the cache key
-            base = manifest["stages"][stage]
+            base = manifest.stages[stage]
             fp16 = options.precision == "fp16" and stage not in WHOLE_STAGE_FP32
             if fp16 and trt_major >= 11:
                 raise Ps3EdgeError(f"TensorRT {tensorrt_version} has no weak typing, which --via torch-tensorrt "
                                    "needs for fp16; build fp16 with --via onnx (after 'ps3edge calibrate "
                                    "ARTIFACTS --precision fp16')")
-            src = _Source(base["file"], tuple(base.get("external_data", [])), "fp16" if fp16 else "fp32",
+            src = _Source(base.file, base.external_data, "fp16" if fp16 else "fp32",
                           strongly_typed=not fp16,
                           note=f"stage '{stage}': Torch-TensorRT fp16 is weakly typed (TensorRT may run any layer "
                                "in fp16; --via onnx holds LayerNorm and softmax in fp32)" if fp16 else "")
         else:
             src = _choose_source(manifest, stage, options.precision, trt_major)
         files = [src.onnx_file, *src.external_data]
-        missing = [f for f in files if f not in manifest["files"]]
+        missing = [f for f in files if f not in manifest.files]
         if missing:
             raise Ps3EdgeError(f"stage '{stage}' is built from {missing}, which the manifest's 'files' does not list")
         plan = StagePlan(stage=stage, onnx_file=src.onnx_file, source_files=files, precision=src.precision,
@@ -233,7 +234,7 @@ def plan_build(manifest: dict, options: BuildOptions, tensorrt_version: str, sm:
                          fp32_nodes=src.fp32_nodes, fp32_tensors=src.fp32_tensors,
                          profile=bounds[stage], max_look_close=t_max, note=src.note, map_source=src.map_source)
         plan.key_inputs = {
-            "onnx_hashes": {f: manifest["files"][f] for f in plan.source_files},
+            "onnx_hashes": {f: manifest.files[f] for f in plan.source_files},
             "flags": {"stage": stage, "via": options.via, "precision": plan.precision,
                       "strongly_typed": plan.strongly_typed, "set": sorted(plan.flags),
                       "clear": sorted(plan.clear_flags), "fp32_nodes": sorted(plan.fp32_nodes),
@@ -243,8 +244,8 @@ def plan_build(manifest: dict, options: BuildOptions, tensorrt_version: str, sm:
         }
         if options.via == "torch-tensorrt":
             # the torch route builds from the weights, not the ONNX: key it on them too
-            plan.key_inputs["flags"].update({"source": manifest["source"], "model": manifest["model"],
-                                             "returned_layers": manifest["returned_layers"],
+            plan.key_inputs["flags"].update({"source": dict(manifest.source), "model": manifest.config.to_dict(),
+                                             "returned_layers": list(manifest.returned_layers),
                                              "torch_tensorrt": torch_tensorrt_version})
         plan.key = engine_cache_key(plan.key_inputs["onnx_hashes"], plan.key_inputs["flags"], tensorrt_version, sm)
         plans.append(plan)
@@ -310,11 +311,11 @@ def build(artifact_dir, options: BuildOptions, progress: Callable[[str], None] |
         else:
             engine_bytes, timing, constraints = _build_with_torch_tensorrt(
                 tt, trt, artifact_dir, manifest, plan, options, timing, models)
-        inspected = inspect_engine(trt, engine_bytes, manifest["stages"][plan.stage])
+        inspected = inspect_engine(trt, engine_bytes, manifest.stages[plan.stage].to_dict())
         inspected["precision_constraints"] = constraints
         return engine_bytes, timing, lambda sha256: engine_entry(plan, options, facts, sha256, inspected)
 
-    return reuse_or_build(artifact_dir, plans, dict(manifest.get("engines") or {}), options, cache,
+    return reuse_or_build(artifact_dir, plans, {k: e.to_dict() for k, e in manifest.engines.items()}, options, cache,
                           say, build_one, record_engines)
 
 
@@ -366,26 +367,14 @@ def reuse_or_build(art: Path, plans, old: dict, options: BuildOptions, cache, sa
     return manifest
 
 
-def merge_engines(manifest: dict, entries: dict[str, dict]) -> dict:
-    """The manifest with `entries` in its engines section and the engine files' hashes in
-    `files` (those of replaced engines dropped)."""
-    old = manifest.get("engines") or {}
-    files = {k: v for k, v in manifest["files"].items() if k not in {e["file"] for e in old.values()}}
-    engines = {**{s: e for s, e in old.items() if s not in entries}, **entries}
-    for e in engines.values():
-        files[e["file"]] = e["sha256"]
-    return {**manifest, "files": files, "engines": engines}
-
-
-def record_engines(artifact_dir: Path, entries: dict[str, dict]) -> dict:
+def record_engines(artifact_dir: Path, entries: dict[str, dict]) -> Manifest:
     """Write the engines section (and their files' hashes) into the manifest, atomically.
 
     The manifest is re-read here so that sections others wrote since the build began are kept.
     """
     path = Path(artifact_dir) / defaults.MANIFEST_NAME
-    manifest = merge_engines(json.loads(path.read_text()), entries)
-    _check_consistent(manifest, path)
-    write_json_atomic(path, manifest)
+    manifest = Manifest.from_dict(merge_engines(json.loads(path.read_text()), entries), path)
+    manifest.write(artifact_dir)
     return manifest
 
 
@@ -554,7 +543,7 @@ def torch_tensorrt_typing(params, precision: str, input_names: list[str], output
     return kwargs
 
 
-def _build_with_torch_tensorrt(tt, trt, artifact_dir: Path, manifest: dict, plan: StagePlan,
+def _build_with_torch_tensorrt(tt, trt, artifact_dir: Path, manifest: Manifest, plan: StagePlan,
                                options: BuildOptions, timing: bytes, models: dict):
     """Compile our PyTorch stage module with Torch-TensorRT (dynamo) into a serialized engine.
     `models` keeps the rebuilt PS3 between the stages."""
@@ -566,12 +555,12 @@ def _build_with_torch_tensorrt(tt, trt, artifact_dir: Path, manifest: dict, plan
     if "model" not in models:
         models["model"] = rebuild_torch_model(manifest).eval().cuda()
     model = models["model"]
-    layers = manifest["returned_layers"]
+    layers = list(manifest.returned_layers)
     module = {"lowres": lambda: LowResStage(model, layers, for_export=True),
               "selector": lambda: SelectorStage(model),
               "highres": lambda: HighResStage(model, layers)}[plan.stage]().eval().cuda()
-    stage = manifest["stages"][plan.stage]
-    program = export_stage_program(module, stage, plan.profile, manifest["geometry"]["highres_patches_total"], "cuda")
+    stage = manifest.stages[plan.stage].to_dict()
+    program = export_stage_program(module, stage, plan.profile, manifest.geometry.highres_patches_total, "cuda")
     inputs = []
     for t in stage["inputs"]:
         b, dtype = plan.profile[t["name"]], getattr(torch, _TORCH_DTYPES[t["dtype"]])

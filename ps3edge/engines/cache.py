@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .. import defaults
 from ..errors import Ps3EdgeError
-from ..exporter.manifest import write_bytes_atomic
+from ..artifact.io import write_bytes_atomic
 
 KEY_SCHEMA = 1          # bump when the meaning of the key's inputs changes
 
@@ -79,7 +79,7 @@ class EngineCache:
             facts = json.loads(meta.read_text())
         except (OSError, ValueError):
             return None
-        from ..model.weights import file_sha256
+        from ..artifact.io import file_sha256
         if not isinstance(facts, dict) or facts.get("sha256") != file_sha256(engine):
             return None
         return engine, facts

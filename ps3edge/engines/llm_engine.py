@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import Ps3EdgeError
-from ..exporter.manifest import write_json_atomic
+from ..artifact.engines import merge_engines
+from ..artifact.io import write_json_atomic
 from ..model.config import is_whole_number
-from .builder import (BuildOptions, StagePlan, _build_from_onnx, engine_entry, inspect_engine, merge_engines,
+from .builder import (BuildOptions, StagePlan, _build_from_onnx, engine_entry, inspect_engine,
                       reuse_or_build, workspace_bytes)
 from .cache import EngineCache, engine_cache_key
 from .platform import import_tensorrt, machine_facts, version_tuple
@@ -103,7 +104,7 @@ def projector_width(art: Path) -> int:
 
 def vila_stage_specs(manifest: dict, width4: int) -> dict[str, dict]:
     """The inputs / outputs of the two engines, in the stage-manifest form inspect_engine reads."""
-    from ..exporter.spec import projector_spec
+    from ..artifact.spec import projector_spec
     from ..llm.engine import llm_spec
 
     llm = manifest["llm"]

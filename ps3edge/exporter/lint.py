@@ -886,14 +886,14 @@ def _sort_findings(report: LintReport) -> None:
 
 
 def lint_artifacts(artifact_dir, trt_version=defaults.DEFAULT_LINT_TRT_VERSION, max_look_close=None,
-                   manifest: dict | None = None, precision: str = "fp32") -> tuple[LintReport, int]:
+                   manifest=None, precision: str = "fp32") -> tuple[LintReport, int]:
     """Lint every stage of an artifact against the profiles a build would use: the FP32 stage
     files, or the FP16 / INT8 ones 'ps3edge calibrate' registered (`precision`).
 
     Returns one report (findings carry their stage) and T_max, the steps per highres call bounded."""
-    from ..calibration.registry import stage_files
-    from ..engines.profiles import look_close_steps, profile_bounds
-    from .manifest import load_manifest
+    from ..artifact.precisions import stage_files
+    from ..artifact.profiles import look_close_steps, profile_bounds
+    from ..artifact.manifest import load_manifest
 
     artifact_dir = Path(artifact_dir)
     if manifest is None:
@@ -905,8 +905,8 @@ def lint_artifacts(artifact_dir, trt_version=defaults.DEFAULT_LINT_TRT_VERSION, 
     report = LintReport(trt_version=".".join(map(str, version)))
     if _version_note(version):
         report.notes.append(_version_note(version))
-    for stage, info in manifest["stages"].items():
-        declared = {t["name"]: t for t in info["inputs"]}
+    for stage, info in manifest.stages.items():
+        declared = {t.name: t.to_dict() for t in info.inputs}
         r = _lint_stage(artifact_dir / files[stage], version, bounds.get(stage), declared, artifact_dir, stage)
         report.findings.extend(r.findings)
         report.notes.extend(f"{stage}: {n}" for n in r.notes)

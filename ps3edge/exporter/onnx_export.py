@@ -1,14 +1,15 @@
 """Export the three PS3 stages to ONNX and write the artifact directory.
 
 The artifact is assembled in a hidden sibling directory and renamed into place only when every
-file and the manifest are written, so an interrupted export never leaves a half artifact.
+file and the manifest are written, so an interrupted export never leaves a half artifact; the
+target's writer lock (artifact/lock.py) keeps a second export out and removes what a killed one
+left behind.
 Stages whose weights approach protobuf's 2 GiB limit store them in one `<stage>.onnx.data` file.
 """
 
 from __future__ import annotations
 
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -18,12 +19,14 @@ import onnx
 import torch
 
 from .. import defaults
+from ..artifact.io import file_sha256, publish_dir, temp_dir
+from ..artifact.lock import writer_lock
+from ..artifact.manifest import Manifest, build_manifest
+from ..artifact.spec import STAGE_ORDER, stage_specs
 from ..errors import Ps3EdgeError
 from ..model import HighResStage, LowResStage, SelectorStage, build
 from ..model.stages import normalize_layers
-from ..model.weights import LoadedModel, file_sha256
-from .manifest import build_manifest, publish_dir, write_json_atomic
-from .spec import STAGE_ORDER, stage_specs
+from ..model.weights import LoadedModel
 
 
 def _example_inputs(stage: str, cfg, spec) -> tuple:
@@ -92,7 +95,7 @@ def _max_opset() -> int | None:
 
 def export(model_spec, out_dir, opset: int = defaults.DEFAULT_OPSET,
            returned_layers=defaults.DEFAULT_RETURNED_LAYERS, seed: int = defaults.DEFAULT_SEED,
-           overwrite: bool = False, progress: Callable[[str], None] | None = None) -> dict:
+           overwrite: bool = False, progress: Callable[[str], None] | None = None) -> Manifest:
     """Export `model_spec` (preset name, checkpoint dir, or an already built weights.LoadedModel)
     to `out_dir`; returns the manifest."""
     say = progress or (lambda msg: None)
@@ -106,7 +109,13 @@ def export(model_spec, out_dir, opset: int = defaults.DEFAULT_OPSET,
         raise Ps3EdgeError("no returned layers given; export at least one block, e.g. -2,-1")
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, overwrite)
+    with writer_lock(out_dir):
+        _prepare_out_dir(out_dir, overwrite)            # again, now that no other writer runs
+        return _export_locked(model_spec, out_dir, opset, returned_layers, seed, overwrite, say)
 
+
+def _export_locked(model_spec, out_dir: Path, opset: int, returned_layers: list, seed: int, overwrite: bool,
+                   say) -> Manifest:
     if isinstance(model_spec, LoadedModel):
         loaded = model_spec
     else:
@@ -124,10 +133,7 @@ def export(model_spec, out_dir, opset: int = defaults.DEFAULT_OPSET,
     modules = {"lowres": LowResStage(model, layers, for_export=True), "selector": SelectorStage(model),
                "highres": HighResStage(model, layers)}
 
-    try:
-        staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
-    except OSError as e:
-        raise Ps3EdgeError(f"cannot write in {out_dir.parent}: {e.strerror or e}") from None
+    staging = temp_dir(out_dir.parent, out_dir.name, "export")
     try:
         stages, files = {}, {}
         for name in STAGE_ORDER:
@@ -143,9 +149,9 @@ def export(model_spec, out_dir, opset: int = defaults.DEFAULT_OPSET,
         files[defaults.PRIOR_PROMPT_FILE] = file_sha256(staging / defaults.PRIOR_PROMPT_FILE)
 
         manifest = build_manifest(cfg, loaded.source, layers, returned_layers, opset, stages, files)
-        write_json_atomic(staging / defaults.MANIFEST_NAME, manifest)
+        manifest.write(staging)
         say("finalising artifact")
-        publish_dir(staging, out_dir, replace=True)
+        publish_dir(staging, out_dir, replace=overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -157,7 +163,7 @@ def export_single_file(module, example: tuple, spec, path, opset: int, too_large
     the error when its weights would need an external data file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.export-"))
+    staging = temp_dir(path.parent, path.name, "export")
     try:
         written = _export_stage(module, example, spec, opset, staging / "scratch", staging / spec.file)
         if len(written) != 1:
@@ -171,7 +177,7 @@ def export_single_file(module, example: tuple, spec, path, opset: int, too_large
 
 def export_projector(projector, path, opset: int = defaults.DEFAULT_OPSET) -> Path:
     """VILA-HD's projector to one ONNX file (dynamic cell count M), written atomically."""
-    from .spec import projector_spec
+    from ..artifact.spec import projector_spec
 
     spec = projector_spec(projector.vision_width, projector.llm_width)
     example = (torch.randn(3, 4 * projector.vision_width, generator=torch.Generator().manual_seed(0)),)

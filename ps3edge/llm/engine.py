@@ -28,7 +28,7 @@ import torch
 
 from .. import defaults
 from ..errors import Ps3EdgeError
-from ..exporter.spec import StageSpec, TensorSpec
+from ..artifact.spec import StageSpec, TensorSpec
 from .qwen2 import Qwen2Decoder
 
 

@@ -32,10 +32,9 @@ import torch
 
 from .. import __version__, defaults
 from ..errors import Ps3EdgeError
-from ..exporter.manifest import publish_dir, write_json_atomic
+from ..artifact.io import file_sha256, publish_dir, write_json_atomic
 from ..model.config import is_whole_number
 from ..model.projector import projector_cells, space_to_channel
-from ..model.weights import file_sha256
 from ..runtime.lookclose import Pipeline
 from ..runtime.planning import LookCloseSettings, resolve_steps
 from .engine import OnnxLLM, TensorRTLLM, TorchLLM, export_llm
@@ -259,6 +258,7 @@ class VilaPipeline:
         checking both engines against this machine's TensorRT and GPU."""
         from ..engines.llm_engine import projector_width, vila_stage_specs
         from ..engines.platform import check_engine_compatible, import_tensorrt, machine_facts
+        from ..artifact.manifest import Record, StageEntry
         from ..runtime.backends import TensorRTStage
 
         trt = import_tensorrt()
@@ -269,8 +269,9 @@ class VilaPipeline:
         stream = torch.cuda.Stream()
         specs = vila_stage_specs(self.manifest, projector_width(self.art))
         self.llm = TensorRTLLM(self.art / engines["llm"]["file"], engines["llm"], trt, stream)
-        return TensorRTStage(self.art / engines["projector"]["file"], "projector", specs["projector"],
-                             engines["projector"], trt, stream)
+        projector = StageEntry.from_dict("projector", {"file": engines["projector"]["file"], **specs["projector"]})
+        return TensorRTStage(self.art / engines["projector"]["file"], "projector", projector,
+                             Record(engines["projector"]), trt, stream)
 
     def _rebuild(self) -> VilaHD:
         source = self.manifest["source"]

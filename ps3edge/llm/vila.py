@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from .. import defaults
 from ..errors import Ps3EdgeError
-from ..exporter.manifest import publish_dir
+from ..artifact.io import publish_dir
 from ..model.projector import Projector, random_projector
 from ..model.weights import (LoadedModel, build as build_ps3, file_sha256, load_checkpoint, read_json,
                              save_checkpoint, seeded_init_)

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .. import defaults
+from ..artifact.io import file_sha256
 from ..errors import Ps3EdgeError
 from .config import PS3Config, default_select_num_each_scale, is_finite_number, is_whole_number, preset, PRESETS
 from .ps3 import PS3
@@ -271,11 +272,3 @@ def save_checkpoint(model: PS3, path: Path) -> None:
     (path / "preprocessor_config.json").write_text(json.dumps(
         {"image_size": cfg.max_size, "image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std)},
         indent=2))
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -22,7 +22,6 @@ import torch
 
 from .. import defaults
 from ..errors import Ps3EdgeError
-from ..exporter.manifest import config_from_manifest
 from ..model import HighResStage, LowResStage, SelectorStage, build, load_checkpoint
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
@@ -99,7 +98,7 @@ def ort_tensorrt_options(stage_bounds: dict | None, cache_dir: Path) -> dict:
     """onnxruntime's TensorRT provider options: engine and timing caches under `cache_dir`, and the
     stage's optimization profile (engines/profiles.py) when it has dynamic inputs. fp32, as the
     exported stages are; TensorRT engines of other precisions come from `ps3edge build`."""
-    from ..engines.profiles import is_dynamic, shape_arg
+    from ..artifact.profiles import is_dynamic, shape_arg
 
     options = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache_dir),
                "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache_dir),
@@ -111,12 +110,12 @@ def ort_tensorrt_options(stage_bounds: dict | None, cache_dir: Path) -> dict:
     return options
 
 
-def rebuild_torch_model(manifest: dict, loaded=None):
+def rebuild_torch_model(manifest, loaded=None):
     """Our PyTorch PS3 with the artifact's weights (preset seed or the checkpoint, sha256 checked).
 
     `loaded` (a weights.LoadedModel the caller already holds, e.g. VILA-HD's vision tower) is
     used instead of building the model again, after the same checks."""
-    source = manifest.get("source", {})
+    source = manifest.source
     if loaded is not None:
         keys = ("kind", "name", "seed") if source.get("kind") == "preset" else ("kind", "sha256")
         if any(loaded.source.get(k) != source.get(k) for k in keys):
@@ -130,13 +129,13 @@ def rebuild_torch_model(manifest: dict, loaded=None):
                                "would not match the artifact - re-export")
     else:
         raise Ps3EdgeError("the manifest does not say where the weights came from; the torch backend needs it")
-    expected = config_from_manifest(manifest)
+    expected = manifest.config
     if loaded.cfg.to_dict() != expected.to_dict():
         raise Ps3EdgeError("the model rebuilt for the torch backend differs from the manifest's config")
     return loaded.model
 
 
-def load_stages(artifact_dir: Path, manifest: dict, backend: str, precision: str = "fp32", loaded=None) -> dict:
+def load_stages(artifact_dir: Path, manifest, backend: str, precision: str = "fp32", loaded=None) -> dict:
     """name -> runner for the three stages of an artifact, on the chosen backend.
 
     `precision` (fp32, fp16, int8) picks the stage files that 'ps3edge calibrate' registered in
@@ -145,10 +144,9 @@ def load_stages(artifact_dir: Path, manifest: dict, backend: str, precision: str
     (see rebuild_torch_model)."""
     if backend not in BACKENDS:
         raise Ps3EdgeError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
-    stages = manifest["stages"]
+    stages = manifest.stages
     if backend == "onnxruntime":
-        from ..calibration.registry import stage_files
-        files = stage_files(manifest, precision, artifact_dir)
+        files = manifest.stage_files(precision, artifact_dir)
         return {name: OnnxRuntimeStage(Path(artifact_dir) / files[name],
                                        providers=_ort_providers(manifest, name, files[name], precision))
                 for name in stages}
@@ -158,19 +156,17 @@ def load_stages(artifact_dir: Path, manifest: dict, backend: str, precision: str
                                "the precision 'ps3edge build --precision' gave them")
         return load_tensorrt_stages(Path(artifact_dir), manifest)
     model = rebuild_torch_model(manifest, loaded)
-    layers = manifest["returned_layers"]
+    layers = list(manifest.returned_layers)
     if precision == "fp32":
         modules = {"lowres": LowResStage(model, layers), "selector": SelectorStage(model),
                    "highres": HighResStage(model, layers)}
     else:
         from ..calibration.precision import torch_stage_modules
         modules = torch_stage_modules(model, layers, precision)
-    return {name: TorchStage(modules[name], [t["name"] for t in info["inputs"]],
-                             [t["name"] for t in info["outputs"]])
-            for name, info in stages.items()}
+    return {name: TorchStage(modules[name], info.input_names, info.output_names) for name, info in stages.items()}
 
 
-def _ort_providers(manifest: dict, stage: str, file: str | None = None, precision: str = "fp32") -> list:
+def _ort_providers(manifest, stage: str, file: str | None = None, precision: str = "fp32") -> list:
     """Providers for one stage file; the TensorRT provider (when there is one) gets the stage's
     profile and an engine cache keyed by the file's sha256, and INT8 enabled for Q/DQ files
     (explicit quantization needs it in TensorRT 10's weakly typed networks)."""
@@ -180,10 +176,10 @@ def _ort_providers(manifest: dict, stage: str, file: str | None = None, precisio
     options = None
     if "TensorrtExecutionProvider" in available:
         from ..engines.cache import default_engine_cache_dir
-        from ..engines.profiles import profile_bounds
+        from ..artifact.profiles import profile_bounds
 
-        file = file or manifest["stages"][stage]["file"]
-        cache_dir = default_engine_cache_dir().parent / "ort-tensorrt" / manifest["files"][file][:16]
+        file = file or manifest.stages[stage].file
+        cache_dir = default_engine_cache_dir().parent / "ort-tensorrt" / manifest.files[file][:16]
         cache_dir.mkdir(parents=True, exist_ok=True)
         options = ort_tensorrt_options(profile_bounds(manifest)[stage], cache_dir)
         if precision == "int8":
@@ -226,17 +222,17 @@ class TensorRTStage:
     than the engine's profile takes is split into calls of at most T_max steps.
     """
 
-    def __init__(self, path: Path, stage: str, info: dict, entry: dict, trt, stream):
+    def __init__(self, path: Path, stage: str, info, entry, trt, stream):
         self.stage, self.path = stage, Path(path)
-        self.input_names = [t["name"] for t in info["inputs"]]
-        self.output_names = [t["name"] for t in info["outputs"]]
+        self.input_names = info.input_names
+        self.output_names = info.output_names
         self.bindings = dict(entry.get("bindings") or {n: n for n in self.input_names + self.output_names})
-        self.profiles = entry["profiles"]
+        self.profiles = entry.profiles
         self.stream = stream
         self.device = torch.device("cuda", torch.cuda.current_device())
         self._runtime, self.engine, self.context = open_engine(trt, self.path)
         # the T axis (look-close steps) of every tensor that has one, from the manifest's shapes
-        self.t_axis = {t["name"]: t["shape"].index("T") for t in info["inputs"] + info["outputs"] if "T" in t["shape"]}
+        self.t_axis = {t.name: t.shape.index("T") for t in info.inputs + info.outputs if "T" in t.shape}
         self.t_max = next((self.profiles[n]["max"][a] for n, a in self.t_axis.items() if n in self.profiles), None)
         self.buffers, self.dtypes = {}, {}
         for name in self.input_names:
@@ -313,12 +309,12 @@ class TensorRTStage:
         return outputs
 
 
-def load_tensorrt_stages(artifact_dir: Path, manifest: dict) -> dict:
+def load_tensorrt_stages(artifact_dir: Path, manifest) -> dict:
     """name -> TensorRTStage for every stage; checks every engine against this machine first."""
     from ..engines.platform import check_engine_compatible, import_tensorrt, machine_facts
 
-    engines = manifest.get("engines") or {}
-    missing = [s for s in manifest["stages"] if s not in engines]
+    engines = manifest.engines
+    missing = [s for s in manifest.stages if s not in engines]
     if missing:
         raise Ps3EdgeError(f"{artifact_dir} has no TensorRT engine for {', '.join(missing)}; "
                            f"build them with 'ps3edge build {artifact_dir}'")
@@ -327,5 +323,5 @@ def load_tensorrt_stages(artifact_dir: Path, manifest: dict) -> dict:
     for name, entry in engines.items():
         check_engine_compatible(name, entry, here)
     stream = torch.cuda.Stream()
-    return {name: TensorRTStage(artifact_dir / engines[name]["file"], name, info, engines[name], trt, stream)
-            for name, info in manifest["stages"].items()}
+    return {name: TensorRTStage(artifact_dir / engines[name].file, name, info, engines[name], trt, stream)
+            for name, info in manifest.stages.items()}

@@ -25,7 +25,7 @@ from PIL import Image
 
 from .. import defaults
 from ..errors import Ps3EdgeError
-from ..exporter.manifest import config_from_manifest, load_manifest
+from ..artifact.manifest import load_manifest
 from .backends import load_stages, rebuild_torch_model
 from .planning import Geometry, LookCloseSettings, Plan, plan, plan_from_steps, step_counts
 from .preprocess import open_image, preprocess, preprocess_on_device
@@ -74,12 +74,12 @@ def resolve_device(backend: str, device: str | None) -> str:
     return device
 
 
-def geometry_of(manifest: dict) -> Geometry:
+def geometry_of(manifest) -> Geometry:
     """The look-close geometry an artifact's manifest describes."""
-    cfg = config_from_manifest(manifest)
+    cfg = manifest.config
     return Geometry(lowres_grid=cfg.lowres_grid, highres_grids=cfg.highres_grids,
-                    select_num_each_scale=tuple(manifest["defaults"]["select_num_each_scale"]),
-                    max_tokens_per_call=manifest["geometry"]["max_tokens_per_highres_call"])
+                    select_num_each_scale=manifest.look_close_defaults.select_num_each_scale,
+                    max_tokens_per_call=manifest.geometry.max_tokens_per_highres_call)
 
 
 def highres_feeds(the_plan: Plan, low: dict, geometry: Geometry, steps_per_call: int | None = None):
@@ -116,7 +116,7 @@ class Pipeline:
                  loaded=None):
         self.artifact_dir = Path(artifact_dir)
         self.manifest = load_manifest(self.artifact_dir, verify=verify)
-        self.cfg = config_from_manifest(self.manifest)
+        self.cfg = self.manifest.config
         self.backend = backend
         self.geometry = geometry_of(self.manifest)
         self.precision = precision             # fp32, or a precision of the manifest's "precisions"
@@ -162,10 +162,10 @@ class Pipeline:
 
         if not isinstance(image, Image.Image):
             image = open_image(image)
-        pre = self.manifest["preprocessing"]
+        pre = self.manifest.preprocessing
         if self.preprocess_on == "device":
-            return preprocess_on_device(image, pre["size"], pre["mean"], pre["std"], device)
-        return torch.from_numpy(preprocess(image, pre["size"], pre["mean"], pre["std"])).to(device)
+            return preprocess_on_device(image, pre.size, pre.mean, pre.std, device)
+        return torch.from_numpy(preprocess(image, pre.size, pre.mean, pre.std)).to(device)
 
     def prompt(self, settings: LookCloseSettings, prompt_embedding) -> np.ndarray:
         """(1,C): the learned prior (bottom-up) or the caller's embedding (top-down)."""
@@ -187,7 +187,7 @@ class Pipeline:
         if not -depth <= layer < depth:
             raise Ps3EdgeError(f"layer {layer} does not exist in a {depth}-block model")
         wanted = layer % depth
-        returned = self.manifest["returned_layers"]
+        returned = list(self.manifest.returned_layers)
         if wanted not in returned:
             raise Ps3EdgeError(f"layer {layer} was not exported (returned layers: {returned}); "
                                f"re-export with --layers including it")
@@ -252,7 +252,7 @@ class Pipeline:
         times["assemble"] = time.perf_counter() - t0
 
         return LookCloseResult(
-            features=tokens[None].astype(np.float32, copy=False), layer=self.manifest["returned_layers"][r],
+            features=tokens[None].astype(np.float32, copy=False), layer=self.manifest.returned_layers[r],
             prob=prob, plan=the_plan, scales=tuple(self.cfg.scales[1:]),
             timings_ms={k: v * 1e3 for k, v in times.items()}, highres_calls=calls)
 
@@ -278,7 +278,7 @@ class Pipeline:
             prompt = torch.from_numpy(self.prompt(settings, prompt_embedding)).to(device)
         t0 = time.perf_counter()
         out = self.fast.graphed(pixels, counts, smooth=settings.smooth_selection_prob, prompt=prompt,
-                                layer=self.manifest["returned_layers"][r])
+                                layer=self.manifest.returned_layers[r])
         sync()
         times["look-close (device)"] = time.perf_counter() - t0
 
@@ -290,7 +290,7 @@ class Pipeline:
         the_plan = plan_from_steps(steps, prob, settings, self.geometry)
         calls = sorted({len(s) for s in steps if len(s)}, reverse=True)
         return LookCloseResult(
-            features=features, layer=self.manifest["returned_layers"][r], prob=prob, plan=the_plan,
+            features=features, layer=self.manifest.returned_layers[r], prob=prob, plan=the_plan,
             scales=tuple(self.cfg.scales[1:]), timings_ms={k: v * 1e3 for k, v in times.items()},
             highres_calls=[(sum(len(s) == n for s in steps), n) for n in calls])
 
@@ -299,7 +299,7 @@ class Pipeline:
         profile bound of engines/profiles.py (the default step count, at most what one call's
         attention scores allow). Bounds memory on the CPU too: at 4K one step's scores take
         16 x 2560 x 3289 floats = 539 MB per block."""
-        from ..engines.profiles import axis_bounds
+        from ..artifact.profiles import axis_bounds
         return getattr(self.stages["highres"], "t_max", None) or axis_bounds(self.manifest)["T"][2]
 
     def _run_highres(self, the_plan: Plan, low: dict, r: int):

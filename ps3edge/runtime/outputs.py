@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from safetensors.numpy import save_file
 
 from ..errors import Ps3EdgeError
-from ..exporter.manifest import apply_default_mode
+from ..artifact.io import apply_default_mode
 from .lookclose import LookCloseResult
 
 # one colour per high-res scale, coarse to fine

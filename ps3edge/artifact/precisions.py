@@ -19,7 +19,7 @@ wrote next to the FP32 ones, their precision maps, and how the runtime finds the
 
 A stage kept in FP32 (the selector, always) names the FP32 file itself. Every file named here has
 its sha256 in the manifest's "files", so `load_manifest` verifies it like the FP32 stages. The
-precision map's schema is in calibration/precision.py.
+precision map's schema is in calibration/precision.py; `calibrate` writes this section.
 """
 
 from __future__ import annotations
@@ -31,17 +31,18 @@ SECTION = "precisions"
 STAGES = ("lowres", "selector", "highres")
 
 
-def check_precisions(manifest: dict, path) -> None:
-    """Raise if the "precisions" section is malformed or names files without a sha256."""
+def check_precisions(manifest, path) -> None:
+    """Raise if the "precisions" section of a Manifest is malformed or names files without a sha256."""
     def bad(what: str):
         raise Ps3EdgeError(f"{path} is inconsistent: {what} - run 'ps3edge calibrate' again")
 
-    section = manifest.get(SECTION)
+    raw = manifest.to_dict()
+    section = raw.get(SECTION)
     if section is None:
         return
     if not isinstance(section, dict):
         bad(f"'{SECTION}' is not an object")
-    files = manifest.get("files", {})
+    files = raw["files"]
     for precision, entry in section.items():
         if precision not in defaults.CALIBRATION_PRECISIONS:
             bad(f"'{SECTION}' has an unknown precision '{precision}' "
@@ -68,24 +69,25 @@ def check_precisions(manifest: dict, path) -> None:
             bad(f"{SECTION}.{precision} report {report!r} has no sha256 in 'files'")
 
 
-def stage_files(manifest: dict, precision: str, artifact_dir=None) -> dict[str, str]:
+def stage_files(manifest, precision: str, artifact_dir=None) -> dict[str, str]:
     """stage -> ONNX file name of that precision; a one-line error when there is none."""
     if precision == "fp32":
-        return {name: info["file"] for name, info in manifest["stages"].items()}
+        return {name: stage.file for name, stage in manifest.stages.items()}
     if precision not in defaults.CALIBRATION_PRECISIONS:
         raise Ps3EdgeError(f"unknown precision '{precision}'; choose one of: fp32, "
                            f"{', '.join(defaults.CALIBRATION_PRECISIONS)}")
-    entry = manifest.get(SECTION, {}).get(precision)
+    entry = manifest.precisions.get(precision)
     if entry is None:
         where = artifact_dir if artifact_dir is not None else "ARTIFACTS"
         images = " --images DIR" if precision == "int8" else ""
         raise Ps3EdgeError(f"{where} has no {precision} stages; run 'ps3edge calibrate {where} "
                            f"--precision {precision}{images}' first")
-    return {name: info["file"] for name, info in entry["stages"].items()}
+    return {name: info["file"] for name, info in entry.stages.items()}
 
 
 def referenced_files(manifest: dict) -> set[str]:
-    """Files that the FP32 stages, the prior prompt and the other precisions' entries use."""
+    """Files that the FP32 stages, the prior prompt and the other precisions' entries of a
+    manifest's JSON use."""
     used = {defaults.PRIOR_PROMPT_FILE}
     for info in manifest["stages"].values():
         used.add(info["file"])
@@ -99,14 +101,12 @@ def referenced_files(manifest: dict) -> set[str]:
     return used
 
 
-def without_precision(manifest: dict, precision: str) -> dict:
-    """A copy of the manifest without `precision`'s entry or the files only it used."""
-    import copy
-
-    m = copy.deepcopy(manifest)
+def without_precision(manifest, precision: str):
+    """The Manifest without `precision`'s entry or the files only it used."""
+    m = manifest.to_dict()
     entry = m.get(SECTION, {}).pop(precision, None)
     if entry is None:
-        return m
+        return manifest
     keep = referenced_files(m)
     mine = {info["file"] for info in entry["stages"].values()}
     mine |= {f for info in entry["stages"].values() for f in info.get("external_data", [])}
@@ -116,5 +116,5 @@ def without_precision(manifest: dict, precision: str) -> dict:
         m["files"].pop(f, None)
     if not m[SECTION]:
         del m[SECTION]
-    return m
+    return type(manifest).from_dict(m, manifest.path)
 

@@ -1,5 +1,5 @@
-"""Optimization-profile bounds of every stage, derived from the manifest: the one place that says
-which input shapes an engine must accept.
+"""Optimization-profile bounds of every stage, derived from a Manifest: the one place that says
+which input shapes the stages of an artifact accept.
 
 The TensorRT builder turns them into optimization profiles, the onnxruntime TensorRT provider
 gets them as its profile shapes, the manifest check holds recorded engine profiles against them,
@@ -23,23 +23,22 @@ from ..model.config import is_whole_number
 from ..errors import Ps3EdgeError
 
 
-def max_steps(manifest: dict) -> int:
+def max_steps(manifest) -> int:
     """Steps that NUM_LOOK_CLOSE='all' takes with the model's default per-step budget."""
-    geometry = manifest["geometry"]
-    per_step = sum(manifest["defaults"]["select_num_each_scale"])
-    return math.ceil(geometry["highres_patches_total"] / per_step)
+    per_step = sum(manifest.look_close_defaults.select_num_each_scale)
+    return math.ceil(manifest.geometry.highres_patches_total / per_step)
 
 
-def attention_step_limit(manifest: dict) -> int:
+def attention_step_limit(manifest) -> int:
     """Most steps one highres call may hold: TensorRT tensors have fewer than 2^31 elements, and
     the attention scores of a call are T x heads x N x (N0 + N) (4K: 15 steps)."""
-    n = int(manifest["geometry"]["max_tokens_per_highres_call"])
-    keys = int(manifest["geometry"]["lowres_tokens"]) + n
-    per_step = int(manifest["model"]["num_heads"]) * n * keys
+    n = manifest.geometry.max_tokens_per_highres_call
+    keys = manifest.geometry.lowres_tokens + n
+    per_step = manifest.config.num_heads * n * keys
     return max(1, (2 ** 31 - 1) // per_step)
 
 
-def look_close_steps(manifest: dict, max_look_close=None) -> int:
+def look_close_steps(manifest, max_look_close=None) -> int:
     """T_max for `--max-look-close` (an int, 'all', or None for the model's default steps).
 
     'all' and the default are capped at `attention_step_limit`; an explicit larger number is
@@ -47,7 +46,8 @@ def look_close_steps(manifest: dict, max_look_close=None) -> int:
     most = max_steps(manifest)
     limit = attention_step_limit(manifest)
     if max_look_close is None:
-        return min(int(manifest["defaults"].get("num_look_close", defaults.DEFAULT_NUM_LOOK_CLOSE)), most, limit)
+        steps = manifest.look_close_defaults.num_look_close
+        return min(defaults.DEFAULT_NUM_LOOK_CLOSE if steps is None else steps, most, limit)
     if isinstance(max_look_close, str):
         text = max_look_close.strip().lower()
         if text == "all":
@@ -65,14 +65,14 @@ def look_close_steps(manifest: dict, max_look_close=None) -> int:
     return max_look_close
 
 
-def axis_bounds(manifest: dict, max_look_close=None) -> dict[str, tuple[int, int, int]]:
+def axis_bounds(manifest, max_look_close=None) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) of every named dynamic axis of the stages."""
     t_max = look_close_steps(manifest, max_look_close)
-    n_max = int(manifest["geometry"]["max_tokens_per_highres_call"])
+    n_max = manifest.geometry.max_tokens_per_highres_call
     return {"T": (1, t_max, t_max), "N": (1, n_max, n_max)}
 
 
-def profile_bounds(manifest: dict, max_look_close=None) -> dict[str, dict[str, dict[str, list[int]]]]:
+def profile_bounds(manifest, max_look_close=None) -> dict[str, dict[str, dict[str, list[int]]]]:
     """stage -> input name -> {"min", "opt", "max"} shapes, for every input of every stage.
 
     Static inputs have min = opt = max = their shape. A dynamic axis with no bound here is an
@@ -80,14 +80,14 @@ def profile_bounds(manifest: dict, max_look_close=None) -> dict[str, dict[str, d
     """
     axes = axis_bounds(manifest, max_look_close)
     bounds = {}
-    for stage, info in manifest["stages"].items():
+    for stage, info in manifest.stages.items():
         per_input = {}
-        for tensor in info["inputs"]:
+        for tensor in info.inputs:
             shape = {"min": [], "opt": [], "max": []}
-            for dim in tensor["shape"]:
+            for dim in tensor.shape:
                 if isinstance(dim, str):
                     if dim not in axes:
-                        raise Ps3EdgeError(f"stage '{stage}' input '{tensor['name']}' has dynamic axis '{dim}' "
+                        raise Ps3EdgeError(f"stage '{stage}' input '{tensor.name}' has dynamic axis '{dim}' "
                                            f"that no optimization profile bounds (known: {', '.join(axes)})")
                     lo, opt, hi = axes[dim]
                 else:
@@ -95,7 +95,7 @@ def profile_bounds(manifest: dict, max_look_close=None) -> dict[str, dict[str, d
                 shape["min"].append(lo)
                 shape["opt"].append(opt)
                 shape["max"].append(hi)
-            per_input[tensor["name"]] = shape
+            per_input[tensor.name] = shape
         bounds[stage] = per_input
     return bounds
 

@@ -45,15 +45,16 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _VERSION = re.compile(r"^\d+(\.\d+)*")
 
 
-def check_engines_section(manifest: dict, bad) -> None:
-    """Raise through `bad(what)` (one line) when the `engines` section is malformed or disagrees
-    with the rest of the manifest. Absent section: nothing to check."""
-    engines = manifest.get("engines")
+def check_engines_section(manifest, bad) -> None:
+    """Raise through `bad(what)` (one line) when the `engines` section of a Manifest is malformed
+    or disagrees with the rest of it. Absent section: nothing to check."""
+    raw = manifest.to_dict()
+    engines = raw.get("engines")
     if engines is None:
         return
     if not isinstance(engines, dict):
         bad("'engines' is not an object")
-    stages, files = manifest["stages"], manifest["files"]
+    stages, files = raw["stages"], raw["files"]
     unknown = sorted(set(engines) - set(stages))
     if unknown:
         bad(f"'engines' names stages that do not exist: {unknown}")
@@ -141,3 +142,14 @@ def _axis_max(stage: dict, profiles: dict, axis_name: str):
             if dim == axis_name:
                 return profiles[t["name"]]["max"][axis]
     return None
+
+
+def merge_engines(manifest: dict, entries: dict[str, dict]) -> dict:
+    """A manifest's JSON with `entries` in its engines section and the engine files' hashes in
+    `files` (those of replaced engines dropped)."""
+    old = manifest.get("engines") or {}
+    files = {k: v for k, v in manifest["files"].items() if k not in {e["file"] for e in old.values()}}
+    engines = {**{s: e for s, e in old.items() if s not in entries}, **entries}
+    for e in engines.values():
+        files[e["file"]] = e["sha256"]
+    return {**manifest, "files": files, "engines": engines}
