@@ -550,7 +550,7 @@ def _build_with_torch_tensorrt(tt, trt, artifact_dir: Path, manifest: Manifest, 
     import torch
 
     from ..model import HighResStage, LowResStage, SelectorStage
-    from ..runtime.backends import rebuild_torch_model
+    from ..artifact.weights import rebuild_torch_model
 
     if "model" not in models:
         models["model"] = rebuild_torch_model(manifest).eval().cuda()

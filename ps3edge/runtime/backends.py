@@ -22,7 +22,8 @@ import torch
 
 from .. import defaults
 from ..errors import Ps3EdgeError
-from ..model import HighResStage, LowResStage, SelectorStage, build, load_checkpoint
+from ..artifact.weights import rebuild_torch_model
+from ..model import HighResStage, LowResStage, SelectorStage
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 ENV_ORT_PROVIDERS = "PS3EDGE_ORT_PROVIDERS"
@@ -108,31 +109,6 @@ def ort_tensorrt_options(stage_bounds: dict | None, cache_dir: Path) -> dict:
                         "trt_profile_opt_shapes": shape_arg(stage_bounds, "opt"),
                         "trt_profile_max_shapes": shape_arg(stage_bounds, "max")})
     return options
-
-
-def rebuild_torch_model(manifest, loaded=None):
-    """Our PyTorch PS3 with the artifact's weights (preset seed or the checkpoint, sha256 checked).
-
-    `loaded` (a weights.LoadedModel the caller already holds, e.g. VILA-HD's vision tower) is
-    used instead of building the model again, after the same checks."""
-    source = manifest.source
-    if loaded is not None:
-        keys = ("kind", "name", "seed") if source.get("kind") == "preset" else ("kind", "sha256")
-        if any(loaded.source.get(k) != source.get(k) for k in keys):
-            raise Ps3EdgeError("the PS3 model given to the torch backend is not the one the artifact was exported from")
-    elif source.get("kind") == "preset":
-        loaded = build(source["name"], seed=int(source.get("seed", defaults.DEFAULT_SEED)))
-    elif source.get("kind") == "checkpoint":
-        loaded = load_checkpoint(Path(source["path"]))
-        if loaded.source["sha256"] != source.get("sha256"):
-            raise Ps3EdgeError(f"checkpoint {source['path']} changed since export; the torch backend "
-                               "would not match the artifact - re-export")
-    else:
-        raise Ps3EdgeError("the manifest does not say where the weights came from; the torch backend needs it")
-    expected = manifest.config
-    if loaded.cfg.to_dict() != expected.to_dict():
-        raise Ps3EdgeError("the model rebuilt for the torch backend differs from the manifest's config")
-    return loaded.model
 
 
 def load_stages(artifact_dir: Path, manifest, backend: str, precision: str = "fp32", loaded=None) -> dict:

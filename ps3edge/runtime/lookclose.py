@@ -26,7 +26,8 @@ from PIL import Image
 from .. import defaults
 from ..errors import Ps3EdgeError
 from ..artifact.manifest import load_manifest
-from .backends import load_stages, rebuild_torch_model
+from ..artifact.weights import rebuild_torch_model
+from .backends import load_stages
 from .planning import Geometry, LookCloseSettings, Plan, plan, plan_from_steps, step_counts
 from .preprocess import open_image, preprocess, preprocess_on_device
 
