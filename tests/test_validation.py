@@ -242,7 +242,7 @@ def test_a_model_with_fewer_steps_exports_a_default_it_can_take(tmp_path):
     cfg = preset("ps3-tiny").replace(name="two-scale", scales=(378, 756), select_num_each_scale=(2048,))
     save_checkpoint(random_model(cfg), tmp_path / "ckpt")
     export(str(tmp_path / "ckpt"), tmp_path / "art")
-    assert load_manifest(tmp_path / "art")["defaults"]["num_look_close"] == cfg.max_look_close == 2
+    assert load_manifest(tmp_path / "art").look_close_defaults.num_look_close == cfg.max_look_close == 2
 
 
 # --- vila.json ----------------------------------------------------------------------------------
