@@ -15,6 +15,7 @@ says exactly what differs. Optional sections written later: "engines" (ps3edge b
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ REQUIRED_SECTIONS = ("producer", "model", "source", "returned_layers", "opset", 
 
 
 def build_manifest(cfg: PS3Config, source: dict, returned_layers, returned_layers_requested,
-                   opset: int, stages: dict, files: dict) -> "Manifest":
+                   opset: int, stages: dict, files: dict, weights_sha256: str | None = None) -> "Manifest":
     """The manifest of a fresh export (checked like a loaded one)."""
     return Manifest.from_dict({
         "schema_version": defaults.MANIFEST_SCHEMA_VERSION,
@@ -52,6 +53,7 @@ def build_manifest(cfg: PS3Config, source: dict, returned_layers, returned_layer
         "preprocessing": _preprocessing(cfg),
         "stages": stages,
         "files": files,
+        **({"weights_sha256": weights_sha256} if weights_sha256 else {}),
     })
 
 
@@ -96,6 +98,10 @@ def _check_consistent(manifest: dict, path) -> None:
         bad(f"the 'model' section is not a valid PS3 config ({e})")
     except (TypeError, ValueError, AttributeError) as e:
         bad(f"the 'model' section is not a valid PS3 config ({type(e).__name__}: {e})")
+    digest = manifest.get("weights_sha256")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                   and all(c in "0123456789abcdef" for c in digest)):
+        bad(f"weights_sha256 must be a sha256 hex digest, got {digest!r}")
     opset = manifest["opset"]
     if not is_whole_number(opset) or opset < defaults.MIN_OPSET:
         bad(f"opset must be a whole number >= {defaults.MIN_OPSET}, got {opset!r}")
@@ -153,6 +159,33 @@ def _check_defaults(section: dict, cfg: PS3Config, bad) -> None:
     if "look_close_mode" in section and section["look_close_mode"] not in defaults.LOOK_CLOSE_MODES:
         bad(f"defaults.look_close_mode must be one of {', '.join(defaults.LOOK_CLOSE_MODES)}, "
             f"got {section['look_close_mode']!r}")
+
+
+INTEGRITY = "integrity"         # section -> sha256 of its canonical JSON, written with every manifest
+
+
+def section_digests(data: dict) -> dict[str, str]:
+    """sha256 of each section's canonical JSON (sorted keys, no spaces), the integrity section aside."""
+    return {key: hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+            for key, value in sorted(data.items()) if key != INTEGRITY}
+
+
+def _check_integrity(data: dict, integrity, where) -> None:
+    """A manifest whose sections agree with each other can still be edited by hand (the image mean
+    and the config's mean together, say): every section must match the digest written with it."""
+    if not isinstance(integrity, dict):
+        raise Ps3EdgeError(f"{where} is inconsistent: '{INTEGRITY}' is not an object - re-export the model")
+    actual = section_digests(data)
+    for key in sorted(set(actual) | set(integrity)):
+        if key not in integrity:
+            what = f"section '{key}' was added after the manifest was written"
+        elif key not in actual:
+            what = f"section '{key}' was removed after the manifest was written"
+        elif integrity[key] != actual[key]:
+            what = f"section '{key}' was edited after the manifest was written (its sha256 differs from the integrity record)"
+        else:
+            continue
+        raise Ps3EdgeError(f"{where} is inconsistent: {what} - re-export the model")
 
 
 def _read_json(path: Path) -> dict:
@@ -326,8 +359,11 @@ class Manifest:
     # --- construction ------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict, path=None) -> "Manifest":
-        """Check `data` (schema, sections, their agreement with each other) and freeze it."""
+        """Check `data` (schema, sections, their agreement with each other, its integrity record)
+        and freeze it."""
         where = path if path is not None else "the manifest"
+        data = dict(data)
+        integrity = data.pop(INTEGRITY, None)
         version = data.get("schema_version")
         if isinstance(version, bool) or version != defaults.MANIFEST_SCHEMA_VERSION:
             raise Ps3EdgeError(f"{where} has schema version {version!r}; this ps3edge reads version "
@@ -336,6 +372,8 @@ class Manifest:
             if key not in data:
                 raise Ps3EdgeError(f"{where} lacks the '{key}' section - re-export the model")
         _check_consistent(data, where)
+        if integrity is not None:          # manifests of older releases have none
+            _check_integrity(data, integrity, where)
         manifest = cls(json.loads(json.dumps(data)), path)
         from .engines import check_engines_section
         from .precisions import check_precisions
@@ -357,7 +395,9 @@ class Manifest:
         return Manifest.from_dict(data, self.path)
 
     def to_dict(self) -> dict:
-        return _thaw(self._data)
+        """The JSON, with a fresh integrity record of its sections."""
+        data = _thaw(self._data)
+        return {**data, INTEGRITY: section_digests(data)}
 
     def write(self, artifact_dir) -> None:
         from .io import write_json_atomic
@@ -384,6 +424,12 @@ class Manifest:
     @property
     def returned_layers_requested(self) -> tuple[int, ...]:
         return self._data.get("returned_layers_requested", self._data["returned_layers"])
+
+    @property
+    def weights_sha256(self) -> str | None:
+        """sha256 of the exported model's state dict (model/weights.state_dict_sha256); None in
+        artifacts of older releases."""
+        return self._data.get("weights_sha256")
 
     @property
     def opset(self) -> int:

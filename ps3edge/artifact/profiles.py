@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 
 from .. import defaults
-from ..model.config import is_whole_number
+from ..model.config import is_whole_number, whole_number
 from ..errors import Ps3EdgeError
 
 
@@ -53,7 +53,7 @@ def look_close_steps(manifest, max_look_close=None) -> int:
         if text == "all":
             return min(most, limit)
         try:
-            max_look_close = int(text)
+            max_look_close = whole_number(text)
         except ValueError:
             raise Ps3EdgeError(f"--max-look-close must be a whole number or 'all', got '{max_look_close}'") from None
     if not is_whole_number(max_look_close) or not 1 <= max_look_close <= most:

@@ -9,6 +9,7 @@ from pathlib import Path
 from .. import defaults
 from ..errors import Ps3EdgeError
 from ..model import build, load_checkpoint
+from ..model.weights import state_dict_sha256
 
 
 def rebuild_torch_model(manifest, loaded=None):
@@ -33,4 +34,9 @@ def rebuild_torch_model(manifest, loaded=None):
     expected = manifest.config
     if loaded.cfg.to_dict() != expected.to_dict():
         raise Ps3EdgeError("the model rebuilt for the torch backend differs from the manifest's config")
+    recorded = manifest.weights_sha256                 # absent in artifacts of older ps3edge releases
+    if recorded is not None and state_dict_sha256(loaded.model) != recorded:
+        raise Ps3EdgeError("the weights rebuilt for the torch backend are not the exported ones (their sha256 differs "
+                           "from weights_sha256: the manifest's source or the checkpoint changed since export) - "
+                           "re-export the model")
     return loaded.model

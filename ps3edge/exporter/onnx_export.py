@@ -26,7 +26,7 @@ from ..artifact.spec import STAGE_ORDER, stage_specs
 from ..errors import Ps3EdgeError
 from ..model import HighResStage, LowResStage, SelectorStage, build
 from ..model.stages import normalize_layers
-from ..model.weights import LoadedModel
+from ..model.weights import LoadedModel, state_dict_sha256
 
 
 def _example_inputs(stage: str, cfg, spec) -> tuple:
@@ -148,7 +148,8 @@ def _export_locked(model_spec, out_dir: Path, opset: int, returned_layers: list,
         np.save(staging / defaults.PRIOR_PROMPT_FILE, model.prior_prompt.detach().numpy().astype(np.float32))
         files[defaults.PRIOR_PROMPT_FILE] = file_sha256(staging / defaults.PRIOR_PROMPT_FILE)
 
-        manifest = build_manifest(cfg, loaded.source, layers, returned_layers, opset, stages, files)
+        manifest = build_manifest(cfg, loaded.source, layers, returned_layers, opset, stages, files,
+                                  weights_sha256=state_dict_sha256(model))
         manifest.write(staging)
         say("finalising artifact")
         publish_dir(staging, out_dir, replace=overwrite)

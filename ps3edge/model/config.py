@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 from .. import defaults
@@ -168,6 +169,19 @@ class PS3Config:
         known = {f.name for f in fields} - {"extra"}
         kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
         return cls(**kwargs).validate()
+
+
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+
+
+def whole_number(value) -> int:
+    """An int, or the text of one in ASCII digits; ValueError otherwise. Python's int() would also
+    take '1_0' (10), full-width or other Unicode digits, and truncate 4.9: all refused here."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value.strip()):
+        return int(value.strip())
+    raise ValueError(value)
 
 
 def is_whole_number(value) -> bool:

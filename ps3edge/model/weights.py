@@ -39,6 +39,17 @@ class LoadedModel:
     source: dict          # how to rebuild it: {"kind": "preset", ...} or {"kind": "checkpoint", ...}
 
 
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes, in name order): what
+    the export records, so a rebuilt model can prove it holds the exported weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def build(spec: str, seed: int = defaults.DEFAULT_SEED) -> LoadedModel:
     """A preset name (seeded random weights) or a checkpoint directory."""
     if spec in PRESETS:
@@ -108,8 +119,18 @@ def _weight_files(path: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise Ps3EdgeError(f"{index} has no weight_map")
-        return [path / str(s) for s in sorted(set(map(str, weight_map.values())))]
+        return [_shard_inside(path, index, s) for s in sorted(set(map(str, weight_map.values())))]
     raise Ps3EdgeError(f"{path} has no model.safetensors (or model.safetensors.index.json)")
+
+
+def _shard_inside(path: Path, index: Path, name: str) -> Path:
+    """A shard named by the index, refused unless it is a file inside the checkpoint directory:
+    no absolute path, no '..', no symbolic link that leads out of it."""
+    shard = path / name
+    root = path.resolve()
+    if Path(name).is_absolute() or ".." in Path(name).parts or root not in shard.resolve().parents:
+        raise Ps3EdgeError(f"{index} names a weight file outside the checkpoint directory: {name!r}")
+    return shard
 
 
 def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
@@ -172,7 +193,10 @@ def _config_from_dict(path: Path, vc: dict, tensors: dict[str, torch.Tensor],
 
     width = tensors["trunk.pos_embed"].shape[-1]
     blocks_in_file = 1 + max(int(m.group(1)) for k in tensors if (m := re.match(r"trunk\.blocks\.(\d+)\.", k)))
-    depth = int(vc.get("depth", blocks_in_file))
+    depth = vc.get("depth", blocks_in_file)
+    for key, value in (("depth", depth), ("num_heads", vc.get("num_heads", 1)), ("max_select_num", vc.get("max_select_num", 1))):
+        if not is_whole_number(value) or value < 1:      # 4.9 is refused, never truncated to 4
+            raise Ps3EdgeError(f"{path / 'config.json'}: {key} must be a positive whole number, got {value!r}")
     if not 1 <= depth <= blocks_in_file:
         raise Ps3EdgeError(f"config asks for depth {depth} but the weights hold {blocks_in_file} blocks "
                            f"(depth must be 1..{blocks_in_file})")
@@ -191,9 +215,9 @@ def _config_from_dict(path: Path, vc: dict, tensors: dict[str, torch.Tensor],
         scales, vc.get("max_select_num", 1280))
 
     return PS3Config(
-        name=vc.get("name") or path.name, width=width, depth=depth, num_heads=int(num_heads),
+        name=vc.get("name") or path.name, width=width, depth=depth, num_heads=num_heads,
         mlp_dim=tensors["trunk.blocks.0.mlp.fc1.weight"].shape[0], scales=scales,
-        select_layers=select_layers, select_num_each_scale=tuple(int(n) for n in budget),
+        select_layers=select_layers, select_num_each_scale=tuple(budget),
         conv_hidden=_positive_int(path, vc, "highres_selection_module_hidden_dim", 512),
         conv_out=_positive_int(path, vc, "highres_selection_module_out_dim", 512),
         conv_depth=_positive_int(path, vc, "highres_selection_module_depth", 3),
@@ -237,6 +261,11 @@ def load_checkpoint(path: Path) -> LoadedModel:
                 parts.append(f"{label}: {shown}")
         raise Ps3EdgeError(f"checkpoint {path} does not match the PS3 architecture - " + "; ".join(parts))
 
+    integral = sorted(f"{PREFIX}{k} ({str(tensors[k].dtype).replace('torch.', '')})" for k, v in expected.items()
+                      if v.is_floating_point() and not tensors[k].is_floating_point())
+    if integral:                        # never cast integers into weights: the file is not what it claims
+        raise Ps3EdgeError(f"checkpoint {path} has integer tensors where PS3 has floating-point weights: "
+                           + ", ".join(integral[:4]) + (f" (+{len(integral) - 4} more)" if len(integral) > 4 else ""))
     broken = sorted(k for k in expected if tensors[k].is_floating_point() and not torch.isfinite(tensors[k]).all())
     if broken:
         shown = ", ".join(PREFIX + k for k in broken[:4]) + (f" (+{len(broken) - 4} more)" if len(broken) > 4 else "")

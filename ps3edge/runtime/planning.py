@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .. import defaults
 from ..errors import Ps3EdgeError
+from ..model.config import whole_number
 
 
 # ------------------------------------------------------------------------------------------
@@ -46,8 +47,8 @@ def parse_num_look_close(value) -> int | str | None:
     if isinstance(value, str) and value.strip().lower() == "all":
         return "all"
     try:
-        return int(value)
-    except (TypeError, ValueError):
+        return whole_number(value)
+    except ValueError:
         raise Ps3EdgeError(f"NUM_LOOK_CLOSE must be a whole number or 'all', got '{value}'") from None
 
 
@@ -55,18 +56,17 @@ def parse_num_token_look_close(value) -> int | None:
     if value is None or value == "" or str(value).lower() == "none":
         return None
     try:
-        return int(value)
-    except (TypeError, ValueError):
+        return whole_number(value)
+    except ValueError:
         raise Ps3EdgeError(f"NUM_TOKEN_LOOK_CLOSE must be a whole number, got '{value}'") from None
 
 
 def parse_select_num_each_scale(value) -> tuple[int, ...] | None:
     if value is None or value == "":
         return None
-    if isinstance(value, (tuple, list)):
-        return tuple(int(v) for v in value)
+    parts = value if isinstance(value, (tuple, list)) else str(value).split("+")
     try:
-        return tuple(int(part) for part in str(value).split("+"))
+        return tuple(whole_number(part) for part in parts)
     except ValueError:
         raise Ps3EdgeError(f"SELECT_NUM_EACH_SCALE must look like 512+2048, got '{value}'") from None
 
