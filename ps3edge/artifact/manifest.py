@@ -385,8 +385,9 @@ class Manifest:
         return manifest
 
     def replace(self, **sections) -> "Manifest":
-        """A new manifest with whole sections replaced (None removes an optional section)."""
-        data = self.to_dict()
+        """A new manifest with whole sections replaced (None removes an optional section); its
+        integrity record is written afresh."""
+        data = _thaw(self._data)
         for key, value in sections.items():
             if value is None:
                 data.pop(key, None)
