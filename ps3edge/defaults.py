@@ -75,7 +75,7 @@ ACCURACY_REPORT = "accuracy.{precision}.json"
 # --- seeded random weights ---------------------------------------------------------------------
 DEFAULT_SEED = 0
 
-# --- TensorRT-compatibility lint (exporter/lint.py, ps3edge inspect --lint) ---------------------
+# --- TensorRT-compatibility lint (exporter/lint/, ps3edge inspect --lint) ---------------------
 # The TensorRT whose ONNX parser the lint checks against: 10.3 is JetPack 6.x's (Jetson Orin).
 DEFAULT_LINT_TRT_VERSION = "10.3"
 
