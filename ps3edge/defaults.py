@@ -13,7 +13,7 @@ MIN_OPSET = 17
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
 PRIOR_PROMPT_FILE = "prior_prompt.npy"
 
-# --- PS3 geometry (DESIGN.md section 1) ---------------------------------------------------------
+# --- PS3 geometry (the official PS3VisionModel) --------------------------------------------------
 PATCH_SIZE = 14
 LOWRES_SIZE = 378                 # scale 0; 27 x 27 patches
 SELECTOR_CONV_INPUT_SIZE = 1512   # the ShallowConvNet always sees the image at 1512 x 1512

@@ -1,7 +1,7 @@
 """One declaration per exported stage: its tensors, dtypes and (symbolic) shapes.
 
-The exporter, the manifest, the runtime backends and (later) the TensorRT profiles and lint all
-read these declarations; nothing else spells out a stage's I/O.
+The exporter, the manifest, the runtime backends, the TensorRT profiles and the lint all read
+these declarations; nothing else spells out a stage's I/O.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..model.config import PS3Config
-from .. import defaults
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,6 @@ def stage_specs(cfg: PS3Config, num_returned_layers: int) -> dict[str, StageSpec
 
 
 STAGE_ORDER = ("lowres", "selector", "highres")
-MAX_TOKENS_PER_CALL = defaults.MAX_TOKENS_PER_HIGHRES_CALL
 
 
 def projector_spec(vision_width: int, llm_width: int) -> StageSpec:
