@@ -7,6 +7,11 @@ are scaled to 8 bits (65535 -> 255) rather than clipped.
 
 `preprocess` runs on the CPU with PIL; `preprocess_on_device` does the same on a torch device
 (the GPU fast path), bit for bit.
+
+Like the official processor, only the first frame of an animated or multi-page file is used and
+the EXIF orientation is ignored (parity holds); `open_image` says so in the image's
+`info[NOTES]` for the command line to print, and `exif_transpose=True` applies the orientation
+for cameras that write rotated JPEGs.
 """
 
 from __future__ import annotations
@@ -17,14 +22,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .. import defaults
 from ..errors import Ps3EdgeError
 
 
-def open_image(path) -> Image.Image:
-    """Open and fully decode an image file, or raise a one-line Ps3EdgeError."""
+NOTES = "ps3edge.notes"            # image.info key: what open_image did that the user should hear
+EXIF_ORIENTATION = 0x0112
+ROTATIONS = {3: "rotated 180 degrees", 6: "rotated 90 degrees", 8: "rotated 270 degrees", 2: "mirrored",
+             4: "flipped", 5: "transposed", 7: "transversed"}
+
+
+def open_image(path, exif_transpose: bool = False) -> Image.Image:
+    """Open and fully decode an image file, or raise a one-line Ps3EdgeError. `image.info[NOTES]`
+    lists what was done that the official processor also does silently (first frame only, EXIF
+    orientation ignored), or, with `exif_transpose`, the orientation applied."""
     path = Path(path)
     if path.is_dir():
         raise Ps3EdgeError(f"{path} is a directory, not an image file")
@@ -38,6 +51,8 @@ def open_image(path) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = defaults.MAX_IMAGE_PIXELS
             with Image.open(path) as im:
                 im.load()                       # decode now: truncated files fail here
+                frames = getattr(im, "n_frames", 1)
+                orientation = im.getexif().get(EXIF_ORIENTATION, 1)
                 image = im.copy()
     except UnidentifiedImageError:
         raise Ps3EdgeError(f"{path} is not an image file PIL can read") from None
@@ -47,6 +62,16 @@ def open_image(path) -> Image.Image:
         raise Ps3EdgeError(f"{path} is a corrupt or truncated image ({e})") from None
     if image.width < 1 or image.height < 1:
         raise Ps3EdgeError(f"{path} has no pixels")
+    notes = []
+    if frames > 1:
+        notes.append(f"{path.name} has {frames} frames; only the first is used, as the official processor does")
+    if orientation in ROTATIONS and exif_transpose:
+        image = ImageOps.exif_transpose(image)
+        notes.append(f"{path.name}: EXIF orientation applied ({ROTATIONS[orientation]})")
+    elif orientation in ROTATIONS:
+        notes.append(f"{path.name} is {ROTATIONS[orientation]} by its EXIF orientation, which is ignored as the "
+                     f"official processor does; --exif-transpose applies it")
+    image.info[NOTES] = notes
     return image
 
 
