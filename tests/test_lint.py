@@ -15,6 +15,7 @@ from conftest import cli as run_cli
 from ps3edge.errors import Ps3EdgeError
 from ps3edge.exporter.lint import lint_artifacts, lint_model, parse_trt_version
 from ps3edge.artifact.io import file_sha256
+from ps3edge.artifact.manifest import load_manifest
 
 F, I32, I64, F64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64, TensorProto.DOUBLE
 
@@ -229,9 +230,9 @@ def test_our_stages_lint_clean(artifacts, preset, max_look_close):
     # traced attention is folded first), so the attention scores, T x heads x N x (N0 + N),
     # are sized and are the largest tensor at the profile max
     assert report.notes == []
-    manifest = json.loads((artifacts(preset) / "manifest.json").read_text())
-    n, n0 = (manifest["geometry"][k] for k in ("max_tokens_per_highres_call", "lowres_tokens"))
-    assert report.largest_tensor == t_max * manifest["model"]["num_heads"] * n * (n0 + n)
+    manifest = load_manifest(artifacts(preset))
+    n, n0 = manifest.geometry.max_tokens_per_highres_call, manifest.geometry.lowres_tokens
+    assert report.largest_tensor == t_max * manifest.config.num_heads * n * (n0 + n)
 
 
 def cli(*args):
@@ -254,9 +255,8 @@ def test_cli_inspect_lint(artifacts, tmp_path):
     m = onnx.load(str(bad / "highres.onnx"))
     m.opset_import[0].version = 21
     onnx.save(m, str(bad / "highres.onnx"))
-    manifest = json.loads((bad / "manifest.json").read_text())
-    manifest["files"]["highres.onnx"] = file_sha256(bad / "highres.onnx")
-    (bad / "manifest.json").write_text(json.dumps(manifest))
+    manifest = load_manifest(bad, verify=False)          # the new file recorded as ps3edge would record it
+    manifest.replace(files={**manifest.files, "highres.onnx": file_sha256(bad / "highres.onnx")}).write(bad)
     r = cli("inspect", "--lint", bad)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "opset 21" in r.stdout and "1 errors" in r.stdout
