@@ -259,7 +259,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     image = sample_image()
     settings = settings_from_env(env={}, num_look_close=args.num_look_close or defaults.DEFAULT_NUM_LOOK_CLOSE)
-    targets = [(load_manifest(a)["model"]["name"], a) for a in (args.artifacts or [])]
+    targets = [(load_manifest(a).config.name, a) for a in (args.artifacts or [])]
     if not targets:
         targets = [(m, exported(m, args.out)) for m in (args.model or ["ps3-tiny", "ps3-4k"])]
     rows = []

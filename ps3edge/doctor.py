@@ -14,11 +14,11 @@ import importlib
 import importlib.metadata
 import importlib.util
 import platform
-import re
 import sys
 from pathlib import Path
 
 from . import __version__
+from .engines.platform import jetpack_for, parse_tegra_release
 
 # label -> (import name, distribution names to ask for a version, import it to prove it loads)
 PACKAGES: dict[str, tuple[str, tuple[str, ...], bool]] = {
@@ -34,16 +34,6 @@ PACKAGES: dict[str, tuple[str, tuple[str, ...], bool]] = {
 
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
-
-# Jetson Linux (L4T) release -> JetPack, and the TensorRT that JetPack ships
-JETPACK = {
-    (38, 2): ("7.0", "10.13"),
-    (36, 4, 4): ("6.2.1", "10.3"), (36, 4, 3): ("6.2", "10.3"), (36, 4): ("6.1", "10.3"),
-    (36, 3): ("6.0", "8.6"), (36, 2): ("6.0 DP", "8.6"),
-    (35, 6): ("5.1.4", "8.5"), (35, 5): ("5.1.3", "8.5"), (35, 4): ("5.1.2", "8.5"), (35, 3): ("5.1.1", "8.5"),
-    (35, 2): ("5.1", "8.5"), (35, 1): ("5.0.2", "8.4"),
-}
-JETPACK_MAJOR = {38: "7.x", 36: "6.x", 35: "5.x", 34: "5.0 (developer preview)", 32: "4.x"}
 
 # the GPU feature each precision needs (compute capability), for TensorRT / torch on CUDA
 MIN_SM = {"fp32": (3, 0), "fp16": (5, 3), "int8": (6, 1), "bf16": (8, 0)}
@@ -80,22 +70,6 @@ def probe_package(label: str) -> dict:
                 raise
             error = _first_line(e)
     return {"installed": True, "version": version, "error": error}
-
-
-def parse_tegra_release(text: str) -> tuple[int, int, int] | None:
-    """'# R36 (release), REVISION: 4.3, ...' -> (36, 4, 3)."""
-    m = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*(\d+)(?:\.(\d+))?", text)
-    if not m:
-        return None
-    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
-
-
-def jetpack_for(l4t: tuple[int, int, int]) -> tuple[str | None, str | None]:
-    """(JetPack, TensorRT it ships) for an L4T release; JetPack by major release where not listed."""
-    for key in (l4t, l4t[:2]):
-        if key in JETPACK:
-            return JETPACK[key]
-    return JETPACK_MAJOR.get(l4t[0]), None
 
 
 def probe_jetson(release_file: Path = TEGRA_RELEASE, model_file: Path = DEVICE_TREE_MODEL) -> dict:

@@ -23,8 +23,9 @@ import pytest
 
 from ps3edge import defaults
 from ps3edge.engines import cache as cache_mod
-from ps3edge.engines.builder import BuildOptions, plan_build, record_engines
+from ps3edge.engines.builder import record_engines
 from ps3edge.engines.cache import EngineCache, engine_cache_key, read_timing_cache, write_timing_cache
+from ps3edge.engines.plan import BuildOptions, plan_build
 from ps3edge.artifact.engines import check_engines_section
 from ps3edge.engines.platform import check_engine_compatible, jetpack_version, l4t_version, same_tensorrt
 from ps3edge.artifact.profiles import (attention_step_limit, axis_bounds, is_dynamic, look_close_steps,
@@ -224,7 +225,7 @@ def test_torch_tensorrt_keywords_follow_the_converters_signature():
 
     import torch
 
-    from ps3edge.engines.builder import _torch_tensorrt_converter, torch_tensorrt_typing
+    from ps3edge.engines.torch_route import _torch_tensorrt_converter, torch_tensorrt_typing
 
     p12, p14 = (inspect.signature(f).parameters for f in (_convert_2_12, _convert_2_14))
     assert torch_tensorrt_typing(p12, "fp16", ["a"], ["y"]) == {
@@ -247,7 +248,7 @@ def test_torch_tensorrt_route_exports_the_stages_with_the_profile_dims(artifacts
     modules with T and N as export dimensions bounded by the profile."""
     import torch
 
-    from ps3edge.engines.builder import export_stage_program
+    from ps3edge.engines.torch_route import export_stage_program
     from ps3edge.model import HighResStage, SelectorStage, build
 
     manifest = load_manifest(artifacts("ps3-tiny"))
@@ -277,6 +278,123 @@ def test_plan_refuses_bad_options():
                            ({"via": "torch-tensorrt", "precision": "int8"}, "use --via onnx")):
         with pytest.raises(Ps3EdgeError, match=match):
             plans_by_stage(manifest, **options)
+
+
+# --- the ONNX route's Polygraphy loaders (constructed and inspected; TensorRT is not run) ----------------
+def fake_tensorrt(version="10.3.0", tf32=True):
+    """The few TensorRT names the loaders are given (enum members stand in as strings)."""
+    from types import SimpleNamespace
+
+    flags = {"FP16": "FP16", "INT8": "INT8", "OBEY_PRECISION_CONSTRAINTS": "OBEY"} | ({"TF32": "TF32"} if tf32 else {})
+    return SimpleNamespace(__version__=version, BuilderFlag=SimpleNamespace(**flags),
+                           MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"),
+                           ProfilingVerbosity=SimpleNamespace(LAYER_NAMES_ONLY="LAYER_NAMES_ONLY"))
+
+
+def test_polygraphy_loaders_get_the_plans_settings(capsys):
+    """CreateConfig / Profile / NetworkFromOnnxPath built from real plans: a keyword Polygraphy
+    does not take raises here, and every setting of the plan must arrive."""
+    pg = pytest.importorskip("polygraphy.backend.trt", reason="Polygraphy is not installed")
+    from dataclasses import replace
+
+    from ps3edge.engines.onnx_route import config_loader, onnx_network, plan_profiles, polygraphy_log
+
+    manifest = unexported_manifest("ps3-1.5k")
+    trt = fake_tensorrt()
+    said = []
+    with polygraphy_log(said.append):                  # CreateConfig logs when constructed
+        fp32 = plans_by_stage(manifest)
+        c = config_loader(pg, trt, fp32["highres"], BuildOptions(workspace_gb=2, optimization_level=5))
+        assert (c.tf32, c.fp16, c.int8, c.precision_constraints) == (False, False, False, None)
+        assert c.memory_pool_limits == {"WORKSPACE": 2 << 30} and c.builder_optimization_level == 5
+        assert c.profiling_verbosity == "LAYER_NAMES_ONLY" and c.timing_cache_path is None
+        [profile] = c.profiles
+        bounds = fp32["highres"].profile
+        assert list(profile) == list(bounds) == ["patches", "positions", "kv_cache"]
+        for name, b in bounds.items():
+            assert tuple(profile[name]) == (tuple(b["min"]), tuple(b["opt"]), tuple(b["max"]))
+        assert plan_profiles(pg, fp32["lowres"]) is None          # static: filled from the network's shapes
+        decode = {n: {"min": b["max"], "opt": b["max"], "max": b["max"]} for n, b in bounds.items()}
+        two = plan_profiles(pg, replace(fp32["highres"], extra_profiles=(decode,)))
+        assert [tuple(p["patches"]) for p in two] == [tuple(tuple(bounds["patches"][k]) for k in ("min", "opt", "max")),
+                                                       (tuple(bounds["patches"]["max"]),) * 3]
+        fp16 = plans_by_stage(with_precision(manifest, "fp16"), precision="fp16")["highres"]
+        c = config_loader(pg, trt, fp16, BuildOptions())
+        assert (c.tf32, c.fp16, c.int8, c.precision_constraints) == (True, True, False, "obey")
+        assert c.memory_pool_limits == {"WORKSPACE": int(defaults.DEFAULT_WORKSPACE_GB * (1 << 30))}
+        qdq = with_precision(manifest, "int8")
+        best = plans_by_stage(with_precision(qdq, "fp16"), precision="best")["highres"]
+        c = config_loader(pg, trt, best, BuildOptions())
+        assert (c.fp16, c.int8, c.precision_constraints) == (True, True, "obey")
+        assert config_loader(pg, fake_tensorrt(tf32=False), fp16, BuildOptions()).tf32 is False
+    # strongly typed networks: the flag on TensorRT 10, none on 11 (every network is strongly typed)
+    int8 = plans_by_stage(qdq, precision="int8")["highres"]
+    n = onnx_network(pg, trt, Path("art") / int8.onnx_file, int8)
+    assert (n.path, n.strongly_typed) == (str(Path("art") / "highres.int8.onnx"), True)
+    assert onnx_network(pg, trt, Path("art/highres.onnx"), fp32["highres"]).strongly_typed is False
+    trt11 = plans_by_stage(qdq, trt="11.4.0.106", precision="int8")["highres"]
+    assert onnx_network(pg, fake_tensorrt("11.4.0.106"), Path("x.onnx"), trt11).strongly_typed is False
+    assert said == [] and capsys.readouterr() == ("", "")
+
+
+def test_polygraphy_log_keeps_errors_and_passes_warnings(capsys):
+    pytest.importorskip("polygraphy.backend.trt", reason="Polygraphy is not installed")
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
+    from ps3edge.engines.onnx_route import polygraphy_log
+
+    said = []
+    before = (G_LOGGER.use_python_logging_system, G_LOGGER.letter)
+    with polygraphy_log(said.append) as log:
+        G_LOGGER.info("building")
+        G_LOGGER.warning("weights are subnormal")
+        G_LOGGER.error("first failure\nits detail")
+        G_LOGGER.error("second failure")
+        with pytest.raises(PolygraphyException, match="Invalid Engine"):
+            G_LOGGER.critical("Invalid Engine")
+    assert said == ["TensorRT: weights are subnormal"]
+    assert log.first_error("none") == "first failure" and log.last_error("none") == "second failure"
+    assert (G_LOGGER.use_python_logging_system, G_LOGGER.letter) == before
+    assert capsys.readouterr() == ("", "")
+
+
+def test_timing_cache_another_machines_or_damaged_is_replaced_by_an_empty_one():
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from ps3edge.engines.onnx_route import attach_timing_cache
+
+    class Config:
+        def __init__(self, readable=True, accepted=True):
+            self.readable, self.accepted, self.caches, self.flags = readable, accepted, [], []
+
+        def create_timing_cache(self, data):
+            if data and not self.readable:
+                raise RuntimeError("bad timing cache")
+            return ("cache", data)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.caches.append(cache)
+            return self.accepted or cache == ("cache", b"")
+
+        def set_flag(self, flag):
+            self.flags.append(flag)
+
+    plan = plans_by_stage(unexported_manifest("ps3-tiny"))["highres"]
+    trt = fake_tensorrt()
+    for config, caches, message in ((Config(), [("cache", b"old")], False),
+                                    (Config(readable=False), [("cache", b"")], True),
+                                    (Config(accepted=False), [("cache", b"old"), ("cache", b"")], True)):
+        said = []
+        attach_timing_cache(trt, config, plan, b"old", said.append)
+        assert config.caches == caches
+        assert said == (["the timing cache is damaged or was made by another TensorRT or GPU; starting an empty one"]
+                        if message else [])
+    leftover = Config()
+    attach_timing_cache(SimpleNamespace(BuilderFlag=SimpleNamespace(SPARSE_WEIGHTS="SPARSE")), leftover,
+                        replace(plan, flags=("SPARSE_WEIGHTS", "FP16")), b"", lambda m: None)
+    assert leftover.flags == ["SPARSE"]                 # CreateConfig has no keyword for it; FP16 it has
 
 
 # --- engine-cache key --------------------------------------------------------------------------------
