@@ -194,7 +194,7 @@ def bench_model(name: str, *, device: str, dtype: str, steps_list, against_offic
         from .reference import official_model
         official = official_model(model).to(device=dev, dtype=DTYPES[dtype])
     if vila is not None:
-        from .llm.pipeline import VILA_LAYER
+        from .llm.vila import VILA_LAYER
         fast = FastLookClose(model, layer=VILA_LAYER, device=dev, dtype=dtype)
     else:
         fast = FastLookClose(model, device=dev, dtype=dtype)

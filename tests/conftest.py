@@ -55,7 +55,7 @@ def artifacts(tmp_path_factory):
 @pytest.fixture(scope="session")
 def vila_art(tmp_path_factory):
     """The exported vila-hd-tiny artifact (read-only: tests that change it work on a copy)."""
-    from ps3edge.llm.pipeline import export_vila
+    from ps3edge.llm.export import export_vila
 
     out = tmp_path_factory.mktemp("vila") / "art"
     export_vila("vila-hd-tiny", out)

@@ -16,8 +16,9 @@ from ps3edge.engines.builder import BuildOptions
 from ps3edge.engines.llm_engine import (DEFAULT_LLM_MAX_PROMPT, llm_profiles, max_prompt_for, plan_vila_build,
                                         projector_width)
 from ps3edge.errors import Ps3EdgeError
-from ps3edge.llm.pipeline import VilaPipeline, load_vila_manifest
 from ps3edge.artifact.io import file_sha256
+from ps3edge.artifact.vila import load_vila_manifest
+from ps3edge.llm.pipeline import VilaPipeline
 from test_engines import _need_gpu_tensorrt, tensorrt_missing
 
 
@@ -32,7 +33,7 @@ def snapshot(root):
 
 # --- profiles ------------------------------------------------------------------------------------
 def test_llm_profiles_follow_the_exported_graph_and_context(vila_art, vila_manifest):
-    c = int(vila_manifest["context_length"])
+    c = vila_manifest.context_length
     profiles = llm_profiles(vila_manifest)
     m = min(c - 1, DEFAULT_LLM_MAX_PROMPT)
     assert max_prompt_for(vila_manifest) == m
@@ -68,7 +69,7 @@ def test_plan_keys_and_profiles(vila_art, vila_manifest):
     assert llm.profile == llm_profiles(vila_manifest)["prefill"]
     assert llm.extra_profiles == (llm_profiles(vila_manifest)["decode"],)
     assert llm.clear_flags == ("TF32",) and llm.flags == () and llm.precision == "fp32"
-    assert llm.key_inputs["onnx_hashes"] == {"llm.onnx": vila_manifest["files"]["llm.onnx"]}
+    assert llm.key_inputs["onnx_hashes"] == {"llm.onnx": vila_manifest.files["llm.onnx"]}
     same = plan_vila_build(vila_manifest, BuildOptions(), "10.13.0.35", 90, w)
     assert [p.key for p in same] == [p.key for p in plans]
     keys = {p.key for p in plans}
@@ -138,12 +139,12 @@ def test_llm_engine_matches_onnxruntime_prefill_and_decode(vila_copy, tmp_path):
 
     options = BuildOptions(engine_cache=tmp_path / "cache", timing_cache=tmp_path / "t.cache")
     manifest = build_vila_engines(vila_copy, options, max_prompt=8)      # small: the prompt is chunked
-    assert set(manifest["engines"]) == {"projector", "llm"}
+    assert set(manifest.engines) == {"projector", "llm"}
     load_vila_manifest(vila_copy, verify=True)                          # engine files are in files, hashed
-    assert build_vila_engines(vila_copy, options, max_prompt=8)["engines"] == manifest["engines"]
-    entry = manifest["engines"]["llm"]
-    assert set(entry["optimization_profiles"]) == {"prefill", "decode"}
-    trt_llm = TensorRTLLM(vila_copy / entry["file"], entry)
+    assert build_vila_engines(vila_copy, options, max_prompt=8).engines == manifest.engines
+    entry = manifest.engines["llm"]
+    assert set(entry.optimization_profiles) == {"prefill", "decode"}
+    trt_llm = TensorRTLLM(vila_copy / entry.file, entry)
     ref = OnnxLLM(vila_copy / "llm.onnx")
     rng = np.random.default_rng(0)
     hidden = ref.hidden_size

@@ -17,7 +17,7 @@ from conftest import cli
 from ps3edge.errors import Ps3EdgeError
 from ps3edge.artifact.manifest import load_manifest
 from ps3edge.exporter.onnx_export import export
-from ps3edge.llm.pipeline import load_vila_manifest
+from ps3edge.artifact.vila import load_vila_manifest
 from ps3edge.model import load_checkpoint, preset, random_model, save_checkpoint
 from ps3edge.model.config import PRESETS, PS3Config
 

@@ -13,7 +13,8 @@ from conftest import random_image
 from ps3edge.errors import Ps3EdgeError
 from ps3edge.llm.engine import DecoderLLM, OnnxLLM, TorchLLM, export_llm
 from ps3edge.llm.generate import SamplingConfig, generate, pick_token
-from ps3edge.llm.pipeline import VilaPipeline, export_vila
+from ps3edge.llm.export import export_vila
+from ps3edge.llm.pipeline import VilaPipeline
 from ps3edge.llm.tokenizer import IMAGE_TOKEN, QWEN2_CHAT_TEMPLATE
 from ps3edge.llm.vila import build_vila, load_vila, save_vila
 from ps3edge.runtime.planning import settings_from_env
@@ -183,7 +184,7 @@ def short_context_art(tmp_path_factory):
 
 def test_context_rule_refuses_requests_that_cannot_fit(short_context_art):
     p = VilaPipeline(short_context_art / "art", "torch")           # torch rebuilds from the checkpoint
-    assert p.manifest["source"]["kind"] == "checkpoint"
+    assert p.manifest.source["kind"] == "checkpoint"
     with pytest.raises(Ps3EdgeError) as e:
         p.answer(random_image(), "Where?", settings_from_env({}, num_look_close=6), SamplingConfig(max_new_tokens=2))
     msg = str(e.value)
@@ -199,27 +200,28 @@ def test_context_rule_refuses_requests_that_cannot_fit(short_context_art):
 def test_vision_tower_is_built_once(short_context_art, tmp_path, monkeypatch):
     """Export and the torch pipeline use VILA-HD's own vision tower for the PS3 stages instead of
     loading the checkpoint's (or building the preset's) weights a second time."""
+    import ps3edge.artifact.weights as weights
     import ps3edge.exporter.onnx_export as onnx_export
-    import ps3edge.runtime.backends as backends
+    from ps3edge.artifact.manifest import load_manifest
+    from ps3edge.artifact.weights import rebuild_torch_model
     from ps3edge.model.weights import LoadedModel
-    from ps3edge.runtime.backends import rebuild_torch_model
 
     def refuse(*args, **kwargs):
         raise AssertionError("the PS3 model was built a second time")
-    for module, name in ((backends, "build"), (backends, "load_checkpoint"), (onnx_export, "build")):
+    for module, name in ((weights, "build"), (weights, "load_checkpoint"), (onnx_export, "build")):
         monkeypatch.setattr(module, name, refuse)
     export_vila("vila-hd-tiny", tmp_path / "art", seed=3)
     p = VilaPipeline(short_context_art / "art", "torch")
-    assert p.manifest["source"]["kind"] == "checkpoint"
+    assert p.manifest.source["kind"] == "checkpoint"
     tower = p.ps3.stages["lowres"].module.model
     assert p.ps3.stages["highres"].module.model is tower
 
     # a tower that is not the artifact's is refused in one line
     other = build_vila("vila-hd-tiny", seed=5).ps3
     with pytest.raises(Ps3EdgeError, match="not the one the artifact was exported from"):
-        rebuild_torch_model(json.loads((tmp_path / "art" / "ps3" / "manifest.json").read_text()), other)
+        rebuild_torch_model(load_manifest(tmp_path / "art" / "ps3"), other)
     same = build_vila("vila-hd-tiny", seed=3).ps3
-    manifest = json.loads((tmp_path / "art" / "ps3" / "manifest.json").read_text())
+    manifest = load_manifest(tmp_path / "art" / "ps3")
     assert rebuild_torch_model(manifest, same) is same.model
     assert isinstance(same, LoadedModel)
 

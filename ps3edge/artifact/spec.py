@@ -78,3 +78,14 @@ def projector_spec(vision_width: int, llm_width: int) -> StageSpec:
     return StageSpec("projector",
                      inputs=(TensorSpec("cells", "float32", ("M", 4 * vision_width)),),
                      outputs=(TensorSpec("embeddings", "float32", ("M", llm_width)),))
+
+
+def llm_spec(num_layers: int, num_kv_heads: int, head_dim: int, hidden: int, vocab: int) -> StageSpec:
+    """The exported decoder: dynamic new positions S and past length P; P+S is `T`."""
+    kv = lambda length: (num_layers, 2, 1, num_kv_heads, length, head_dim)      # noqa: E731
+    return StageSpec("llm",
+                     inputs=(TensorSpec("inputs_embeds", "float32", (1, "S", hidden)),
+                             TensorSpec("past_kv", "float32", kv("P"))),
+                     outputs=(TensorSpec("logits", "float32", (1, vocab)),
+                              TensorSpec("hidden", "float32", (1, hidden)),
+                              TensorSpec("present_kv", "float32", kv("T"))))

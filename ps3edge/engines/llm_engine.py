@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import Ps3EdgeError
-from ..artifact.engines import merge_engines
-from ..artifact.io import write_json_atomic
+from ..artifact.spec import llm_spec, projector_spec
+from ..artifact.vila import VILA_MANIFEST, VilaManifest, load_vila_manifest
+from ..artifact.vila import is_vila_artifact          # noqa: F401  (`ps3edge build` imports it from here)
 from ..model.config import is_whole_number
 from .builder import (BuildOptions, StagePlan, _build_from_onnx, engine_entry, inspect_engine,
                       reuse_or_build, workspace_bytes)
@@ -50,14 +51,9 @@ VILA_ENGINE_STAGES = ("projector", "llm")
 LLM_PROFILE_NAMES = ("prefill", "decode")
 
 
-def _vila():
-    from ..llm import pipeline
-    return pipeline
-
-
-def max_prompt_for(manifest: dict, max_prompt=None) -> int:
+def max_prompt_for(manifest: VilaManifest, max_prompt=None) -> int:
     """`--max-prompt`: at most C - 1 positions (one is left for the first generated token)."""
-    context = int(manifest["context_length"])
+    context = manifest.context_length
     if context < 2:
         raise Ps3EdgeError(f"the VILA-HD artifact's context length {context} leaves no room for a prompt")
     if max_prompt is None:
@@ -77,14 +73,13 @@ def _shape(dims) -> list[int]:
     return [int(d) for d in dims]
 
 
-def llm_profiles(manifest: dict, max_prompt=None) -> dict[str, dict[str, dict[str, list[int]]]]:
+def llm_profiles(manifest: VilaManifest, max_prompt=None) -> dict[str, dict[str, dict[str, list[int]]]]:
     """"prefill" / "decode" -> input -> {"min", "opt", "max"}, from vila.json's LLM and context."""
     m = max_prompt_for(manifest, max_prompt)
-    c = int(manifest["context_length"])
-    llm = manifest["llm"]
-    hidden = int(llm["hidden_size"])
-    head_dim = int(llm.get("head_dim") or hidden // int(llm["num_heads"]))
-    kv = lambda p: _shape((llm["num_layers"], 2, 1, llm["num_kv_heads"], p, head_dim))    # noqa: E731
+    c = manifest.context_length
+    llm = manifest.llm
+    hidden = llm.hidden_size
+    kv = lambda p: _shape((llm.num_layers, 2, 1, llm.num_kv_heads, p, llm.head_dim))    # noqa: E731
     return {
         "prefill": {"inputs_embeds": {"min": [1, 1, hidden], "opt": [1, m, hidden], "max": [1, m, hidden]},
                     "past_kv": {"min": kv(0), "opt": kv(0), "max": kv(c - 1)}},
@@ -102,20 +97,15 @@ def projector_width(art: Path) -> int:
     return int(dims[1].dim_value)
 
 
-def vila_stage_specs(manifest: dict, width4: int) -> dict[str, dict]:
+def vila_stage_specs(manifest: VilaManifest, width4: int) -> dict[str, dict]:
     """The inputs / outputs of the two engines, in the stage-manifest form inspect_engine reads."""
-    from ..artifact.spec import projector_spec
-    from ..llm.engine import llm_spec
-
-    llm = manifest["llm"]
-    hidden = int(llm["hidden_size"])
-    head_dim = int(llm.get("head_dim") or hidden // int(llm["num_heads"]))
-    return {"projector": projector_spec(width4 // 4, hidden).to_dict(),
-            "llm": llm_spec(int(llm["num_layers"]), int(llm["num_kv_heads"]), head_dim, hidden,
-                            int(llm["vocab_size"])).to_dict()}
+    llm = manifest.llm
+    return {"projector": projector_spec(width4 // 4, llm.hidden_size).to_dict(),
+            "llm": llm_spec(llm.num_layers, llm.num_kv_heads, llm.head_dim, llm.hidden_size,
+                            llm.vocab_size).to_dict()}
 
 
-def plan_vila_build(manifest: dict, options: BuildOptions, tensorrt_version: str, sm: int, width4: int,
+def plan_vila_build(manifest: VilaManifest, options: BuildOptions, tensorrt_version: str, sm: int, width4: int,
                     max_prompt=None) -> list[StagePlan]:
     """The projector's and the LLM's StagePlan (pure: no TensorRT needed)."""
     options.validate()
@@ -134,8 +124,8 @@ def plan_vila_build(manifest: dict, options: BuildOptions, tensorrt_version: str
     plans = []
     for stage, profile, extra in (("projector", projector, ()), ("llm", llm["prefill"], (llm["decode"],))):
         onnx_file = f"{stage}.onnx"
-        if onnx_file not in manifest["files"]:
-            raise Ps3EdgeError(f"the VILA-HD artifact's {_vila().VILA_MANIFEST} does not list {onnx_file}")
+        if onnx_file not in manifest.files:
+            raise Ps3EdgeError(f"the VILA-HD artifact's {VILA_MANIFEST} does not list {onnx_file}")
         plan = StagePlan(stage=stage, onnx_file=onnx_file, source_files=[onnx_file], precision=options.precision,
                          strongly_typed=False, flags=("FP16",) if fp16 else (),
                          clear_flags=() if fp16 else ("TF32",), fp32_nodes=(), fp32_tensors=(),
@@ -143,7 +133,7 @@ def plan_vila_build(manifest: dict, options: BuildOptions, tensorrt_version: str
                          note=f"stage '{stage}': fp16 without a precision map (every layer may run in fp16)"
                          if fp16 else "")
         plan.key_inputs = {
-            "onnx_hashes": {onnx_file: manifest["files"][onnx_file]},
+            "onnx_hashes": {onnx_file: manifest.files[onnx_file]},
             "flags": {"stage": stage, "via": "onnx", "precision": plan.precision, "strongly_typed": False,
                       "set": sorted(plan.flags), "clear": sorted(plan.clear_flags),
                       "profiles": [profile, *extra], "workspace_bytes": workspace_bytes(options.workspace_gb),
@@ -154,26 +144,27 @@ def plan_vila_build(manifest: dict, options: BuildOptions, tensorrt_version: str
     return plans
 
 
-def _entry(plan: StagePlan, options: BuildOptions, facts: dict, sha256: str, inspected: dict, manifest: dict,
-           max_prompt: int) -> dict:
+def _entry(plan: StagePlan, options: BuildOptions, facts: dict, sha256: str, inspected: dict,
+           manifest: VilaManifest, max_prompt: int) -> dict:
     entry = engine_entry(plan, options, facts, sha256, inspected)
     entry.pop("max_look_close", None)
     entry["max_prompt"] = max_prompt
     if plan.stage == "llm":
-        entry["context_length"] = int(manifest["context_length"])
+        entry["context_length"] = manifest.context_length
         entry["optimization_profiles"] = dict(zip(LLM_PROFILE_NAMES, (plan.profile, *plan.extra_profiles)))
     return entry
 
 
-def check_vila_options(art: Path, options: BuildOptions, max_prompt=None) -> dict:
+def check_vila_options(art: Path, options: BuildOptions, max_prompt=None) -> VilaManifest:
     """Everything about a VILA-HD build that can fail without TensorRT; returns vila.json."""
-    manifest = _vila().load_vila_manifest(Path(art), verify=True)
+    manifest = load_vila_manifest(Path(art), verify=True)
     plan_vila_build(manifest, options, "10.0.0", 0, projector_width(art), max_prompt)
     return manifest
 
 
 def build_vila_engines(art, options: BuildOptions, max_prompt=None,
-                       progress: Callable[[str], None] | None = None, checked: dict | None = None) -> dict:
+                       progress: Callable[[str], None] | None = None,
+                       checked: VilaManifest | None = None) -> VilaManifest:
     """Build (or reuse) the projector and LLM engines of a VILA-HD artifact; returns vila.json.
 
     `checked`: vila.json as `check_vila_options` returned it for these options, when the caller
@@ -197,27 +188,20 @@ def build_vila_engines(art, options: BuildOptions, max_prompt=None,
 
     def build_one(plan, timing):
         say(f"stage '{plan.stage}': building {plan.precision} engine from {plan.onnx_file}"
-            + (f" (profiles prefill S <= {m}, decode; context {manifest['context_length']})"
+            + (f" (profiles prefill S <= {m}, decode; context {manifest.context_length})"
                if plan.stage == "llm" else f" (cells <= {m})"))
         engine_bytes, timing, _ = _build_from_onnx(trt, art, plan, options, timing, say)
         inspected = inspect_engine(trt, engine_bytes, specs[plan.stage])
         return engine_bytes, timing, lambda sha256: _entry(plan, options, facts, sha256, inspected, manifest, m)
 
-    return reuse_or_build(art, plans, dict(manifest.get("engines") or {}), options, cache, say, build_one,
-                          record_vila_engines)
+    old = {name: e.to_dict() for name, e in manifest.engines.items()}
+    return reuse_or_build(art, plans, old, options, cache, say, build_one, record_vila_engines)
 
 
-def record_vila_engines(art: Path, entries: dict[str, dict]) -> dict:
+def record_vila_engines(art: Path, entries: dict[str, dict]) -> VilaManifest:
     """vila.json with an `engines` section and every engine file's sha256 in `files`, replaced
     atomically (re-read first, so other sections written meanwhile are kept)."""
-    import json
-
-    path = Path(art) / _vila().VILA_MANIFEST
-    manifest = merge_engines(json.loads(path.read_text()), entries)
-    write_json_atomic(path, manifest)
+    manifest = load_vila_manifest(art, verify=False).with_engines(entries)
+    manifest.write(art)
     return manifest
-
-
-def is_vila_artifact(path) -> bool:
-    return (Path(path) / _vila().VILA_MANIFEST).is_file()
 

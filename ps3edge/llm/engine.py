@@ -28,7 +28,7 @@ import torch
 
 from .. import defaults
 from ..errors import Ps3EdgeError
-from ..artifact.spec import StageSpec, TensorSpec
+from ..artifact.spec import llm_spec
 from .qwen2 import Qwen2Decoder
 
 
@@ -36,17 +36,6 @@ from .qwen2 import Qwen2Decoder
 class StepOutput:
     logits: np.ndarray          # (V,) float32, last position
     hidden: np.ndarray          # (H,) float32, last position, after the final norm
-
-
-def llm_spec(num_layers: int, num_kv_heads: int, head_dim: int, hidden: int, vocab: int) -> StageSpec:
-    """The exported decoder: dynamic new positions S and past length P; P+S is `T`."""
-    kv = lambda length: (num_layers, 2, 1, num_kv_heads, length, head_dim)      # noqa: E731
-    return StageSpec("llm",
-                     inputs=(TensorSpec("inputs_embeds", "float32", (1, "S", hidden)),
-                             TensorSpec("past_kv", "float32", kv("P"))),
-                     outputs=(TensorSpec("logits", "float32", (1, vocab)),
-                              TensorSpec("hidden", "float32", (1, hidden)),
-                              TensorSpec("present_kv", "float32", kv("T"))))
 
 
 def _check_embeds(embeds: np.ndarray, hidden: int) -> np.ndarray:

@@ -11,17 +11,12 @@ The top-down hidden state is taken at the last token of the user's text (before 
 VILA-HD's `look_close_positions`. The VILA-HD context rule: a model whose context is shorter than
 (high-res patches / 4) + 1024 (NUM_LOOK_CLOSE * 2560 / 4 + 1024) refuses the request up front.
 
-Artifact (`export_vila`): `vila.json` (schema, source, LLM shape, context, sha256 of every file),
-`ps3/` (a PS3 artifact, layer -2), `projector.onnx`, `llm.onnx`, `embed_tokens.npy`,
-`prompt_head.npz` (the top-down head's weight / bias), `tokenizer/`.
+The artifact (exported by llm/export.py, described by vila.json in artifact/vila.py) is run on
+one of three backends; this module only reads it.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,151 +25,24 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .. import __version__, defaults
+from .. import defaults
 from ..errors import Ps3EdgeError
-from ..artifact.io import file_sha256, publish_dir, write_json_atomic
-from ..model.config import is_whole_number
+from ..artifact.vila import load_vila_manifest
 from ..model.projector import projector_cells, space_to_channel
 from ..runtime.lookclose import Pipeline
 from ..runtime.planning import LookCloseSettings, resolve_steps
-from .engine import OnnxLLM, TensorRTLLM, TorchLLM, export_llm
+from .engine import OnnxLLM, TensorRTLLM, TorchLLM
 from .generate import Generation, SamplingConfig, generate
 from .tokenizer import IM_END, IMAGE_TOKEN, load_tokenizer, stop_token_ids
-from .vila import VILA_PRESETS, VilaHD, build_vila
+from .vila import VILA_LAYER, VilaHD, build_vila
 
-VILA_MANIFEST = "vila.json"
-VILA_SCHEMA_VERSION = 1
-VILA_LAYER = -2                       # VILA-HD feeds PS3's second-to-last block to the projector
+# `ps3edge chat` imports these from here
+from ..artifact.vila import VILA_MANIFEST                   # noqa: F401
+from .export import ensure_artifacts, export_vila          # noqa: F401
+
 CONTEXT_MARGIN = 1024                 # VILA-HD: context >= high-res patches / 4 + 1024
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
-
-# ------------------------------------------------------------------------------------------
-# export
-# ------------------------------------------------------------------------------------------
-
-def export_vila(model_spec: str, out_dir, seed: int = defaults.DEFAULT_SEED, opset: int = defaults.DEFAULT_OPSET,
-                progress: Callable[[str], None] | None = None) -> dict:
-    """Export every stage VILA-HD needs into `out_dir` (built in a hidden sibling, renamed into place)."""
-    from ..exporter.onnx_export import export as export_ps3, export_projector
-
-    say = progress or (lambda msg: None)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise Ps3EdgeError(f"{out_dir} exists and is not an empty directory")
-    say(f"loading {model_spec}")
-    model = build_vila(model_spec, seed)              # a bad model path fails before any directory is made
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
-    try:
-        say("exporting PS3 stages")
-        export_ps3(model.ps3, staging / "ps3", opset=opset, returned_layers=(VILA_LAYER,))
-        say("exporting the projector")
-        export_projector(model.projector, staging / "projector.onnx", opset=opset)
-        say("exporting the LLM")
-        export_llm(model.llm, staging / "llm.onnx", opset=opset)
-        np.save(staging / "embed_tokens.npy", model.llm.get_input_embeddings().weight.detach().float().numpy())
-        if model.top_down_head is not None:
-            np.savez(staging / "prompt_head.npz", weight=model.top_down_head.weight.detach().float().numpy(),
-                     bias=model.top_down_head.bias.detach().float().numpy())
-        model.tokenizer.save_pretrained(str(staging / "tokenizer"))
-        cfg = model.llm.config
-        files = {f.relative_to(staging).as_posix(): file_sha256(f)
-                 for f in sorted(staging.rglob("*")) if f.is_file() and not f.relative_to(staging).parts[0] == "ps3"}
-        manifest = {
-            "schema_version": VILA_SCHEMA_VERSION, "kind": "vila-hd", "ps3edge_version": __version__,
-            "source": model.source, "context_length": model.context_length, "opset": opset,
-            "llm": {"hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers,
-                    "num_heads": cfg.num_attention_heads, "num_kv_heads": cfg.num_key_value_heads,
-                    "vocab_size": cfg.vocab_size},
-            "top_down": model.top_down_head is not None, "files": files,
-        }
-        write_json_atomic(staging / VILA_MANIFEST, manifest)
-        publish_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return manifest
-
-
-def load_vila_manifest(art: Path, verify: bool = True) -> dict:
-    path = Path(art) / VILA_MANIFEST
-    if not path.is_file():
-        raise Ps3EdgeError(f"{art} is not a VILA-HD artifact (no {VILA_MANIFEST}); export one with 'ps3edge chat'")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise Ps3EdgeError(f"cannot read {path}: {e}") from None
-    if not isinstance(manifest, dict):
-        raise Ps3EdgeError(f"{path} is not a JSON object")
-    version = manifest.get("schema_version")
-    if isinstance(version, bool) or version != VILA_SCHEMA_VERSION:
-        raise Ps3EdgeError(f"{path} has schema {version!r}, this ps3edge reads {VILA_SCHEMA_VERSION}")
-
-    def whole(value) -> bool:
-        return is_whole_number(value) and value >= 1
-
-    if manifest.get("kind") != "vila-hd":
-        raise Ps3EdgeError(f"{path}: kind must be 'vila-hd', got {manifest.get('kind')!r}")
-    context = manifest.get("context_length")
-    if not whole(context):
-        raise Ps3EdgeError(f"{path}: context_length must be a positive whole number, got {context!r}")
-    llm = manifest.get("llm")
-    if not isinstance(llm, dict):
-        raise Ps3EdgeError(f"{path} lacks the 'llm' section - re-export the model")
-    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size"):
-        if not whole(llm.get(key)):
-            raise Ps3EdgeError(f"{path}: llm.{key} must be a positive whole number, got {llm.get(key)!r}")
-    if llm.get("head_dim") is not None and not whole(llm["head_dim"]):
-        raise Ps3EdgeError(f"{path}: llm.head_dim must be a positive whole number, got {llm['head_dim']!r}")
-    if not isinstance(manifest.get("source"), dict):
-        raise Ps3EdgeError(f"{path} lacks the 'source' section - re-export the model")
-    files = manifest.get("files", {})
-    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
-        raise Ps3EdgeError(f"{path}: 'files' must map file names to sha256 strings")
-    if verify:
-        for name, digest in files.items():
-            f = Path(art) / name
-            if not f.is_file():
-                raise Ps3EdgeError(f"VILA-HD artifact {art} lacks {name}")
-            if file_sha256(f) != digest:
-                raise Ps3EdgeError(f"VILA-HD artifact {art}: {name} does not match its sha256 in {VILA_MANIFEST}")
-    return manifest
-
-
-def cache_dir_for(model_spec: str, seed: int) -> Path:
-    """Where `ps3edge chat` keeps the export of a model: one directory per preset+seed or checkpoint."""
-    root = Path(os.environ.get("PS3EDGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ps3edge")
-    if model_spec in VILA_PRESETS:
-        key = f"{model_spec}-seed{seed}"
-    else:
-        import hashlib
-        key = f"{Path(model_spec).name}-{hashlib.sha256(str(Path(model_spec).resolve()).encode()).hexdigest()[:12]}"
-    return root / f"vila-{__version__}" / key
-
-
-def ensure_artifacts(model_spec: str, seed: int = defaults.DEFAULT_SEED, progress=None) -> Path:
-    """The cached export of `model_spec`, exporting it first if absent or stale."""
-    art = cache_dir_for(model_spec, seed)
-    if (art / VILA_MANIFEST).is_file():
-        manifest = load_vila_manifest(art, verify=False)
-        if model_spec in VILA_PRESETS or manifest["source"].get("sha256") == build_source_sha(model_spec):
-            return art
-        shutil.rmtree(art)
-    elif art.exists():
-        shutil.rmtree(art)
-    export_vila(model_spec, art, seed=seed, progress=progress)
-    return art
-
-
-def build_source_sha(model_spec: str) -> str | None:
-    from .vila import checkpoint_sha256
-    return checkpoint_sha256(model_spec) if Path(model_spec).is_dir() else None
-
-
-# ------------------------------------------------------------------------------------------
-# running
-# ------------------------------------------------------------------------------------------
 
 @dataclass
 class VilaAnswer:
@@ -210,7 +78,7 @@ class VilaPipeline:
         self.manifest = load_vila_manifest(self.art, verify)
         self.backend = backend
         if backend == "tensorrt":
-            missing = [s for s in ("projector", "llm") if s not in (self.manifest.get("engines") or {})]
+            missing = [s for s in ("projector", "llm") if s not in self.manifest.engines]
             if missing:
                 raise Ps3EdgeError(f"{self.art} has no TensorRT engine for {', '.join(missing)}; build them with "
                                    f"'ps3edge build {self.art}'")
@@ -221,7 +89,7 @@ class VilaPipeline:
         self.ps3 = Pipeline(self.art / "ps3", backend, verify=verify, fast=False if backend == "torch" else None,
                             loaded=model.ps3 if model is not None else None)
         self.tokenizer = load_tokenizer(self.art / "tokenizer")
-        self.context_length = int(self.manifest["context_length"])
+        self.context_length = self.manifest.context_length
         if backend in ("onnxruntime", "tensorrt"):
             if backend == "onnxruntime":
                 self.llm = OnnxLLM(self.art / "llm.onnx")
@@ -231,7 +99,7 @@ class VilaPipeline:
                 stage = self._tensorrt_engines()
             self._project = lambda cells: stage.infer({"cells": cells})["embeddings"]
             self.embed_table = np.load(self.art / "embed_tokens.npy")
-            head = np.load(self.art / "prompt_head.npz") if self.manifest.get("top_down") else None
+            head = np.load(self.art / "prompt_head.npz") if self.manifest.top_down else None
             self._head = (lambda h: h @ head["weight"].T + head["bias"]) if head is not None else None
         else:
             self.llm = TorchLLM(model.llm)
@@ -258,23 +126,23 @@ class VilaPipeline:
         checking both engines against this machine's TensorRT and GPU."""
         from ..engines.llm_engine import projector_width, vila_stage_specs
         from ..engines.platform import check_engine_compatible, import_tensorrt, machine_facts
-        from ..artifact.manifest import Record, StageEntry
+        from ..artifact.manifest import StageEntry
         from ..runtime.backends import TensorRTStage
 
         trt = import_tensorrt()
         here = machine_facts(trt)
-        engines = self.manifest["engines"]
+        engines = self.manifest.engines
         for name in ("projector", "llm"):
             check_engine_compatible(name, engines[name], here)
         stream = torch.cuda.Stream()
         specs = vila_stage_specs(self.manifest, projector_width(self.art))
-        self.llm = TensorRTLLM(self.art / engines["llm"]["file"], engines["llm"], trt, stream)
-        projector = StageEntry.from_dict("projector", {"file": engines["projector"]["file"], **specs["projector"]})
-        return TensorRTStage(self.art / engines["projector"]["file"], "projector", projector,
-                             Record(engines["projector"]), trt, stream)
+        self.llm = TensorRTLLM(self.art / engines["llm"].file, engines["llm"], trt, stream)
+        projector = StageEntry.from_dict("projector", {"file": engines["projector"].file, **specs["projector"]})
+        return TensorRTStage(self.art / engines["projector"].file, "projector", projector, engines["projector"],
+                             trt, stream)
 
     def _rebuild(self) -> VilaHD:
-        source = self.manifest["source"]
+        source = self.manifest.source
         if source.get("kind") == "preset":
             return build_vila(source["name"], int(source.get("seed", defaults.DEFAULT_SEED)))
         model = build_vila(source["path"])

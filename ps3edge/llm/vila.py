@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,8 @@ from safetensors.torch import save_file
 
 from .. import defaults
 from ..errors import Ps3EdgeError
-from ..artifact.io import publish_dir
+from ..artifact.io import publish_dir, temp_dir
+from ..artifact.lock import writer_lock
 from ..model.projector import Projector, random_projector
 from ..model.weights import (LoadedModel, build as build_ps3, file_sha256, load_checkpoint, read_json,
                              save_checkpoint, seeded_init_)
@@ -37,6 +37,7 @@ from .tokenizer import load_tokenizer, tiny_tokenizer
 VILA_PRESETS = ("vila-hd-tiny",)
 TINY_CONTEXT = 8192            # >= 6 * 2560 / 4 + 1024 = 4864, VILA-HD's rule for NUM_LOOK_CLOSE=6
 TOP_DOWN_HEAD = "top_down_prompt_head"
+VILA_LAYER = -2                # VILA-HD feeds PS3's second-to-last block to the projector
 
 
 @dataclass
@@ -170,31 +171,42 @@ def checkpoint_sha256(path) -> str:
 
 
 def save_vila(model: VilaHD, path) -> Path:
-    """Write `model` as a VILA-HD directory; built in a hidden sibling and renamed into place."""
+    """Write `model` as a VILA-HD directory (absent or empty): under its writer lock, staged in a
+    temporary sibling and renamed into place."""
     path = Path(path)
+    _check_empty(path)
+    with writer_lock(path):
+        _check_empty(path)                    # again, now that no other writer runs
+        staging = temp_dir(path.parent, path.name, "save")
+        try:
+            _write_checkpoint(model, staging)
+            publish_dir(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return path
+
+
+def _check_empty(path: Path) -> None:
     if path.exists() and any(path.iterdir()):
         raise Ps3EdgeError(f"{path} is not empty")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.save-"))
-    try:
-        model.llm.save_pretrained(str(staging / "llm"), safe_serialization=True)
-        model.tokenizer.save_pretrained(str(staging / "llm"))
-        save_checkpoint(model.ps3.model, staging / "vision_tower")
-        (staging / "mm_projector").mkdir()
-        state = {k: v.detach().contiguous() for k, v in model.projector.state_dict().items()}
-        if model.top_down_head is not None:
-            state.update({f"{TOP_DOWN_HEAD}.{k}": v.detach().contiguous()
-                          for k, v in model.top_down_head.state_dict().items()})
-        save_file(state, str(staging / "mm_projector" / "model.safetensors"))
-        (staging / "mm_projector" / "config.json").write_text(json.dumps(
-            {"model_type": "v2l_projector", "mm_projector_type": "mlp_downsample",
-             "top_down_prompt_head_type": "linear"}, indent=2))
-        (staging / "config.json").write_text(json.dumps(
-            {"model_type": "vila_hd", "model_max_length": model.context_length, "ps3": True,
-             "look_close_mode": "after_prompt", "top_down_prompt_head_type": "linear",
-             "mm_hidden_size": model.ps3.cfg.width, "hidden_size": model.llm.config.hidden_size}, indent=2))
-        publish_dir(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return path
+
+
+def _write_checkpoint(model: VilaHD, out: Path) -> None:
+    """The checkpoint layout of the module docstring, written into the directory `out`."""
+    model.llm.save_pretrained(str(out / "llm"), safe_serialization=True)
+    model.tokenizer.save_pretrained(str(out / "llm"))
+    save_checkpoint(model.ps3.model, out / "vision_tower")
+    (out / "mm_projector").mkdir()
+    state = {k: v.detach().contiguous() for k, v in model.projector.state_dict().items()}
+    if model.top_down_head is not None:
+        state.update({f"{TOP_DOWN_HEAD}.{k}": v.detach().contiguous()
+                      for k, v in model.top_down_head.state_dict().items()})
+    save_file(state, str(out / "mm_projector" / "model.safetensors"))
+    (out / "mm_projector" / "config.json").write_text(json.dumps(
+        {"model_type": "v2l_projector", "mm_projector_type": "mlp_downsample",
+         "top_down_prompt_head_type": "linear"}, indent=2))
+    (out / "config.json").write_text(json.dumps(
+        {"model_type": "vila_hd", "model_max_length": model.context_length, "ps3": True,
+         "look_close_mode": "after_prompt", "top_down_prompt_head_type": "linear",
+         "mm_hidden_size": model.ps3.cfg.width, "hidden_size": model.llm.config.hidden_size}, indent=2))

@@ -1,0 +1,126 @@
+"""Exporting VILA-HD: a preset or checkpoint -> a VILA-HD artifact directory, and the export cache
+of `ps3edge chat`.
+
+Artifact: `vila.json` (artifact/vila.py: schema, source, LLM shape, context, sha256 of every
+file), `ps3/` (a PS3 artifact, layer -2), `projector.onnx`, `llm.onnx`, `embed_tokens.npy`,
+`prompt_head.npz` (the top-down head's weight / bias), `tokenizer/`. It is written like every
+artifact: under the target's writer lock, staged in a temporary sibling and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .. import __version__, defaults
+from ..errors import Ps3EdgeError
+from ..artifact.io import file_sha256, publish_dir, temp_dir
+from ..artifact.lock import writer_lock
+from ..artifact.vila import LLMShape, VilaManifest, build_vila_manifest, is_vila_artifact, load_vila_manifest
+from .engine import export_llm
+from .vila import VILA_LAYER, VILA_PRESETS, VilaHD, build_vila, checkpoint_sha256
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise Ps3EdgeError(f"{out_dir} exists and is not an empty directory")
+
+
+def export_vila(model_spec: str, out_dir, seed: int = defaults.DEFAULT_SEED, opset: int = defaults.DEFAULT_OPSET,
+                progress: Callable[[str], None] | None = None) -> VilaManifest:
+    """Export every stage VILA-HD needs into `out_dir`, which must be absent or empty."""
+    say = progress or (lambda msg: None)
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
+    say(f"loading {model_spec}")
+    model = build_vila(model_spec, seed)              # a bad model path fails before any directory is made
+    with writer_lock(out_dir):
+        _check_out_dir(out_dir)                       # again, now that no other writer runs
+        return _export_locked(model, out_dir, opset, say, replace=False)
+
+
+def _export_locked(model: VilaHD, out_dir: Path, opset: int, say, replace: bool) -> VilaManifest:
+    """Stage the whole artifact beside `out_dir` and rename it into place (`replace`: over an
+    existing VILA-HD artifact). The caller holds `out_dir`'s writer lock."""
+    from ..exporter.onnx_export import export as export_ps3, export_projector
+
+    staging = temp_dir(out_dir.parent, out_dir.name, "export")
+    try:
+        say("exporting PS3 stages")
+        export_ps3(model.ps3, staging / "ps3", opset=opset, returned_layers=(VILA_LAYER,))
+        say("exporting the projector")
+        export_projector(model.projector, staging / "projector.onnx", opset=opset)
+        say("exporting the LLM")
+        export_llm(model.llm, staging / "llm.onnx", opset=opset)
+        np.save(staging / "embed_tokens.npy", model.llm.get_input_embeddings().weight.detach().float().numpy())
+        if model.top_down_head is not None:
+            np.savez(staging / "prompt_head.npz", weight=model.top_down_head.weight.detach().float().numpy(),
+                     bias=model.top_down_head.bias.detach().float().numpy())
+        model.tokenizer.save_pretrained(str(staging / "tokenizer"))
+        files = {f.relative_to(staging).as_posix(): file_sha256(f)
+                 for f in sorted(staging.rglob("*")) if f.is_file() and not f.relative_to(staging).parts[0] == "ps3"}
+        manifest = build_vila_manifest(model.source, model.context_length, opset, llm_shape(model.llm.config),
+                                       model.top_down_head is not None, files)
+        manifest.write(staging)
+        publish_dir(staging, out_dir, replace=replace)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def llm_shape(cfg) -> LLMShape:
+    """The dimensions vila.json records, from a transformers Qwen2 config."""
+    return LLMShape(hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
+                    num_kv_heads=cfg.num_key_value_heads, vocab_size=cfg.vocab_size,
+                    head_dim=cfg.hidden_size // cfg.num_attention_heads)
+
+
+# ------------------------------------------------------------------------------------------
+# the export cache of `ps3edge chat`
+# ------------------------------------------------------------------------------------------
+
+def cache_dir_for(model_spec: str, seed: int) -> Path:
+    """Where `ps3edge chat` keeps the export of a model: one directory per preset+seed or checkpoint."""
+    root = Path(os.environ.get("PS3EDGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ps3edge")
+    if model_spec in VILA_PRESETS:
+        key = f"{model_spec}-seed{seed}"
+    else:
+        key = f"{Path(model_spec).name}-{hashlib.sha256(str(Path(model_spec).resolve()).encode()).hexdigest()[:12]}"
+    return root / f"vila-{__version__}" / key
+
+
+def ensure_artifacts(model_spec: str, seed: int = defaults.DEFAULT_SEED, progress=None) -> Path:
+    """The cached export of `model_spec`, exporting it first if absent or stale."""
+    say = progress or (lambda msg: None)
+    art = cache_dir_for(model_spec, seed)
+    if _is_current(art, model_spec, lambda: build_source_sha(model_spec)):
+        return art
+    say(f"loading {model_spec}")
+    model = build_vila(model_spec, seed)
+    with writer_lock(art):
+        if _is_current(art, model_spec, lambda: model.source.get("sha256")):    # exported meanwhile
+            return art
+        replace = is_vila_artifact(art)               # a stale export: swapped out once the new one is in place
+        if art.exists() and not replace:             # a cache directory without vila.json: not an artifact
+            shutil.rmtree(art)
+        _export_locked(model, art, defaults.DEFAULT_OPSET, say, replace=replace)
+    return art
+
+
+def _is_current(art: Path, model_spec: str, source_sha: Callable[[], str | None]) -> bool:
+    """Whether the cached export is of `model_spec` as it is now (`source_sha()`: the checkpoint's
+    digest, only computed when there is an export to compare; a preset's export is always current)."""
+    if not is_vila_artifact(art):
+        return False
+    manifest = load_vila_manifest(art, verify=False)
+    return model_spec in VILA_PRESETS or manifest.source.get("sha256") == source_sha()
+
+
+def build_source_sha(model_spec: str) -> str | None:
+    return checkpoint_sha256(model_spec) if Path(model_spec).is_dir() else None
