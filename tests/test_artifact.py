@@ -92,6 +92,26 @@ def test_export_killed_halfway_leaves_nothing_after_the_rerun(tmp_path):
     assert litter(tmp_path) == [] and load_manifest(out).config.name == "ps3-tiny"
 
 
+def test_calibrate_killed_halfway_leaves_nothing_after_the_rerun(artifacts, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(artifacts("ps3-tiny"), art)
+    before = sorted(p.name for p in art.iterdir())
+    command = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "ps3edge.cli"]
+    proc = subprocess.Popen(command + ["calibrate", str(art), "--precision", "fp16"], env=clean_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not litter(tmp_path) or litter(tmp_path) == [lock_path(art).name]:
+        assert proc.poll() is None and time.monotonic() < deadline, "calibrate never wrote a temporary file"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert sorted(p.name for p in art.iterdir() if TEMP_MARK not in p.name) == before   # the artifact as it was
+    load_manifest(art, verify=True)
+    r = cli("calibrate", art, "--precision", "fp16")
+    assert r.returncode == 0, r.stderr
+    assert litter(tmp_path) == [] and "fp16" in load_manifest(art, verify=True).precisions
+
+
 # --- nothing of the user's replaced ------------------------------------------------------------------
 def test_a_directory_made_while_the_export_runs_is_kept(tmp_path):
     out = tmp_path / "art"
