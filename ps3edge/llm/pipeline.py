@@ -17,6 +17,7 @@ one of three backends; this module only reads it.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +185,20 @@ class VilaPipeline:
                 f"or NUM_TOKEN_LOOK_CLOSE")
         return need
 
+    def check_prompt_size(self, ids: list[int], settings: LookCloseSettings) -> None:
+        """Before any model work: the question, the low-res image, its newline and the most high-res
+        cells these settings can select (selected patches / 4) must fit the context, so that an
+        over-long question is refused up front, not after a prefill over all of it."""
+        budget, targets = resolve_steps(settings, self.ps3.geometry)
+        patches = sum(sum(budget) if t is None else t for t in targets)
+        lowres = math.ceil(self.ps3.cfg.lowres_grid / 2) ** 2
+        text = len(ids) - 1                                          # without the <image> placeholder
+        most = text + lowres + len(self.newline_ids) + patches // 4
+        if most + 1 > self.context_length:
+            raise Ps3EdgeError(f"the prompt could take {most} positions ({text} of question, up to {most - text} of "
+                               f"image) and the model's context is {self.context_length}: shorten the question "
+                               f"or lower NUM_LOOK_CLOSE / NUM_TOKEN_LOOK_CLOSE")
+
     # --- the whole thing -----------------------------------------------------------------------
     def answer(self, image, text: str, settings: LookCloseSettings, sampling: SamplingConfig | None = None,
                on_text: Callable[[str], None] | None = None) -> VilaAnswer:
@@ -194,6 +209,7 @@ class VilaPipeline:
         sampling.validate()
         self.check_context(settings)
         ids, img, look = self.prompt_ids(text)
+        self.check_prompt_size(ids, settings)
         r = self.ps3.layer_index(VILA_LAYER)
         C, g0 = self.ps3.cfg.width, self.ps3.cfg.lowres_grid
         times = {}

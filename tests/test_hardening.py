@@ -1,0 +1,57 @@
+"""Requests are checked against the artifact before any model work, and what ps3edge does that the
+official processor does silently is said once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import random_image
+from ps3edge.errors import Ps3EdgeError
+from ps3edge.runtime.planning import LookCloseSettings
+from ps3edge.runtime.preprocess import NOTES, open_image
+
+
+def no_model_work(*args, **kwargs):
+    raise AssertionError("model work started before the request was checked")
+
+
+def test_an_over_long_question_is_refused_before_any_model_work(vila_art, monkeypatch):
+    from ps3edge.llm.pipeline import VilaPipeline
+
+    pipeline = VilaPipeline(vila_art)
+    monkeypatch.setattr(pipeline.ps3, "run_lowres", no_model_work)
+    monkeypatch.setattr(pipeline.llm, "prefill", no_model_work)
+    question = "What is written on the sign behind the second car, and in which language? " * 700   # ~50k characters
+    with pytest.raises(Ps3EdgeError, match=r"the prompt could take \d+ positions .* context is 8192") as e:
+        pipeline.answer(random_image(), question, LookCloseSettings(num_look_close=2))
+    assert "\n" not in str(e.value)
+
+
+def test_a_question_that_fits_is_answered(vila_art):
+    from ps3edge.llm.generate import SamplingConfig
+    from ps3edge.llm.pipeline import VilaPipeline
+
+    answer = VilaPipeline(vila_art).answer(random_image(), "What is here? " * 100, LookCloseSettings(num_look_close=1),
+                                           SamplingConfig(max_new_tokens=2))
+    assert answer.tokens["text"] > 300 and answer.tokens["prompt"] < 8192
+
+
+# --- said once ---------------------------------------------------------------------------------------
+def test_multi_page_tiff_and_rotated_jpeg_are_noted(tmp_path):
+    pages = [random_image(40, 30, seed=k) for k in range(4)]
+    pages[0].save(tmp_path / "scan.tiff", save_all=True, append_images=pages[1:])
+    tiff = open_image(tmp_path / "scan.tiff")
+    assert tiff.info[NOTES] == ["scan.tiff has 4 frames; only the first is used, as the official processor does"]
+    assert np.array_equal(np.asarray(tiff.convert("RGB")), np.asarray(pages[0]))
+
+    exif = Image.Exif()
+    exif[0x0112] = 8                                                      # rotated 270 degrees
+    random_image(40, 30).save(tmp_path / "cam.jpg", exif=exif, quality=95)
+    kept = open_image(tmp_path / "cam.jpg")
+    assert kept.size == (40, 30) and "--exif-transpose applies it" in kept.info[NOTES][0]
+    turned = open_image(tmp_path / "cam.jpg", exif_transpose=True)
+    assert turned.size == (30, 40) and turned.info[NOTES] == ["cam.jpg: EXIF orientation applied (rotated 270 degrees)"]
+    random_image(40, 30).save(tmp_path / "plain.png")
+    assert open_image(tmp_path / "plain.png").info[NOTES] == []
