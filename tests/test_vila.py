@@ -199,27 +199,28 @@ def test_context_rule_refuses_requests_that_cannot_fit(short_context_art):
 def test_vision_tower_is_built_once(short_context_art, tmp_path, monkeypatch):
     """Export and the torch pipeline use VILA-HD's own vision tower for the PS3 stages instead of
     loading the checkpoint's (or building the preset's) weights a second time."""
+    import ps3edge.artifact.weights as weights
     import ps3edge.exporter.onnx_export as onnx_export
-    import ps3edge.runtime.backends as backends
+    from ps3edge.artifact.manifest import load_manifest
+    from ps3edge.artifact.weights import rebuild_torch_model
     from ps3edge.model.weights import LoadedModel
-    from ps3edge.runtime.backends import rebuild_torch_model
 
     def refuse(*args, **kwargs):
         raise AssertionError("the PS3 model was built a second time")
-    for module, name in ((backends, "build"), (backends, "load_checkpoint"), (onnx_export, "build")):
+    for module, name in ((weights, "build"), (weights, "load_checkpoint"), (onnx_export, "build")):
         monkeypatch.setattr(module, name, refuse)
     export_vila("vila-hd-tiny", tmp_path / "art", seed=3)
     p = VilaPipeline(short_context_art / "art", "torch")
     assert p.manifest["source"]["kind"] == "checkpoint"
-    tower = p.ps3.stages["lowres"].module.model
-    assert p.ps3.stages["highres"].module.model is tower
+    tower = p.ps3.stages["lowres"].model
+    assert p.ps3.stages["highres"].model is tower
 
     # a tower that is not the artifact's is refused in one line
     other = build_vila("vila-hd-tiny", seed=5).ps3
     with pytest.raises(Ps3EdgeError, match="not the one the artifact was exported from"):
-        rebuild_torch_model(json.loads((tmp_path / "art" / "ps3" / "manifest.json").read_text()), other)
+        rebuild_torch_model(load_manifest(tmp_path / "art" / "ps3", verify=False), other)
     same = build_vila("vila-hd-tiny", seed=3).ps3
-    manifest = json.loads((tmp_path / "art" / "ps3" / "manifest.json").read_text())
+    manifest = load_manifest(tmp_path / "art" / "ps3", verify=False)
     assert rebuild_torch_model(manifest, same) is same.model
     assert isinstance(same, LoadedModel)
 

@@ -36,6 +36,7 @@ from ..artifact.io import file_sha256, publish_dir, write_json_atomic
 from ..model.config import is_whole_number
 from ..model.projector import projector_cells, space_to_channel
 from ..runtime.lookclose import Pipeline
+from ..runtime.runners.registry import get_backend
 from ..runtime.planning import LookCloseSettings, resolve_steps
 from .engine import OnnxLLM, TensorRTLLM, TorchLLM, export_llm
 from .generate import Generation, SamplingConfig, generate
@@ -46,7 +47,6 @@ VILA_MANIFEST = "vila.json"
 VILA_SCHEMA_VERSION = 1
 VILA_LAYER = -2                       # VILA-HD feeds PS3's second-to-last block to the projector
 CONTEXT_MARGIN = 1024                 # VILA-HD: context >= high-res patches / 4 + 1024
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
 
 # ------------------------------------------------------------------------------------------
@@ -204,8 +204,7 @@ class VilaPipeline:
     `tensorrt` (the engines of `ps3edge build ARTIFACT`: PS3 stages, projector, LLM)."""
 
     def __init__(self, artifact_dir, backend: str = "onnxruntime", verify: bool = True):
-        if backend not in BACKENDS:
-            raise Ps3EdgeError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
+        get_backend(backend)                  # refuses an unknown name
         self.art = Path(artifact_dir)
         self.manifest = load_vila_manifest(self.art, verify)
         self.backend = backend
@@ -225,8 +224,8 @@ class VilaPipeline:
         if backend in ("onnxruntime", "tensorrt"):
             if backend == "onnxruntime":
                 self.llm = OnnxLLM(self.art / "llm.onnx")
-                from ..runtime.backends import OnnxRuntimeStage
-                stage = OnnxRuntimeStage(self.art / "projector.onnx")
+                from ..runtime.runners.onnxruntime import OnnxRuntimeRunner
+                stage = OnnxRuntimeRunner.from_path(self.art / "projector.onnx")
             else:
                 stage = self._tensorrt_engines()
             self._project = lambda cells: stage.infer({"cells": cells})["embeddings"]
@@ -254,12 +253,12 @@ class VilaPipeline:
         self.stop_ids = tuple(stop_token_ids(self.tokenizer))
 
     def _tensorrt_engines(self):
-        """The projector as a TensorRTStage and the LLM as a TensorRTLLM (sets self.llm), after
+        """The projector as a TensorRTRunner and the LLM as a TensorRTLLM (sets self.llm), after
         checking both engines against this machine's TensorRT and GPU."""
         from ..engines.llm_engine import projector_width, vila_stage_specs
         from ..engines.platform import check_engine_compatible, import_tensorrt, machine_facts
         from ..artifact.manifest import Record, StageEntry
-        from ..runtime.backends import TensorRTStage
+        from ..runtime.runners.tensorrt import TensorRTRunner
 
         trt = import_tensorrt()
         here = machine_facts(trt)
@@ -270,8 +269,7 @@ class VilaPipeline:
         specs = vila_stage_specs(self.manifest, projector_width(self.art))
         self.llm = TensorRTLLM(self.art / engines["llm"]["file"], engines["llm"], trt, stream)
         projector = StageEntry.from_dict("projector", {"file": engines["projector"]["file"], **specs["projector"]})
-        return TensorRTStage(self.art / engines["projector"]["file"], "projector", projector,
-                             Record(engines["projector"]), trt, stream)
+        return TensorRTRunner.from_record(self.art, "projector", projector, Record(engines["projector"]), trt, stream)
 
     def _rebuild(self) -> VilaHD:
         source = self.manifest["source"]
