@@ -62,7 +62,7 @@ def bench_model(name: str, depth: int | None, steps_list, warmup: int, repeat: i
     export_s = time.perf_counter() - t0
 
     pipelines = {"torch": Pipeline(art, "torch", device="cpu"), "onnxruntime": Pipeline(art, "onnxruntime")}
-    official = official_model(pipelines["torch"].stages["lowres"].module.model)
+    official = official_model(pipelines["torch"].stages["lowres"].model)
     pixels = pipelines["torch"].pixels(sample_image())
     px = torch.from_numpy(pixels)
 

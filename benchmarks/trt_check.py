@@ -98,7 +98,7 @@ def linked_copy(art: Path, dst: Path) -> Path:
 # --- reference ---------------------------------------------------------------------------------------
 def reference_run(art: Path, image, settings):
     """onnxruntime fp32 on the CPU: every stage's inputs and outputs, and the end-to-end result."""
-    from ps3edge.runtime.backends import ENV_ORT_PROVIDERS
+    from ps3edge.runtime.runners.onnxruntime import ENV_ORT_PROVIDERS
     from ps3edge.runtime.lookclose import Pipeline
 
     saved = os.environ.get(ENV_ORT_PROVIDERS)
@@ -115,20 +115,21 @@ def reference_run(art: Path, image, settings):
     sel_feed = {"selection_features": low["selection_features"], "conv_features": low["conv_features"],
                 "prompt": pipe.prompt(settings, None)}
     prob = pipe.stages["selector"].infer(sel_feed)["prob"]
-    calls = highres_feeds(pipe, prob[0], low, settings)
-    high = [pipe.stages["highres"].infer(feed) for feed in calls]
     result = pipe.run_from_lowres(low, settings)
     return {"pipeline": pipe, "pixels": pixels, "low": low, "sel_feed": sel_feed, "prob": prob,
-            "calls": calls, "high": high, "result": result}
+            "settings": settings, "result": result}
 
 
-def highres_feeds(pipe, prob, low, settings):
-    """The highres calls of the loop for this probability map: one per step length (the
-    TensorRT stage splits calls longer than its profile itself)."""
-    from ps3edge.runtime.lookclose import highres_feeds as plan_feeds
+def highres_calls(ref: dict, steps_per_call: int | None) -> tuple[list, list]:
+    """The highres calls of the loop for the reference's probability map, grouped as the runtime
+    groups them for an engine taking at most `steps_per_call` steps, and onnxruntime's outputs."""
+    from ps3edge.runtime.lookclose import highres_feeds
     from ps3edge.runtime.planning import plan
 
-    return list(plan_feeds(plan(prob, settings, pipe.geometry), low, pipe.geometry))
+    pipe = ref["pipeline"]
+    the_plan = plan(ref["prob"][0], ref["settings"], pipe.geometry)
+    calls = list(highres_feeds(the_plan, ref["low"], pipe.geometry, steps_per_call))
+    return calls, [pipe.stages["highres"].infer(feed) for feed in calls]
 
 
 # --- measuring ---------------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def cuda_median_ms(stage, feed: dict, warmup: int, repeat: int) -> float:
     times = []
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stage.stream)
+        start.record(stage.stream)               # the stream all engines of an artifact share
         stage.infer_device(dev)
         end.record(stage.stream)
         end.synchronize()
@@ -165,7 +166,7 @@ def compare(ours: dict, ref: dict, names) -> tuple[float, float]:
 def check_one(art: Path, ref: dict, image, settings, route: str, precision: str, args, model: str) -> list[dict]:
     from ps3edge.engines.builder import BuildOptions, build
     from ps3edge.parity import selection_iou
-    from ps3edge.runtime.backends import load_stages
+    from ps3edge.runtime.runners import close_all, load_stages
     from ps3edge.runtime.lookclose import Pipeline
     from ps3edge.runtime.planning import plan
 
@@ -203,20 +204,20 @@ def check_one(art: Path, ref: dict, image, settings, route: str, precision: str,
     row("selector", d, c, cuda_median_ms(stages["selector"], ref["sel_feed"], args.warmup, args.repeat),
         selection="identical" if same else f"IoU {iou:.4f}",
         ok=d <= max(tol["max_abs"], defaults.PROB_MAX_ABS_FP32) and same)
-    for feed, expected in zip(ref["calls"], ref["high"]):
+    for feed, expected in zip(*highres_calls(ref, stages["highres"].max_steps_per_call)):
         T, N = feed["positions"].shape
         out = stages["highres"].infer(feed)
         d, c = compare(out, expected, ["highres_features"])
-        ms = cuda_median_ms(stages["highres"], feed, args.warmup, args.repeat) if T <= stages["highres"].t_max else float("nan")
-        row(f"highres {T}x{N}", d, c, ms)
+        row(f"highres {T}x{N}", d, c, cuda_median_ms(stages["highres"], feed, args.warmup, args.repeat))
+    close_all(stages)                            # the engines of every route and precision add up otherwise
     # end to end, through the runtime's own loop
-    trt_pipe = Pipeline(work, "tensorrt")
-    result = trt_pipe.run(image, settings)
-    walls = []
-    for _ in range(max(1, args.repeat // 4)):
-        t0 = time.perf_counter()
-        trt_pipe.run(image, settings)
-        walls.append((time.perf_counter() - t0) * 1e3)
+    with Pipeline(work, "tensorrt") as trt_pipe:
+        result = trt_pipe.run(image, settings)
+        walls = []
+        for _ in range(max(1, args.repeat // 4)):
+            t0 = time.perf_counter()
+            trt_pipe.run(image, settings)
+            walls.append((time.perf_counter() - t0) * 1e3)
     ref_result = ref["result"]
     same = all(np.array_equal(a, b) for a, b in zip(result.plan.selection_maps, ref_result.plan.selection_maps))
     d, c = compare({"f": result.features}, {"f": ref_result.features}, ["f"])

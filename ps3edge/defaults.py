@@ -79,7 +79,7 @@ DEFAULT_SEED = 0
 # The TensorRT whose ONNX parser the lint checks against: 10.3 is JetPack 6.x's (Jetson Orin).
 DEFAULT_LINT_TRT_VERSION = "10.3"
 
-# --- TensorRT engines (ps3edge build, runtime/backends.py 'tensorrt') --------------------------
+# --- TensorRT engines (ps3edge build, runtime/runners/tensorrt.py) --------------------------
 ENGINE_PRECISIONS = ("fp32", "fp16", "int8", "best")
 DEFAULT_ENGINE_PRECISION = "fp32"
 ENGINE_ROUTES = ("onnx", "torch-tensorrt")          # --via: parse the ONNX, or Torch-TensorRT dynamo

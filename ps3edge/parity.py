@@ -97,7 +97,7 @@ def run_parity(model_spec: str, image, settings: LookCloseSettings, *, prompt_em
         for backend in backends:
             pipelines[f"exported-{backend}"] = Pipeline(artifact_dir, backend)
         ours = pipelines["ours-torch"]
-        model = ours.stages["lowres"].module.model
+        model = ours.stages["lowres"].model
         cfg = model.cfg
         geometry = ours.geometry
         nlc = settings.num_look_close if settings.num_look_close is not None else defaults.DEFAULT_NUM_LOOK_CLOSE
@@ -175,6 +175,8 @@ def run_parity(model_spec: str, image, settings: LookCloseSettings, *, prompt_em
             report.rows.append(ParityRow("end-to-end", f"{label} vs official (ties pinned)", d, c,
                                          selection=f"{result.features.shape[1]} tokens",
                                          ok=same and d <= tol["max_abs"] and c >= tol["min_cosine"]))
+        for pipe in pipelines.values():
+            pipe.close()                 # before the exported files go with the temporary directory
         return report
 
 

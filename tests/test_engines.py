@@ -35,7 +35,8 @@ from ps3edge.artifact.manifest import Manifest, build_manifest, load_manifest
 from ps3edge.artifact.spec import stage_specs
 from ps3edge.model.config import preset
 from ps3edge.artifact.io import file_sha256
-from ps3edge.runtime.backends import load_stages, ort_tensorrt_options, preferred_ort_providers
+from ps3edge.runtime.runners.onnxruntime import ort_tensorrt_options, preferred_ort_providers
+from ps3edge.runtime.runners.registry import load_stages
 
 TRT_SKIP = "TensorRT is not installed (DESIGN.md section 4: it cannot be installed here); benchmarks/trt_check.py runs this path where it is"
 SCRIPT = Path(sys.executable).with_name("ps3edge")
@@ -731,9 +732,13 @@ def test_build_and_run_tiny_engines_match_onnxruntime(tiny_copy, tmp_path, image
     assert np.abs(got.features - ref.features).max() <= tol["max_abs"]
 
 
-def test_tensorrt_highres_splits_calls_beyond_t_max(tiny_copy, tmp_path):
+def test_tensorrt_highres_refuses_calls_beyond_t_max_and_the_runtime_splits_them(tiny_copy, tmp_path, image):
+    """The engine's T_max is the highres runner's max_steps_per_call: a larger call is refused,
+    calls of at most T_max steps match onnxruntime, and the runtime's loop groups its calls to fit."""
     _need_gpu_tensorrt()
     from ps3edge.engines.builder import build
+    from ps3edge.runtime.lookclose import Pipeline
+    from ps3edge.runtime.planning import settings_from_env
 
     build(tiny_copy, BuildOptions(max_look_close=2, engine_cache=None))
     manifest = load_manifest(tiny_copy)
@@ -744,9 +749,18 @@ def test_tensorrt_highres_splits_calls_beyond_t_max(tiny_copy, tmp_path):
     feed = {"patches": rng.standard_normal((5, 64, 588), dtype=np.float32),
             "positions": rng.integers(0, 14580, (5, 64), dtype=np.int32),
             "kv_cache": rng.standard_normal(kv_shape, dtype=np.float32)}
-    got = stages["highres"].infer(feed)["highres_features"]
+    assert stages["highres"].max_steps_per_call == 2
+    with pytest.raises(Ps3EdgeError, match="engine 'highres' takes at most 2 steps per call, got 5"):
+        stages["highres"].infer(feed)
+    got = np.concatenate([stages["highres"].infer({**feed, "patches": feed["patches"][t: t + 2],
+                                                   "positions": feed["positions"][t: t + 2]})["highres_features"]
+                          for t in range(0, 5, 2)], axis=1)
     ref = onnx["highres"].infer(feed)["highres_features"]
     assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-3
+    with Pipeline(tiny_copy, "tensorrt") as pipe:
+        assert pipe.steps_per_call() == 2
+        result = pipe.run(image, settings_from_env(env={}, num_look_close=6))
+        assert result.highres_calls and all(t <= 2 for t, _ in result.highres_calls)
 
 
 def test_build_via_torch_tensorrt(tiny_copy, tmp_path):

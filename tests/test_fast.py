@@ -20,6 +20,20 @@ from PIL import Image
 from ps3edge.runtime.preprocess import (_height_first_new_rule, _height_first_old_rule, pillow_pass_order,
                                         preprocess, preprocess_on_device, resize_like_pil)
 
+
+@pytest.fixture
+def pipeline():
+    """Pipeline(...), closed (its stage runners freed) when the test ends."""
+    opened = []
+
+    def open_pipeline(*args, **kwargs) -> Pipeline:
+        opened.append(Pipeline(*args, **kwargs))
+        return opened[-1]
+    yield open_pipeline
+    for pipe in opened:
+        pipe.close()
+
+
 CASES = [
     ("ps3-tiny", dict(num_look_close=1)),
     ("ps3-tiny", dict(num_look_close="all")),
@@ -30,10 +44,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("preset,kwargs", CASES, ids=[f"{p}-{k}" for p, k in CASES])
-def test_fast_path_equals_staged_pipeline(artifacts, image, preset, kwargs):
+def test_fast_path_equals_staged_pipeline(pipeline, artifacts, image, preset, kwargs):
     settings = settings_from_env({}, mode="after_image", **kwargs)
-    staged = Pipeline(artifacts(preset), "torch", device="cpu").run(image, settings)
-    pixels = Pipeline(artifacts(preset), "torch", device="cpu").pixels(image)
+    staged = pipeline(artifacts(preset), "torch", device="cpu").run(image, settings)
+    pixels = pipeline(artifacts(preset), "torch", device="cpu").pixels(image)
 
     fast = FastLookClose(build(preset).model, device="cpu", dtype="fp32")
     out = fast.forward(torch.from_numpy(pixels), step_counts(settings, fast.geometry),
@@ -110,24 +124,24 @@ def test_bench_refuses_bad_options():
     assert "--num-look-close" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_one_token_look_close_rounds_to_no_high_res_tokens(artifacts, image):
+def test_one_token_look_close_rounds_to_no_high_res_tokens(pipeline, artifacts, image):
     """NUM_TOKEN_LOOK_CLOSE=1: the official floor rule gives every scale int(b * 1 / 2560) = 0
     patches (the official code then fails on an empty torch.cat); ours returns the low-res tokens."""
     settings = settings_from_env({}, num_token_look_close=1, mode="after_image")
-    staged = Pipeline(artifacts("ps3-tiny"), "onnxruntime").run(image, settings)
+    staged = pipeline(artifacts("ps3-tiny"), "onnxruntime").run(image, settings)
     assert staged.features.shape == (1, 729, 64)
     assert staged.highres_calls == []
     fast = FastLookClose(build("ps3-tiny").model, device="cpu", dtype="fp32")
-    pixels = torch.from_numpy(Pipeline(artifacts("ps3-tiny"), "torch", device="cpu").pixels(image))
+    pixels = torch.from_numpy(pipeline(artifacts("ps3-tiny"), "torch", device="cpu").pixels(image))
     out = fast.forward(pixels, step_counts(settings, fast.geometry))
     assert out.features.shape == (1, 729, 64) and int(out.selection.sum()) == 0
 
 
-def test_long_runs_are_split_into_calls_of_at_most_the_profile_steps(artifacts, image):
+def test_long_runs_are_split_into_calls_of_at_most_the_profile_steps(pipeline, artifacts, image):
     """4K 'all' is 35 steps; the staged pipeline runs them in calls of at most 6 (the profile's
     T_max), and the result equals the one-program fast path, which batches them all."""
     settings = settings_from_env({}, num_look_close="all", mode="after_image")
-    pipe = Pipeline(artifacts("ps3-tiny-4k"), "torch", device="cpu")
+    pipe = pipeline(artifacts("ps3-tiny-4k"), "torch", device="cpu")
     staged = pipe.run(image, settings)
     assert pipe.steps_per_call() == 6
     assert staged.highres_calls == [(6, 2560)] * 5 + [(4, 2560)] + [(1, 440)]    # 34 full steps + 440
@@ -205,10 +219,10 @@ def test_pillow_pass_order_matters_and_is_detected():
     ("ps3-tiny", dict(num_look_close=2)),
     ("ps3-tiny-4k", dict(num_token_look_close=3000, smooth_selection_prob=True)),
 ])
-def test_pipeline_fast_path_equals_staged_path(artifacts, image, preset, kwargs):
+def test_pipeline_fast_path_equals_staged_path(pipeline, artifacts, image, preset, kwargs):
     settings = settings_from_env({}, mode="after_image", **kwargs)
-    staged = Pipeline(artifacts(preset), "torch", device="cpu").run(image, settings)
-    pipe = Pipeline(artifacts(preset), "torch", device="cpu", fast=True)
+    staged = pipeline(artifacts(preset), "torch", device="cpu").run(image, settings)
+    pipe = pipeline(artifacts(preset), "torch", device="cpu", fast=True)
     assert pipe.fast is not None and pipe.preprocess_on == "device"
     fast = pipe.run(image, settings)
     assert fast.features.dtype == np.float32 and fast.features.shape == staged.features.shape
@@ -222,11 +236,11 @@ def test_pipeline_fast_path_equals_staged_path(artifacts, image, preset, kwargs)
     assert {"preprocess", "look-close (device)", "to host"} <= set(fast.timings_ms)
 
 
-def test_pipeline_fast_path_top_down(artifacts, image):
+def test_pipeline_fast_path_top_down(pipeline, artifacts, image):
     prompt = np.random.default_rng(4).standard_normal(64).astype(np.float32)
     settings = settings_from_env({}, num_look_close=1)
-    staged = Pipeline(artifacts("ps3-tiny"), "torch", device="cpu").run(image, settings, prompt_embedding=prompt)
-    fast = Pipeline(artifacts("ps3-tiny"), "torch", device="cpu", fast=True).run(image, settings, prompt_embedding=prompt)
+    staged = pipeline(artifacts("ps3-tiny"), "torch", device="cpu").run(image, settings, prompt_embedding=prompt)
+    fast = pipeline(artifacts("ps3-tiny"), "torch", device="cpu", fast=True).run(image, settings, prompt_embedding=prompt)
     assert np.array_equal(fast.plan.selection_maps[0], staged.plan.selection_maps[0])
     assert np.abs(fast.features - staged.features).max() <= 1e-4
 
@@ -253,15 +267,15 @@ def test_run_cli_device_options(artifacts, image_file, tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_pipeline_fast_path_half_precision_stays_within_tolerance(artifacts, image, precision):
+def test_pipeline_fast_path_half_precision_stays_within_tolerance(pipeline, artifacts, image, precision):
     """bf16 / fp16 (the GPU precisions, run here on the CPU): the selection equal up to
     near-ties (IoU >= 0.9), per-token cosine >= 0.99 on the low-res tokens, and on every token
     against the official fp32 model run on the same steps."""
     from ps3edge.parity import feature_diff, selection_iou
 
     settings = settings_from_env({}, num_look_close=2, mode="after_image")
-    ref = Pipeline(artifacts("ps3-tiny"), "torch", device="cpu").run(image, settings)
-    half = Pipeline(artifacts("ps3-tiny"), "torch", device="cpu", fast=True, precision=precision).run(image, settings)
+    ref = pipeline(artifacts("ps3-tiny"), "torch", device="cpu").run(image, settings)
+    half = pipeline(artifacts("ps3-tiny"), "torch", device="cpu", fast=True, precision=precision).run(image, settings)
     assert half.features.dtype == np.float32 and np.all(np.isfinite(half.features))
     for a, b in zip(half.plan.selection_maps, ref.plan.selection_maps):
         assert selection_iou(a, b) >= 0.9
@@ -271,7 +285,7 @@ def test_pipeline_fast_path_half_precision_stays_within_tolerance(artifacts, ima
     # differently: compare every token with the official fp32 model made to take our steps
     pytest.importorskip("ps3", reason="the official ps3-torch reference is not installed")
     from ps3edge.reference import official_model, run_official_with_selection
-    pipe = Pipeline(artifacts("ps3-tiny"), "torch", device="cpu")
+    pipe = pipeline(artifacts("ps3-tiny"), "torch", device="cpu")
     official = official_model(build("ps3-tiny").model)
     same_steps = run_official_with_selection(official, torch.from_numpy(pipe.pixels(image)),
                                              half.plan.step_maps(pipe.geometry))

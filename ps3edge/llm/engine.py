@@ -1,8 +1,10 @@
-"""LLM engines: prefill and decode on `inputs_embeds`, one interface, three implementations.
+"""LLM engines: prefill and decode on `inputs_embeds`, one interface (`LLMRunner`), four
+implementations.
 
     engine.reset()
     out = engine.prefill(embeds)      # (S, H) float32 -> StepOutput(logits (V,), hidden (H,))
     out = engine.decode(embed)        # (H,) one new position against the cache so far
+    engine.close()                    # or `with engine:`; a closed engine refuses further calls
 
 `logits` and `hidden` are those of the last position (hidden = after the final RMSNorm, i.e.
 transformers' hidden_states[-1]). A prefill after a prefill or decode continues the same cache
@@ -38,6 +40,50 @@ class StepOutput:
     hidden: np.ndarray          # (H,) float32, last position, after the final norm
 
 
+class LLMRunner:
+    """What every LLM engine provides: `reset`, `prefill`, `decode`, and the lifecycle of the
+    stage runners (runtime/runners/base.py): `close()` frees the model / session / engine and
+    its cache, `with engine:` closes on exit, and a closed engine refuses further calls.
+    Implementations provide `reset()`, `_step(embeds)` and `_release()`."""
+
+    closed = False
+
+    def prefill(self, embeds) -> StepOutput:
+        """(S, H) new positions against the cache so far (a chunk of a longer prompt, or all of it)."""
+        self._refuse_if_closed()
+        return self._step(embeds)
+
+    def decode(self, embed) -> StepOutput:
+        """One new position (H,) against the cache so far."""
+        self._refuse_if_closed()
+        return self._step(embed)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._release()
+            self.closed = True
+
+    def __enter__(self):
+        self._refuse_if_closed()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _refuse_if_closed(self) -> None:
+        if self.closed:
+            raise Ps3EdgeError(f"this {type(self).__name__} is closed; load the LLM again")
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def _step(self, embeds) -> StepOutput:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+
 def _check_embeds(embeds: np.ndarray, hidden: int) -> np.ndarray:
     embeds = np.asarray(embeds, dtype=np.float32)
     if embeds.ndim == 1:
@@ -47,7 +93,7 @@ def _check_embeds(embeds: np.ndarray, hidden: int) -> np.ndarray:
     return embeds
 
 
-class TorchLLM:
+class TorchLLM(LLMRunner):
     """transformers' Qwen2ForCausalLM; the cache is its DynamicCache."""
 
     def __init__(self, hf_model):
@@ -71,11 +117,11 @@ class TorchLLM:
         self.length += x.shape[1]
         return StepOutput(out.logits[0, -1].float().numpy(), out.hidden_states[-1][0, -1].float().numpy())
 
-    prefill = _step
-    decode = _step
+    def _release(self) -> None:
+        self.model = self.cache = None
 
 
-class DecoderLLM:
+class DecoderLLM(LLMRunner):
     """Our Qwen2Decoder in PyTorch, with the same explicit cache the ONNX graph uses."""
 
     def __init__(self, hf_model):
@@ -92,26 +138,26 @@ class DecoderLLM:
             logits, hidden, self.kv = self.decoder(x, self.kv)
         return StepOutput(logits[0].numpy(), hidden[0].numpy())
 
-    prefill = _step
-    decode = _step
+    def _release(self) -> None:
+        self.decoder = self.kv = None
 
     @property
     def length(self) -> int:
         return int(self.kv.shape[4])
 
 
-class OnnxLLM:
+class OnnxLLM(LLMRunner):
     """The exported decoder on onnxruntime; the KV cache is passed in and out as numpy."""
 
     def __init__(self, path: Path, providers=None):
-        from ..runtime.backends import OnnxRuntimeStage
-        self.stage = OnnxRuntimeStage(Path(path), providers)
-        inputs = {i.name: i for i in self.stage.session.get_inputs()}
+        from ..runtime.runners.onnxruntime import OnnxRuntimeRunner
+        self.stage = OnnxRuntimeRunner.from_path(Path(path), providers=providers)
+        inputs = self.stage.input_metadata()
         if set(inputs) != {"inputs_embeds", "past_kv"}:
             raise Ps3EdgeError(f"{Path(path).name} is not an exported ps3edge LLM (inputs {sorted(inputs)})")
-        shape = inputs["past_kv"].shape
+        shape = inputs["past_kv"][1]
         self.kv_shape = (shape[0], 2, 1, shape[3], 0, shape[5])
-        self.hidden_size = inputs["inputs_embeds"].shape[2]
+        self.hidden_size = inputs["inputs_embeds"][1][2]
         self.reset()
 
     def reset(self):
@@ -123,8 +169,9 @@ class OnnxLLM:
         self.kv = out["present_kv"]
         return StepOutput(out["logits"][0], out["hidden"][0])
 
-    prefill = _step
-    decode = _step
+    def _release(self) -> None:
+        self.stage.close()
+        self.kv = None
 
     @property
     def length(self) -> int:
@@ -146,7 +193,7 @@ def export_llm(hf_model, path, opset: int = defaults.DEFAULT_OPSET) -> Path:
                               "external-data LLM export is not implemented")
 
 
-class TensorRTLLM:
+class TensorRTLLM(LLMRunner):
     """The LLM engine of `ps3edge build` on one execution context, same interface as OnnxLLM.
 
     Profile 0 (prefill) serves a fresh sequence (past length 0: an empty tensor, see
@@ -158,7 +205,7 @@ class TensorRTLLM:
 
     def __init__(self, path: Path, entry: dict, trt=None, stream=None):
         from ..engines.platform import import_tensorrt
-        from ..runtime.backends import _torch_dtype, open_engine
+        from ..runtime.runners.tensorrt import open_engine, torch_dtype
 
         trt = trt or import_tensorrt()
         self.path = Path(path)
@@ -181,7 +228,7 @@ class TensorRTLLM:
         if self.engine.num_optimization_profiles != 2:
             raise Ps3EdgeError(f"{self.path.name} has {self.engine.num_optimization_profiles} optimization "
                                "profiles, expected 2 (prefill, decode); rebuild it with 'ps3edge build'")
-        dtype = lambda name: _torch_dtype(trt, self.engine.get_tensor_dtype(self.bindings[name]))   # noqa: E731
+        dtype = lambda name: torch_dtype(self.engine.get_tensor_dtype(self.bindings[name]))   # noqa: E731
         full = int(np.prod(kv_max[:4] + (self.context_length,) + kv_max[5:]))
         # two cache buffers at full context: one holds the past, the engine writes the present into the other
         self.kv = [torch.empty(full, dtype=dtype("past_kv"), device=self.device) for _ in range(2)]
@@ -243,8 +290,12 @@ class TensorRTLLM:
         self.stream.synchronize()
         return StepOutput(logits.numpy(), hidden.numpy())
 
-    prefill = _step
-    decode = _step
+    def _release(self) -> None:
+        # the buffers and the context go before their engine, the engine before its runtime
+        self.kv = self.embeds = self.logits = self.hidden = None
+        self.context = None
+        self.engine = None
+        self._runtime = None
 
     def present(self) -> torch.Tensor:
         """The cache so far on the GPU, (L, 2, 1, Hkv, length, D) (a view, valid until the next call)."""

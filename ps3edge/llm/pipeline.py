@@ -31,6 +31,7 @@ from ..errors import Ps3EdgeError
 from ..artifact.vila import load_vila_manifest
 from ..model.projector import projector_cells, space_to_channel
 from ..runtime.lookclose import Pipeline
+from ..runtime.runners.registry import get_backend
 from ..runtime.planning import LookCloseSettings, resolve_steps
 from .engine import OnnxLLM, TensorRTLLM, TorchLLM
 from .generate import Generation, SamplingConfig, generate
@@ -42,7 +43,6 @@ from ..artifact.vila import VILA_MANIFEST                   # noqa: F401
 from .export import ensure_artifacts, export_vila          # noqa: F401
 
 CONTEXT_MARGIN = 1024                 # VILA-HD: context >= high-res patches / 4 + 1024
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
 
 @dataclass
@@ -73,8 +73,7 @@ class VilaPipeline:
     `tensorrt` (the engines of `ps3edge build ARTIFACT`: PS3 stages, projector, LLM)."""
 
     def __init__(self, artifact_dir, backend: str = "onnxruntime", verify: bool = True):
-        if backend not in BACKENDS:
-            raise Ps3EdgeError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
+        get_backend(backend)                  # refuses an unknown name
         self.art = Path(artifact_dir)
         self.manifest = load_vila_manifest(self.art, verify)
         self.backend = backend
@@ -94,8 +93,8 @@ class VilaPipeline:
         if backend in ("onnxruntime", "tensorrt"):
             if backend == "onnxruntime":
                 self.llm = OnnxLLM(self.art / "llm.onnx")
-                from ..runtime.backends import OnnxRuntimeStage
-                stage = OnnxRuntimeStage(self.art / "projector.onnx")
+                from ..runtime.runners.onnxruntime import OnnxRuntimeRunner
+                stage = OnnxRuntimeRunner.from_path(self.art / "projector.onnx")
             else:
                 stage = self._tensorrt_engines()
             self._project = lambda cells: stage.infer({"cells": cells})["embeddings"]
@@ -123,12 +122,12 @@ class VilaPipeline:
         self.stop_ids = tuple(stop_token_ids(self.tokenizer))
 
     def _tensorrt_engines(self):
-        """The projector as a TensorRTStage and the LLM as a TensorRTLLM (sets self.llm), after
+        """The projector as a TensorRTRunner and the LLM as a TensorRTLLM (sets self.llm), after
         checking both engines against this machine's TensorRT and GPU."""
         from ..engines.llm_engine import projector_width, vila_stage_specs
         from ..engines.platform import check_engine_compatible, import_tensorrt, machine_facts
         from ..artifact.manifest import StageEntry
-        from ..runtime.backends import TensorRTStage
+        from ..runtime.runners.tensorrt import TensorRTRunner
 
         trt = import_tensorrt()
         here = machine_facts(trt)
@@ -139,8 +138,7 @@ class VilaPipeline:
         specs = vila_stage_specs(self.manifest, projector_width(self.art))
         self.llm = TensorRTLLM(self.art / engines["llm"].file, engines["llm"], trt, stream)
         projector = StageEntry.from_dict("projector", {"file": engines["projector"].file, **specs["projector"]})
-        return TensorRTStage(self.art / engines["projector"].file, "projector", projector, engines["projector"],
-                             trt, stream)
+        return TensorRTRunner.from_record(self.art, "projector", projector, engines["projector"], trt, stream)
 
     def _rebuild(self) -> VilaHD:
         source = self.manifest.source

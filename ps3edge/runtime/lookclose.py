@@ -27,7 +27,7 @@ from .. import defaults
 from ..errors import Ps3EdgeError
 from ..artifact.manifest import load_manifest
 from ..artifact.weights import rebuild_torch_model
-from .backends import load_stages
+from .runners.registry import load_stages
 from .planning import Geometry, LookCloseSettings, Plan, plan, plan_from_steps, step_counts
 from .preprocess import open_image, preprocess, preprocess_on_device
 
@@ -110,6 +110,8 @@ class Pipeline:
     the device when the fast path runs. loaded: for the torch backend, the artifact's PS3 model
     when the caller already holds it (a weights.LoadedModel; checked against the manifest). It
     is used, not copied: the fast path moves it to its device and dtype.
+
+    `close()` (or `with Pipeline(...) as p:`) frees the stage runners' sessions and engines.
     """
 
     def __init__(self, artifact_dir, backend: str = "onnxruntime", verify: bool = True, precision: str = "fp32",
@@ -141,15 +143,31 @@ class Pipeline:
             self.device = "cpu"
         self.preprocess_on = preprocess or ("device" if self.fast else "cpu")
         # the stage runners; with the fast path they load only if the staged API is used
-        self._loaded = loaded
+        self._loaded, self._closed = loaded, False
         self._stages = None if self.fast else load_stages(self.artifact_dir, self.manifest, backend, precision, loaded)
         self.prior_prompt = np.load(self.artifact_dir / defaults.PRIOR_PROMPT_FILE).reshape(1, -1)
 
     @property
     def stages(self) -> dict:
+        """name -> StageRunner (runners/base.py) of the three stages, loaded on first use."""
+        if self._closed:
+            raise Ps3EdgeError(f"this pipeline of {self.artifact_dir} is closed; load it again")
         if self._stages is None:
             self._stages = load_stages(self.artifact_dir, self.manifest, self.backend, self.precision, self._loaded)
         return self._stages
+
+    def close(self) -> None:
+        """Close the stage runners (sessions, engines, buffers) and drop the fast path's program;
+        the pipeline refuses to run afterwards."""
+        for runner in (self._stages or {}).values():
+            runner.close()
+        self._stages, self.fast, self._loaded, self._closed = None, None, None, True
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # --- inputs --------------------------------------------------------------------------
     def pixels(self, image) -> np.ndarray:
@@ -296,12 +314,12 @@ class Pipeline:
             highres_calls=[(sum(len(s) == n for s in steps), n) for n in calls])
 
     def steps_per_call(self) -> int:
-        """Most look-close steps in one highres call: a TensorRT engine's T_max, else the
-        profile bound of engines/profiles.py (the default step count, at most what one call's
-        attention scores allow). Bounds memory on the CPU too: at 4K one step's scores take
-        16 x 2560 x 3289 floats = 539 MB per block."""
+        """Most look-close steps in one highres call: the highres runner's own limit (a TensorRT
+        engine's T_max), else the profile bound of artifact/profiles.py (the default step count,
+        at most what one call's attention scores allow). Bounds memory on the CPU too: at 4K one
+        step's scores take 16 x 2560 x 3289 floats = 539 MB per block."""
         from ..artifact.profiles import axis_bounds
-        return getattr(self.stages["highres"], "t_max", None) or axis_bounds(self.manifest)["T"][2]
+        return self.stages["highres"].max_steps_per_call or axis_bounds(self.manifest)["T"][2]
 
     def _run_highres(self, the_plan: Plan, low: dict, r: int):
         """The plan's highres calls (`highres_feeds`), at most `steps_per_call` steps a call."""
