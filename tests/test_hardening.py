@@ -55,3 +55,33 @@ def test_multi_page_tiff_and_rotated_jpeg_are_noted(tmp_path):
     assert turned.size == (30, 40) and turned.info[NOTES] == ["cam.jpg: EXIF orientation applied (rotated 270 degrees)"]
     random_image(40, 30).save(tmp_path / "plain.png")
     assert open_image(tmp_path / "plain.png").info[NOTES] == []
+
+
+# --- the manifest's defaults are what runs --------------------------------------------------------------
+def test_out_of_range_steps_are_refused_before_the_lowres_stage(artifacts, monkeypatch):
+    from ps3edge.runtime.lookclose import Pipeline
+
+    pipeline = Pipeline(artifacts("ps3-tiny"))
+    monkeypatch.setattr(pipeline, "run_lowres", no_model_work)
+    for settings, needle in ((LookCloseSettings(num_look_close=7), "NUM_LOOK_CLOSE must be between 1 and 6"),
+                             (LookCloseSettings(num_token_look_close=20000), "NUM_TOKEN_LOOK_CLOSE must be between"),
+                             (LookCloseSettings(select_num_each_scale=(512, 2048, 1)), "SELECT_NUM_EACH_SCALE needs 2")):
+        with pytest.raises(Ps3EdgeError, match=needle):
+            pipeline.run(random_image(), settings)
+
+
+def test_the_artifacts_default_step_count_is_the_one_run_takes(artifacts, tmp_path):
+    import shutil
+
+    from ps3edge.artifact.manifest import load_manifest
+    from ps3edge.runtime.lookclose import Pipeline
+
+    art = tmp_path / "art"
+    shutil.copytree(artifacts("ps3-tiny"), art)
+    manifest = load_manifest(art)
+    assert manifest.look_close_defaults.num_look_close == 6 and manifest.look_close_defaults.look_close_mode is None
+    manifest.replace(defaults={**manifest.to_dict()["defaults"], "num_look_close": 2}).write(art)
+    with Pipeline(art) as pipeline:
+        unset = pipeline.run(random_image(), LookCloseSettings())
+        asked = pipeline.run(random_image(), LookCloseSettings(num_look_close=3))
+    assert len(unset.plan.steps) == 2 and len(asked.plan.steps) == 3

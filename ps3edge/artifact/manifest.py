@@ -47,8 +47,8 @@ def build_manifest(cfg: PS3Config, source: dict, returned_layers, returned_layer
         "geometry": _geometry(cfg),
         "defaults": {
             "select_num_each_scale": list(cfg.select_num_each_scale),
+            # the runtime's step count when neither NUM_LOOK_CLOSE nor NUM_TOKEN_LOOK_CLOSE is set
             "num_look_close": min(defaults.DEFAULT_NUM_LOOK_CLOSE, cfg.max_look_close),
-            "look_close_mode": "after_prompt",
         },
         "preprocessing": _preprocessing(cfg),
         "stages": stages,
@@ -156,6 +156,8 @@ def _check_defaults(section: dict, cfg: PS3Config, bad) -> None:
         steps = section["num_look_close"]
         if not is_whole_number(steps) or not 1 <= steps <= cfg.max_look_close:
             bad(f"defaults.num_look_close must be a whole number from 1 to {cfg.max_look_close}, got {steps!r}")
+    # look_close_mode: written by earlier releases and never read (the mode comes from
+    # LOOK_CLOSE_MODE and the prompt); still checked so that a manifest of theirs stays valid
     if "look_close_mode" in section and section["look_close_mode"] not in defaults.LOOK_CLOSE_MODES:
         bad(f"defaults.look_close_mode must be one of {', '.join(defaults.LOOK_CLOSE_MODES)}, "
             f"got {section['look_close_mode']!r}")

@@ -28,7 +28,7 @@ from ..errors import Ps3EdgeError
 from ..artifact.manifest import load_manifest
 from ..artifact.weights import rebuild_torch_model
 from .runners.registry import load_stages
-from .planning import Geometry, LookCloseSettings, Plan, plan, plan_from_steps, step_counts
+from .planning import Geometry, LookCloseSettings, Plan, plan, plan_from_steps, resolve_steps, step_counts
 from .preprocess import open_image, preprocess, preprocess_on_device
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -80,7 +80,8 @@ def geometry_of(manifest) -> Geometry:
     cfg = manifest.config
     return Geometry(lowres_grid=cfg.lowres_grid, highres_grids=cfg.highres_grids,
                     select_num_each_scale=manifest.look_close_defaults.select_num_each_scale,
-                    max_tokens_per_call=manifest.geometry.max_tokens_per_highres_call)
+                    max_tokens_per_call=manifest.geometry.max_tokens_per_highres_call,
+                    default_num_look_close=manifest.look_close_defaults.num_look_close)
 
 
 def highres_feeds(the_plan: Plan, low: dict, geometry: Geometry, steps_per_call: int | None = None):
@@ -217,6 +218,7 @@ class Pipeline:
             layer: int = defaults.DEFAULT_RUN_LAYER) -> LookCloseResult:
         self.layer_index(layer)
         self.prompt(settings, prompt_embedding)                  # refuse a bad prompt before any work
+        resolve_steps(settings, self.geometry)                   # and settings this model cannot take
         if self.fast is not None:
             result = self._run_fast(image, settings, prompt_embedding, layer)
         else:

@@ -125,6 +125,7 @@ class Geometry:
     highres_grids: tuple[int, ...]            # (54, 108) or (54, 108, 270)
     select_num_each_scale: tuple[int, ...]    # the model's per-step budget
     max_tokens_per_call: int = defaults.MAX_TOKENS_PER_HIGHRES_CALL
+    default_num_look_close: int | None = None  # the artifact's steps when none are asked for
 
     @classmethod
     def of(cls, cfg) -> "Geometry":
@@ -205,9 +206,11 @@ def resolve_steps(settings: LookCloseSettings, geometry: Geometry) -> tuple[tupl
         # the official code: full steps, then the remainder through the num_select_token rule
         return budget, [None] * (steps - 1) + [n % per_step or per_step]
 
-    # unset: VILA-HD's default, or every step a model with fewer high-res patches has
-    nlc = settings.num_look_close if settings.num_look_close is not None else min(defaults.DEFAULT_NUM_LOOK_CLOSE,
-                                                                                  max_steps)
+    # unset: the artifact's default; without one VILA-HD's, or every step a model with fewer
+    # high-res patches has
+    nlc = settings.num_look_close
+    if nlc is None:
+        nlc = geometry.default_num_look_close or min(defaults.DEFAULT_NUM_LOOK_CLOSE, max_steps)
     if nlc == "all":
         steps = max_steps
     else:
