@@ -1,6 +1,6 @@
 """TensorRT engines: everything provable without TensorRT, and the TensorRT paths where it exists.
 
-Without TensorRT (this project's machines, DESIGN.md section 4): optimization-profile bounds from
+Without TensorRT (none can be installed on this project's machines): optimization-profile bounds from
 real manifests, the build plan (sources, typing, flags) for each precision and TensorRT major,
 the engine-cache key, the timing-cache file, the manifest's `engines` section and its checks,
 the engine/machine compatibility check, onnxruntime provider selection, and `ps3edge build`
@@ -38,7 +38,7 @@ from ps3edge.artifact.io import file_sha256
 from ps3edge.runtime.runners.onnxruntime import ort_tensorrt_options, preferred_ort_providers
 from ps3edge.runtime.runners.registry import load_stages
 
-TRT_SKIP = "TensorRT is not installed (DESIGN.md section 4: it cannot be installed here); benchmarks/trt_check.py runs this path where it is"
+TRT_SKIP = "TensorRT is not installed (its wheels come from NVIDIA's index, which this machine cannot reach); benchmarks/trt_check.py runs this path where it is"
 SCRIPT = Path(sys.executable).with_name("ps3edge")
 
 

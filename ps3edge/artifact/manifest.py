@@ -211,7 +211,10 @@ def load_manifest(artifact_dir, verify: bool = True) -> "Manifest":
             raise Ps3EdgeError(f"{artifact_dir} is a VILA-HD artifact; its PS3 stages are the artifact "
                                f"{artifact_dir / 'ps3'}")
         raise Ps3EdgeError(f"{artifact_dir} has no {defaults.MANIFEST_NAME}; create one with 'ps3edge export'")
-    manifest = Manifest.from_dict(_read_json(path), path)
+    data = _read_json(path)
+    manifest = Manifest.from_dict(data, path)          # what is wrong in a section, named first
+    if INTEGRITY in data:                              # manifests of older releases have none
+        _check_integrity({k: v for k, v in data.items() if k != INTEGRITY}, data[INTEGRITY], path)
     if verify:
         manifest.verify_files(artifact_dir)
     return manifest
@@ -361,11 +364,11 @@ class Manifest:
     # --- construction ------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict, path=None) -> "Manifest":
-        """Check `data` (schema, sections, their agreement with each other, its integrity record)
-        and freeze it."""
+        """Check `data` (schema, sections, their agreement with each other) and freeze it. An
+        integrity record in `data` is dropped: `load_manifest` checks the one on disk, and
+        `to_dict` / `write` give a fresh one."""
         where = path if path is not None else "the manifest"
-        data = dict(data)
-        integrity = data.pop(INTEGRITY, None)
+        data = {k: v for k, v in data.items() if k != INTEGRITY}
         version = data.get("schema_version")
         if isinstance(version, bool) or version != defaults.MANIFEST_SCHEMA_VERSION:
             raise Ps3EdgeError(f"{where} has schema version {version!r}; this ps3edge reads version "
@@ -374,8 +377,6 @@ class Manifest:
             if key not in data:
                 raise Ps3EdgeError(f"{where} lacks the '{key}' section - re-export the model")
         _check_consistent(data, where)
-        if integrity is not None:          # manifests of older releases have none
-            _check_integrity(data, integrity, where)
         manifest = cls(json.loads(json.dumps(data)), path)
         from .engines import check_engines_section
         from .precisions import check_precisions

@@ -15,7 +15,6 @@ engines that a rebuild replaced are removed only after that.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -131,7 +130,8 @@ def record_engines(artifact_dir: Path, entries: dict[str, dict]) -> Manifest:
     The manifest is re-read here so that sections others wrote since the build began are kept.
     """
     path = Path(artifact_dir) / defaults.MANIFEST_NAME
-    manifest = Manifest.from_dict(merge_engines(json.loads(path.read_text()), entries), path)
+    current = load_manifest(artifact_dir, verify=False).to_dict()      # its integrity checked first
+    manifest = Manifest.from_dict(merge_engines(current, entries), path)
     manifest.write(artifact_dir)
     return manifest
 
