@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from ps3edge.demo import sample_image
-from ps3edge.parity import feature_diff, selection_iou
+from ps3edge.compare import feature_diff, selection_iou
 from ps3edge.runtime.lookclose import Pipeline
 from ps3edge.runtime.planning import settings_from_env
 from ps3edge.runtime.preprocess import preprocess, preprocess_on_device

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ps3edge.calibration.calibrate import calibrate  # noqa: E402
+from ps3edge.calibration.calibrate import CalibrationOptions, calibrate  # noqa: E402
 from ps3edge.calibration.data import synthetic_image  # noqa: E402
 from ps3edge.calibration.report import FEATURE_ROWS as ROWS  # noqa: E402
 from ps3edge.exporter.onnx_export import export  # noqa: E402
@@ -32,7 +32,7 @@ from ps3edge.model.config import preset  # noqa: E402
 from ps3edge.runtime.planning import LookCloseSettings  # noqa: E402
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="ps3-tiny")
     ap.add_argument("--depth", type=int, default=None, help="truncate the preset to its first N blocks")
@@ -41,38 +41,29 @@ def main() -> None:
     ap.add_argument("--selector-inputs", action="store_true", help="also int8 max with the selector's inputs quantized")
     ap.add_argument("--torch", action="store_true", help="fp16: also our torch model (slow on CPUs without fp16 units)")
     ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    results = []
-    with tempfile.TemporaryDirectory(prefix="ps3edge-precision-") as tmp:
-        tmp = Path(tmp)
-        cal, held = tmp / "cal", tmp / "held"
-        cal.mkdir()
-        held.mkdir()
-        for k in range(args.samples):
-            synthetic_image(k).save(cal / f"cal{k:03d}.png")
-        for k in range(args.holdout):
-            synthetic_image(1000 + k).save(held / f"held{k:03d}.png")
-        spec = args.model
-        if args.depth is not None:
-            cfg = preset(args.model)
-            cfg = cfg.replace(depth=args.depth, select_layers=tuple(min(l, args.depth - 1) for l in cfg.select_layers))
-            save_checkpoint(random_model(cfg, 0), tmp / "checkpoint")
-            spec = str(tmp / "checkpoint")
-        export(spec, tmp / "art")
-        runs = [("fp16", None, True)] + [("int8", m, True) for m in ("max", "entropy", "percentile")]
-        if args.selector_inputs:
-            runs.append(("int8", "max", False))
-        for precision, method, keep_selector_inputs in runs:
-            label = precision if method is None else f"int8 {method}" + ("" if keep_selector_inputs else " +selector inputs")
-            print(f"{label} ...", file=sys.stderr, flush=True)
-            report = calibrate(tmp / "art", precision, cal if precision == "int8" else None,
-                               method=method or "max", samples=args.samples, holdout_images=held,
-                               holdout=args.holdout, exclude_selection_branch=keep_selector_inputs,
-                               report_settings=LookCloseSettings(num_look_close=1),
-                               with_torch=args.torch and precision == "fp16")
-            results.append({"run": label, **report.to_dict()})
 
+def prepare(args, tmp: Path) -> tuple[Path, Path]:
+    """Calibration and held-out folders of synthetic images, and the exported artifact in tmp/art."""
+    cal, held = tmp / "cal", tmp / "held"
+    cal.mkdir()
+    held.mkdir()
+    for k in range(args.samples):
+        synthetic_image(k).save(cal / f"cal{k:03d}.png")
+    for k in range(args.holdout):
+        synthetic_image(1000 + k).save(held / f"held{k:03d}.png")
+    spec = args.model
+    if args.depth is not None:
+        cfg = preset(args.model)
+        cfg = cfg.replace(depth=args.depth, select_layers=tuple(min(l, args.depth - 1) for l in cfg.select_layers))
+        save_checkpoint(random_model(cfg, 0), tmp / "checkpoint")
+        spec = str(tmp / "checkpoint")
+    export(spec, tmp / "art")
+    return cal, held
+
+
+def print_markdown(args, results: list[dict]) -> None:
     name = args.model + (f" depth {args.depth}" if args.depth else "")
     print(f"\n### {name}: worst over {args.holdout} held-out images (min per-token cosine / max abs)\n")
     print("| run | compared | " + " | ".join(ROWS) + " | selection IoU |")
@@ -93,6 +84,28 @@ def main() -> None:
                 continue
             shown.add(key)
             print(f"| {key} | {stages['lowres']:.0f} | {stages['highres']:.0f} |")
+
+
+def main() -> None:
+    args = parse_args()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="ps3edge-precision-") as tmp:
+        tmp = Path(tmp)
+        cal, held = prepare(args, tmp)
+        runs = [("fp16", None, True)] + [("int8", m, True) for m in ("max", "entropy", "percentile")]
+        if args.selector_inputs:
+            runs.append(("int8", "max", False))
+        for precision, method, keep_selector_inputs in runs:
+            label = precision if method is None else f"int8 {method}" + ("" if keep_selector_inputs else " +selector inputs")
+            print(f"{label} ...", file=sys.stderr, flush=True)
+            options = CalibrationOptions(precision, cal if precision == "int8" else None, method=method or "max",
+                                         samples=args.samples, holdout_images=held, holdout=args.holdout,
+                                         exclude_selection_branch=keep_selector_inputs,
+                                         report_settings=LookCloseSettings(num_look_close=1),
+                                         with_torch=args.torch and precision == "fp16")
+            report = calibrate(tmp / "art", options)
+            results.append({"run": label, **report.to_dict()})
+    print_markdown(args, results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -151,7 +151,7 @@ def cuda_median_ms(stage, feed: dict, warmup: int, repeat: int) -> float:
 
 
 def compare(ours: dict, ref: dict, names) -> tuple[float, float]:
-    from ps3edge.parity import feature_diff
+    from ps3edge.compare import feature_diff
 
     worst_abs, worst_cos = 0.0, 1.0
     for n in names:
@@ -165,7 +165,7 @@ def compare(ours: dict, ref: dict, names) -> tuple[float, float]:
 
 def check_one(art: Path, ref: dict, image, settings, route: str, precision: str, args, model: str) -> list[dict]:
     from ps3edge.engines.builder import BuildOptions, build
-    from ps3edge.parity import selection_iou
+    from ps3edge.compare import selection_iou
     from ps3edge.runtime.runners import close_all, load_stages
     from ps3edge.runtime.lookclose import Pipeline
     from ps3edge.runtime.planning import plan

@@ -26,7 +26,7 @@ import torch
 
 from .errors import Ps3EdgeError
 from .model import preset, random_model
-from .parity import feature_diff
+from .compare import feature_diff
 from .runtime.fast import DTYPES, FastLookClose
 from .runtime.planning import LookCloseSettings, plan, step_counts
 

@@ -236,15 +236,16 @@ def calibrate(
     with_torch: bool = typer.Option(False, "--with-torch", help="FP16: also compare our torch model in fp16 with itself in fp32 (slow on a CPU)."),
 ):
     """Write FP16 or INT8 (Q/DQ) stages next to the FP32 ones, register them, report their accuracy."""
-    from .calibration.calibrate import calibrate as do_calibrate
+    from .calibration.calibrate import CalibrationOptions, calibrate as do_calibrate
 
     settings = _settings(num_look_close, None, None, None, None)
+    options = CalibrationOptions(precision, images, method=method, samples=samples, exclude_blocks=exclude_blocks,
+                                 exclude_selection_branch=not quantize_selector_inputs, tool=tool,
+                                 holdout_images=holdout_images, holdout=holdout, report_settings=settings,
+                                 with_torch=with_torch)
     start = time.perf_counter()
     with console.status("calibrating") as status:
-        report = do_calibrate(artifacts, precision, images, method=method, samples=samples,
-                              exclude_blocks=exclude_blocks, exclude_selection_branch=not quantize_selector_inputs,
-                              tool=tool, holdout_images=holdout_images, holdout=holdout, report_settings=settings,
-                              with_torch=with_torch, progress=_progress(status))
+        report = do_calibrate(artifacts, options, progress=_progress(status))
     _print_accuracy(report, f"{precision} vs fp32")
     name = defaults.ACCURACY_REPORT.format(precision=precision)
     console.print(f"wrote {precision} stages and {name} into {escape(str(artifacts))} in "

@@ -271,7 +271,7 @@ def test_pipeline_fast_path_half_precision_stays_within_tolerance(pipeline, arti
     """bf16 / fp16 (the GPU precisions, run here on the CPU): the selection equal up to
     near-ties (IoU >= 0.9), per-token cosine >= 0.99 on the low-res tokens, and on every token
     against the official fp32 model run on the same steps."""
-    from ps3edge.parity import feature_diff, selection_iou
+    from ps3edge.compare import feature_diff, selection_iou
 
     settings = settings_from_env({}, num_look_close=2, mode="after_image")
     ref = pipeline(artifacts("ps3-tiny"), "torch", device="cpu").run(image, settings)

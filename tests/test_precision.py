@@ -14,7 +14,7 @@ import pytest
 
 from ps3edge import defaults
 from ps3edge.calibration import int8 as int8mod
-from ps3edge.calibration.calibrate import calibrate
+from ps3edge.calibration.calibrate import CalibrationOptions, calibrate
 from ps3edge.calibration.data import synthetic_image
 from ps3edge.calibration.precision import convert_fp16, fp32_layer_matcher
 from ps3edge.calibration.report import AccuracyReport
@@ -23,7 +23,7 @@ from ps3edge.artifact.manifest import load_manifest
 from ps3edge.exporter.onnx_export import export
 from ps3edge.model import random_model, save_checkpoint
 from ps3edge.model.config import preset
-from ps3edge.parity import feature_diff
+from ps3edge.compare import feature_diff
 from ps3edge.runtime.lookclose import Pipeline
 from ps3edge.runtime.planning import LookCloseSettings
 
@@ -63,9 +63,9 @@ def copy_artifact(src, dst):
 
 def calibrated(artifact, images, samples, highres_steps):
     cal, held = images
-    fp16 = calibrate(artifact, "fp16", holdout_images=held, report_settings=ONE_STEP, with_torch=True)
-    int8 = calibrate(artifact, "int8", cal, samples=samples, holdout_images=held,       # the default method
-                     report_settings=ONE_STEP, highres_steps=highres_steps)
+    fp16 = calibrate(artifact, CalibrationOptions("fp16", holdout_images=held, report_settings=ONE_STEP, with_torch=True))
+    int8 = calibrate(artifact, CalibrationOptions("int8", cal, samples=samples, holdout_images=held,  # the default method
+                                            report_settings=ONE_STEP, highres_steps=highres_steps))
     return artifact, fp16, int8
 
 
@@ -83,9 +83,9 @@ def real_width(images, tmp_path_factory):
     save_checkpoint(random_model(cfg, 0), root / "checkpoint")
     export(str(root / "checkpoint"), root / "art")
     cal, held = images
-    fp16 = calibrate(root / "art", "fp16", holdout_images=held, report_settings=ONE_STEP)
-    int8 = calibrate(root / "art", "int8", cal, samples=3, holdout_images=held, report_settings=ONE_STEP,
-                     highres_steps=1)
+    fp16 = calibrate(root / "art", CalibrationOptions("fp16", holdout_images=held, report_settings=ONE_STEP))
+    int8 = calibrate(root / "art", CalibrationOptions("int8", cal, samples=3, holdout_images=held,
+                                                report_settings=ONE_STEP, highres_steps=1))
     return root / "art", fp16, int8
 
 
@@ -301,7 +301,7 @@ def test_thresholds_of_each_method():
 
 
 def test_near_tie_swaps_are_told_apart_from_real_differences():
-    from ps3edge.calibration.report import near_ties_only
+    from ps3edge.compare import near_ties_only
     from ps3edge.runtime.planning import Geometry, plan
 
     geometry = Geometry(lowres_grid=27, highres_grids=(54, 108), select_num_each_scale=(512, 2048))
@@ -323,7 +323,7 @@ def test_near_tie_swaps_are_told_apart_from_real_differences():
 def test_other_methods_write_runnable_qdq(artifacts, images, tmp_path, method):
     art = copy_artifact(artifacts("ps3-tiny"), tmp_path / "art")
     cal, held = images
-    assert calibrate(art, "int8", cal, method=method, samples=2, highres_steps=1, report=False) is None
+    assert calibrate(art, CalibrationOptions("int8", cal, method=method, samples=2, highres_steps=1, report=False)) is None
     entry = load_manifest(art).precisions["int8"]
     assert entry["method"] == method and entry["tool"].startswith("onnxruntime")
     px = Pipeline(art, "onnxruntime").pixels(held / "held1.png")
@@ -351,7 +351,8 @@ def test_exclude_blocks_and_tool_choice():
 def test_excluded_blocks_stay_float(artifacts, images, tmp_path):
     art = copy_artifact(artifacts("ps3-tiny"), tmp_path / "art")
     cal, _ = images
-    calibrate(art, "int8", cal, method="max", samples=1, highres_steps=1, exclude_blocks="first,last", report=False)
+    calibrate(art, CalibrationOptions("int8", cal, method="max", samples=1, highres_steps=1,
+                                        exclude_blocks="first,last", report=False))
     pmap = load_manifest(art).precisions["int8"].stages["highres"]["precision_map"]
     assert pmap["quantized_nodes"] and not any(n.startswith(("/blocks.0/", "/blocks.3/")) for n in pmap["quantized_nodes"])
     assert {n for n in pmap["fp32_nodes"] if n.startswith("/blocks.")} == {
@@ -370,7 +371,7 @@ def test_failed_calibration_leaves_the_artifact_as_it_was(artifacts, images, tmp
         return real(src, dst, stage, *args, **kwargs)
     monkeypatch.setattr(int8mod, "quantize_stage", fail_on_highres)
     with pytest.raises(Ps3EdgeError, match="interrupted"):
-        calibrate(art, "int8", cal, method="max", samples=1, highres_steps=1, report=False)
+        calibrate(art, CalibrationOptions("int8", cal, method="max", samples=1, highres_steps=1, report=False))
     assert (art / "manifest.json").read_text() == before
     assert sorted(p.name for p in art.iterdir()) == sorted(p.name for p in artifacts("ps3-tiny").iterdir())
 
@@ -404,7 +405,7 @@ def test_manifest_checks_the_precisions_section(tiny, tmp_path):
 def test_recalibration_replaces_the_entry(tiny, images, tmp_path):
     art = copy_artifact(tiny[0], tmp_path / "art")
     cal, _ = images
-    calibrate(art, "int8", cal, method="percentile", samples=1, highres_steps=1, report=False)
+    calibrate(art, CalibrationOptions("int8", cal, method="percentile", samples=1, highres_steps=1, report=False))
     manifest = load_manifest(art, verify=True)
     entry = manifest.precisions["int8"]
     assert entry["method"] == "percentile" and "report" not in entry

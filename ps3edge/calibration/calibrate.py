@@ -14,7 +14,9 @@ gains the new entry with every sha256. An interruption at any point leaves a con
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,12 +27,14 @@ from ..artifact.io import apply_default_mode, file_sha256, temp_dir, temp_file
 from ..artifact.lock import writer_lock
 from ..artifact.manifest import Manifest, load_manifest
 from ..errors import Ps3EdgeError
+from ..runtime.lookclose import Pipeline, geometry_of
 from ..runtime.planning import LookCloseSettings, resolve_steps
 from ..runtime.preprocess import open_image
 from . import int8 as int8mod
-from .data import StageInputs, image_files
+from .data import image_files
 from .precision import convert_fp16, check_types, fp16_precision_map, tensor_types
 from .report import AccuracyReport, accuracy_report
+from .stage_inputs import StageInputs
 
 QUANTIZED_STAGES = ("lowres", "highres")           # the selector stays FP32 in every precision
 
@@ -86,121 +90,173 @@ def _register(artifact_dir: Path, manifest: Manifest, precision: str, entry: dic
     return manifest
 
 
-def calibrate(artifact_dir, precision: str = "int8", images=None, *, method: str = defaults.DEFAULT_CALIBRATION_METHOD,
-              samples: int = defaults.DEFAULT_CALIBRATION_SAMPLES, exclude_blocks=defaults.DEFAULT_EXCLUDE_BLOCKS,
-              exclude_selection_branch: bool = True, tool: str = "auto", holdout_images=None,
-              holdout: int = defaults.DEFAULT_HOLDOUT_SAMPLES, settings: LookCloseSettings | None = None,
-              report_settings: LookCloseSettings | None = None, layer: int = defaults.DEFAULT_RUN_LAYER,
-              with_torch: bool = False, report: bool = True,
-              highres_steps: int = defaults.CALIBRATION_HIGHRES_STEPS,
-              progress: Callable[[str], None] | None = None) -> AccuracyReport | None:
-    """Write and register `precision`'s stages; returns the accuracy report (None if `report` is off).
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """What `ps3edge calibrate` writes and how it measures it.
 
     images: calibration folder (INT8: required; the first `samples` by name calibrate, the next
     `holdout` are the held-out set unless `holdout_images` names another folder). FP16 needs no
     calibration: its report runs on `holdout_images`, else `images`, else the sample image.
+    settings: the look-close settings of the runs that capture highres calibration samples
+    (`highres_steps` steps per image; default: the manifest's); report_settings: those of the
+    report's runs (default: one step).
     """
+    precision: str = "int8"
+    images: Path | None = None
+    method: str = defaults.DEFAULT_CALIBRATION_METHOD
+    samples: int = defaults.DEFAULT_CALIBRATION_SAMPLES
+    exclude_blocks: str = defaults.DEFAULT_EXCLUDE_BLOCKS
+    exclude_selection_branch: bool = True
+    tool: str = "auto"
+    holdout_images: Path | None = None
+    holdout: int = defaults.DEFAULT_HOLDOUT_SAMPLES
+    settings: LookCloseSettings | None = None
+    report_settings: LookCloseSettings | None = None
+    layer: int = defaults.DEFAULT_RUN_LAYER
+    with_torch: bool = False
+    report: bool = True
+    highres_steps: int = defaults.CALIBRATION_HIGHRES_STEPS
+
+    def validate(self) -> None:
+        """The checks that need no artifact (one-line errors); the rest run against it in calibrate()."""
+        if self.precision not in defaults.CALIBRATION_PRECISIONS:
+            raise Ps3EdgeError(f"unknown precision '{self.precision}'; calibrate writes "
+                               f"{' or '.join(defaults.CALIBRATION_PRECISIONS)}")
+        if self.with_torch and self.precision != "fp16":
+            raise Ps3EdgeError("--with-torch compares our torch model in fp16; it has no INT8 path")
+        if self.precision == "int8":
+            if self.images is None:
+                raise Ps3EdgeError("INT8 calibration needs images: --images DIR")
+            int8mod.resolve_tool(self.tool, self.method)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What calibrate() checked before writing: the images it reads and the resolved INT8 choices."""
+    calib_files: list[Path]
+    held: list[Path]                    # the report's images
+    blocks: tuple[int, ...]             # INT8: transformer blocks kept float
+    tool: str                           # INT8: the quantizer that runs
+    report_settings: LookCloseSettings
+
+
+def calibrate(artifact_dir, options: CalibrationOptions,
+              progress: Callable[[str], None] | None = None) -> AccuracyReport | None:
+    """Write and register `options.precision`'s stages; returns the accuracy report (None if
+    `options.report` is off)."""
     say = progress or (lambda msg: None)
     artifact_dir = Path(artifact_dir)
-    if precision not in defaults.CALIBRATION_PRECISIONS:
-        raise Ps3EdgeError(f"unknown precision '{precision}'; calibrate writes "
-                           f"{' or '.join(defaults.CALIBRATION_PRECISIONS)}")
-    if with_torch and precision != "fp16":
-        raise Ps3EdgeError("--with-torch compares our torch model in fp16; it has no INT8 path")
+    options.validate()
     manifest = load_manifest(artifact_dir, verify=True)
-    cfg = manifest.config
     if not os.access(artifact_dir, os.W_OK):
         raise Ps3EdgeError(f"{artifact_dir} is not writable")
+    # the sample image, when the report has no other, goes in a folder removed with `scratch`
+    with tempfile.TemporaryDirectory(prefix="ps3edge-sample-") as scratch:
+        inputs = _check_inputs(manifest, options, Path(scratch))
+        with writer_lock(artifact_dir):
+            manifest = load_manifest(artifact_dir, verify=True)       # as it is now that no other writer runs
+            return _write_precision(artifact_dir, manifest, options, inputs, say)
 
+
+def _check_inputs(manifest: Manifest, options: CalibrationOptions, scratch: Path) -> _Inputs:
+    """Everything the run will read is checked before anything is written: the INT8 choices against
+    this model, the report's settings against it, and every image it will open."""
     calib_files: list[Path] = []
-    calib_digests: list[str] = []                   # sha256 of each calibration image, hashed once
-    if precision == "int8":
-        if images is None:
-            raise Ps3EdgeError("INT8 calibration needs images: --images DIR")
-        tool = int8mod.resolve_tool(tool, method)
-        blocks = int8mod.parse_exclude_blocks(exclude_blocks, cfg.depth)
-        calib_files = image_files(images, limit=samples, what="calibration image folder")
-    # everything the run will read is checked before anything is written: the report's settings
-    # against this model, and every image it will open
-    report_settings = report_settings or LookCloseSettings(num_look_close=1)
+    blocks: tuple[int, ...] = ()
+    tool = options.tool
+    if options.precision == "int8":
+        tool = int8mod.resolve_tool(options.tool, options.method)
+        blocks = int8mod.parse_exclude_blocks(options.exclude_blocks, manifest.config.depth)
+        calib_files = image_files(options.images, limit=options.samples, what="calibration image folder")
+    report_settings = options.report_settings or LookCloseSettings(num_look_close=1)
     held: list[Path] = []
-    if report:
-        from ..runtime.lookclose import geometry_of
+    if options.report:
         resolve_steps(report_settings, geometry_of(manifest))
-        # the sample image, when the report has no other, goes in a folder removed with `scratch`
-        scratch = tempfile.TemporaryDirectory(prefix="ps3edge-sample-")
-        held = _report_images(precision, images, calib_files, holdout_images, holdout, Path(scratch.name))
+        held = _report_images(options, calib_files, scratch)
     for f in dict.fromkeys(calib_files + held):
         open_image(f)
-    with writer_lock(artifact_dir):
-        manifest = load_manifest(artifact_dir, verify=True)       # as it is now that no other writer runs
-        return _write_precision(artifact_dir, manifest, precision, cfg, calib_files, held, report, report_settings,
-                                blocks if precision == "int8" else (), tool, method, exclude_selection_branch,
-                                settings, highres_steps, layer, with_torch, say)
+    return _Inputs(calib_files, held, blocks, tool, report_settings)
 
 
-def _write_precision(artifact_dir, manifest, precision, cfg, calib_files, held, report, report_settings, blocks,
-                     tool, method, exclude_selection_branch, settings, highres_steps, layer, with_torch, say):
-    """Write, register and (with `report`) measure the stages, under the artifact's writer lock."""
-    calib_digests: list[str] = []
-    staged: list[tuple[Path, str]] = []
+def _write_precision(artifact_dir: Path, manifest: Manifest, options: CalibrationOptions, inputs: _Inputs,
+                     say) -> AccuracyReport | None:
+    """Write, register and (with `options.report`) measure the stages, under the artifact's writer lock."""
+    staged: list[tuple[Path, str]] = []          # (temporary path, final name), removed unless registered
     try:
-        stages_entry = {}
-        if precision == "fp16":
-            for name in ("lowres", "highres"):
-                say(f"converting {name} to fp16")
-                staged_files, pmap = _fp16_stage(artifact_dir, manifest, name)
-                staged += staged_files
-                stages_entry[name] = {"file": staged_files[0][1], "external_data": [f for _, f in staged_files[1:]],
-                                      "precision_map": pmap}
-            entry = {"producer": f"ps3edge {__version__}", "tool": "ps3edge fp16 policy"}
+        if options.precision == "fp16":
+            entry = _fp16_entry(artifact_dir, manifest, staged, say)
         else:
-            from ..runtime.lookclose import Pipeline
-            say(f"loading the fp32 stages to capture calibration inputs ({len(calib_files)} images)")
-            inputs = StageInputs(Pipeline(artifact_dir, "onnxruntime", verify=False), calib_files, settings,
-                                 highres_steps=highres_steps)
-            feeds = {"lowres": inputs.lowres_feeds(), "highres": inputs.highres_feeds()}
-            for name in QUANTIZED_STAGES:
-                staged_files, pmap = _int8_stage(artifact_dir, manifest, name, cfg.depth, blocks,
-                                                 exclude_selection_branch, feeds[name], method, tool, say)
-                staged += staged_files
-                stages_entry[name] = {"file": staged_files[0][1], "external_data": [f for _, f in staged_files[1:]],
-                                      "precision_map": pmap}
-            calib_digests = [file_sha256(f) for f in calib_files]
-            entry = {"producer": f"ps3edge {__version__}", "tool": int8mod.tool_version(tool), "method": method,
-                     "percentile": defaults.CALIBRATION_PERCENTILE if method == "percentile" else None,
-                     "samples": len(calib_files), "highres_samples": len(feeds["highres"]),
-                     "exclude_blocks": list(blocks), "exclude_selection_branch": exclude_selection_branch,
-                     "calibration_images": [{"name": f.name, "sha256": d} for f, d in zip(calib_files, calib_digests)]}
+            entry = _int8_entry(artifact_dir, manifest, options, inputs, staged, say)
         sel = manifest.stages["selector"]
-        stages_entry["selector"] = {"file": sel.file, "external_data": list(sel.external_data),
-                                    "precision_map": fp16_precision_map("selector")}
-        entry["stages"] = {k: stages_entry[k] for k in ("lowres", "selector", "highres")}
+        entry["stages"]["selector"] = {"file": sel.file, "external_data": list(sel.external_data),
+                                       "precision_map": fp16_precision_map("selector")}
+        entry["stages"] = {k: entry["stages"][k] for k in ("lowres", "selector", "highres")}
         say("registering the stages in the manifest")
-        manifest = _register(artifact_dir, manifest, precision, entry, staged)
+        manifest = _register(artifact_dir, manifest, options.precision, entry, staged)
         staged = []
     finally:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
 
-    if not report:
+    if not options.report:
         return None
-    rep = accuracy_report(artifact_dir, precision, held, report_settings, layer=layer,
-                          held_out=set(calib_digests), with_torch=with_torch, progress=say)
-    _attach_report(artifact_dir, manifest, precision, rep)
+    calibration = {i["sha256"] for i in entry.get("calibration_images", [])}
+    rep = accuracy_report(artifact_dir, options.precision, inputs.held, inputs.report_settings,
+                          layer=options.layer, held_out=calibration, with_torch=options.with_torch, progress=say)
+    _attach_report(artifact_dir, manifest, options.precision, rep)
     return rep
 
 
-def _report_images(precision, images, calib_files, holdout_images, holdout, scratch: Path) -> list[Path]:
-    if holdout_images is not None:
-        return image_files(holdout_images, limit=holdout, what="held-out image folder")
-    if images is not None:
-        every = image_files(images, what="calibration image folder")
-        rest = every[len(calib_files):] if precision == "int8" else every
+def _stage_entry(staged_files: list[tuple[Path, str]], pmap: dict) -> dict:
+    return {"file": staged_files[0][1], "external_data": [f for _, f in staged_files[1:]], "precision_map": pmap}
+
+
+def _fp16_entry(artifact_dir: Path, manifest: Manifest, staged: list, say) -> dict:
+    """Convert lowres and highres (their files added to `staged`); the precision's manifest entry."""
+    stages = {}
+    for name in ("lowres", "highres"):
+        say(f"converting {name} to fp16")
+        staged_files, pmap = _fp16_stage(artifact_dir, manifest, name)
+        staged += staged_files
+        stages[name] = _stage_entry(staged_files, pmap)
+    return {"producer": f"ps3edge {__version__}", "tool": "ps3edge fp16 policy", "stages": stages}
+
+
+def _int8_entry(artifact_dir: Path, manifest: Manifest, options: CalibrationOptions, inputs: _Inputs,
+                staged: list, say) -> dict:
+    """Calibrate and quantize lowres and highres (their files added to `staged`); the manifest entry."""
+    files = inputs.calib_files
+    say(f"loading the fp32 stages to capture calibration inputs ({len(files)} images)")
+    samples = StageInputs(Pipeline(artifact_dir, "onnxruntime", verify=False), files, options.settings,
+                          highres_steps=options.highres_steps)
+    feeds = {"lowres": samples.lowres_feeds(), "highres": samples.highres_feeds()}
+    stages = {}
+    for name in QUANTIZED_STAGES:
+        staged_files, pmap = _int8_stage(artifact_dir, manifest, name, manifest.config.depth, inputs.blocks,
+                                         options.exclude_selection_branch, feeds[name], options.method,
+                                         inputs.tool, say)
+        staged += staged_files
+        stages[name] = _stage_entry(staged_files, pmap)
+    digests = [file_sha256(f) for f in files]
+    method = options.method
+    return {"producer": f"ps3edge {__version__}", "tool": int8mod.tool_version(inputs.tool), "method": method,
+            "percentile": defaults.CALIBRATION_PERCENTILE if method == "percentile" else None,
+            "samples": len(files), "highres_samples": len(feeds["highres"]),
+            "exclude_blocks": list(inputs.blocks), "exclude_selection_branch": options.exclude_selection_branch,
+            "calibration_images": [{"name": f.name, "sha256": d} for f, d in zip(files, digests)],
+            "stages": stages}
+
+
+def _report_images(options: CalibrationOptions, calib_files: list[Path], scratch: Path) -> list[Path]:
+    if options.holdout_images is not None:
+        return image_files(options.holdout_images, limit=options.holdout, what="held-out image folder")
+    if options.images is not None:
+        every = image_files(options.images, what="calibration image folder")
+        rest = every[len(calib_files):] if options.precision == "int8" else every
         if rest:
-            return rest[:holdout]
-        return calib_files[:holdout]            # nothing held out: the report says so
-    from ..demo import sample_image
+            return rest[:options.holdout]
+        return calib_files[:options.holdout]            # nothing held out: the report says so
+    from ..demo import sample_image         # the one image that ships with ps3edge (demo sits higher)
     sample_image().save(scratch / "sample.png")
     return [scratch / "sample.png"]
 
@@ -245,5 +301,4 @@ def _int8_stage(artifact_dir: Path, manifest: Manifest, name: str, depth: int, b
         say(f"{name}: {len(quantized)} layers quantized, {len(selection.excluded)} kept float")
         return save_model(model, _temp_path(artifact_dir, final), final), pmap
     finally:
-        import shutil
         shutil.rmtree(scratch, ignore_errors=True)

@@ -1,11 +1,6 @@
-"""Calibration and evaluation data: images from a folder, through the runtime's own
-preprocessing, and the inputs of every stage as the FP32 pipeline produces them.
-
-The highres stage is calibrated on what it will really see: for each image the FP32 lowres and
-selector stages run, the planner picks the look-close steps, and a few of those steps (spread
-from the first to the last of the default budget) become calibration samples - real patches,
-their positions and that image's K/V cache. Everything is computed lazily, one image at a time
-(a 4K image's K/V cache alone is 181 MB), so the sample count is bounded by time, not memory.
+"""Calibration and evaluation data: the images of a folder, synthetic images, and the reader
+that hands calibration samples to the quantizer one at a time (the samples themselves, each
+stage's inputs as the FP32 pipeline produces them, come from stage_inputs.py).
 """
 
 from __future__ import annotations
@@ -17,10 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from onnxruntime.quantization import CalibrationDataReader
 
-from .. import defaults
 from ..errors import Ps3EdgeError
-from ..runtime.planning import LookCloseSettings, plan, resolve_steps
-from ..runtime.preprocess import open_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 
@@ -45,51 +37,6 @@ def spread(n: int, k: int) -> list[int]:
     if n <= 0 or k <= 0:
         return []
     return sorted({int(round(x)) for x in np.linspace(0, n - 1, min(k, n))})
-
-
-class StageInputs:
-    """Per image, the FP32 pipeline's inputs of each stage (computed on demand, last one cached)."""
-
-    def __init__(self, pipeline, images: list[Path], settings: LookCloseSettings | None = None,
-                 highres_steps: int = defaults.CALIBRATION_HIGHRES_STEPS):
-        self.pipeline = pipeline
-        self.images = list(images)
-        steps = pipeline.manifest.look_close_defaults.num_look_close
-        self.settings = settings or LookCloseSettings(
-            num_look_close=defaults.DEFAULT_NUM_LOOK_CLOSE if steps is None else steps)
-        self.highres_steps = highres_steps
-        self._cached: tuple[int, dict] | None = None
-
-    def pixels(self, i: int) -> np.ndarray:
-        return self.pipeline.pixels(open_image(self.images[i]))
-
-    def _lowres(self, i: int) -> dict:
-        if self._cached is None or self._cached[0] != i:
-            self._cached = None                     # free the previous image's K/V first
-            low, _ = self.pipeline.run_lowres(self.pixels(i))
-            prob = self.pipeline.stages["selector"].infer({
-                "selection_features": low["selection_features"], "conv_features": low["conv_features"],
-                "prompt": self.pipeline.prior_prompt.astype(np.float32)})["prob"][0]
-            low["plan"] = plan(prob, self.settings, self.pipeline.geometry)
-            self._cached = (i, low)
-        return self._cached[1]
-
-    def lowres_feed(self, i: int) -> dict:
-        return {"pixels": self.pixels(i)}
-
-    def highres_feeds(self) -> list[Callable[[], dict]]:
-        """One callable per sample: (image, step) pairs, `highres_steps` steps per image."""
-        steps = len(resolve_steps(self.settings, self.pipeline.geometry)[1])
-        return [(lambda i=i, t=t: self.highres_feed(i, t))
-                for i in range(len(self.images)) for t in spread(steps, self.highres_steps)]
-
-    def highres_feed(self, i: int, t: int) -> dict:
-        low = self._lowres(i)
-        pos = low["plan"].step_positions(self.pipeline.geometry, t)[None]          # (1,N) int32
-        return {"patches": low["highres_patches"][0][pos], "positions": pos, "kv_cache": low["kv_cache"]}
-
-    def lowres_feeds(self) -> list[Callable[[], dict]]:
-        return [(lambda i=i: self.lowres_feed(i)) for i in range(len(self.images))]
 
 
 class FeedReader(CalibrationDataReader):

@@ -13,7 +13,7 @@ and the residual adds stay in float, as do:
   - the transformer blocks named by `exclude_blocks` ("first", "last" or indices).
 
 Calibration statistics are computed here, per activation tensor, over the samples of
-data.StageInputs (one sample at a time):
+stage_inputs.StageInputs (one sample at a time):
   max         the largest |x| seen;
   percentile  the CALIBRATION_PERCENTILE-th percentile of |x| (2048-bin histogram);
   entropy     TensorRT's entropy calibration: the |x| threshold whose 128-level quantized
