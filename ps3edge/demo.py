@@ -1,16 +1,23 @@
 """`ps3edge demo`: export the tiny preset, run the look-close loop on the sample image, draw it.
 
-The sample image lives in `examples/sample.png`; it is a drawn street-like scene with small
-text and signs, the kind of detail PS3 looks closer at. If the file is absent (a wheel install
-without the repository), the same picture is drawn again.
+`demo_settings` checks, before anything is written, that the output directory may be written (a
+rerun replaces the previous demo's artifact and nothing else); `run_demo` does the work.
+
+The sample image lives in `examples/sample.png`; it is a drawn street-like scene with small text
+and signs, the kind of detail PS3 looks closer at. If the file is absent (a wheel install without
+the repository), the same picture is drawn again.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from . import defaults
+from .errors import Ps3EdgeError
 from .runtime.preprocess import open_image
 
 SAMPLE_PATH = Path(__file__).resolve().parent.parent / "examples" / "sample.png"
@@ -41,3 +48,56 @@ def draw_sample_image(width: int = 1600, height: int = 1000) -> Image.Image:
 
 def sample_image() -> Image.Image:
     return open_image(SAMPLE_PATH) if SAMPLE_PATH.is_file() else draw_sample_image()
+
+
+DEMO_PRESET = "ps3-tiny"
+FEATURES_NAME, OVERLAY_NAME = "features.safetensors", "overlay.png"
+
+
+def check_replaceable_artifact(artifacts: Path) -> None:
+    """A rerun of `demo` replaces its previous artifact, and nothing else: the directory must hold
+    a manifest and only the files it lists."""
+    # only the file list, not load_manifest: a demo written by another ps3edge version (another
+    # manifest schema) is still the demo's own artifact and may be replaced
+    try:
+        listed = set(json.loads((artifacts / defaults.MANIFEST_NAME).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise Ps3EdgeError(f"{artifacts} exists and is not a ps3edge artifact; choose another --out") from None
+    extra = sorted(p.name for p in artifacts.iterdir() if p.name not in listed | {defaults.MANIFEST_NAME})
+    if extra:
+        raise Ps3EdgeError(f"{artifacts} holds files that are not part of its artifact ({', '.join(extra[:3])}); "
+                           "choose another --out")
+
+
+def demo_settings(out: Path):
+    """Check `out` and the look-close settings before anything is written; returns the settings:
+    one look-close step unless the environment asks otherwise, so the overlay shows a choice."""
+    from .model import preset
+    from .runtime.outputs import check_output_path
+    from .runtime.planning import Geometry, resolve_steps, settings_from_env
+
+    artifacts = out / "artifacts"
+    if artifacts.exists():
+        check_replaceable_artifact(artifacts)
+    for name in (FEATURES_NAME, OVERLAY_NAME):
+        check_output_path(out / name)
+    env_steps = os.environ.get(defaults.ENV_NUM_LOOK_CLOSE) or os.environ.get(defaults.ENV_NUM_TOKEN_LOOK_CLOSE)
+    settings = settings_from_env(num_look_close=None if env_steps else 1)
+    resolve_steps(settings, Geometry.of(preset(DEMO_PRESET)))      # settings the model cannot take fail here
+    return settings
+
+
+def run_demo(out: Path, settings, progress=print):
+    """Export the preset into out/artifacts, run it on the sample image, write the features and the
+    overlay into `out`; returns the look-close result."""
+    from .exporter.onnx_export import export
+    from .runtime.lookclose import Pipeline
+    from .runtime.outputs import write_outputs
+
+    artifacts = out / "artifacts"
+    export(DEMO_PRESET, artifacts, overwrite=True, progress=progress)
+    progress("running the look-close loop on the sample image")
+    image = sample_image()
+    result = Pipeline(artifacts, "onnxruntime").run(image, settings, layer=defaults.DEFAULT_RUN_LAYER)
+    write_outputs(result, image, out / FEATURES_NAME, out / OVERLAY_NAME)
+    return result

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from conftest import SCRIPT, clean_env, cli, random_image
+from ps3edge.artifact.manifest import Manifest, load_manifest
 
 LOWRES_TOKENS = 729
 TINY_WIDTH = 64
@@ -118,11 +119,11 @@ def test_demo_writes_artifact_features_and_overlay(tmp_path):
 # --- export and inspect ---------------------------------------------------------------------
 
 def test_export_writes_manifest_and_stage_files(exported):
-    manifest = json.loads((exported / "manifest.json").read_text())
-    assert manifest["source"] == {"kind": "preset", "name": "ps3-tiny", "seed": 0}
-    assert manifest["returned_layers"] == [2, 3]            # -2,-1 of a 4-block model
-    assert sorted(manifest["files"]) == ["highres.onnx", "lowres.onnx", "prior_prompt.npy", "selector.onnx"]
-    assert sorted(p.name for p in exported.iterdir()) == sorted([*manifest["files"], "manifest.json"])
+    manifest = load_manifest(exported)
+    assert manifest.source == {"kind": "preset", "name": "ps3-tiny", "seed": 0}
+    assert manifest.returned_layers == (2, 3)               # -2,-1 of a 4-block model
+    assert sorted(manifest.files) == ["highres.onnx", "lowres.onnx", "prior_prompt.npy", "selector.onnx"]
+    assert sorted(p.name for p in exported.iterdir()) == sorted([*manifest.files, "manifest.json"])
     assert not [p for p in exported.parent.iterdir() if p.name.startswith(".art.")]  # no staging left
 
 
@@ -131,10 +132,10 @@ def test_export_refuses_to_overwrite_without_flag_and_replaces_with_it(exported,
     ok(cli("export", "--model", "ps3-tiny", "--out", out, "--layers", "-1"))
     refused = cli("export", "--model", "ps3-tiny", "--out", out)
     assert refused.returncode == 2 and "--overwrite" in refused.stderr
-    assert json.loads((out / "manifest.json").read_text())["returned_layers"] == [3]
+    assert load_manifest(out).returned_layers == (3,)
     ok(cli("export", "--model", "ps3-tiny", "--out", out, "--overwrite", "--seed", "5"))
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["returned_layers"] == [2, 3] and manifest["source"]["seed"] == 5
+    manifest = load_manifest(out)
+    assert manifest.returned_layers == (2, 3) and manifest.source["seed"] == 5
     assert [p.name for p in tmp_path.iterdir()] == ["again"]
 
 
@@ -152,15 +153,16 @@ def test_inspect_summarises_the_artifact(exported):
 
 def test_inspect_json_is_the_manifest(exported):
     result = ok(cli("inspect", exported, "--json"))
-    manifest = json.loads(result.stdout)
-    assert manifest == json.loads((exported / "manifest.json").read_text())
+    printed = json.loads(result.stdout)
+    assert printed == json.loads((exported / "manifest.json").read_text())
     for key in ("schema_version", "producer", "model", "source", "returned_layers", "opset", "precision",
                 "geometry", "defaults", "preprocessing", "stages", "files"):
-        assert key in manifest
-    assert set(manifest["stages"]) == {"lowres", "selector", "highres"}
-    assert manifest["geometry"]["highres_patches_total"] == 2916 + 11664
-    assert manifest["defaults"]["select_num_each_scale"] == [512, 2048]
-    assert manifest["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+        assert key in printed
+    manifest = Manifest.from_dict(printed)
+    assert set(manifest.stages) == {"lowres", "selector", "highres"}
+    assert manifest.geometry.highres_patches_total == 2916 + 11664
+    assert manifest.look_close_defaults.select_num_each_scale == (512, 2048)
+    assert manifest.preprocessing.mean == (0.5, 0.5, 0.5)
 
 
 # --- run ------------------------------------------------------------------------------------

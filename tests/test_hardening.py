@@ -85,3 +85,22 @@ def test_the_artifacts_default_step_count_is_the_one_run_takes(artifacts, tmp_pa
         unset = pipeline.run(random_image(), LookCloseSettings())
         asked = pipeline.run(random_image(), LookCloseSettings(num_look_close=3))
     assert len(unset.plan.steps) == 2 and len(asked.plan.steps) == 3
+
+
+def test_run_says_it_once_and_exif_transpose_applies_it(artifacts, tmp_path):
+    from conftest import cli
+
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                      # rotated 90 degrees
+    random_image(320, 240).save(tmp_path / "cam.jpg", exif=exif, quality=95)
+    plain = cli("run", artifacts("ps3-tiny"), "--image", tmp_path / "cam.jpg", "--out", tmp_path / "a.safetensors",
+                "--num-look-close", "1")
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stderr.strip().splitlines() == [
+        "note: cam.jpg is rotated 90 degrees by its EXIF orientation, which is ignored as the official processor "
+        "does; --exif-transpose applies it"]
+    turned = cli("run", artifacts("ps3-tiny"), "--image", tmp_path / "cam.jpg", "--out", tmp_path / "b.safetensors",
+                 "--num-look-close", "1", "--exif-transpose", "--overlay", tmp_path / "b.png")
+    assert turned.returncode == 0, turned.stderr
+    assert "EXIF orientation applied (rotated 90 degrees)" in turned.stderr
+    assert Image.open(tmp_path / "b.png").size == (240, 320)             # the overlay is drawn on the upright image

@@ -38,10 +38,6 @@ from .generate import Generation, SamplingConfig, generate
 from .tokenizer import IM_END, IMAGE_TOKEN, load_tokenizer, stop_token_ids
 from .vila import VILA_LAYER, VilaHD, build_vila
 
-# `ps3edge chat` imports these from here
-from ..artifact.vila import VILA_MANIFEST                   # noqa: F401
-from .export import ensure_artifacts, export_vila          # noqa: F401
-
 CONTEXT_MARGIN = 1024                 # VILA-HD: context >= high-res patches / 4 + 1024
 
 

@@ -233,7 +233,7 @@ class TensorRTBackend(Backend):
         ok, why = self.engines_usable(facts)
         if ok:
             ok, why = facts.usable("polygraphy")
-            why = why and f"{why} (the tensorrt backend loads engines with it; ps3edge build does not need it)"
+            why = why and f"{why} (ps3edge build and the tensorrt backend use it)"
         if not ok or device is None:
             return ok, why
         if facts.cuda_missing():

@@ -1,0 +1,5 @@
+"""`python -m ps3edge.cli`: the console script."""
+
+from .app import main
+
+main()

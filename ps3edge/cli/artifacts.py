@@ -1,0 +1,158 @@
+"""The commands that make and show artifacts: export (ONNX stages), build (TensorRT engines),
+calibrate (FP16 / INT8 stages and their accuracy report) and inspect (the manifest, or --lint)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from .. import defaults
+from ..errors import Ps3EdgeError
+from . import views
+from .options import SEED_MAX, LookCloseFlags, parse_layers
+from .views import console
+
+
+def export(
+    model: str = typer.Option(..., "--model", help="Preset (ps3-1.5k, ps3-4k, ps3-tiny, ps3-tiny-4k) or checkpoint directory."),
+    out: Path = typer.Option(..., "--out", help="Artifact directory to create."),
+    opset: int = typer.Option(defaults.DEFAULT_OPSET, "--opset", help="ONNX opset (>= 17)."),
+    layers: str = typer.Option(",".join(str(l) for l in defaults.DEFAULT_RETURNED_LAYERS), "--layers", help="Blocks whose features the stages return."),
+    seed: int = typer.Option(defaults.DEFAULT_SEED, "--seed", min=0, max=SEED_MAX, help="Seed of a preset's random weights."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing artifact directory."),
+):
+    """Export the lowres, selector and highres stages to ONNX, with manifest.json."""
+    from ..exporter.onnx_export import export as do_export
+
+    start = time.perf_counter()
+    with console.status("exporting") as status:
+        manifest = do_export(model, out, opset=opset, returned_layers=parse_layers(layers), seed=seed,
+                             overwrite=overwrite, progress=views.progress(status))
+    size = sum(f.stat().st_size for f in Path(out).iterdir()) / 2 ** 20
+    views.say(f"wrote {escape(str(out))} ({len(manifest.files)} files, {size:.1f} MiB) "
+              f"in {time.perf_counter() - start:.1f} s")
+
+
+def build(
+    artifacts: Path = typer.Argument(..., help="Artifact directory from 'ps3edge export', or a VILA-HD artifact (vila.json: its PS3 stages, projector and LLM)."),
+    precision: str = typer.Option(defaults.DEFAULT_ENGINE_PRECISION, "--precision", help="fp32, fp16, int8 (the Q/DQ stages of 'ps3edge calibrate') or best."),
+    max_look_close: Optional[str] = typer.Option(None, "--max-look-close", help="Most look-close steps one highres call takes (T_max of its profile): a number or 'all'. Default: the model's default steps (6), capped by 'all'."),
+    workspace_gb: float = typer.Option(defaults.DEFAULT_WORKSPACE_GB, "--workspace-gb", help="Builder workspace limit, GiB."),
+    optimization_level: int = typer.Option(defaults.DEFAULT_BUILDER_OPTIMIZATION_LEVEL, "--optimization-level", help="TensorRT builder optimization level, 0-5."),
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Timing-cache file: read before the build, replaced atomically after it."),
+    via: str = typer.Option("onnx", "--via", help="onnx (TensorRT's ONNX parser) or torch-tensorrt (Torch-TensorRT dynamo on our PyTorch stages)."),
+    engine_cache: Optional[Path] = typer.Option(None, "--engine-cache", help=f"Directory of built engines to reuse. Default ~/.cache/ps3edge/engines (env {defaults.ENV_ENGINE_CACHE})."),
+    no_engine_cache: bool = typer.Option(False, "--no-engine-cache", help="Neither reuse nor keep engines outside the artifact."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even when an identical engine exists."),
+    max_prompt: Optional[str] = typer.Option(None, "--max-prompt", help="VILA-HD artifacts: most positions one LLM prefill call takes (S max of its prefill profile; longer prompts are prefilled in chunks). Default: min(context - 1, 4096)."),
+):
+    """Build TensorRT engines for the stages and record them in the manifest (a VILA-HD artifact:
+    its PS3 stages, then the projector and the LLM with prefill and decode profiles, in vila.json)."""
+    from ..engines.builder import BuildOptions, build as do_build
+    from ..engines.cache import default_engine_cache_dir
+    from ..artifact.vila import is_vila_artifact
+    from ..engines.llm_engine import build_vila_engines, check_vila_options
+
+    options = BuildOptions(precision=precision, max_look_close=max_look_close, workspace_gb=workspace_gb,
+                           optimization_level=optimization_level, timing_cache=timing_cache, via=via,
+                           engine_cache=None if no_engine_cache else (engine_cache or default_engine_cache_dir()),
+                           force=force).validate()
+    vila = is_vila_artifact(artifacts)
+    if vila:
+        vila_checked = check_vila_options(artifacts, options, max_prompt)   # fails before any PS3 engine is written
+    elif max_prompt is not None:
+        raise Ps3EdgeError(f"--max-prompt applies to VILA-HD artifacts (with vila.json); {artifacts} is a PS3 artifact")
+    start = time.perf_counter()
+    with console.status("building engines") as status:
+        ps3_dir = Path(artifacts) / "ps3" if vila else Path(artifacts)
+        manifest = do_build(ps3_dir, options, progress=views.progress(status))
+        rows = [(name, ps3_dir, e.to_dict()) for name, e in manifest.engines.items()]
+        if vila:
+            vila_json = build_vila_engines(artifacts, options, max_prompt, progress=views.progress(status),
+                                           checked=vila_checked)
+            rows += [(name, Path(artifacts), e.to_dict()) for name, e in vila_json.engines.items()]
+    views.print_engines(artifacts, rows, time.perf_counter() - start)
+
+
+def calibrate(
+    artifacts: Path = typer.Argument(..., help="Artifact directory from 'ps3edge export'."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image folder: INT8 calibrates on the first --samples (by name) and reports on the next ones; FP16 reports on it."),
+    precision: str = typer.Option("int8", "--precision", help="int8 (explicit Q/DQ) or fp16 (the FP16 precision policy)."),
+    method: str = typer.Option(defaults.DEFAULT_CALIBRATION_METHOD, "--method", help="INT8 calibration: max, entropy or percentile."),
+    samples: int = typer.Option(defaults.DEFAULT_CALIBRATION_SAMPLES, "--samples", min=1, help="Calibration images."),
+    exclude_blocks: str = typer.Option(defaults.DEFAULT_EXCLUDE_BLOCKS, "--exclude-blocks", help="Transformer blocks kept float in INT8: first, last, indices, e.g. first,last."),
+    quantize_selector_inputs: bool = typer.Option(False, "--quantize-selector-inputs/--keep-selector-inputs", help="INT8 also for the layers that only feed the selector (selection_feature_proj, ShallowConvNet)."),
+    tool: str = typer.Option("auto", "--tool", help="auto (NVIDIA Model Optimizer when installed, else onnxruntime), modelopt or onnxruntime."),
+    holdout_images: Optional[Path] = typer.Option(None, "--holdout-images", help="Folder of held-out images for the accuracy report."),
+    holdout: int = typer.Option(defaults.DEFAULT_HOLDOUT_SAMPLES, "--holdout", min=1, help="Held-out images the report runs on."),
+    num_look_close: Optional[str] = typer.Option("1", "--num-look-close", help="Look-close steps of the report's runs."),
+    with_torch: bool = typer.Option(False, "--with-torch", help="FP16: also compare our torch model in fp16 with itself in fp32 (slow on a CPU)."),
+):
+    """Write FP16 or INT8 (Q/DQ) stages next to the FP32 ones, register them, report their accuracy."""
+    from ..calibration.calibrate import CalibrationOptions, calibrate as do_calibrate
+
+    settings = LookCloseFlags(num_look_close=num_look_close).settings()
+    options = CalibrationOptions(precision, images, method=method, samples=samples, exclude_blocks=exclude_blocks,
+                                 exclude_selection_branch=not quantize_selector_inputs, tool=tool,
+                                 holdout_images=holdout_images, holdout=holdout, report_settings=settings,
+                                 with_torch=with_torch)
+    start = time.perf_counter()
+    with console.status("calibrating") as status:
+        report = do_calibrate(artifacts, options, progress=views.progress(status))
+    views.print_accuracy(report, f"{precision} vs fp32")
+    name = defaults.ACCURACY_REPORT.format(precision=precision)
+    views.say(f"wrote {precision} stages and {name} into {escape(str(artifacts))} in "
+              f"{time.perf_counter() - start:.1f} s" + (f"; run them with --precision {precision}" if report.ok else
+              " (registered, but see the report before running them)"))
+    if not report.ok:
+        views.error_line(f"{precision} accuracy outside tolerance")
+        raise typer.Exit(1)
+
+
+def _check_lint_flags(lint: bool, trt_version: str, max_look_close: Optional[str], precision: str) -> None:
+    """--trt-version, --max-look-close and --precision only mean something to --lint."""
+    given = [flag for flag, on in (("--trt-version", trt_version != defaults.DEFAULT_LINT_TRT_VERSION),
+                                   ("--max-look-close", max_look_close is not None),
+                                   ("--precision", precision != "fp32")) if on]
+    if given and not lint:
+        raise Ps3EdgeError(f"{', '.join(given)} applies to --lint")
+
+
+def _lint(artifacts: Path, manifest, trt_version: str, max_look_close, as_json: bool, precision: str) -> None:
+    """`inspect --lint`: the findings as a table (repeats of one finding folded into one row) or JSON;
+    exit 1 when there are errors."""
+    from ..exporter.lint import group_findings, lint_artifacts
+
+    report, t_max = lint_artifacts(artifacts, trt_version, max_look_close, manifest=manifest, precision=precision)
+    if as_json:
+        print(json.dumps({**report.to_dict(), "precision": precision, "max_look_close": t_max}, indent=2))
+    else:
+        views.print_lint(artifacts, manifest, report, t_max, precision, group_findings(report.findings))
+    if report.errors:
+        raise typer.Exit(1)
+
+
+def inspect(
+    artifacts: Path = typer.Argument(..., help="Artifact directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw manifest (with --lint: the findings)."),
+    lint: bool = typer.Option(False, "--lint", help="Check every stage against the TensorRT ONNX parser; exit 1 on errors."),
+    trt_version: str = typer.Option(defaults.DEFAULT_LINT_TRT_VERSION, "--trt-version", help="TensorRT the lint targets (10.3 = JetPack 6)."),
+    max_look_close: Optional[str] = typer.Option(None, "--max-look-close", help="Lint: steps per highres call the profile bounds (int or 'all'; default: the manifest's)."),
+    precision: str = typer.Option("fp32", "--precision", help="Lint: the stage files to check, fp32 or the fp16 / int8 ones 'ps3edge calibrate' wrote."),
+):
+    """Show what an artifact's manifest says (and check its files); --lint checks TensorRT compatibility."""
+    from ..artifact.manifest import load_manifest
+
+    manifest = load_manifest(artifacts, verify=True)
+    _check_lint_flags(lint, trt_version, max_look_close, precision)
+    if lint:
+        _lint(artifacts, manifest, trt_version, max_look_close, as_json, precision)
+    elif as_json:
+        print(json.dumps(manifest.to_dict(), indent=2))
+    else:
+        views.print_manifest(artifacts, manifest)

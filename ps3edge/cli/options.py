@@ -1,0 +1,133 @@
+"""Options shared by several commands: the five look-close flags (declared once, added to a command
+by `look_close_options`), the prompt embedding and the returned layer; and the parsing of option
+values typer cannot check by itself (layer lists, step sweeps, the prompt embedding file)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+from .. import defaults
+from ..errors import Ps3EdgeError
+
+SEED_MAX = 2 ** 63 - 1                  # seeds go to torch.Generator.manual_seed (a signed 64-bit int)
+
+PromptEmbedding = typer.Option(None, "--prompt-embedding", help="A .npy of C floats: select top-down for this prompt.")
+Layer = typer.Option(defaults.DEFAULT_RUN_LAYER, "--layer", help="Which block's features to return (VILA-HD uses -2).")
+ExifTranspose = typer.Option(False, "--exif-transpose", help="Apply the EXIF orientation (cameras that write rotated JPEGs); the official processor ignores it, so parity needs it off.")
+
+MODE_HELP = "after_prompt (top-down with --prompt-embedding) or after_image (bottom-up). Env: LOOK_CLOSE_MODE."
+
+
+@dataclass(frozen=True)
+class LookCloseFlags:
+    """The look-close flags as given on the command line (None: not given, so the VILA-HD
+    environment variable or the default decides)."""
+    num_look_close: Optional[str] = None
+    num_token_look_close: Optional[str] = None
+    select_num_each_scale: Optional[str] = None
+    look_close_mode: Optional[str] = None
+    smooth_selection_prob: Optional[bool] = None
+
+    def settings(self):
+        """The runtime's LookCloseSettings: these flags over the environment over the defaults."""
+        from ..runtime.planning import settings_from_env
+        for flag, value in (("--num-look-close", self.num_look_close),
+                            ("--num-token-look-close", self.num_token_look_close),
+                            ("--select-num-each-scale", self.select_num_each_scale),
+                            ("--look-close-mode", self.look_close_mode)):
+            if value is not None and not value.strip():    # an empty environment variable means unset; a flag must say
+                raise Ps3EdgeError(f"{flag} is empty; leave it out to use the environment or the default")
+        return settings_from_env(num_look_close=self.num_look_close, num_token_look_close=self.num_token_look_close,
+                                 select_num_each_scale=self.select_num_each_scale, mode=self.look_close_mode,
+                                 smooth_selection_prob=self.smooth_selection_prob)
+
+    def with_steps(self, num_look_close: str) -> "LookCloseFlags":
+        """The same flags with a step count in place of any steps or token count."""
+        return replace(self, num_look_close=num_look_close, num_token_look_close=None)
+
+
+# parameter, type, flag, help; the mode's help is the command's own (chat defaults to top-down)
+_LOOK_CLOSE_FLAGS = (
+    ("num_look_close", str, "--num-look-close", "Look-close steps (int or 'all'). Env: NUM_LOOK_CLOSE; default 6."),
+    ("num_token_look_close", str, "--num-token-look-close", "High-res patches in total; overrides steps. Env: NUM_TOKEN_LOOK_CLOSE."),
+    ("select_num_each_scale", str, "--select-num-each-scale", "Patches per step per scale, e.g. 512+2048. Env: SELECT_NUM_EACH_SCALE."),
+    ("look_close_mode", str, "--look-close-mode", None),
+    ("smooth_selection_prob", bool, "--smooth-selection-prob/--no-smooth-selection-prob", "Smooth the selection map on a 6x6 grid. Env: SMOOTH_SELECTION_PROB."),
+)
+
+
+def _look_close_parameters(mode_help: str) -> list[inspect.Parameter]:
+    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
+                              default=typer.Option(None, flag, help=help or mode_help))
+            for name, kind, flag, help in _LOOK_CLOSE_FLAGS]
+
+
+def look_close_options(mode_help: str = MODE_HELP):
+    """Give a command the five look-close flags in place of its `look_close: LookCloseFlags`
+    parameter (at that parameter's place in the help), and hand it them as one LookCloseFlags."""
+    def decorate(command):
+        hints = typing.get_type_hints(command)
+        params = []
+        for p in inspect.signature(command).parameters.values():
+            if p.name == "look_close":
+                params += _look_close_parameters(mode_help)
+            else:
+                params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY,     # typer passes keywords
+                                         annotation=hints.get(p.name, p.annotation)))
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            flags = LookCloseFlags(**{name: kwargs.pop(name) for name, *_ in _LOOK_CLOSE_FLAGS})
+            return command(look_close=flags, **kwargs)
+
+        wrapper.__signature__ = inspect.Signature(params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+    return decorate
+
+
+def parse_layers(text: str) -> list[int]:
+    try:
+        layers = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        layers = []
+    if not layers:
+        raise Ps3EdgeError(f"--layers must be comma-separated integers like -2,-1, got '{text}'")
+    return layers
+
+
+def parse_steps(text: str) -> list[int]:
+    """bench's --num-look-close sweep: distinct step counts >= 1."""
+    try:
+        steps = [int(x) for x in text.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1 or len(set(steps)) != len(steps):
+        raise Ps3EdgeError(f"--num-look-close must be distinct whole numbers >= 1, comma-separated like 1,2,6; "
+                           f"got '{text}'")
+    return steps
+
+
+def load_prompt_embedding(path: Optional[Path]):
+    if path is None:
+        return None
+    if not path.is_file():
+        raise Ps3EdgeError(f"prompt embedding file not found: {path}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as e:  # numpy raises ValueError / OSError / UnpicklingError for bad files
+        raise Ps3EdgeError(f"{path} is not a .npy array ({type(e).__name__}: {e})") from None
+    if not isinstance(array, np.ndarray):       # np.load opens an .npz archive, whatever the file is called
+        array.close()
+        raise Ps3EdgeError(f"{path} is not a .npy array (it is an .npz archive)")
+    if not np.issubdtype(array.dtype, np.number) or not np.isfinite(array).all():
+        raise Ps3EdgeError(f"the prompt embedding {path} must hold finite numbers (it has NaN, inf or non-numbers)")
+    return array

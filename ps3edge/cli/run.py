@@ -1,0 +1,221 @@
+"""The commands that run the look-close loop: run (one image), demo (export, run, draw), parity
+(against the official code, or reduced precision against FP32) and bench (timings)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+
+from .. import defaults
+from ..errors import Ps3EdgeError
+from . import views
+from .options import (SEED_MAX, ExifTranspose, Layer, LookCloseFlags, PromptEmbedding, load_prompt_embedding, look_close_options,
+                      parse_steps)
+from .views import console
+
+
+def _check_run_paths(image: Path, out: Path, overlay: Optional[Path]) -> None:
+    """Before any work: --out is a .safetensors, --overlay a .png, and no two of the files are one."""
+    from ..runtime.outputs import check_output_path
+
+    if out.suffix != ".safetensors":
+        raise Ps3EdgeError(f"--out must end in .safetensors, got {out}")
+    paths = {"--image": image, "--out": out, **({"--overlay": overlay} if overlay is not None else {})}
+    resolved = {}
+    for flag, path in paths.items():
+        try:
+            resolved[flag] = path.resolve()
+        except (RuntimeError, OSError) as e:    # RuntimeError: pathlib's symlink loop before Python 3.13
+            if isinstance(e, OSError) and e.errno != errno.ELOOP:
+                raise
+            raise Ps3EdgeError(f"{flag} {path} is a symlink loop") from None
+    names = list(paths)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if resolved[a] == resolved[b]:
+                raise Ps3EdgeError(f"{a} and {b} are the same file ({paths[a]}); nothing was written")
+    check_output_path(out, "--out")
+    if overlay is not None:
+        check_output_path(overlay, "--overlay")
+        if overlay.suffix.lower() != ".png":
+            raise Ps3EdgeError(f"--overlay is written as PNG: give a .png name, got {overlay}")
+
+
+@look_close_options()
+def run(
+    artifacts: Path = typer.Argument(..., help="Artifact directory from 'ps3edge export'."),
+    image: Path = typer.Option(..., "--image", help="Input image."),
+    out: Path = typer.Option(..., "--out", help="Output .safetensors (features, prob, selection maps)."),
+    backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime, torch, or tensorrt (the engines of 'ps3edge build')."),
+    look_close: LookCloseFlags = None,
+    prompt_embedding: Optional[Path] = PromptEmbedding,
+    layer: int = Layer,
+    overlay: Optional[Path] = typer.Option(None, "--overlay", help="Also write a PNG with the selected patches."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or fp16 / int8: the stages of 'ps3edge calibrate'; torch backend: fp16 / bf16 (on CUDA the whole fast path runs in it)."),
+    device: str = typer.Option("auto", "--device", help="torch backend: cuda (the device-resident fast path with CUDA graphs), cpu, or auto (cuda when there is one)."),
+    preprocess_on: Optional[str] = typer.Option(None, "--preprocess", help="cpu (PIL) or device (the same resize on the torch device, bit-identical); default: device on the fast path."),
+    exif_transpose: bool = ExifTranspose,
+):
+    """Run the look-close loop on one image."""
+    from ..runtime.lookclose import Pipeline
+    from ..runtime.outputs import write_outputs
+    from ..runtime.preprocess import open_image
+
+    settings = look_close.settings()
+    prompt = load_prompt_embedding(prompt_embedding)
+    _check_run_paths(image, out, overlay)
+    pil = open_image(image, exif_transpose=exif_transpose)
+    views.image_notes(pil)
+    pipeline = Pipeline(artifacts, backend, precision=precision, device=device,
+                        preprocess=preprocess_on)
+    result = pipeline.run(pil, settings, prompt_embedding=prompt, layer=layer)
+    write_outputs(result, pil, out, overlay)
+    views.print_run(result, backend if pipeline.fast is None else f"torch, {pipeline.device}, fast path")
+    if precision != "fp32":
+        views.say(f"precision {precision}")
+    views.say(f"features {tuple(result.features.shape)} -> {escape(str(out))}")
+    if overlay is not None:
+        views.say(f"overlay -> {escape(str(overlay))}")
+
+
+def demo(
+    out: Path = typer.Option(Path("ps3edge-demo"), "--out", help="Where to put the artifact, features and overlay (a rerun replaces a previous demo's)."),
+):
+    """Export ps3-tiny, run it on the sample image and write the selection overlay."""
+    from ..demo import FEATURES_NAME, OVERLAY_NAME, demo_settings, run_demo
+
+    start = time.perf_counter()
+    settings = demo_settings(out)
+    with console.status("demo") as status:
+        result = run_demo(out, settings, progress=views.progress(status))
+    views.print_run(result, "onnxruntime")
+    views.say(f"artifact  {escape(str(out / 'artifacts'))}\nfeatures  {escape(str(out / FEATURES_NAME))}\n"
+              f"overlay   {escape(str(out / OVERLAY_NAME))}\ndone in {time.perf_counter() - start:.1f} s")
+
+
+def _precision_parity(precision: str, backend: List[str], prompt_embedding, look_close: LookCloseFlags,
+                      settings, **kwargs) -> None:
+    """parity --precision fp16/int8: those stages against the FP32 ones, on held-out images."""
+    from ..parity import run_precision_parity
+
+    if backend != ["onnxruntime"]:
+        raise Ps3EdgeError("--precision fp16/int8 compares onnxruntime stages (add --with-torch for torch fp16)")
+    if prompt_embedding is not None:
+        raise Ps3EdgeError("--precision fp16/int8 selects bottom-up (the learned prior); drop --prompt-embedding")
+    if settings.num_look_close is None and settings.num_token_look_close is None:
+        settings = look_close.with_steps("1").settings()      # neither flag nor environment: one step
+    with console.status("parity") as status:
+        report = run_precision_parity(precision, settings, progress=views.progress(status), **kwargs)
+    views.print_accuracy(report, f"parity, {precision} vs fp32")
+    if not report.ok:
+        views.error_line(f"{precision} parity outside tolerance")
+        raise typer.Exit(1)
+
+
+@look_close_options()
+def parity(
+    model: str = typer.Option("ps3-tiny", "--model", help="Preset or checkpoint directory."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Input image (default: the sample image)."),
+    backend: List[str] = typer.Option(["onnxruntime"], "--backend", help="Exported backends to check (repeatable)."),
+    look_close: LookCloseFlags = None,
+    prompt_embedding: Optional[Path] = PromptEmbedding,
+    layer: int = Layer,
+    seed: int = typer.Option(defaults.DEFAULT_SEED, "--seed", min=0, max=SEED_MAX),
+    precision: str = typer.Option("fp32", "--precision", help="fp32: against the official code; fp16 / int8: those exported stages against the FP32 ones."),
+    artifacts: Optional[Path] = typer.Option(None, "--artifacts", help="Use this artifact directory instead of exporting --model (fp16/int8: its calibrated stages)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="fp16/int8: folder of held-out images (without --artifacts, INT8 calibrates on the first --samples)."),
+    samples: int = typer.Option(defaults.DEFAULT_CALIBRATION_SAMPLES, "--samples", min=1, help="int8 without --artifacts: calibration images."),
+    method: str = typer.Option(defaults.DEFAULT_CALIBRATION_METHOD, "--method", help="int8 without --artifacts: max, entropy or percentile."),
+    with_torch: bool = typer.Option(False, "--with-torch", help="fp16: also our torch model in fp16 against fp32."),
+):
+    """Compare the official ps3-torch model, our torch model and the exported stages (or, with --precision fp16/int8, those stages against the FP32 ones)."""
+    from ..demo import sample_image
+    from ..parity import run_parity
+
+    settings = look_close.settings()
+    if precision != "fp32":
+        return _precision_parity(precision, backend, prompt_embedding, look_close, settings, model_spec=model,
+                                 artifact_dir=artifacts, images=images, image=image, layer=layer, seed=seed,
+                                 samples=samples, method=method, with_torch=with_torch)
+    prompt = load_prompt_embedding(prompt_embedding)
+    pil = sample_image() if image is None else image
+    with console.status("parity") as status:
+        report = run_parity(model, pil, settings, prompt_embedding=prompt, layer=layer,
+                            backends=tuple(backend), seed=seed, artifact_dir=artifacts, progress=views.progress(status))
+    views.print_parity(report)
+    if not report.ok:
+        views.error_line("parity outside tolerance")
+        raise typer.Exit(1)
+
+
+def _check_bench_flags(backend: str, official_ties: str, against: Optional[str], num_look_close: str,
+                       decode_tokens: int) -> list[int]:
+    """The flags typer cannot check; returns the step counts of the sweep."""
+    if backend != "torch":
+        raise Ps3EdgeError("bench times the torch fast path; for onnxruntime use benchmarks/cpu_stages.py")
+    if official_ties not in ("published", "pinned"):
+        raise Ps3EdgeError(f"--official-ties takes published or pinned, got '{official_ties}'")
+    if against not in (None, "official"):
+        raise Ps3EdgeError(f"--against takes 'official', got '{against}'")
+    steps = parse_steps(num_look_close)
+    if decode_tokens < 1:
+        raise Ps3EdgeError(f"--decode-tokens must be at least 1, got {decode_tokens}")
+    return steps
+
+
+def bench(
+    model: List[str] = typer.Option(["ps3-tiny"], "--model", help="Repeatable: a PS3 preset (ps3-1.5k ps3-4k ps3-tiny ps3-tiny-4k), or a VILA-HD model (vila-hd-tiny or a checkpoint directory) to also time the projector and the LLM."),
+    backend: str = typer.Option("torch", "--backend", help="torch: the device-resident fast path (runtime/fast.py)."),
+    device: str = typer.Option("auto", "--device", help="cuda, cpu, or auto (cuda when there is one)."),
+    dtype: str = typer.Option("bf16", "--dtype", help="fp32, fp16 or bf16."),
+    num_look_close: str = typer.Option("1,2,3,4,5,6", "--num-look-close", help="Comma-separated sweep."),
+    against: Optional[str] = typer.Option(None, "--against", help="'official': time ps3-torch in the same run."),
+    warmup: int = typer.Option(3, "--warmup", min=0),
+    repeat: int = typer.Option(10, "--repeat", min=1),
+    graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="Replay the run from a CUDA graph."),
+    depth: Optional[int] = typer.Option(None, "--depth", min=1, help="Truncate the presets to their first N blocks."),
+    official_ties: str = typer.Option("published", "--official-ties", help="published, or pinned: compare against the official run with top-k ties broken like ours."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the table as markdown."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of latency against NUM_LOOK_CLOSE."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Input image (default: the 1600x1000 sample); preprocessing is timed on it."),
+    decode_tokens: int = typer.Option(16, "--decode-tokens", help="VILA-HD: greedy tokens to time the LLM decode on."),
+):
+    """Time the look-close loop per stage (and the official code on the same device)."""
+    from .. import bench as benchmod
+    from ..runtime.lookclose import resolve_device
+    from ..runtime.outputs import check_output_path
+
+    steps = _check_bench_flags(backend, official_ties, against, num_look_close, decode_tokens)
+    device = resolve_device("torch", device)
+    outputs = {"--json": json_out, "--markdown": markdown_out, "--plot": plot_out}
+    for flag, path in outputs.items():
+        if path is not None:                 # before the benchmark, not after it
+            check_output_path(path, flag)
+            path.parent.mkdir(parents=True, exist_ok=True)
+    pil = None
+    if image is not None:
+        from ..runtime.preprocess import open_image
+        pil = open_image(image)
+    rows = []
+    with console.status("bench") as status:
+        for name in model:
+            rows += benchmod.bench_model(name, device=device, dtype=dtype, steps_list=steps,
+                                         against_official=against == "official", warmup=warmup,
+                                         repeat=repeat, graphs=graphs, depth=depth,
+                                         pin_ties=official_ties == "pinned", image=pil,
+                                         decode_tokens=decode_tokens, progress=views.progress(status))
+    table = benchmod.markdown(rows)
+    views.print_bench(table, benchmod.summary(rows))
+    if json_out:
+        json_out.write_text(json.dumps(rows, indent=2))
+    if markdown_out:
+        markdown_out.write_text(table + "\n")
+    if plot_out and not benchmod.plot(rows, plot_out):
+        views.say("matplotlib is not installed: no plot written", err=True)
