@@ -188,7 +188,6 @@ def bench_model(name: str, *, device: str, dtype: str, steps_list, against_offic
         raise Ps3EdgeError(f"--dtype must be one of {', '.join(DTYPES)}")
     say(f"{name}: building seeded weights")
     model, vila, label = _load(name, depth)
-    cfg = model.cfg
     official = None
     if against_official:
         from .reference import official_model
@@ -199,72 +198,94 @@ def bench_model(name: str, *, device: str, dtype: str, steps_list, against_offic
     else:
         fast = FastLookClose(model, device=dev, dtype=dtype)
     timer = Timer(dev)
-
-    from .runtime.preprocess import preprocess, preprocess_on_device
     if image is None:
         from .demo import sample_image
         image = sample_image()
-    samples = []
-    for _ in range(3):                                  # PIL on the CPU, as the official processor
-        t0 = time.perf_counter()
-        pixels_np = preprocess(image, cfg.max_size, cfg.image_mean, cfg.image_std)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    preprocess_cpu_ms = statistics.median(samples)
-
-    def on_device():
-        return preprocess_on_device(image, cfg.max_size, cfg.image_mean, cfg.image_std, dev)
-    preprocess_device_ms = timer.measure(on_device, warmup=1, repeat=max(1, min(repeat, 5)))
-    preprocess_check = compare_preprocessing(image, cfg, dev, pixels_np, on_device())
-    if not preprocess_check["identical"]:
-        say(f"WARNING: preprocessing on {dev} differs from PIL's on this image: {preprocess_check}; "
-            "please report it (the timings below use PIL's pixels)")
+    pixels_np, preprocessing = _preprocessing_columns(image, model.cfg, dev, timer, repeat, say)
     pixels = torch.from_numpy(pixels_np).to(dev, DTYPES[dtype])
 
     rows = []
     for steps in steps_list:
-        settings = LookCloseSettings(num_look_close=steps, mode="after_image")
-        counts = step_counts(settings, fast.geometry)
         say(f"{label}: NUM_LOOK_CLOSE={steps}")
-        run = (lambda: fast.graphed(pixels, counts)) if graphs else (lambda: fast.forward(pixels, counts))
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        ours_ms = timer.measure(run, warmup, repeat)
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else None
-        result = run()
-        ours = result.features[0].float().cpu().numpy()
-        row = {"model": label, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-               "dtype": dtype, "num_look_close": steps, "tokens": int(ours.shape[0]),
-               # highres calls as {N tokens: T steps}
-               "highres_calls": {str(n): [sum(c) for c in counts].count(n) for n in sorted({sum(c) for c in counts})},
-               "ours_ms": round(ours_ms, 3), "cuda_graph": graphs and dev.type == "cuda",
-               "image": f"{image.width}x{image.height}",
-               "preprocess_cpu_ms": round(preprocess_cpu_ms, 1),
-               "preprocess_device_ms": round(preprocess_device_ms, 3),
-               "preprocess_device_check": preprocess_check,
-               "stages_ms": timer.stages(fast, pixels, counts),
-               "peak_gib": None if peak is None else round(peak, 3)}
+        row, result, settings = _our_row(fast, pixels, steps, dev, timer, graphs, warmup, repeat)
+        ours = row
+        row = {"model": label, "device": ours.pop("device"), "dtype": dtype}
+        row.update({k: ours.pop(k) for k in ("num_look_close", "tokens", "highres_calls", "ours_ms", "cuda_graph")})
+        row.update({"image": f"{image.width}x{image.height}", **preprocessing, **ours})     # then stages, peak
         if vila is not None:
             say(f"{label}: projector and LLM, NUM_LOOK_CLOSE={steps}")
             row.update(time_vila_tail(vila, result, fast, timer, dtype, warmup, repeat, decode_tokens))
         if official is not None:
-            def official_run():
-                with torch.no_grad():
-                    return official(pixels, num_look_close=steps)
-            row["official_ms"] = round(timer.measure(official_run, warmup, repeat), 3)
-            row["speedup"] = round(row["official_ms"] / ours_ms, 2)
-            from .reference import run_official_with_selection, stable_topk
-            if pin_ties:
-                with stable_topk():
-                    published = official_run()
-            else:
-                published = official_run()
-            the_plan = plan(result.prob.float().cpu().numpy(), settings, fast.geometry)
-            same_selection = run_official_with_selection(official, pixels, the_plan.step_maps(fast.geometry))
-            row["official_ties"] = "pinned" if pin_ties else "published"
-            row.update(compare(ours, result.selection.cpu().numpy(), published, same_selection))
+            row.update(_official_columns(official, fast, pixels, steps, settings, result, timer, warmup, repeat,
+                                         pin_ties, row["ours_ms"]))
         rows.append(row)
     return rows
+
+
+def _preprocessing_columns(image, cfg, dev, timer, repeat: int, say) -> tuple[np.ndarray, dict]:
+    """PIL's pixels (as the official processor makes them) and the preprocessing columns: PIL on
+    the CPU (median of 3), the same resize on the device, and whether the two agree."""
+    from .runtime.preprocess import preprocess, preprocess_on_device
+
+    samples = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        pixels_np = preprocess(image, cfg.max_size, cfg.image_mean, cfg.image_std)
+        samples.append((time.perf_counter() - t0) * 1e3)
+
+    def on_device():
+        return preprocess_on_device(image, cfg.max_size, cfg.image_mean, cfg.image_std, dev)
+    device_ms = timer.measure(on_device, warmup=1, repeat=max(1, min(repeat, 5)))
+    check = compare_preprocessing(image, cfg, dev, pixels_np, on_device())
+    if not check["identical"]:
+        say(f"WARNING: preprocessing on {dev} differs from PIL's on this image: {check}; "
+            "please report it (the timings below use PIL's pixels)")
+    return pixels_np, {"preprocess_cpu_ms": round(statistics.median(samples), 1),
+                       "preprocess_device_ms": round(device_ms, 3), "preprocess_device_check": check}
+
+
+def _our_row(fast, pixels, steps: int, dev, timer, graphs: bool, warmup: int, repeat: int):
+    """Our columns for one step count, the run's result and its settings."""
+    settings = LookCloseSettings(num_look_close=steps, mode="after_image")
+    counts = step_counts(settings, fast.geometry)
+    run = (lambda: fast.graphed(pixels, counts)) if graphs else (lambda: fast.forward(pixels, counts))
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    ours_ms = timer.measure(run, warmup, repeat)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else None
+    result = run()
+    row = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+           "num_look_close": steps, "tokens": int(result.features.shape[1]),
+           # highres calls as {N tokens: T steps}
+           "highres_calls": {str(n): [sum(c) for c in counts].count(n) for n in sorted({sum(c) for c in counts})},
+           "ours_ms": round(ours_ms, 3), "cuda_graph": graphs and dev.type == "cuda",
+           "stages_ms": timer.stages(fast, pixels, counts),
+           "peak_gib": None if peak is None else round(peak, 3)}
+    return row, result, settings
+
+
+def _official_columns(official, fast, pixels, steps: int, settings, result, timer, warmup: int, repeat: int,
+                      pin_ties: bool, ours_ms: float) -> dict:
+    """The official code's time on the same pixels, the ratio, and how close our features are to
+    its published run and to its run on our selection."""
+    from .reference import run_official_with_selection, stable_topk
+
+    def official_run():
+        with torch.no_grad():
+            return official(pixels, num_look_close=steps)
+    official_ms = timer.measure(official_run, warmup, repeat)
+    if pin_ties:
+        with stable_topk():
+            published = official_run()
+    else:
+        published = official_run()
+    the_plan = plan(result.prob.float().cpu().numpy(), settings, fast.geometry)
+    same_selection = run_official_with_selection(official, pixels, the_plan.step_maps(fast.geometry))
+    ours = result.features[0].float().cpu().numpy()
+    return {"official_ms": round(official_ms, 3), "speedup": round(official_ms / ours_ms, 2),
+            "official_ties": "pinned" if pin_ties else "published",
+            **compare(ours, result.selection.cpu().numpy(), published, same_selection)}
 
 
 def fit_per_step(rows: list[dict], key: str) -> float | None:
@@ -296,7 +317,7 @@ def compare_preprocessing(image, cfg, dev, pixels_np: np.ndarray, on_device: tor
 
 
 def summary(rows: list[dict]) -> list[str]:
-    """The numbers issue 5 judges, in words: per model the ratio at the most steps, the cost of
+    """The headline numbers, in words: per model the ratio at the most steps, the cost of
     a step (fit) against the high-res blocks alone, and 1.5K against 4K at equal steps."""
     lines = []
     by_model = {}

@@ -15,7 +15,6 @@ says exactly what differs. Optional sections written later: "engines" (ps3edge b
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,11 @@ from typing import Mapping
 
 from .. import __version__, defaults
 from ..errors import Ps3EdgeError
-from ..model.config import PS3Config, is_whole_number
+from ..model.config import PS3Config
+from .checks import (INTEGRITY, check_consistent, check_integrity, geometry_section, preprocessing_section,
+                     section_digests)
 from .io import file_sha256
-from .spec import TensorSpec, stage_specs
+from .spec import TensorSpec
 
 REQUIRED_SECTIONS = ("producer", "model", "source", "returned_layers", "opset", "precision", "geometry",
                      "defaults", "preprocessing", "stages", "files")
@@ -44,150 +45,17 @@ def build_manifest(cfg: PS3Config, source: dict, returned_layers, returned_layer
         "returned_layers_requested": list(returned_layers_requested),
         "opset": opset,
         "precision": "fp32",
-        "geometry": _geometry(cfg),
+        "geometry": geometry_section(cfg),
         "defaults": {
             "select_num_each_scale": list(cfg.select_num_each_scale),
             # the runtime's step count when neither NUM_LOOK_CLOSE nor NUM_TOKEN_LOOK_CLOSE is set
             "num_look_close": min(defaults.DEFAULT_NUM_LOOK_CLOSE, cfg.max_look_close),
         },
-        "preprocessing": _preprocessing(cfg),
+        "preprocessing": preprocessing_section(cfg),
         "stages": stages,
         "files": files,
         **({"weights_sha256": weights_sha256} if weights_sha256 else {}),
     })
-
-
-def _geometry(cfg: PS3Config) -> dict:
-    return {
-        "scales": list(cfg.scales),
-        "grids": list(cfg.grids),
-        "lowres_tokens": cfg.lowres_tokens,
-        "highres_patches_each_scale": list(cfg.highres_patches_each_scale),
-        "highres_patches_total": cfg.highres_patches_total,
-        "patch_dim": cfg.patch_dim,
-        "max_tokens_per_highres_call": defaults.MAX_TOKENS_PER_HIGHRES_CALL,
-    }
-
-
-def _preprocessing(cfg: PS3Config) -> dict:
-    return {
-        "resize": "squash", "size": cfg.max_size, "interpolation": "bicubic",
-        "rescale": "1/255", "mean": list(cfg.image_mean), "std": list(cfg.image_std),
-    }
-
-
-def _check_consistent(manifest: dict, path) -> None:
-    """The sections must agree with each other: catches a hand-edited manifest before it runs."""
-    def bad(what: str):
-        raise Ps3EdgeError(f"{path} is inconsistent: {what} - re-export the model")
-
-    for key in ("producer", "source", "defaults"):
-        if not isinstance(manifest[key], dict):
-            bad(f"'{key}' is not an object")
-    files = manifest["files"]
-    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
-        bad("'files' must map file names to sha256 strings")
-    outside = sorted(n for n in files if n in ("", ".", "..") or Path(n).name != n)
-    if outside:
-        bad(f"'files' names paths outside the artifact directory: {outside}")
-    if defaults.PRIOR_PROMPT_FILE not in files:
-        bad(f"'files' lacks {defaults.PRIOR_PROMPT_FILE}")
-    try:
-        cfg = PS3Config.from_dict(manifest["model"])
-    except Ps3EdgeError as e:
-        bad(f"the 'model' section is not a valid PS3 config ({e})")
-    except (TypeError, ValueError, AttributeError) as e:
-        bad(f"the 'model' section is not a valid PS3 config ({type(e).__name__}: {e})")
-    digest = manifest.get("weights_sha256")
-    if digest is not None and not (isinstance(digest, str) and len(digest) == 64
-                                   and all(c in "0123456789abcdef" for c in digest)):
-        bad(f"weights_sha256 must be a sha256 hex digest, got {digest!r}")
-    opset = manifest["opset"]
-    if not is_whole_number(opset) or opset < defaults.MIN_OPSET:
-        bad(f"opset must be a whole number >= {defaults.MIN_OPSET}, got {opset!r}")
-    if manifest["precision"] != "fp32":
-        bad(f"precision must be 'fp32' (the exported stages; 'ps3edge calibrate' records others under "
-            f"'precisions'), got {manifest['precision']!r}")
-    _check_defaults(manifest["defaults"], cfg, bad)
-    layers = manifest["returned_layers"]
-    if (not isinstance(layers, list) or not layers
-            or not all(isinstance(l, int) and 0 <= l < cfg.depth for l in layers)):
-        bad(f"returned_layers {layers} must be block indices of the {cfg.depth}-block model")
-    geometry = manifest["geometry"]
-    expected = _geometry(cfg)
-    if not isinstance(geometry, dict):
-        bad("'geometry' is not an object")
-    limit = geometry.get("max_tokens_per_highres_call")
-    if not isinstance(limit, int) or limit < 1:
-        bad(f"geometry.max_tokens_per_highres_call must be a positive integer, got {limit!r}")
-    differs = sorted(k for k, v in expected.items() if k != "max_tokens_per_highres_call" and geometry.get(k) != v)
-    if differs:
-        bad(f"geometry {', '.join(differs)} do not match the model config")
-    budget = manifest["defaults"].get("select_num_each_scale")
-    if budget != list(cfg.select_num_each_scale):
-        bad(f"defaults.select_num_each_scale {budget} does not match the model config "
-            f"{list(cfg.select_num_each_scale)}")
-    pre = manifest["preprocessing"]
-    if pre != _preprocessing(cfg):
-        bad("'preprocessing' does not match the model config")
-    stages = manifest["stages"]
-    if not isinstance(stages, dict):
-        bad("'stages' is not an object")
-    for name, spec in stage_specs(cfg, len(layers)).items():
-        stage = stages.get(name)
-        if not isinstance(stage, dict):
-            bad(f"stage '{name}' is missing")
-        if stage.get("file") != spec.file:
-            bad(f"stage '{name}' file is {stage.get('file')!r}, expected {spec.file!r}")
-        extra = stage.get("external_data", [])
-        if not isinstance(extra, list) or not all(isinstance(f, str) for f in extra):
-            bad(f"stage '{name}' external_data must be a list of file names")
-        for f in [spec.file, *extra]:
-            if f not in files:
-                bad(f"stage '{name}' file {f!r} has no sha256 in 'files'")
-        if {"inputs": stage.get("inputs"), "outputs": stage.get("outputs")} != spec.to_dict():
-            bad(f"stage '{name}' inputs/outputs do not match the model config")
-
-
-def _check_defaults(section: dict, cfg: PS3Config, bad) -> None:
-    """The look-close defaults that build and calibrate read (select_num_each_scale is checked
-    against the model config by the caller)."""
-    if "num_look_close" in section:
-        steps = section["num_look_close"]
-        if not is_whole_number(steps) or not 1 <= steps <= cfg.max_look_close:
-            bad(f"defaults.num_look_close must be a whole number from 1 to {cfg.max_look_close}, got {steps!r}")
-    # look_close_mode: written by earlier releases and never read (the mode comes from
-    # LOOK_CLOSE_MODE and the prompt); still checked so that a manifest of theirs stays valid
-    if "look_close_mode" in section and section["look_close_mode"] not in defaults.LOOK_CLOSE_MODES:
-        bad(f"defaults.look_close_mode must be one of {', '.join(defaults.LOOK_CLOSE_MODES)}, "
-            f"got {section['look_close_mode']!r}")
-
-
-INTEGRITY = "integrity"         # section -> sha256 of its canonical JSON, written with every manifest
-
-
-def section_digests(data: dict) -> dict[str, str]:
-    """sha256 of each section's canonical JSON (sorted keys, no spaces), the integrity section aside."""
-    return {key: hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-            for key, value in sorted(data.items()) if key != INTEGRITY}
-
-
-def _check_integrity(data: dict, integrity, where) -> None:
-    """A manifest whose sections agree with each other can still be edited by hand (the image mean
-    and the config's mean together, say): every section must match the digest written with it."""
-    if not isinstance(integrity, dict):
-        raise Ps3EdgeError(f"{where} is inconsistent: '{INTEGRITY}' is not an object - re-export the model")
-    actual = section_digests(data)
-    for key in sorted(set(actual) | set(integrity)):
-        if key not in integrity:
-            what = f"section '{key}' was added after the manifest was written"
-        elif key not in actual:
-            what = f"section '{key}' was removed after the manifest was written"
-        elif integrity[key] != actual[key]:
-            what = f"section '{key}' was edited after the manifest was written (its sha256 differs from the integrity record)"
-        else:
-            continue
-        raise Ps3EdgeError(f"{where} is inconsistent: {what} - re-export the model")
 
 
 def _read_json(path: Path) -> dict:
@@ -214,7 +82,7 @@ def load_manifest(artifact_dir, verify: bool = True) -> "Manifest":
     data = _read_json(path)
     manifest = Manifest.from_dict(data, path)          # what is wrong in a section, named first
     if INTEGRITY in data:                              # manifests of older releases have none
-        _check_integrity({k: v for k, v in data.items() if k != INTEGRITY}, data[INTEGRITY], path)
+        check_integrity({k: v for k, v in data.items() if k != INTEGRITY}, data[INTEGRITY], path)
     if verify:
         manifest.verify_files(artifact_dir)
     return manifest
@@ -376,7 +244,7 @@ class Manifest:
         for key in REQUIRED_SECTIONS:
             if key not in data:
                 raise Ps3EdgeError(f"{where} lacks the '{key}' section - re-export the model")
-        _check_consistent(data, where)
+        check_consistent(data, where)
         manifest = cls(json.loads(json.dumps(data)), path)
         from .engines import check_engines_section
         from .precisions import check_precisions

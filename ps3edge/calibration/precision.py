@@ -184,7 +184,23 @@ def convert_fp16(model: onnx.ModelProto, stage: str, types: dict[str, int] | Non
     for i, node in enumerate(nodes):               # the map and the casts need node names
         if not node.name:
             node.name = f"ps3edge_unnamed_{i}"
+    dtype = _convert_initializers(graph, nodes, prec)
+    out_nodes = _converted_nodes(nodes, prec, types, dtype)
+    _keep_float_outputs(graph, dtype, out_nodes)
+    del graph.node[:]
+    graph.node.extend(out_nodes)
+    del graph.value_info[:]                        # stale float32 types; onnxruntime re-infers
 
+    fp32_nodes = [n.name for n, p in zip(nodes, prec) if p == "fp32"]
+    fp32_tensors = [o for n, p in zip(nodes, prec) if p == "fp32" for o in n.output if types.get(o) == FLOAT]
+    precision_map = fp16_precision_map(stage, fp32_nodes, fp32_tensors,
+                                       fp16_count=sum(p == "fp16" for p in prec))
+    return model, precision_map
+
+
+def _convert_initializers(graph, nodes: list, prec: list) -> dict[str, int]:
+    """Float initializers read only by FP16 nodes become FP16; returns tensor -> dtype so far
+    (graph inputs and initializers)."""
     consumers = defaultdict(list)
     for i, node in enumerate(nodes):
         for t in node.input:
@@ -199,7 +215,12 @@ def convert_fp16(model: onnx.ModelProto, stage: str, types: dict[str, int] | Non
             dtype[init.name] = FLOAT16
         else:
             dtype[init.name] = FLOAT
+    return dtype
 
+
+def _converted_nodes(nodes: list, prec: list, types: dict[str, int], dtype: dict[str, int]) -> list:
+    """The nodes in their precision, with a Cast in front of every input of the other float type
+    (one Cast per tensor and type); `dtype` gains every node output."""
     casts: dict[tuple[str, int], str] = {}
     out_nodes: list[onnx.NodeProto] = []
 
@@ -212,33 +233,36 @@ def convert_fp16(model: onnx.ModelProto, stage: str, types: dict[str, int] | Non
             casts[key] = name
         return casts[key]
 
-    for i, node in enumerate(nodes):
-        p = prec[i]
+    for node, p in zip(nodes, prec):
+        want = FLOAT16 if p == "fp16" else FLOAT
         if p in ("fp16", "fp32"):
-            want = FLOAT16 if p == "fp16" else FLOAT
             for k, t in enumerate(node.input):
                 if t and t in dtype:
                     target = FLOAT if k in FLOAT_ONLY_INPUTS.get(node.op_type, ()) else want
                     if dtype[t] != target:
                         node.input[k] = cast(t, target)
             if p == "fp16":
-                if node.op_type == "Constant":
-                    _convert_constant(node)
-                for a in node.attribute:
-                    if node.op_type == "Cast" and a.name == "to" and a.i == FLOAT:
-                        a.i = FLOAT16
-                    if node.op_type == "ConstantOfShape" and a.name == "value" and a.t.data_type == FLOAT:
-                        a.t.CopyFrom(_to_fp16_tensor(a.t))
-            for o in node.output:
-                if types.get(o) == FLOAT:
-                    dtype[o] = want
-        else:
-            for o in node.output:
-                if types.get(o) == FLOAT:
-                    dtype[o] = FLOAT
+                _fp16_attributes(node)
+        for o in node.output:
+            if types.get(o) == FLOAT:
+                dtype[o] = want
         out_nodes.append(node)
+    return out_nodes
 
-    # float outputs stay float32: the last FP16 value gets a cast to the output's own name
+
+def _fp16_attributes(node) -> None:
+    """Constants, Cast targets and ConstantOfShape values of an FP16 node, made FP16."""
+    if node.op_type == "Constant":
+        _convert_constant(node)
+    for a in node.attribute:
+        if node.op_type == "Cast" and a.name == "to" and a.i == FLOAT:
+            a.i = FLOAT16
+        if node.op_type == "ConstantOfShape" and a.name == "value" and a.t.data_type == FLOAT:
+            a.t.CopyFrom(_to_fp16_tensor(a.t))
+
+
+def _keep_float_outputs(graph, dtype: dict[str, int], out_nodes: list) -> None:
+    """Float outputs stay float32: the last FP16 value gets a cast to the output's own name."""
     for out in graph.output:
         if dtype.get(out.name) != FLOAT16:
             continue
@@ -247,16 +271,6 @@ def convert_fp16(model: onnx.ModelProto, stage: str, types: dict[str, int] | Non
             node.output[:] = [inner if t == out.name else t for t in node.output]
             node.input[:] = [inner if t == out.name else t for t in node.input]
         out_nodes.append(helper.make_node("Cast", [inner], [out.name], to=FLOAT, name=f"{out.name}__cast_output"))
-
-    del graph.node[:]
-    graph.node.extend(out_nodes)
-    del graph.value_info[:]                        # stale float32 types; onnxruntime re-infers
-
-    fp32_nodes = [n.name for n, p in zip(nodes, prec) if p == "fp32"]
-    fp32_tensors = [o for n, p in zip(nodes, prec) if p == "fp32" for o in n.output if types.get(o) == FLOAT]
-    precision_map = fp16_precision_map(stage, fp32_nodes, fp32_tensors,
-                                       fp16_count=sum(p == "fp16" for p in prec))
-    return model, precision_map
 
 
 def fp16_precision_map(stage: str, fp32_nodes=(), fp32_tensors=(), fp16_count: int = 0) -> dict:
