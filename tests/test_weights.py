@@ -355,12 +355,12 @@ def test_export_from_an_official_checkpoint_directory(official_dir, tmp_path, im
     out = tmp_path / "art"
     result = cli("export", "--model", official_dir, "--out", out)
     assert result.returncode == 0, result.stderr
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["source"]["kind"] == "checkpoint"
-    assert manifest["source"]["path"] == str(official_dir.resolve())
-    assert manifest["source"]["sha256"] == load_checkpoint(official_dir).source["sha256"]
-    assert manifest["model"]["name"] == "ps3-tiny-official" and manifest["model"]["num_heads"] == 4
-    assert manifest["preprocessing"]["mean"] == list(defaults.CLIP_MEAN)
+    written = json.loads((out / "manifest.json").read_text())
+    assert written["source"]["kind"] == "checkpoint"
+    assert written["source"]["path"] == str(official_dir.resolve())
+    assert written["source"]["sha256"] == load_checkpoint(official_dir).source["sha256"]
+    assert written["model"]["name"] == "ps3-tiny-official" and written["model"]["num_heads"] == 4
+    assert written["preprocessing"]["mean"] == list(defaults.CLIP_MEAN)
     inspect = cli("inspect", out)
     assert inspect.returncode == 0 and f"checkpoint {official_dir.resolve()}" in " ".join(inspect.stdout.split())
     # the torch backend rebuilds the model from the checkpoint the manifest names
