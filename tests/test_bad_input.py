@@ -12,14 +12,14 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import clean_env, random_image
+from conftest import clean_env, cli_process, random_image
 from conftest import cli as run_cli
 from ps3edge.runtime.preprocess import open_image, to_rgb
 
 
 def cli(*args, **env) -> subprocess.CompletedProcess:
-    """The shared runner, the look-close variables given as keywords; COLUMNS is left as it is (rich's own
-    width when not on a terminal), unlike the other CLI tests."""
+    """The shared (in-process) runner, the look-close variables given as keywords; COLUMNS is left as it is
+    (rich's own width when not on a terminal), unlike the other CLI tests."""
     return run_cli(*args, env=clean_env(columns=None, **env))
 
 
@@ -476,6 +476,14 @@ def test_usage_errors_are_one_line(tiny, image_file, tmp_path, args, needle):
     subst = {"ART": tiny, "IMG": image_file, "OUT": tmp_path / "out", "OUT/f.safetensors": tmp_path / "f.safetensors"}
     result = cli(*[subst.get(a, a) for a in args])
     assert_one_line_error(result, needle, absent=(tmp_path / "out", tmp_path / "f.safetensors"))
+
+
+def test_usage_error_from_the_console_script():
+    """The same net in a real process started from the installed console script."""
+    result = cli_process("version", "--bogus", env=clean_env(columns=None))
+    assert_one_line_error(result, "No such option: --bogus")
+    in_process = cli("version", "--bogus")                  # the runner the other tests use agrees
+    assert (in_process.returncode, in_process.stdout, in_process.stderr) == (2, result.stdout, result.stderr)
 
 
 def test_run_refuses_to_overwrite_its_own_inputs(tiny, image_file, outdir):

@@ -1,4 +1,6 @@
-"""End-to-end behaviour of the `ps3edge` command line, run as real subprocesses."""
+"""End-to-end behaviour of the `ps3edge` command line: in this process through the console script's
+main() (conftest.cli), and as real subprocesses where the process itself is what is tested (the entry
+points, --help, one full run)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import SCRIPT, clean_env, cli, random_image
+from conftest import SCRIPT, clean_env, cli, cli_process, random_image
 from ps3edge.artifact.manifest import Manifest, load_manifest
 
 LOWRES_TOKENS = 729
@@ -92,11 +94,25 @@ def test_console_script_and_module_entry_point_agree():
                                capture_output=True, text=True, timeout=120))
     assert module.stdout.strip() == __version__
     if SCRIPT.is_file():
-        assert ok(cli("version")).stdout.strip() == __version__
+        assert ok(cli_process("version")).stdout.strip() == __version__
+    assert ok(cli("version")).stdout.strip() == __version__          # the in-process runner agrees
+
+
+def test_the_in_process_runner_shows_an_escaped_exception_as_a_traceback(monkeypatch):
+    """What the checks for "no traceback" rely on: an exception main() lets through is a traceback
+    on stderr and exit code 1 from conftest.cli, as from a real process, not a pass."""
+    import ps3edge.cli as cli_module
+
+    class Unprintable:
+        def __str__(self):
+            raise RuntimeError("a bug")
+    monkeypatch.setattr(cli_module, "__version__", Unprintable())
+    result = cli("version")
+    assert result.returncode == 1 and "Traceback" in result.stderr and "RuntimeError: a bug" in result.stderr
 
 
 def test_help_lists_the_commands():
-    result = ok(cli("--help"))
+    result = ok(cli_process("--help"))
     for command in ("demo", "export", "run", "parity", "inspect"):
         assert command in result.stdout
 
@@ -207,9 +223,10 @@ def test_run_outputs_get_the_usual_file_permissions(runs):
 
 
 def test_run_replaces_an_existing_output_and_leaves_no_temp_files(workdir, exported, tmp_path):
+    """(A real process: one whole run of the console script, from start-up to exit code.)"""
     out = tmp_path / "f.safetensors"
     out.write_bytes(b"old")
-    ok(cli("run", exported, "--image", workdir / "input.png", "--out", out, "--num-look-close", "1"))
+    ok(cli_process("run", exported, "--image", workdir / "input.png", "--out", out, "--num-look-close", "1"))
     check_output_file(read_outputs(out), high_res_tokens=2560)
     assert [p.name for p in tmp_path.iterdir()] == ["f.safetensors"]
 
@@ -239,6 +256,10 @@ def test_num_look_close_flag_overrides_env(workdir, exported, tmp_path):
     assert run_counts(workdir, exported, tmp_path, "--num-look-close", "3", NUM_LOOK_CLOSE="1")[:2] == (1536, 6144)
 
 
+# slow: every patch by default (six steps) is test_default_is_six_steps_which_is_every_patch_at_1_5k, a flag
+# over the environment is test_num_look_close_flag_overrides_env, and 'all' read from NUM_LOOK_CLOSE is
+# test_planning.py's test_num_look_close_env
+@pytest.mark.slow
 def test_num_look_close_all_takes_every_patch(workdir, exported, tmp_path):
     n756, n1512, _ = run_counts(workdir, exported, tmp_path, "--num-look-close", "5", NUM_LOOK_CLOSE="all")
     assert (n756, n1512) == (5 * 512, 5 * 2048)

@@ -1,5 +1,6 @@
-"""`ps3edge doctor`, run as a real subprocess: its JSON keys, what it says about this machine, and
-that a broken package is reported rather than crashing it."""
+"""`ps3edge doctor`: its JSON keys, what it says about this machine (in this process, through the
+console script's main()), and that a broken package is reported rather than crashing it (a real
+subprocess: the broken package is put on its import path)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import os
 import subprocess
 import sys
 
-from conftest import cli
+from conftest import cli, cli_process
 from ps3edge.doctor import jetpack_for, parse_tegra_release, probe_jetson
 
 
-def doctor(*args, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    """`ps3edge doctor ARGS` through the shared runner, in the full os.environ (look-close variables kept)."""
-    return cli("doctor", *args, env={**os.environ, "COLUMNS": "200", **(env_extra or {})})
+def doctor(*args, env_extra: dict | None = None, runner=cli) -> subprocess.CompletedProcess:
+    """`ps3edge doctor ARGS` through a shared runner, in the full os.environ (look-close variables kept)."""
+    return runner("doctor", *args, env={**os.environ, "COLUMNS": "200", **(env_extra or {})})
 
 
 def test_doctor_json_describes_this_machine():
@@ -64,7 +65,7 @@ def test_a_broken_package_is_reported_not_raised(tmp_path):
     fake.mkdir()
     (fake / "__init__.py").write_text(
         "raise ImportError('libnvinfer.so.10: cannot open shared object file')\n")
-    r = doctor("--json", env_extra={"PYTHONPATH": str(tmp_path)})
+    r = doctor("--json", env_extra={"PYTHONPATH": str(tmp_path)}, runner=cli_process)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     trt = info["packages"]["tensorrt"]
@@ -79,7 +80,7 @@ def test_a_tensorrt_older_than_build_accepts_is_reported_as_unusable(tmp_path):
     fake = tmp_path / "tensorrt"
     fake.mkdir()
     (fake / "__init__.py").write_text("__version__ = '8.6.1'\n")
-    r = doctor("--json", env_extra={"PYTHONPATH": str(tmp_path)})
+    r = doctor("--json", env_extra={"PYTHONPATH": str(tmp_path)}, runner=cli_process)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["packages"]["tensorrt"] == {"installed": True, "version": "8.6.1", "error": None}

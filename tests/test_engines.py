@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import cli, cli_process
 from ps3edge import defaults
 from ps3edge.engines import cache as cache_mod
 from ps3edge.engines.builder import record_engines
@@ -39,7 +40,6 @@ from ps3edge.runtime.runners.onnxruntime import ort_tensorrt_options, preferred_
 from ps3edge.runtime.runners.registry import load_stages
 
 TRT_SKIP = "TensorRT is not installed (its wheels come from NVIDIA's index, which this machine cannot reach); benchmarks/trt_check.py runs this path where it is"
-SCRIPT = Path(sys.executable).with_name("ps3edge")
 
 
 def unexported_manifest(name: str) -> Manifest:
@@ -604,9 +604,7 @@ def test_record_engines_refuses_an_inconsistent_section_and_writes_nothing(tiny_
 
 def test_inspect_lists_the_engines(tiny_copy):
     record_engines(tiny_copy, fake_engines(tiny_copy))
-    command = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "ps3edge.cli"]
-    result = subprocess.run(command + ["inspect", str(tiny_copy)], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "COLUMNS": "200"})
+    result = cli("inspect", tiny_copy, env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     assert "engine highres: highres.fp16.000000000000.engine, fp16 via onnx, TensorRT 10.3.0 on SM87 (Orin), T <= 6" \
         in result.stdout
@@ -688,11 +686,11 @@ def test_build_without_tensorrt_exits_2_with_one_line_and_writes_nothing(tiny_co
         return {p.name: file_sha256(p) for p in tiny_copy.iterdir()}
     before = snapshot()
     env = {**os.environ, "COLUMNS": "200", defaults.ENV_ENGINE_CACHE: str(tmp_path / "engine-cache")}
-    command = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "ps3edge.cli"]
-    for via in ("onnx", "torch-tensorrt"):
-        result = subprocess.run(command + ["build", str(tiny_copy), "--precision", "fp16", "--via", via,
-                                           "--timing-cache", str(tmp_path / "timing.cache")],
-                                env=env, capture_output=True, text=True, timeout=300)
+    # onnx in a real process from the console script (a refusal's exit code and stderr as the shell
+    # sees them), torch-tensorrt in this one
+    for via, runner in (("onnx", cli_process), ("torch-tensorrt", cli)):
+        result = runner("build", tiny_copy, "--precision", "fp16", "--via", via,
+                        "--timing-cache", tmp_path / "timing.cache", env=env)
         assert result.returncode == 2, result.stderr
         lines = [l for l in (result.stdout + result.stderr).splitlines() if l.strip()]
         assert len(lines) == 1, lines

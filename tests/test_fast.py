@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import clean_env, cli
 from ps3edge.model import build
 from ps3edge.runtime.fast import FastLookClose
 from ps3edge.runtime.lookclose import Pipeline
@@ -77,15 +76,11 @@ def test_fast_path_top_down_prompt_changes_selection(image):
 
 def test_bench_cli_on_cpu_against_official(tmp_path):
     pytest.importorskip("ps3", reason="the official ps3-torch reference is not installed")
-    env = {k: v for k, v in os.environ.items() if k not in (
-        "NUM_LOOK_CLOSE", "NUM_TOKEN_LOOK_CLOSE", "SELECT_NUM_EACH_SCALE", "LOOK_CLOSE_MODE", "SMOOTH_SELECTION_PROB")}
     out = tmp_path / "rows.json"
     md = tmp_path / "table.md"
-    proc = subprocess.run(
-        [sys.executable, "-m", "ps3edge.cli", "bench", "--model", "ps3-tiny", "--device", "cpu", "--dtype", "fp32",
-         "--num-look-close", "1,2", "--against", "official", "--warmup", "0", "--repeat", "1",
-         "--json", str(out), "--markdown", str(md)],
-        capture_output=True, text=True, env=env, timeout=600)
+    proc = cli("bench", "--model", "ps3-tiny", "--device", "cpu", "--dtype", "fp32", "--num-look-close", "1,2",
+               "--against", "official", "--warmup", "0", "--repeat", "1", "--json", out, "--markdown", md,
+               env=clean_env(columns=None))
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())
     assert [r["num_look_close"] for r in rows] == [1, 2]
@@ -104,10 +99,8 @@ def test_bench_cli_on_cpu_against_official(tmp_path):
 
 def test_bench_times_projector_and_llm_for_a_vila_hd_model(tmp_path):
     out = tmp_path / "rows.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "ps3edge.cli", "bench", "--model", "vila-hd-tiny", "--device", "cpu", "--dtype", "fp32",
-         "--num-look-close", "1", "--warmup", "0", "--repeat", "1", "--decode-tokens", "3", "--json", str(out)],
-        capture_output=True, text=True, timeout=600)
+    proc = cli("bench", "--model", "vila-hd-tiny", "--device", "cpu", "--dtype", "fp32", "--num-look-close", "1",
+               "--warmup", "0", "--repeat", "1", "--decode-tokens", "3", "--json", out, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr
     (row,) = json.loads(out.read_text())
     # 196 low-res cells + the fully selected 2x2 cells of one step's 2560 patches, + 32 prompt tokens
@@ -118,8 +111,7 @@ def test_bench_times_projector_and_llm_for_a_vila_hd_model(tmp_path):
 
 
 def test_bench_refuses_bad_options():
-    proc = subprocess.run([sys.executable, "-m", "ps3edge.cli", "bench", "--num-look-close", "one"],
-                          capture_output=True, text=True, timeout=120)
+    proc = cli("bench", "--num-look-close", "one", env=dict(os.environ))
     assert proc.returncode == 2
     assert "--num-look-close" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -137,6 +129,23 @@ def test_one_token_look_close_rounds_to_no_high_res_tokens(pipeline, artifacts, 
     assert out.features.shape == (1, 729, 64) and int(out.selection.sum()) == 0
 
 
+def test_long_runs_are_split_into_calls_of_at_most_the_profile_steps_at_1_5k(pipeline, artifacts, image):
+    """Budgets of 100+400 a step make 1.5K 'all' 30 steps (29 of 500 patches, then the 16 + 64 left);
+    the staged pipeline runs them in calls of at most 6 (the profile's T_max), and the result equals
+    the one-program fast path, which batches them all."""
+    settings = settings_from_env({}, num_look_close="all", select_num_each_scale="100+400", mode="after_image")
+    pipe = pipeline(artifacts("ps3-tiny"), "torch", device="cpu")
+    staged = pipe.run(image, settings)
+    assert pipe.steps_per_call() == 6
+    assert staged.highres_calls == [(6, 500)] * 4 + [(5, 500)] + [(1, 80)]       # 29 full steps + 80
+    assert staged.features.shape == (1, 729 + 14580, 64)
+    fast = FastLookClose(build("ps3-tiny").model, device="cpu", dtype="fp32")
+    out = fast.forward(torch.from_numpy(pipe.pixels(image)), step_counts(settings, fast.geometry))
+    assert np.abs(out.features.numpy() - staged.features).max() <= 1e-4
+
+
+# slow: the same split at 1.5K is test_long_runs_are_split_into_calls_of_at_most_the_profile_steps_at_1_5k
+@pytest.mark.slow
 def test_long_runs_are_split_into_calls_of_at_most_the_profile_steps(pipeline, artifacts, image):
     """4K 'all' is 35 steps; the staged pipeline runs them in calls of at most 6 (the profile's
     T_max), and the result equals the one-program fast path, which batches them all."""
@@ -156,9 +165,16 @@ def _noise(h, w, seed=0):
     return Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8))
 
 
-@pytest.mark.parametrize("w,h", [(320, 240), (4000, 3000), (100, 2000), (2000, 90), (7, 301), (1, 1),
-                                 (378, 378), (1512, 1512), (600, 1600)])
-@pytest.mark.parametrize("size", [378, 1512])
+PIL_SIZES = [(320, 240), (4000, 3000), (100, 2000), (2000, 90), (7, 301), (1, 1), (378, 378), (1512, 1512),
+             (600, 1600)]
+# slow: the two 12-megapixel resizes of 4000 x 3000; shrinking both sides many times over is
+# 378-2000-1500, and both sides at 1512 is 1512-1700-1600, added for them
+PIL_CASES = [pytest.param(w, h, size, id=f"{size}-{w}-{h}", marks=pytest.mark.slow if (w, h) == (4000, 3000) else ())
+             for size in (378, 1512) for w, h in PIL_SIZES] + [pytest.param(2000, 1500, 378, id="378-2000-1500"),
+                                                               pytest.param(1700, 1600, 1512, id="1512-1700-1600")]
+
+
+@pytest.mark.parametrize("w,h,size", PIL_CASES)
 def test_device_preprocessing_is_bit_identical_to_pil(w, h, size):
     """Same pixels as the official processor's PIL resize, whatever the scale factors (shrink,
     enlarge, one of each, identity) - hence the same features and the same selection."""
@@ -215,9 +231,11 @@ def test_pillow_pass_order_matters_and_is_detected():
 
 
 # --- the fast path behind Pipeline / `ps3edge run` ------------------------------------------------
+# slow: 4K; the Pipeline's fast path is the 1.5K case, and FastLookClose at 4K against the staged
+# pipeline is test_fast_path_equals_staged_pipeline's two 4K cases
 @pytest.mark.parametrize("preset,kwargs", [
     ("ps3-tiny", dict(num_look_close=2)),
-    ("ps3-tiny-4k", dict(num_token_look_close=3000, smooth_selection_prob=True)),
+    pytest.param("ps3-tiny-4k", dict(num_token_look_close=3000, smooth_selection_prob=True), marks=pytest.mark.slow),
 ])
 def test_pipeline_fast_path_equals_staged_path(pipeline, artifacts, image, preset, kwargs):
     settings = settings_from_env({}, mode="after_image", **kwargs)
@@ -246,10 +264,9 @@ def test_pipeline_fast_path_top_down(pipeline, artifacts, image):
 
 
 def test_run_cli_device_options(artifacts, image_file, tmp_path):
-    art = str(artifacts("ps3-tiny"))
-    base = [sys.executable, "-m", "ps3edge.cli", "run", art, "--image", str(image_file), "--num-look-close", "1"]
-    ok = subprocess.run(base + ["--out", str(tmp_path / "a.safetensors"), "--backend", "torch", "--device", "cpu",
-                                "--preprocess", "device"], capture_output=True, text=True, timeout=300)
+    base = ["run", artifacts("ps3-tiny"), "--image", image_file, "--num-look-close", "1"]
+    ok = cli(*base, "--out", tmp_path / "a.safetensors", "--backend", "torch", "--device", "cpu",
+             "--preprocess", "device", env=dict(os.environ))
     assert ok.returncode == 0, ok.stderr
     bad = [
         (["--backend", "onnxruntime", "--device", "cpu"], "--device applies to the torch backend"),
@@ -260,7 +277,7 @@ def test_run_cli_device_options(artifacts, image_file, tmp_path):
         bad.append((["--backend", "torch", "--device", "cuda"], "torch sees no CUDA device"))
     for extra, message in bad:
         out = tmp_path / "b.safetensors"
-        proc = subprocess.run(base + ["--out", str(out)] + extra, capture_output=True, text=True, timeout=300)
+        proc = cli(*base, "--out", out, *extra, env=dict(os.environ))
         assert proc.returncode == 2, (extra, proc.stderr)
         assert message in proc.stderr and "Traceback" not in proc.stderr
         assert not out.exists()

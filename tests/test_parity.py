@@ -68,13 +68,20 @@ def prompt_embedding(seed: int, width: int = 64) -> np.ndarray:
 # 2560 a step; 14580 / 87480 patches in all; a token count's last step takes
 # floor(budget_s * remainder / sum(budget)) per scale). 4K with "all" (35 steps) is left to
 # test_planning.py, against the official selection code: end to end it takes minutes on 2 cores.
+# Each official look-close step re-tokenizes the whole image at every scale, so steps are what these
+# cases cost; the three marked slow (run by .ci/run, deselected by default) repeat in more steps what
+# a faster case here checks, named beside each.
 CASES = [
     # preset, settings, top-down prompt seed (None: bottom-up), high-res tokens, selection
     pytest.param("ps3-tiny", dict(num_look_close=1), None, 2560, "identical", id="1.5k-bottomup-1"),
-    pytest.param("ps3-tiny", dict(num_look_close=2), 1, 2 * 2560, "identical", id="1.5k-topdown-2"),
+    # slow: top-down over two steps is 4k-topdown-2-smooth, top-down at 1.5K is 1.5k-topdown-1001tokens
+    pytest.param("ps3-tiny", dict(num_look_close=2), 1, 2 * 2560, "identical", id="1.5k-topdown-2",
+                 marks=pytest.mark.slow),
     # 2916 + 11664: 5 full steps, then 356 + 1424 = 1780
+    # slow: full steps then a short last step in its own call is 1.5k-bottomup-3000tokens-300+1000; the
+    # selection of every patch ('all') against the official code is test_planning.py's 1.5k-num_look_close=all
     pytest.param("ps3-tiny", dict(num_look_close="all"), None, 5 * 2560 + 1780, "identical",
-                 id="1.5k-bottomup-all"),
+                 id="1.5k-bottomup-all", marks=pytest.mark.slow),
     # one step of 1001 -> int(512*1001/2560) + int(2048*1001/2560) = 200 + 800 (floor rule)
     pytest.param("ps3-tiny", dict(num_token_look_close=1001), 2, 200 + 800, "identical",
                  id="1.5k-topdown-1001tokens"),
@@ -82,15 +89,21 @@ CASES = [
     pytest.param("ps3-tiny", dict(num_token_look_close=3000, select_num_each_scale="300+1000"), None,
                  2 * 1300 + 92 + 307, "ties", id="1.5k-bottomup-3000tokens-300+1000"),
     # the smoothed map is constant over 6x6-grid cells: ties at every cut
+    # slow: smoothing over two steps, ties at every cut, is 4k-topdown-2-smooth (the map is smoothed on the
+    # 27 x 27 grid before any scale sees it); bottom-up at 1.5K is 1.5k-bottomup-1 and the 3000-token case
     pytest.param("ps3-tiny", dict(num_look_close=2, smooth_selection_prob=True), None, 2 * 2560, "ties",
-                 id="1.5k-bottomup-2-smooth"),
+                 id="1.5k-bottomup-2-smooth", marks=pytest.mark.slow),
     # (4K bottom-up with one step runs at the real width in test_parity_truncated_official_checkpoint)
     pytest.param("ps3-tiny-4k", dict(num_look_close=2, smooth_selection_prob=True), 3, 2 * 2560, "ties",
                  id="4k-topdown-2-smooth"),
     # 1240 a step; 3000 = 2 x 1240 + 520 -> int(40*520/1240) + int(200*520/1240) + int(1000*520/1240)
     # = 16 + 83 + 419 = 518
+    # slow: 4K end to end is 4k-topdown-2-smooth, a token count over custom budgets with a short last step
+    # is 1.5k-bottomup-3000tokens-300+1000, and this 4K selection against the official code is
+    # test_planning.py's 4k-num_token_look_close=3000,select_num_each_scale=40+200+1000
     pytest.param("ps3-tiny-4k", dict(num_token_look_close=3000, select_num_each_scale="40+200+1000"), None,
-                 2 * 1240 + 16 + 83 + 419, "ties", id="4k-bottomup-3000tokens-40+200+1000"),
+                 2 * 1240 + 16 + 83 + 419, "ties", id="4k-bottomup-3000tokens-40+200+1000",
+                 marks=pytest.mark.slow),
 ]
 
 
@@ -131,7 +144,8 @@ def official_truncated_checkpoint(tmp_path, name: str, seed: int):
     return path, official
 
 
-# The two slowest cases of this file (real width 1152, 16 heads, 2 blocks): `-m "not slow"` skips them.
+# The two slowest cases of this file (real width 1152, 16 heads, 2 blocks): slow, deselected by default
+# (pyproject's addopts) and run by .ci/run's `pytest -m slow`.
 @pytest.mark.slow
 @pytest.mark.parametrize("name, budget", [("ps3-1.5k", (512, 2048)), ("ps3-4k", (85, 341, 2134))])
 def test_parity_truncated_official_checkpoint(tmp_path, image, name, budget):

@@ -319,6 +319,20 @@ def test_near_tie_swaps_are_told_apart_from_real_differences():
     assert not near_ties_only(ref, moved, prob_error=2e-3)
 
 
+def lowres_qdq_cosine(art, image) -> float:
+    """The lowres Q/DQ stage run in onnxruntime: its minimum per-token cosine against the fp32 stage."""
+    px = Pipeline(art, "onnxruntime").pixels(image)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    ref = ort.InferenceSession(str(art / "lowres.onnx"), so).run(["lowres_features"], {"pixels": px})[0]
+    q = ort.InferenceSession(str(art / "lowres.int8.onnx"), so).run(["lowres_features"], {"pixels": px})[0]
+    return feature_diff(q, ref)[1]
+
+
+# slow: each method's Q/DQ stages are written, recorded and run in the default run too: max by
+# test_cli_calibrate_run_and_parity (`calibrate --method max`, its accuracy report, `run --precision int8`),
+# percentile by test_recalibration_replaces_the_entry (with this test's checks, on one sample)
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["max", "percentile"])
 def test_other_methods_write_runnable_qdq(artifacts, images, tmp_path, method):
     art = copy_artifact(artifacts("ps3-tiny"), tmp_path / "art")
@@ -326,12 +340,7 @@ def test_other_methods_write_runnable_qdq(artifacts, images, tmp_path, method):
     assert calibrate(art, CalibrationOptions("int8", cal, method=method, samples=2, highres_steps=1, report=False)) is None
     entry = load_manifest(art).precisions["int8"]
     assert entry["method"] == method and entry["tool"].startswith("onnxruntime")
-    px = Pipeline(art, "onnxruntime").pixels(held / "held1.png")
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    ref = ort.InferenceSession(str(art / "lowres.onnx"), so).run(["lowres_features"], {"pixels": px})[0]
-    q = ort.InferenceSession(str(art / "lowres.int8.onnx"), so).run(["lowres_features"], {"pixels": px})[0]
-    assert feature_diff(q, ref)[1] >= INT8_MIN_COSINE
+    assert lowres_qdq_cosine(art, held / "held1.png") >= INT8_MIN_COSINE
 
 
 def test_exclude_blocks_and_tool_choice():
@@ -404,12 +413,15 @@ def test_manifest_checks_the_precisions_section(tiny, tmp_path):
 
 def test_recalibration_replaces_the_entry(tiny, images, tmp_path):
     art = copy_artifact(tiny[0], tmp_path / "art")
-    cal, _ = images
-    calibrate(art, CalibrationOptions("int8", cal, method="percentile", samples=1, highres_steps=1, report=False))
+    cal, held = images
+    assert calibrate(art, CalibrationOptions("int8", cal, method="percentile", samples=1, highres_steps=1,
+                                             report=False)) is None
     manifest = load_manifest(art, verify=True)
     entry = manifest.precisions["int8"]
     assert entry["method"] == "percentile" and "report" not in entry
     assert "accuracy.int8.json" not in manifest.files and "fp16" in manifest.precisions
+    assert entry["tool"].startswith("onnxruntime")
+    assert lowres_qdq_cosine(art, held / "held1.png") >= INT8_MIN_COSINE        # the percentile stages run
 
 
 # ------------------------------------------------------------------------------------------
@@ -431,6 +443,8 @@ def test_cli_calibrate_run_and_parity(artifacts, images, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "int8 vs fp32" in done.stdout and "end-to-end" in done.stdout and "FAIL" not in done.stdout
     assert (art / "lowres.int8.onnx").is_file() and (art / "accuracy.int8.json").is_file()
+    entry = load_manifest(art)["precisions"]["int8"]
+    assert entry["method"] == "max" and entry["tool"].startswith("onnxruntime")
 
     ran = cli("run", art, "--image", image, "--out", tmp_path / "f.safetensors", "--precision", "int8",
               "--num-look-close", "1")
