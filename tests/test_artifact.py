@@ -224,8 +224,8 @@ def test_a_shard_inside_the_checkpoint_loads(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, needle", [
-    ("depth", 3.0, "depth must be a positive whole number, got 3.0"),
-    ("num_heads", 4.5, "num_heads must be a positive whole number"),
+    ("depth", 3.0, "depth must be a whole number, got 3.0"),
+    ("num_heads", 4.5, "num_heads must be a whole number, got 4.5"),
     ("max_select_num_each_scale", [511.5, 2048], "select_num_each_scale must be a list of whole numbers"),
 ])
 def test_checkpoint_numbers_are_never_truncated(tmp_path, key, value, needle):

@@ -103,10 +103,9 @@ def test_the_in_process_runner_shows_an_escaped_exception_as_a_traceback(monkeyp
     on stderr and exit code 1 from conftest.cli, as from a real process, not a pass."""
     import ps3edge.cli as cli_module
 
-    class Unprintable:
-        def __str__(self):
-            raise RuntimeError("a bug")
-    monkeypatch.setattr(cli_module, "__version__", Unprintable())
+    def escaping_main():           # main()'s own net turns everything into one line; this one lets it out
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(cli_module, "main", escaping_main)
     result = cli("version")
     assert result.returncode == 1 and "Traceback" in result.stderr and "RuntimeError: a bug" in result.stderr
 

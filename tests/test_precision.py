@@ -443,7 +443,7 @@ def test_cli_calibrate_run_and_parity(artifacts, images, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "int8 vs fp32" in done.stdout and "end-to-end" in done.stdout and "FAIL" not in done.stdout
     assert (art / "lowres.int8.onnx").is_file() and (art / "accuracy.int8.json").is_file()
-    entry = load_manifest(art)["precisions"]["int8"]
+    entry = load_manifest(art).precisions["int8"]
     assert entry["method"] == "max" and entry["tool"].startswith("onnxruntime")
 
     ran = cli("run", art, "--image", image, "--out", tmp_path / "f.safetensors", "--precision", "int8",

@@ -149,7 +149,7 @@ def test_the_registry_answers_what_works_here():
     ok, why = trt.available(facts=facts(tensorrt="8.6.1"))
     assert not ok and "TensorRT 10 or newer" in why and "8.6.1" in why
     ok, why = trt.available(facts=facts(polygraphy=False))
-    assert not ok and why.startswith("polygraphy not installed") and "ps3edge build does not need it" in why
+    assert not ok and why.startswith("polygraphy not installed") and "ps3edge build and the tensorrt backend use it" in why
     assert trt.engines_usable(facts(polygraphy=False)) == (True, "")
     ort = get_backend("onnxruntime")
     assert ort.available("TensorRT EP", "int8", facts()) == (True, "TensorrtExecutionProvider, SM 8.7")

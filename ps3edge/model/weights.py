@@ -195,8 +195,9 @@ def _config_from_dict(path: Path, vc: dict, tensors: dict[str, torch.Tensor],
     blocks_in_file = 1 + max(int(m.group(1)) for k in tensors if (m := re.match(r"trunk\.blocks\.(\d+)\.", k)))
     depth = vc.get("depth", blocks_in_file)
     for key, value in (("depth", depth), ("num_heads", vc.get("num_heads", 1)), ("max_select_num", vc.get("max_select_num", 1))):
-        if not is_whole_number(value) or value < 1:      # 4.9 is refused, never truncated to 4
-            raise Ps3EdgeError(f"{path / 'config.json'}: {key} must be a positive whole number, got {value!r}")
+        if not is_whole_number(value):                   # 4.9 is refused, never truncated to 4
+            raise Ps3EdgeError(f"{path / 'config.json'} has an invalid value: {key} must be a whole number, "
+                               f"got {value!r}")
     if not 1 <= depth <= blocks_in_file:
         raise Ps3EdgeError(f"config asks for depth {depth} but the weights hold {blocks_in_file} blocks "
                            f"(depth must be 1..{blocks_in_file})")
