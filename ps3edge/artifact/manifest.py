@@ -97,12 +97,12 @@ def _freeze(value):
     return value
 
 
-def _thaw(value):
-    """The inverse of _freeze: plain JSON data (a fresh copy)."""
+def thaw(value):
+    """The inverse of _freeze: plain JSON data (a fresh copy), from read-only or plain containers."""
     if isinstance(value, Mapping):
-        return {k: _thaw(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return [_thaw(v) for v in value]
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [thaw(v) for v in value]
     return value
 
 
@@ -138,7 +138,7 @@ class Record:
         return isinstance(other, Record) and self.to_dict() == other.to_dict()
 
     def to_dict(self) -> dict:
-        return _thaw(self._data)
+        return thaw(self._data)
 
 
 @dataclass(frozen=True)
@@ -217,8 +217,8 @@ class Manifest:
     def __init__(self, data: dict, path=None):
         self._data = _freeze(data)
         self.path = path
-        self.config = PS3Config.from_dict(_thaw(self._data["model"]))
-        self.stages = MappingProxyType({n: StageEntry.from_dict(n, _thaw(d)) for n, d in self._data["stages"].items()})
+        self.config = PS3Config.from_dict(thaw(self._data["model"]))
+        self.stages = MappingProxyType({n: StageEntry.from_dict(n, thaw(d)) for n, d in self._data["stages"].items()})
         g = self._data["geometry"]
         self.geometry = GeometryRecord(**{k: g[k] for k in GeometryRecord.__dataclass_fields__})
         d = self._data["defaults"]
@@ -258,17 +258,17 @@ class Manifest:
     def replace(self, **sections) -> "Manifest":
         """A new manifest with whole sections replaced (None removes an optional section); its
         integrity record is written afresh."""
-        data = _thaw(self._data)
+        data = thaw(self._data)
         for key, value in sections.items():
             if value is None:
                 data.pop(key, None)
             else:
-                data[key] = _thaw(value) if isinstance(value, (Mapping, tuple)) else value
+                data[key] = thaw(value) if isinstance(value, (Mapping, tuple)) else value
         return Manifest.from_dict(data, self.path)
 
     def to_dict(self) -> dict:
         """The JSON, with a fresh integrity record of its sections."""
-        data = _thaw(self._data)
+        data = thaw(self._data)
         return {**data, INTEGRITY: section_digests(data)}
 
     def write(self, artifact_dir) -> None:

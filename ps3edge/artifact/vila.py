@@ -27,7 +27,7 @@ from ..errors import Ps3EdgeError
 from ..model.config import is_whole_number
 from .engines import merge_engines
 from .io import file_sha256, write_json_atomic
-from .manifest import Record
+from .manifest import Record, thaw
 
 VILA_MANIFEST = "vila.json"
 VILA_SCHEMA_VERSION = 1
@@ -103,13 +103,13 @@ class VilaManifest:
             if value is None:
                 data.pop(key, None)
             else:
-                data[key] = value.to_dict() if isinstance(value, Record) else _plain(value)
+                data[key] = value.to_dict() if isinstance(value, Record) else thaw(value)
         return VilaManifest.from_dict(data, self.path)
 
     def with_engines(self, entries: Mapping[str, Mapping]) -> "VilaManifest":
         """`entries` recorded in the engines section, their files' hashes in `files` (those of
         replaced engines dropped)."""
-        plain = {n: e.to_dict() if isinstance(e, Record) else _plain(e) for n, e in entries.items()}
+        plain = {n: e.to_dict() if isinstance(e, Record) else thaw(e) for n, e in entries.items()}
         return VilaManifest.from_dict(merge_engines(self.to_dict(), plain), self.path)
 
     def to_dict(self) -> dict:
@@ -162,23 +162,14 @@ class VilaManifest:
                                    f"{VILA_MANIFEST}")
 
 
-def _plain(value):
-    """JSON data from read-only mappings / tuples (a section taken from another manifest)."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def build_vila_manifest(source: Mapping, context_length: int, opset: int, llm: LLMShape, top_down: bool,
                         files: Mapping[str, str]) -> VilaManifest:
     """The manifest of a fresh export (checked like a loaded one)."""
     return VilaManifest.from_dict({
         "schema_version": VILA_SCHEMA_VERSION, "kind": VILA_KIND, "ps3edge_version": __version__,
-        "source": _plain(source), "context_length": context_length, "opset": opset,
+        "source": thaw(source), "context_length": context_length, "opset": opset,
         "llm": {k: getattr(llm, k) for k in LLM_FIELDS},
-        "top_down": top_down, "files": _plain(files),
+        "top_down": top_down, "files": thaw(files),
     })
 
 
