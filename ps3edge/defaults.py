@@ -17,6 +17,7 @@ PRIOR_PROMPT_FILE = "prior_prompt.npy"
 PATCH_SIZE = 14
 LOWRES_SIZE = 378                 # scale 0; 27 x 27 patches
 SELECTOR_CONV_INPUT_SIZE = 1512   # the ShallowConvNet always sees the image at 1512 x 1512
+DEFAULT_MAX_BATCH = 8             # images per pass an export bounds by default (export --max-batch)
 MAX_TOKENS_PER_HIGHRES_CALL = 2560  # one look-close step; the highres N axis never exceeds this
 SMOOTH_SELECTION_GRID = 6         # SMOOTH_SELECTION_PROB averages the map over a 6 x 6 grid
 

@@ -230,6 +230,45 @@ class Pipeline:
                                    f"scale and the checkpoint's weights; nothing was written")
         return result
 
+    @property
+    def max_batch(self) -> int:
+        """Most images one `run_batch` call takes: the bound the artifact was exported with."""
+        return getattr(self.manifest.geometry, "max_batch", defaults.DEFAULT_MAX_BATCH)
+
+    def prompts(self, settings: LookCloseSettings, prompt_embeddings, count: int) -> list:
+        """One prompt embedding (or None: the learned prior) per image of a batch.
+
+        prompt_embeddings: None (every image bottom-up), one embedding of C numbers shared by
+        all images, a (B, C) array, or a sequence of B entries each None or C numbers."""
+        if prompt_embeddings is None:
+            return [None] * count
+        if isinstance(prompt_embeddings, (list, tuple)):
+            if len(prompt_embeddings) != count:
+                raise Ps3EdgeError(f"got {len(prompt_embeddings)} prompt embeddings for {count} images")
+            return list(prompt_embeddings)
+        p = np.asarray(prompt_embeddings)
+        if p.ndim == 2 and p.shape[0] == count and count > 1:
+            return list(p)
+        if p.ndim == 2 and p.shape[0] not in (1, count):
+            raise Ps3EdgeError(f"prompt embeddings of shape {p.shape} do not match {count} images: "
+                               f"give ({count}, {self.cfg.width}) or one ({self.cfg.width},) shared by all")
+        return [p] * count
+
+    def run_batch(self, images, settings: LookCloseSettings, prompt_embeddings=None,
+                  layer: int = defaults.DEFAULT_RUN_LAYER) -> list[LookCloseResult]:
+        """Several images through one pass: one result per image, in order.
+
+        images: paths, PIL images or (1,3,S,S) pixel arrays; one look-close setting for all;
+        prompt_embeddings as `prompts` takes them. At most `max_batch` images."""
+        images = list(images)
+        if not images:
+            raise Ps3EdgeError("run_batch needs at least one image")
+        if len(images) > self.max_batch:
+            raise Ps3EdgeError(f"a batch of {len(images)} images is over this artifact's bound of {self.max_batch}; "
+                               f"split it (--batch-size) or re-export with `ps3edge export --max-batch {len(images)}`")
+        prompts = self.prompts(settings, prompt_embeddings, len(images))
+        return [self.run(image, settings, prompt, layer) for image, prompt in zip(images, prompts)]
+
     def run_lowres(self, image) -> tuple[dict, dict]:
         """Preprocess + the lowres stage: (the stage's outputs, times in seconds).
 
