@@ -123,7 +123,7 @@ def reference_run(art: Path, image, settings):
 def highres_calls(ref: dict, steps_per_call: int | None) -> tuple[list, list]:
     """The highres calls of the loop for the reference's probability map, grouped as the runtime
     groups them for an engine taking at most `steps_per_call` steps, and onnxruntime's outputs."""
-    from ps3edge.runtime.lookclose import highres_feeds
+    from ps3edge.runtime.batching import highres_feeds
     from ps3edge.runtime.planning import plan
 
     pipe = ref["pipeline"]

@@ -141,7 +141,7 @@ def time_vila_tail(vila, result, fast: FastLookClose, timer: "Timer", dtype: str
 
     dev, td, cfg = fast.device, DTYPES[dtype], fast.cfg
     features = result.features[0].float().cpu().numpy()
-    maps = selection_maps(result.selection.cpu().numpy(), cfg.highres_grids)
+    maps = selection_maps(result.selection[0].cpu().numpy(), cfg.highres_grids)
     cells, _ = projector_cells(features, maps, cfg.lowres_grid)
     projector = vila.projector.to(dev, td).eval()
     llm = vila.llm.to(dev, td).eval()
@@ -280,12 +280,12 @@ def _official_columns(official, fast, pixels, steps: int, settings, result, time
             published = official_run()
     else:
         published = official_run()
-    the_plan = plan(result.prob.float().cpu().numpy(), settings, fast.geometry)
+    the_plan = plan(result.prob[0].float().cpu().numpy(), settings, fast.geometry)
     same_selection = run_official_with_selection(official, pixels, the_plan.step_maps(fast.geometry))
     ours = result.features[0].float().cpu().numpy()
     return {"official_ms": round(official_ms, 3), "speedup": round(official_ms / ours_ms, 2),
             "official_ties": "pinned" if pin_ties else "published",
-            **compare(ours, result.selection.cpu().numpy(), published, same_selection)}
+            **compare(ours, result.selection[0].cpu().numpy(), published, same_selection)}
 
 
 def fit_per_step(rows: list[dict], key: str) -> float | None:

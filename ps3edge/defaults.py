@@ -6,7 +6,7 @@ screen what the toolchain assumes.
 
 # --- artifacts -------------------------------------------------------------------------------
 MANIFEST_NAME = "manifest.json"
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 2      # 2: every stage has a batch axis B (geometry.max_batch)
 DEFAULT_OPSET = 17
 MIN_OPSET = 17
 # protobuf cannot hold more than 2 GiB; above this a stage's weights go to an external data file.
@@ -17,6 +17,7 @@ PRIOR_PROMPT_FILE = "prior_prompt.npy"
 PATCH_SIZE = 14
 LOWRES_SIZE = 378                 # scale 0; 27 x 27 patches
 SELECTOR_CONV_INPUT_SIZE = 1512   # the ShallowConvNet always sees the image at 1512 x 1512
+PREPROCESS_THREADS = 4            # threads decoding and resizing the images of a batch
 DEFAULT_MAX_BATCH = 8             # images per pass an export bounds by default (export --max-batch)
 MAX_TOKENS_PER_HIGHRES_CALL = 2560  # one look-close step; the highres N axis never exceeds this
 SMOOTH_SELECTION_GRID = 6         # SMOOTH_SELECTION_PROB averages the map over a 6 x 6 grid
@@ -53,6 +54,8 @@ TOLERANCES = {
     "int8": {"max_abs": 1.0, "min_cosine": 0.98},
 }
 PROB_MAX_ABS_FP32 = 1e-5
+# An image of a batch against the same image run alone (fp32, any CPU backend).
+BATCH_MAX_ABS_FP32 = 1e-5
 # Reduced-precision stages against the FP32 stages (ps3edge calibrate / parity --precision):
 # the least IoU of the selected patches, per scale and image (1.0 = identical selection).
 SELECTION_MIN_IOU = {"fp16": 1.0, "bf16": 1.0, "int8": 0.9}

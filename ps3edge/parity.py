@@ -132,9 +132,57 @@ def _our_outputs(pipe: Pipeline, pixels, settings, prompt_embedding, layer) -> d
             "features": result.features, "highres tokens": result.features[:, pipe.cfg.lowres_tokens:]}
 
 
+def _our_batch_outputs(pipe: Pipeline, pixels: list, settings, prompt_embedding, layer) -> list[dict]:
+    """`_our_outputs` of every image of one batch run, and each image run alone."""
+    low = pipe.stages["lowres"].infer({"pixels": np.concatenate(pixels)})
+    batch = pipe.run_batch(pixels, settings, prompt_embeddings=None if prompt_embedding is None
+                           else [prompt_embedding] * len(pixels), layer=layer)
+    n0 = pipe.cfg.lowres_tokens
+    outputs = []
+    for i, (px, result) in enumerate(zip(pixels, batch)):
+        alone = pipe.run(px, settings, prompt_embedding=prompt_embedding, layer=layer)
+        outputs.append({"lowres_features": low["lowres_features"][:, i: i + 1], "kv_cache": low["kv_cache"][:, :, i: i + 1],
+                        "prob": result.prob, "plan": result.plan, "selection_maps": result.plan.selection_maps,
+                        "features": result.features, "highres tokens": result.features[:, n0:],
+                        "alone": {"features": alone.features, "selection_maps": alone.plan.selection_maps}})
+    return outputs
+
+
+def _batch_vs_alone(ref, test) -> Measured:
+    """An image of a batch against the same image run alone: same selection, same features."""
+    same = identical_selection(test["selection_maps"], ref["alone"]["selection_maps"])
+    d, c = feature_diff(test["features"], ref["alone"]["features"])
+    return Measured(d, c, selection="identical" if same else "DIFFERENT", agrees=same)
+
+
+BATCH_VS_ALONE = (Check("batch vs alone", _batch_vs_alone, BOUND, defaults.BATCH_MAX_ABS_FP32),)
+
+
+def batch_images(image, count: int) -> list:
+    """`count` different images for a batch parity run: the image, then its mirror, its upside-down
+    and its 90-degree turns, then crops of them (each a real, differently selected image)."""
+    from PIL import Image
+
+    views = [image, image.transpose(Image.FLIP_LEFT_RIGHT), image.transpose(Image.FLIP_TOP_BOTTOM),
+             image.transpose(Image.ROTATE_90), image.transpose(Image.ROTATE_270), image.transpose(Image.ROTATE_180)]
+    out = []
+    for i in range(count):
+        view = views[i % len(views)]
+        k = i // len(views)                  # past the six views: central crops, smaller each round
+        if k:
+            w, h = view.size
+            dw, dh = w * k // 10, h * k // 10
+            view = view.crop((dw, dh, w - dw, h - dh))
+        out.append(view)
+    return out
+
+
 def run_parity(model_spec: str, image, settings: LookCloseSettings, *, prompt_embedding=None,
                layer: int = defaults.DEFAULT_RUN_LAYER, backends=("onnxruntime",), precision: str = "fp32",
-               seed: int = defaults.DEFAULT_SEED, artifact_dir=None, progress=None) -> ParityReport:
+               seed: int = defaults.DEFAULT_SEED, artifact_dir=None, progress=None, batch: int = 1) -> ParityReport:
+    """The official model against our staged torch model and the exported backends. With
+    `batch` > 1, `batch` different images (`batch_images`) run as one batch on each pipeline:
+    each image against the official code on it, and against the same image run alone."""
     say = progress or (lambda msg: None)
     if precision not in defaults.TOLERANCES:
         raise Ps3EdgeError(f"unknown precision '{precision}'")
@@ -144,6 +192,8 @@ def run_parity(model_spec: str, image, settings: LookCloseSettings, *, prompt_em
             artifact_dir = _export(model_spec, Path(tmp), seed, layer, say)
         pipelines = _load_pipelines(artifact_dir, backends, say)
         try:
+            if batch > 1:
+                return _compare_batch(pipelines, image, settings, prompt_embedding, layer, precision, tol, say, batch)
             return _compare_all(pipelines, image, settings, prompt_embedding, layer, precision, tol, say)
         finally:
             for pipe in pipelines.values():
@@ -171,6 +221,34 @@ def _compare_all(pipelines: dict, image, settings, prompt_embedding, layer, prec
         mine = _our_outputs(pipe, pixels, settings, prompt_embedding, layer)
         report.rows += compare(against_published(precision), published, mine, f"{label} vs official", tol)
         report.rows += compare(AGAINST_PINNED, pinned, mine, f"{label} vs official (ties pinned)", tol)
+    return report
+
+
+def _compare_batch(pipelines: dict, image, settings, prompt_embedding, layer, precision, tol, say,
+                   count: int) -> ParityReport:
+    """`_compare_all` for `count` images run as one batch on each pipeline."""
+    ours = pipelines["ours-torch"]
+    settings = _with_default_steps(settings, ours.geometry)
+    resolve_steps(settings, ours.geometry)
+    ours.check_batch(count)
+    say("building the official model")
+    official = official_model(ours.stages["lowres"].model)
+    pil = open_image(image) if isinstance(image, (str, Path)) else image
+    pixels = [ours.pixels(view) for view in batch_images(pil, count)]
+    report = ParityReport()
+    refs = []
+    for i, px in enumerate(pixels):
+        say(f"official run, image {i + 1} of {count}")
+        refs.append(_official_outputs(official, ours, px, settings, prompt_embedding, layer, lambda _: None))
+    report.tokens = refs[0][0]["features"].shape[1]
+    for label, pipe in pipelines.items():
+        say(f"running {label}, a batch of {count}")
+        for i, mine in enumerate(_our_batch_outputs(pipe, pixels, settings, prompt_embedding, layer)):
+            where = f"{label} image {i + 1}/{count}"
+            published, pinned = refs[i]
+            report.rows += compare(against_published(precision), published, mine, f"{where} vs official", tol)
+            report.rows += compare(AGAINST_PINNED, pinned, mine, f"{where} vs official (ties pinned)", tol)
+            report.rows += compare(BATCH_VS_ALONE, mine, mine, f"{where} in the batch vs alone", tol)
     return report
 
 

@@ -29,7 +29,7 @@ from ps3edge.engines.cache import EngineCache, engine_cache_key, read_timing_cac
 from ps3edge.engines.plan import BuildOptions, plan_build
 from ps3edge.artifact.engines import check_engines_section
 from ps3edge.engines.platform import check_engine_compatible, jetpack_version, l4t_version, same_tensorrt
-from ps3edge.artifact.profiles import (attention_step_limit, axis_bounds, is_dynamic, look_close_steps,
+from ps3edge.artifact.profiles import (attention_step_limit, axis_bounds, batch_limit, is_dynamic, look_close_steps,
                                       profile_bounds, shape_arg)
 from ps3edge.errors import Ps3EdgeError
 from ps3edge.artifact.manifest import Manifest, build_manifest, load_manifest
@@ -42,14 +42,15 @@ from ps3edge.runtime.runners.registry import load_stages
 TRT_SKIP = "TensorRT is not installed (its wheels come from NVIDIA's index, which this machine cannot reach); benchmarks/trt_check.py runs this path where it is"
 
 
-def unexported_manifest(name: str) -> Manifest:
+def unexported_manifest(name: str, max_batch: int = defaults.DEFAULT_MAX_BATCH) -> Manifest:
     """The manifest `export` would write for a preset, without exporting (for geometry checks)."""
     cfg = preset(name)
     specs = stage_specs(cfg, 2)
     stages = {n: {"file": s.file, "external_data": [], **s.to_dict()} for n, s in specs.items()}
     files = {s.file: "0" * 64 for s in specs.values()} | {defaults.PRIOR_PROMPT_FILE: "0" * 64}
     layers = [cfg.depth - 2, cfg.depth - 1]          # 25, 26 for the real presets
-    return build_manifest(cfg, {"kind": "preset", "name": name, "seed": 0}, layers, [-2, -1], 17, stages, files)
+    return build_manifest(cfg, {"kind": "preset", "name": name, "seed": 0}, layers, [-2, -1], 17, stages, files,
+                          max_batch=max_batch)
 
 
 @pytest.fixture
@@ -64,34 +65,43 @@ def tiny_copy(artifacts, tmp_path):
 def test_profile_bounds_from_an_exported_manifest(artifacts):
     manifest = load_manifest(artifacts("ps3-tiny"))
     bounds = profile_bounds(manifest)
-    kv = list(manifest.stages["highres"].inputs[2].shape)
-    assert bounds["highres"]["patches"] == {"min": [1, 1, 588], "opt": [6, 2560, 588], "max": [6, 2560, 588]}
-    assert bounds["highres"]["positions"] == {"min": [1, 1], "opt": [6, 2560], "max": [6, 2560]}
-    assert bounds["highres"]["kv_cache"] == {"min": kv, "opt": kv, "max": kv}
-    assert bounds["lowres"]["pixels"]["max"] == [1, 3, 1512, 1512] == bounds["lowres"]["pixels"]["min"]
+    kv = [1 if d == "B" else d for d in manifest.stages["highres"].inputs[3].shape]
+    # T: the default 6 steps of each of the 8 images of a pass (export --max-batch's default)
+    assert bounds["highres"]["patches"] == {"min": [1, 1, 588], "opt": [48, 2560, 588], "max": [48, 2560, 588]}
+    assert bounds["highres"]["positions"] == {"min": [1, 1], "opt": [48, 2560], "max": [48, 2560]}
+    assert bounds["highres"]["step_image"] == {"min": [1], "opt": [48], "max": [48]}
+    assert bounds["highres"]["kv_cache"] == {"min": kv, "opt": kv[:2] + [8] + kv[3:], "max": kv[:2] + [8] + kv[3:]}
+    assert bounds["lowres"]["pixels"] == {"min": [1, 3, 1512, 1512], "opt": [8, 3, 1512, 1512], "max": [8, 3, 1512, 1512]}
+    assert bounds["selector"]["prompt"] == {"min": [1, 64], "opt": [8, 64], "max": [8, 64]}
     assert set(bounds["selector"]) == {"selection_features", "conv_features", "prompt"}
-    assert is_dynamic(bounds["highres"]) and not is_dynamic(bounds["lowres"]) and not is_dynamic(bounds["selector"])
+    assert is_dynamic(bounds["highres"]) and is_dynamic(bounds["lowres"]) and is_dynamic(bounds["selector"])
     # 1.5K: 14580 patches, 2560 a step -> 'all' is 6 steps, the same as the default
     assert look_close_steps(manifest, "all") == 6 == look_close_steps(manifest)
-    assert profile_bounds(manifest, 2)["highres"]["patches"]["max"] == [2, 2560, 588]
-    assert shape_arg(bounds["highres"], "min").startswith("patches:1x1x588,positions:1x1,kv_cache:")
+    assert profile_bounds(manifest, 2)["highres"]["patches"]["max"] == [16, 2560, 588]
+    assert shape_arg(bounds["highres"], "min").startswith("patches:1x1x588,positions:1x1,step_image:1,kv_cache:")
 
 
 def test_profile_bounds_4k_default_all_and_explicit():
     manifest = unexported_manifest("ps3-4k")
-    assert axis_bounds(manifest) == {"T": (1, 6, 6), "N": (1, 2560, 2560)}
-    # 'all' is ceil(87480 / 2560) = 35 steps, but one call holds at most 15: 15 x 16 heads x 2560
+    # 6 steps x 8 images would be 48 rows, but one call holds at most 15: 15 x 16 heads x 2560
     # queries x 3289 keys of attention scores stays under 2^31 elements, 16 would not
     assert attention_step_limit(manifest) == 15
-    assert axis_bounds(manifest, "all")["T"] == (1, 15, 15)
-    assert axis_bounds(manifest, "ALL")["T"] == (1, 15, 15)
-    assert axis_bounds(manifest, 12)["T"] == (1, 12, 12)
+    assert axis_bounds(manifest) == {"B": (1, 8, 8), "T": (1, 15, 15), "N": (1, 2560, 2560)}
+    one = unexported_manifest("ps3-4k", max_batch=1)            # one image a pass: T is its steps
+    assert axis_bounds(one) == {"B": (1, 1, 1), "T": (1, 6, 6), "N": (1, 2560, 2560)}
+    # 'all' is ceil(87480 / 2560) = 35 steps, capped at 15 a call
+    assert axis_bounds(one, "all")["T"] == (1, 15, 15)
+    assert axis_bounds(one, "ALL")["T"] == (1, 15, 15)
+    assert axis_bounds(one, 12)["T"] == (1, 12, 12)
     with pytest.raises(Ps3EdgeError, match="over 15, the most steps one engine call can hold"):
-        look_close_steps(manifest, 16)
-    assert axis_bounds(manifest, "3")["T"] == (1, 3, 3)
+        look_close_steps(one, 16)
+    assert axis_bounds(one, "3")["T"] == (1, 3, 3)
+    assert axis_bounds(unexported_manifest("ps3-4k", max_batch=2), "3")["T"] == (1, 6, 6)
     bounds = profile_bounds(manifest)
-    assert bounds["lowres"]["pixels"]["max"] == [1, 3, 3780, 3780]
-    assert bounds["highres"]["kv_cache"]["max"] == [27, 2, 1, 16, 729, 72]
+    assert bounds["lowres"]["pixels"]["max"] == [8, 3, 3780, 3780]
+    assert bounds["highres"]["kv_cache"]["max"] == [27, 2, 8, 16, 729, 72]
+    # the batch bound: 41 images keep the 4K high-res patch table (B x 87480 x 588) under 2^31 elements
+    assert batch_limit(manifest.stages) == 41
 
 
 @pytest.mark.parametrize("value", [0, 36, -1, "x", "1.5", True])
@@ -140,7 +150,7 @@ def test_plan_fp32_is_strict_and_weakly_typed_on_trt10():
     for p in plans.values():
         assert (p.precision, p.strongly_typed, p.flags, p.clear_flags) == ("fp32", False, (), ("TF32",))
         assert p.onnx_file == f"{p.stage}.onnx" and p.engine_file == f"{p.stage}.fp32.{p.key[:12]}.engine"
-    assert plans["highres"].max_look_close == 6
+    assert plans["highres"].max_look_close == 6 and plans["highres"].profile["patches"]["max"][0] == 15
     assert all(p.strongly_typed for p in plans_by_stage(unexported_manifest("ps3-1.5k"), trt="11.4.0.106").values())
 
 
@@ -257,19 +267,21 @@ def test_torch_tensorrt_route_exports_the_stages_with_the_profile_dims(artifacts
     model = build("ps3-tiny").model.eval()
     highres = HighResStage(model, list(manifest.returned_layers)).eval()
     program = export_stage_program(highres, manifest.stages["highres"].to_dict(), bounds["highres"], 14580)
-    kv = torch.randn(*bounds["highres"]["kv_cache"]["max"])
+    kv = torch.randn(*[3 if i == 2 else d for i, d in enumerate(bounds["highres"]["kv_cache"]["max"])])
     for T, N in ((1, 1), (3, 2560), (2, 77)):
         patches = torch.randn(T, N, 588)
         positions = torch.randint(0, 14580, (T, N), dtype=torch.int32)
+        step_image = torch.arange(T, dtype=torch.int32) % 3
         with torch.no_grad():
-            got = program.module()(patches, positions, kv)
-            want = highres(patches, positions, kv)
+            got = program.module()(patches, positions, step_image, kv)
+            want = highres(patches, positions, step_image, kv)
         assert got.shape == (2, T, N, 64) and torch.allclose(got, want, atol=1e-5)
-    with pytest.raises(Exception):                     # beyond the profile's T_max: refused by the guards
-        program.module()(torch.randn(4, 8, 588), torch.zeros(4, 8, dtype=torch.int32), kv)
+    with pytest.raises(Exception):                     # beyond the profile's T_max (3 steps x 8 images): refused
+        program.module()(torch.randn(25, 8, 588), torch.zeros(25, 8, dtype=torch.int32),
+                         torch.zeros(25, dtype=torch.int32), kv)
     selector = export_stage_program(SelectorStage(model).eval(), manifest.stages["selector"].to_dict(),
                                     bounds["selector"], 14580)
-    assert [n.meta["val"].shape for n in selector.graph.nodes if n.op == "placeholder"][-1] == (1, 64)
+    assert [n.meta["val"].shape for n in selector.graph.nodes if n.op == "placeholder"][-1] == (8, 64)
 
 
 def test_plan_refuses_bad_options():
@@ -311,10 +323,11 @@ def test_polygraphy_loaders_get_the_plans_settings(capsys):
         assert c.profiling_verbosity == "LAYER_NAMES_ONLY" and c.timing_cache_path is None
         [profile] = c.profiles
         bounds = fp32["highres"].profile
-        assert list(profile) == list(bounds) == ["patches", "positions", "kv_cache"]
+        assert list(profile) == list(bounds) == ["patches", "positions", "step_image", "kv_cache"]
         for name, b in bounds.items():
             assert tuple(profile[name]) == (tuple(b["min"]), tuple(b["opt"]), tuple(b["max"]))
-        assert plan_profiles(pg, fp32["lowres"]) is None          # static: filled from the network's shapes
+        [low] = plan_profiles(pg, fp32["lowres"])                  # the batch axis: 1 to 8 images
+        assert tuple(low["pixels"]) == ((1, 3, 1512, 1512), (8, 3, 1512, 1512), (8, 3, 1512, 1512))
         decode = {n: {"min": b["max"], "opt": b["max"], "max": b["max"]} for n, b in bounds.items()}
         two = plan_profiles(pg, replace(fp32["highres"], extra_profiles=(decode,)))
         assert [tuple(p["patches"]) for p in two] == [tuple(tuple(bounds["patches"][k]) for k in ("min", "opt", "max")),
@@ -422,8 +435,8 @@ def test_plan_keys_follow_their_inputs():
     manifest = unexported_manifest("ps3-4k")
     a = plans_by_stage(manifest)
     assert {s: p.key for s, p in a.items()} == {s: p.key for s, p in plans_by_stage(manifest).items()}
-    # T_max only shapes the highres profile: the static stages keep their engines
-    b = plans_by_stage(manifest, max_look_close="all")
+    # T_max only shapes the highres profile: the other stages keep their engines
+    b = plans_by_stage(manifest, max_look_close=1)                 # 8 rows a call instead of 15
     assert b["highres"].key != a["highres"].key
     assert (b["lowres"].key, b["selector"].key) == (a["lowres"].key, a["selector"].key)
     c = plans_by_stage(manifest, sm=90)
@@ -561,13 +574,14 @@ def _set(path, value):
 
 @pytest.mark.parametrize("edit, message", [
     (_set(["engines", "highres", "sha256"], "f" * 64), "not listed in 'files' with the engine's sha256"),
-    (_set(["engines", "highres", "profiles", "patches", "max"], [6, 4000, 588]), "exceeds the 2560"),
-    (_set(["engines", "highres", "profiles", "patches", "max"], [40, 2560, 588]), r"\(T\) max 40 exceeds the 6"),
-    (_set(["engines", "highres", "profiles", "kv_cache", "max"], [4, 2, 1, 4, 729, 17]), "is static"),
-    (_set(["engines", "highres", "profiles", "patches", "min"], [7, 1, 588]), "min 7 <= opt 6 <= max 6 does not hold"),
+    (_set(["engines", "highres", "profiles", "patches", "max"], [48, 4000, 588]), "exceeds the 2560"),
+    (_set(["engines", "highres", "profiles", "patches", "max"], [60, 2560, 588]), r"\(T\) max 60 exceeds the 48"),
+    (_set(["engines", "highres", "profiles", "kv_cache", "max"], [4, 2, 8, 4, 729, 17]), "is static"),
+    (_set(["engines", "highres", "profiles", "patches", "min"], [49, 1, 588]), "min 49 <= opt 48 <= max 48 does not hold"),
     (_set(["engines", "highres", "profiles", "positions"], {"min": [1, 1], "opt": [5, 2560], "max": [5, 2560]}),
      "different bounds"),
-    (_set(["engines", "highres", "max_look_close"], 4), "does not match its profile's T max 6"),
+    (_set(["engines", "highres", "max_look_close"], 4), r"max_look_close 4 \(x 8 images\) does not match its profile's T max 48"),
+    (_set(["engines", "lowres", "profiles", "pixels", "max"], [9, 3, 1512, 1512]), r"\(B\) max 9 exceeds the 8"),
     (_set(["engines", "lowres", "profiles"], {"image": {"min": [1], "opt": [1], "max": [1]}}), "name inputs"),
     (_set(["engines", "selector", "precision"], "fp8"), "precision must be one of"),
     (_set(["engines", "selector", "sm"], "87"), "sm is missing or not a int"),
@@ -596,7 +610,7 @@ def test_a_changed_engine_file_is_refused(tiny_copy):
 def test_record_engines_refuses_an_inconsistent_section_and_writes_nothing(tiny_copy):
     before = (tiny_copy / defaults.MANIFEST_NAME).read_bytes()
     entries = fake_engines(tiny_copy)
-    entries["highres"]["profiles"]["patches"]["max"] = [6, 9999, 588]
+    entries["highres"]["profiles"]["patches"]["max"] = [48, 9999, 588]
     with pytest.raises(Ps3EdgeError, match="exceeds"):
         record_engines(tiny_copy, entries)
     assert (tiny_copy / defaults.MANIFEST_NAME).read_bytes() == before
@@ -656,8 +670,9 @@ def test_ort_providers_prefer_tensorrt_then_cuda_and_keep_cpu(artifacts, tmp_pat
     assert providers[1:] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     name, opts = providers[0]
     assert name == "TensorrtExecutionProvider" and opts["trt_engine_cache_enable"] == "True"
-    assert opts["trt_profile_max_shapes"].startswith("patches:6x2560x588,positions:6x2560,kv_cache:4x2x1x4x729x16")
-    assert "trt_profile_min_shapes" not in ort_tensorrt_options(bounds["lowres"], tmp_path)
+    assert opts["trt_profile_max_shapes"].startswith(
+        "patches:48x2560x588,positions:48x2560,step_image:48,kv_cache:4x2x8x4x729x16")
+    assert ort_tensorrt_options(bounds["lowres"], tmp_path)["trt_profile_max_shapes"] == "pixels:8x3x1512x1512"
     assert preferred_ort_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], env={}) == \
         ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert preferred_ort_providers(gpu, options, env={"PS3EDGE_ORT_PROVIDERS": "CUDAExecutionProvider"}) == \
@@ -743,22 +758,24 @@ def test_tensorrt_highres_refuses_calls_beyond_t_max_and_the_runtime_splits_them
     stages = load_stages(tiny_copy, manifest, "tensorrt")
     onnx = load_stages(tiny_copy, manifest, "onnxruntime")
     rng = np.random.default_rng(0)
-    kv_shape = list(manifest.stages["highres"].inputs[2].shape)
-    feed = {"patches": rng.standard_normal((5, 64, 588), dtype=np.float32),
-            "positions": rng.integers(0, 14580, (5, 64), dtype=np.int32),
+    kv_shape = [2 if d == "B" else d for d in manifest.stages["highres"].inputs[3].shape]
+    feed = {"patches": rng.standard_normal((20, 64, 588), dtype=np.float32),
+            "positions": rng.integers(0, 14580, (20, 64), dtype=np.int32),
+            "step_image": np.arange(20, dtype=np.int32) % 2,
             "kv_cache": rng.standard_normal(kv_shape, dtype=np.float32)}
-    assert stages["highres"].max_steps_per_call == 2
-    with pytest.raises(Ps3EdgeError, match="engine 'highres' takes at most 2 steps per call, got 5"):
+    assert stages["highres"].max_steps_per_call == 16                # 2 steps x 8 images
+    with pytest.raises(Ps3EdgeError, match="engine 'highres' takes at most 16 steps per call, got 20"):
         stages["highres"].infer(feed)
-    got = np.concatenate([stages["highres"].infer({**feed, "patches": feed["patches"][t: t + 2],
-                                                   "positions": feed["positions"][t: t + 2]})["highres_features"]
-                          for t in range(0, 5, 2)], axis=1)
+    got = np.concatenate([stages["highres"].infer({**feed, "patches": feed["patches"][t: t + 16],
+                                                   "positions": feed["positions"][t: t + 16],
+                                                   "step_image": feed["step_image"][t: t + 16]})["highres_features"]
+                          for t in range(0, 20, 16)], axis=1)
     ref = onnx["highres"].infer(feed)["highres_features"]
     assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-3
     with Pipeline(tiny_copy, "tensorrt") as pipe:
-        assert pipe.steps_per_call() == 2
-        result = pipe.run(image, settings_from_env(env={}, num_look_close=6))
-        assert result.highres_calls and all(t <= 2 for t, _ in result.highres_calls)
+        assert pipe.steps_per_call() == 16
+        results = pipe.run_batch([image] * 3, settings_from_env(env={}, num_look_close=6))
+        assert results[0].highres_calls == [(16, 2560), (2, 2560)]
 
 
 def test_build_via_torch_tensorrt(tiny_copy, tmp_path):

@@ -52,7 +52,7 @@ def test_fast_path_equals_staged_pipeline(pipeline, artifacts, image, preset, kw
     out = fast.forward(torch.from_numpy(pixels), step_counts(settings, fast.geometry),
                        smooth=settings.smooth_selection_prob)
 
-    ours_sel = out.selection.numpy()
+    ours_sel = out.selection[0].numpy()
     staged_sel = np.concatenate([m.reshape(-1) for m in staged.plan.selection_maps])
     assert np.array_equal(ours_sel, staged_sel)
     assert out.features.shape == staged.features.shape

@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import cli as run_cli
+from ps3edge.artifact.profiles import attention_step_limit, highres_rows
 from ps3edge.errors import Ps3EdgeError
 from ps3edge.exporter.lint import lint_artifacts, lint_model, parse_trt_version
 from ps3edge.artifact.io import file_sha256
@@ -232,7 +233,9 @@ def test_our_stages_lint_clean(artifacts, preset, max_look_close):
     assert report.notes == []
     manifest = load_manifest(artifacts(preset))
     n, n0 = manifest.geometry.max_tokens_per_highres_call, manifest.geometry.lowres_tokens
-    assert report.largest_tensor == t_max * manifest.config.num_heads * n * (n0 + n)
+    rows = highres_rows(manifest, t_max)           # t_max steps of each of the max_batch images, capped
+    assert rows == min(8 * t_max, attention_step_limit(manifest))
+    assert report.largest_tensor == rows * manifest.config.num_heads * n * (n0 + n)
 
 
 def cli(*args):
@@ -245,7 +248,9 @@ def test_cli_inspect_lint(artifacts, tmp_path):
     r = cli("inspect", "--lint", good)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "0 errors" in r.stdout and "TensorRT 10.3" in r.stdout
-    assert "largest tensor at the profile max: 2.02e+08 elements (9% of TensorRT's 2^31 limit)" in r.stdout
+    # 48 step rows (6 steps x 8 images) x 4 heads x 2560 queries x 3289 keys
+    assert "largest tensor at the profile max: 1.62e+09 elements (75% of TensorRT's 2^31 limit)" in r.stdout
+    assert "B <= 8 images, highres profile T <= 48 step rows (6 steps per image)" in r.stdout
     r = cli("inspect", "--lint", good, "--precision", "int8")          # nothing calibrated yet
     assert r.returncode == 2 and "has no int8 stages" in r.stderr and "ps3edge calibrate" in r.stderr
 

@@ -276,7 +276,7 @@ def test_default_steps_are_capped_by_a_small_model():
 def test_highres_feeds_group_steps_by_length(steps_per_call):
     """3 full steps of 2560 and a last one of 918 (the floor rule on the 920 left): calls hold
     steps of one length, longest first, at most steps_per_call each; every step once, in order."""
-    from ps3edge.runtime.lookclose import highres_feeds
+    from ps3edge.runtime.batching import highres_feeds
 
     p = plan(np.random.default_rng(6).random((27, 27), dtype=np.float32),
              settings_from_env({}, num_token_look_close=3 * 2560 + 920), GEO_4K)

@@ -22,7 +22,7 @@ from ps3edge.runtime.runners.probe import Facts
 
 
 def _lowres_feed(manifest) -> dict:
-    shape = manifest.stages["lowres"].inputs[0].shape
+    shape = [1 if d == "B" else d for d in manifest.stages["lowres"].inputs[0].shape]
     return {"pixels": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
 
 
@@ -82,11 +82,12 @@ def test_a_runner_refuses_a_call_with_more_steps_than_it_takes(artifacts):
     runner = OnnxRuntimeRunner("highres", entry, session_loader(art / entry.file))
     runner.max_steps_per_call = 2
     rng = np.random.default_rng(0)
-    kv = rng.standard_normal(entry.inputs[2].shape).astype(np.float32)
+    kv = rng.standard_normal([1 if d == "B" else d for d in entry.inputs[3].shape]).astype(np.float32)
 
     def feed(t):
         return {"patches": rng.standard_normal((t, 8, 588)).astype(np.float32),
-                "positions": rng.integers(0, 2916, (t, 8)).astype(np.int32), "kv_cache": kv}
+                "positions": rng.integers(0, 2916, (t, 8)).astype(np.int32),
+                "step_image": np.zeros(t, np.int32), "kv_cache": kv}
     with runner:
         assert runner.steps_in(feed(3)) == 3
         with pytest.raises(Ps3EdgeError, match="^stage 'highres' takes at most 2 steps per call, got 3$"):

@@ -11,11 +11,13 @@ from pathlib import Path
 from .. import defaults
 from ..errors import Ps3EdgeError
 from ..model.config import PS3Config, is_whole_number
+from .profiles import batch_limit
 from .spec import stage_specs
 
 
-def geometry_section(cfg: PS3Config) -> dict:
+def geometry_section(cfg: PS3Config, max_batch: int = defaults.DEFAULT_MAX_BATCH) -> dict:
     return {
+        "max_batch": max_batch,
         "scales": list(cfg.scales),
         "grids": list(cfg.grids),
         "lowres_tokens": cfg.lowres_tokens,
@@ -89,7 +91,14 @@ def _check_derived(manifest: dict, cfg: PS3Config, bad) -> None:
     limit = geometry.get("max_tokens_per_highres_call")
     if not isinstance(limit, int) or limit < 1:
         bad(f"geometry.max_tokens_per_highres_call must be a positive integer, got {limit!r}")
-    differs = sorted(k for k, v in expected.items() if k != "max_tokens_per_highres_call" and geometry.get(k) != v)
+    batch = geometry.get("max_batch")
+    if not is_whole_number(batch) or batch < 1:
+        bad(f"geometry.max_batch must be a positive integer, got {batch!r}")
+    if batch > batch_limit(stage_specs(cfg, len(layers))):
+        bad(f"geometry.max_batch {batch} is over {batch_limit(stage_specs(cfg, len(layers)))}, the most images "
+            f"whose tensors stay under 2^31 elements")
+    chosen = ("max_tokens_per_highres_call", "max_batch")     # export settings, not derived from the config
+    differs = sorted(k for k, v in expected.items() if k not in chosen and geometry.get(k) != v)
     if differs:
         bad(f"geometry {', '.join(differs)} do not match the model config")
     budget = manifest["defaults"].get("select_num_each_scale")

@@ -34,7 +34,7 @@ import re
 from pathlib import Path
 
 from .. import defaults
-from .profiles import axis_bounds
+from .profiles import axis_bounds, highres_rows
 
 REQUIRED = {"file": str, "sha256": str, "built_via": str, "precision": str, "tensorrt_version": str,
             "cuda_version": str, "gpu_name": str, "sm": int, "profiles": dict, "cache_key": str}
@@ -88,10 +88,11 @@ def check_engines_section(manifest, bad) -> None:
         if entry["sm"] < 10:
             bad(f"{where}.sm {entry['sm']} is not a GPU architecture like 87 or 90")
         _check_profiles(where, entry["profiles"], stages[stage], limits, bad)
-        t_max = entry.get("max_look_close")
-        if t_max is not None and _axis_max(stages[stage], entry["profiles"], "T") not in (None, t_max):
-            bad(f"{where}.max_look_close {t_max} does not match its profile's T max "
-                f"{_axis_max(stages[stage], entry['profiles'], 'T')}")
+        steps = entry.get("max_look_close")
+        rows = _axis_max(stages[stage], entry["profiles"], "T")
+        if steps is not None and rows is not None and rows != highres_rows(manifest, steps):
+            bad(f"{where}.max_look_close {steps} (x {manifest.geometry.max_batch} images) does not match its "
+                f"profile's T max {rows}")
         if "bindings" in entry:
             names = [t["name"] for t in stages[stage]["inputs"] + stages[stage]["outputs"]]
             b = entry["bindings"]

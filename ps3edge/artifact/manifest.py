@@ -34,7 +34,8 @@ REQUIRED_SECTIONS = ("producer", "model", "source", "returned_layers", "opset", 
 
 
 def build_manifest(cfg: PS3Config, source: dict, returned_layers, returned_layers_requested,
-                   opset: int, stages: dict, files: dict, weights_sha256: str | None = None) -> "Manifest":
+                   opset: int, stages: dict, files: dict, weights_sha256: str | None = None,
+                   max_batch: int = defaults.DEFAULT_MAX_BATCH) -> "Manifest":
     """The manifest of a fresh export (checked like a loaded one)."""
     return Manifest.from_dict({
         "schema_version": defaults.MANIFEST_SCHEMA_VERSION,
@@ -45,7 +46,7 @@ def build_manifest(cfg: PS3Config, source: dict, returned_layers, returned_layer
         "returned_layers_requested": list(returned_layers_requested),
         "opset": opset,
         "precision": "fp32",
-        "geometry": geometry_section(cfg),
+        "geometry": geometry_section(cfg, max_batch),
         "defaults": {
             "select_num_each_scale": list(cfg.select_num_each_scale),
             # the runtime's step count when neither NUM_LOOK_CLOSE nor NUM_TOKEN_LOOK_CLOSE is set
@@ -185,6 +186,7 @@ class GeometryRecord:
     highres_patches_total: int
     patch_dim: int
     max_tokens_per_highres_call: int
+    max_batch: int                       # images per pass (export --max-batch)
 
 
 @dataclass(frozen=True)

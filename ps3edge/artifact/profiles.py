@@ -3,15 +3,18 @@ which input shapes the stages of an artifact accept.
 
 The TensorRT builder turns them into optimization profiles, the onnxruntime TensorRT provider
 gets them as its profile shapes, the manifest check holds recorded engine profiles against them,
-and the lint can ask them whether every dynamic dimension is bounded. Only `highres` is dynamic:
+and the lint can ask them whether every dynamic dimension is bounded. The named axes:
 
-    T  look-close steps in one call    [1, T_max], opt T_max
+    B  images in one pass              [1, geometry.max_batch (export --max-batch)], opt max
+    T  look-close step rows in one     [1, T_max], opt T_max
+       highres call, of any image
     N  tokens per step                 [1, geometry.max_tokens_per_highres_call (2560)], opt max
 
-T_max is the number of look-close steps for NUM_LOOK_CLOSE = `max_look_close` with the model's
-default per-step budget: by default the manifest's default (6), capped by 'all' (6 steps for
-1.5K, 35 for 4K); `'all'` asks for every step. A call with more steps than an engine's T_max is
-split by the runtime, so T_max trades engine memory against calls, never correctness.
+T_max is the steps of NUM_LOOK_CLOSE = `max_look_close` (by default the manifest's default, 6,
+capped by 'all': 6 steps for 1.5K, 35 for 4K; `'all'` asks for every step) for each of the
+max_batch images, capped at what one call's attention scores allow. A call with more steps
+than an engine's T_max is split by the runtime, so T_max trades engine memory against calls,
+never correctness. Both bounds are capped by TensorRT's 2^31-element tensor limit.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def attention_step_limit(manifest) -> int:
 
 
 def look_close_steps(manifest, max_look_close=None) -> int:
-    """T_max for `--max-look-close` (an int, 'all', or None for the model's default steps).
+    """Steps of one image for `--max-look-close` (an int, 'all', or None for the model's default steps).
 
     'all' and the default are capped at `attention_step_limit`; an explicit larger number is
     refused (the runtime splits longer runs into several calls anyway)."""
@@ -65,11 +68,35 @@ def look_close_steps(manifest, max_look_close=None) -> int:
     return max_look_close
 
 
+def batch_limit(stages) -> int:
+    """Most images per pass: every declared tensor with a B axis stays under 2^31 elements (4K:
+    41 images, the high-res patch table). `stages`: name -> StageSpec or StageEntry."""
+    per_image = [math.prod(d for d in t.shape if isinstance(d, int))
+                 for info in stages.values() for t in (*info.inputs, *info.outputs)
+                 if "B" in t.shape and not any(isinstance(d, str) and d != "B" for d in t.shape)]
+    return max(1, (2 ** 31 - 1) // max(per_image, default=1))
+
+
+def check_max_batch(stages, max_batch) -> int:
+    """`export --max-batch`: a whole number from 1 to `batch_limit`."""
+    limit = batch_limit(stages)
+    if not is_whole_number(max_batch) or not 1 <= max_batch <= limit:
+        raise Ps3EdgeError(f"--max-batch must be a whole number from 1 to {limit} for this model "
+                           f"(TensorRT tensors hold fewer than 2^31 elements), got {max_batch}")
+    return int(max_batch)
+
+
+def highres_rows(manifest, steps: int) -> int:
+    """T_max: `steps` look-close steps for each of max_batch images, at most what one call holds."""
+    return min(steps * manifest.geometry.max_batch, attention_step_limit(manifest))
+
+
 def axis_bounds(manifest, max_look_close=None) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) of every named dynamic axis of the stages."""
-    t_max = look_close_steps(manifest, max_look_close)
+    t_max = highres_rows(manifest, look_close_steps(manifest, max_look_close))
+    b_max = manifest.geometry.max_batch
     n_max = manifest.geometry.max_tokens_per_highres_call
-    return {"T": (1, t_max, t_max), "N": (1, n_max, n_max)}
+    return {"B": (1, b_max, b_max), "T": (1, t_max, t_max), "N": (1, n_max, n_max)}
 
 
 def profile_bounds(manifest, max_look_close=None) -> dict[str, dict[str, dict[str, list[int]]]]:

@@ -44,27 +44,30 @@ class StageSpec:
 
 
 def stage_specs(cfg: PS3Config, num_returned_layers: int) -> dict[str, StageSpec]:
+    """B: images in one pass; T: look-close steps in one highres call, of any of the B images
+    (`step_image` says whose); N: tokens per step."""
     C, R, S = cfg.width, num_returned_layers, cfg.max_size
     g0, N0 = cfg.lowres_grid, cfg.lowres_tokens
-    kv = (cfg.depth, 2, 1, cfg.num_heads, N0, cfg.head_dim)
-    conv = (1, cfg.conv_out, cfg.conv_grid, cfg.conv_grid)
+    kv = (cfg.depth, 2, "B", cfg.num_heads, N0, cfg.head_dim)
+    conv = ("B", cfg.conv_out, cfg.conv_grid, cfg.conv_grid)
     f32, i32 = "float32", "int32"
     return {
         "lowres": StageSpec("lowres",
-            inputs=(TensorSpec("pixels", f32, (1, 3, S, S)),),
-            outputs=(TensorSpec("lowres_features", f32, (R, 1, N0, C)),
+            inputs=(TensorSpec("pixels", f32, ("B", 3, S, S)),),
+            outputs=(TensorSpec("lowres_features", f32, (R, "B", N0, C)),
                      TensorSpec("kv_cache", f32, kv),
-                     TensorSpec("selection_features", f32, (1, C, g0, g0)),
+                     TensorSpec("selection_features", f32, ("B", C, g0, g0)),
                      TensorSpec("conv_features", f32, conv),
-                     TensorSpec("highres_patches", f32, (1, cfg.highres_patches_total, cfg.patch_dim)))),
+                     TensorSpec("highres_patches", f32, ("B", cfg.highres_patches_total, cfg.patch_dim)))),
         "selector": StageSpec("selector",
-            inputs=(TensorSpec("selection_features", f32, (1, C, g0, g0)),
+            inputs=(TensorSpec("selection_features", f32, ("B", C, g0, g0)),
                     TensorSpec("conv_features", f32, conv),
-                    TensorSpec("prompt", f32, (1, C))),
-            outputs=(TensorSpec("prob", f32, (1, g0, g0)),)),
+                    TensorSpec("prompt", f32, ("B", C))),
+            outputs=(TensorSpec("prob", f32, ("B", g0, g0)),)),
         "highres": StageSpec("highres",
             inputs=(TensorSpec("patches", f32, ("T", "N", cfg.patch_dim)),
                     TensorSpec("positions", i32, ("T", "N")),
+                    TensorSpec("step_image", i32, ("T",)),
                     TensorSpec("kv_cache", f32, kv)),
             outputs=(TensorSpec("highres_features", f32, (R, "T", "N", C)),)),
     }

@@ -343,7 +343,7 @@ def torch_stage_modules(model, layers, precision: str) -> dict:
             with torch.no_grad():
                 self.stage.position_table = model.highres_position_table().to(dtype)   # from fp32 weights
 
-        def forward(self, patches, positions, kv_cache):
-            return self.stage(patches.to(dtype), positions, kv_cache.to(dtype)).float()
+        def forward(self, patches, positions, step_image, kv_cache):
+            return self.stage(patches.to(dtype), positions, step_image, kv_cache.to(dtype)).float()
 
     return {"lowres": LowRes(), "selector": SelectorStage(model), "highres": HighRes()}

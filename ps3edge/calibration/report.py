@@ -120,7 +120,8 @@ def _on_reference_inputs(ref, test, ref_out: dict, layer: int) -> dict:
                                           "prompt": ref.prior_prompt.astype(np.float32)})["prob"][0]
     # the first step of the reference run, on the reference's inputs
     pos0 = ref_out["plan"].step_positions(ref.geometry, 0)[None]
-    feed = {"patches": ref_out["highres_patches"][0][pos0], "positions": pos0, "kv_cache": ref_out["kv_cache"]}
+    feed = {"patches": ref_out["highres_patches"][0][pos0], "positions": pos0, "step_image": np.zeros(1, np.int32),
+            "kv_cache": ref_out["kv_cache"]}
     first = test.stages["highres"].infer(feed)["highres_features"][ref.layer_index(layer), 0]
     return {"prob (stage)": prob, "first step (stage)": first, "first step positions": pos0[0]}
 

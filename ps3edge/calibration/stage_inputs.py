@@ -61,7 +61,8 @@ class StageInputs:
     def highres_feed(self, i: int, t: int) -> dict:
         low = self._lowres(i)
         pos = low["plan"].step_positions(self.pipeline.geometry, t)[None]          # (1,N) int32
-        return {"patches": low["highres_patches"][0][pos], "positions": pos, "kv_cache": low["kv_cache"]}
+        return {"patches": low["highres_patches"][0][pos], "positions": pos, "step_image": np.zeros(1, np.int32),
+                "kv_cache": low["kv_cache"]}
 
     def lowres_feeds(self) -> list[Callable[[], dict]]:
         return [(lambda i=i: self.lowres_feed(i)) for i in range(len(self.images))]

@@ -25,6 +25,7 @@ def export(
     layers: str = typer.Option(",".join(str(l) for l in defaults.DEFAULT_RETURNED_LAYERS), "--layers", help="Blocks whose features the stages return."),
     seed: int = typer.Option(defaults.DEFAULT_SEED, "--seed", min=0, max=SEED_MAX, help="Seed of a preset's random weights."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing artifact directory."),
+    max_batch: int = typer.Option(defaults.DEFAULT_MAX_BATCH, "--max-batch", min=1, help="Most images one pass takes (the batch axis of the stages' TensorRT profiles; 'run' and the server split longer lists)."),
 ):
     """Export the lowres, selector and highres stages to ONNX, with manifest.json."""
     from ..exporter.onnx_export import export as do_export
@@ -32,7 +33,7 @@ def export(
     start = time.perf_counter()
     with console.status("exporting") as status:
         manifest = do_export(model, out, opset=opset, returned_layers=parse_layers(layers), seed=seed,
-                             overwrite=overwrite, progress=views.progress(status))
+                             overwrite=overwrite, progress=views.progress(status), max_batch=max_batch)
     size = sum(f.stat().st_size for f in Path(out).iterdir()) / 2 ** 20
     views.say(f"wrote {escape(str(out))} ({len(manifest.files)} files, {size:.1f} MiB) "
               f"in {time.perf_counter() - start:.1f} s")

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import time
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
 import typer
 from rich.markup import escape
 
@@ -20,68 +22,101 @@ from .options import (SEED_MAX, ExifTranspose, Layer, LookCloseFlags, PromptEmbe
 from .views import console
 
 
-def _check_run_paths(image: Path, out: Path, overlay: Optional[Path]) -> None:
-    """Before any work: --out is a .safetensors, --overlay a .png, and no two of the files are one."""
+def _check_run_paths(images: List[Path], out: Path, overlay: Optional[Path]) -> List[Path]:
+    """Before any work: --out is a .safetensors, --overlay a .png (one image) or a directory
+    (several), and no two of the files are one. Returns the overlay files to write."""
     from ..runtime.outputs import check_output_path
 
     if out.suffix != ".safetensors":
         raise Ps3EdgeError(f"--out must end in .safetensors, got {out}")
-    paths = {"--image": image, "--out": out, **({"--overlay": overlay} if overlay is not None else {})}
-    resolved = {}
-    for flag, path in paths.items():
+    overlays = [] if overlay is None else [overlay] if len(images) == 1 else _overlay_files(images, overlay)
+    paths = [*((f"--image {p}", p) for p in images), ("--out", out), *((f"--overlay {p}", p) for p in overlays)]
+    seen = {}
+    for flag, path in paths:
         try:
-            resolved[flag] = path.resolve()
+            resolved = path.resolve()
         except (RuntimeError, OSError) as e:    # RuntimeError: pathlib's symlink loop before Python 3.13
             if isinstance(e, OSError) and e.errno != errno.ELOOP:
                 raise
-            raise Ps3EdgeError(f"{flag} {path} is a symlink loop") from None
-    names = list(paths)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            if resolved[a] == resolved[b]:
-                raise Ps3EdgeError(f"{a} and {b} are the same file ({paths[a]}); nothing was written")
+            raise Ps3EdgeError(f"{flag.split()[0]} {path} is a symlink loop") from None
+        if resolved in seen and not (flag.startswith("--image") and seen[resolved].startswith("--image")):
+            a, b = seen[resolved].split()[0], flag.split()[0]
+            raise Ps3EdgeError(f"{a} and {b} are the same file ({path}); nothing was written")
+        seen.setdefault(resolved, flag)
     check_output_path(out, "--out")
-    if overlay is not None:
-        check_output_path(overlay, "--overlay")
-        if overlay.suffix.lower() != ".png":
-            raise Ps3EdgeError(f"--overlay is written as PNG: give a .png name, got {overlay}")
+    for path in overlays:
+        check_output_path(path, "--overlay")
+    if len(images) == 1 and overlay is not None and overlay.suffix.lower() != ".png":
+        raise Ps3EdgeError(f"--overlay is written as PNG: give a .png name, got {overlay}")
+    return overlays
+
+
+def _overlay_files(images: List[Path], directory: Path) -> List[Path]:
+    """Several images: --overlay names a directory, one PNG per image, numbered in flag order."""
+    if directory.suffix.lower() == ".png":
+        raise Ps3EdgeError(f"with {len(images)} images --overlay names a directory (one PNG per image), "
+                           f"got {directory}")
+    if directory.exists() and not directory.is_dir():
+        raise Ps3EdgeError(f"--overlay {directory} exists and is not a directory")
+    digits = len(str(len(images)))
+    return [directory / f"{i:0{digits}d}-{p.stem}.png" for i, p in enumerate(images)]
 
 
 @look_close_options()
 def run(
     artifacts: Path = typer.Argument(..., help="Artifact directory from 'ps3edge export'."),
-    image: Path = typer.Option(..., "--image", help="Input image."),
+    image: List[Path] = typer.Option(..., "--image", help="Input image; repeat for several images, run as batches (every tensor of --out then has a leading batch axis, in flag order)."),
     out: Path = typer.Option(..., "--out", help="Output .safetensors (features, prob, selection maps)."),
     backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime, torch, or tensorrt (the engines of 'ps3edge build')."),
     look_close: LookCloseFlags = None,
     prompt_embedding: Optional[Path] = PromptEmbedding,
     layer: int = Layer,
-    overlay: Optional[Path] = typer.Option(None, "--overlay", help="Also write a PNG with the selected patches."),
+    overlay: Optional[Path] = typer.Option(None, "--overlay", help="Also draw the selected patches: a PNG for one image, a directory (one PNG per image) for several."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per pass (default: all of them, up to the artifact's bound from 'export --max-batch')."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, or fp16 / int8: the stages of 'ps3edge calibrate'; torch backend: fp16 / bf16 (on CUDA the whole fast path runs in it)."),
     device: str = typer.Option("auto", "--device", help="torch backend: cuda (the device-resident fast path with CUDA graphs), cpu, or auto (cuda when there is one)."),
     preprocess_on: Optional[str] = typer.Option(None, "--preprocess", help="cpu (PIL) or device (the same resize on the torch device, bit-identical); default: device on the fast path."),
     exif_transpose: bool = ExifTranspose,
 ):
-    """Run the look-close loop on one image."""
+    """Run the look-close loop on one image, or on several as batches."""
     from ..runtime.lookclose import Pipeline
-    from ..runtime.outputs import write_outputs
+    from ..runtime.outputs import write_batch_outputs, write_outputs
     from ..runtime.preprocess import open_image
 
     settings = look_close.settings()
-    prompt = load_prompt_embedding(prompt_embedding)
-    _check_run_paths(image, out, overlay)
-    pil = open_image(image, exif_transpose=exif_transpose)
-    views.image_notes(pil)
-    pipeline = Pipeline(artifacts, backend, precision=precision, device=device,
-                        preprocess=preprocess_on)
-    result = pipeline.run(pil, settings, prompt_embedding=prompt, layer=layer)
-    write_outputs(result, pil, out, overlay)
-    views.print_run(result, backend if pipeline.fast is None else f"torch, {pipeline.device}, fast path")
+    prompts = _batch_prompts(load_prompt_embedding(prompt_embedding), len(image))
+    overlays = _check_run_paths(image, out, overlay)
+    pils = [open_image(path, exif_transpose=exif_transpose) for path in image]   # every file readable first
+    for pil in pils:
+        views.image_notes(pil)
+    with Pipeline(artifacts, backend, precision=precision, device=device, preprocess=preprocess_on) as pipeline:
+        size = batch_size or min(len(pils), pipeline.max_batch)
+        pipeline.check_batch(size)
+        with console.status(f"{len(pils)} images") if len(pils) > 1 else contextlib.nullcontext():
+            results = [r for batch in pipeline.run_batches(pils, settings, prompts, layer, size) for r in batch]
+        fast = pipeline.fast is not None
+    if len(pils) == 1:
+        write_outputs(results[0], pils[0], out, overlays[0] if overlays else None)
+    else:
+        write_batch_outputs(results, pils, out, overlays)
+    views.print_run(results[0], backend if not fast else f"torch, {pipeline.device}, fast path", len(results), size)
     if precision != "fp32":
         views.say(f"precision {precision}")
-    views.say(f"features {tuple(result.features.shape)} -> {escape(str(out))}")
+    shape = (len(results), *results[0].features.shape[1:]) if len(results) > 1 else results[0].features.shape
+    views.say(f"features {tuple(shape)} -> {escape(str(out))}")
     if overlay is not None:
-        views.say(f"overlay -> {escape(str(overlay))}")
+        views.say(f"overlay{'s' if len(overlays) > 1 else ''} -> {escape(str(overlay))}")
+
+
+def _batch_prompts(prompt, count: int):
+    """--prompt-embedding with several images: (C,) or (1,C) shared by all, or (B,C), one per image."""
+    if prompt is None or count == 1:
+        return None if prompt is None else [prompt]
+    p = np.asarray(prompt)
+    if p.ndim == 2 and p.shape[0] not in (1, count):
+        raise Ps3EdgeError(f"--prompt-embedding holds {p.shape[0]} prompts for {count} images: give one row per "
+                           f"--image, or a single prompt shared by all")
+    return list(p) if p.ndim == 2 and p.shape[0] == count else p
 
 
 def demo(
@@ -133,6 +168,7 @@ def parity(
     samples: int = typer.Option(defaults.DEFAULT_CALIBRATION_SAMPLES, "--samples", min=1, help="int8 without --artifacts: calibration images."),
     method: str = typer.Option(defaults.DEFAULT_CALIBRATION_METHOD, "--method", help="int8 without --artifacts: max, entropy or percentile."),
     with_torch: bool = typer.Option(False, "--with-torch", help="fp16: also our torch model in fp16 against fp32."),
+    batch: int = typer.Option(1, "--batch", min=1, help="fp32: run N different images (the image, its mirrors, turns and crops) as one batch; each is checked against the official code and against itself run alone."),
 ):
     """Compare the official ps3-torch model, our torch model and the exported stages (or, with --precision fp16/int8, those stages against the FP32 ones)."""
     from ..demo import sample_image
@@ -140,6 +176,8 @@ def parity(
 
     settings = look_close.settings()
     if precision != "fp32":
+        if batch != 1:
+            raise Ps3EdgeError("--batch checks fp32 batches against the official code; drop it with --precision")
         return _precision_parity(precision, backend, prompt_embedding, look_close, settings, model_spec=model,
                                  artifact_dir=artifacts, images=images, image=image, layer=layer, seed=seed,
                                  samples=samples, method=method, with_torch=with_torch)
@@ -147,7 +185,8 @@ def parity(
     pil = sample_image() if image is None else image
     with console.status("parity") as status:
         report = run_parity(model, pil, settings, prompt_embedding=prompt, layer=layer,
-                            backends=tuple(backend), seed=seed, artifact_dir=artifacts, progress=views.progress(status))
+                            backends=tuple(backend), seed=seed, artifact_dir=artifacts, progress=views.progress(status),
+                            batch=batch)
     views.print_parity(report)
     if not report.ok:
         views.error_line("parity outside tolerance")

@@ -73,14 +73,18 @@ def _ok(ok: bool) -> str:
 
 
 # look-close runs and comparisons ----------------------------------------------------------------
-def print_run(result, backend: str) -> None:
-    """Tokens per scale, time per stage and the highres calls of one look-close run."""
+def print_run(result, backend: str, images: int = 1, batch_size: int = 1) -> None:
+    """Tokens per scale (per image), time per stage and the highres calls of a look-close run
+    (with several images: of the last pass)."""
     tokens = [(name if name == "lowres" else f"{name}px", str(n)) for name, n in result.tokens_each_scale.items()]
-    print_table(("tokens", "count"), [*tokens, (_bold("total"), _bold(str(result.features.shape[1])))],
-                title=f"look-close on {backend}", show_edge=False, right=("count",))
+    each = " each" if images > 1 else ""
+    print_table(("tokens" + each, "count"), [*tokens, (_bold("total"), _bold(str(result.features.shape[1])))],
+                title=f"look-close on {backend}" + (f", {images} images in passes of {batch_size}" if images > 1 else ""),
+                show_edge=False, right=("count",))
+    label = f"ms (pass of {result.batch})" if images > 1 else "ms"
     times = [(stage, f"{ms:.1f}") for stage, ms in result.timings_ms.items()]
-    print_table(("stage", "ms"), [*times, (_bold("total"), _bold(f"{sum(result.timings_ms.values()):.1f}"))],
-                show_edge=False, right=("ms",))
+    print_table(("stage", label), [*times, (_bold("total"), _bold(f"{sum(result.timings_ms.values()):.1f}"))],
+                show_edge=False, right=(label,))
     say(f"highres calls (T steps x N tokens): {result.highres_calls}")
 
 
@@ -144,7 +148,8 @@ def print_manifest(artifacts: Path, manifest) -> None:
     steps = defaults.DEFAULT_NUM_LOOK_CLOSE if d.num_look_close is None else d.num_look_close
     say(f"look-close  {'+'.join(map(str, d.select_num_each_scale))} patches per step, "
         f"default {steps} steps, at most {g.max_tokens_per_highres_call} "
-        f"tokens per highres call; returned layers {list(manifest.returned_layers)}")
+        f"tokens per step; returned layers {list(manifest.returned_layers)}")
+    say(f"batch  up to {g.max_batch} images per pass (export --max-batch)")
     p = manifest.preprocessing
     say(f"preprocess  {p.resize} resize to {p.size} ({p.interpolation}), x{p.rescale}, "
         f"mean {list(p.mean)}, std {list(p.std)}")
@@ -166,8 +171,11 @@ def print_manifest(artifacts: Path, manifest) -> None:
 
 def print_lint(artifacts: Path, manifest, report, t_max, precision: str, grouped) -> None:
     """`inspect --lint`: a table of findings (`grouped`: each finding and how often it repeats)."""
+    from ..artifact.profiles import highres_rows
+
     title = (f"TensorRT {report.trt_version} lint of {escape(str(artifacts))}, {precision} stages "
-             f"(highres profile T <= {t_max}, N <= {manifest.geometry.max_tokens_per_highres_call})")
+             f"(B <= {manifest.geometry.max_batch} images, highres profile T <= {highres_rows(manifest, t_max)} "
+             f"step rows ({t_max} steps per image), N <= {manifest.geometry.max_tokens_per_highres_call})")
     if report.findings:
         def cells(item):
             f, count = item

@@ -62,7 +62,8 @@ def build(artifact_dir, options: BuildOptions, progress: Callable[[str], None] |
     def build_one(plan, timing):
         say(f"stage '{plan.stage}': building {plan.precision} engine from "
             f"{plan.onnx_file if options.via == 'onnx' else 'the PyTorch stage'} via {options.via}"
-            + (f", T <= {plan.max_look_close}" if is_dynamic(plan.profile) else ""))
+            + (", " + ", ".join(f"{name} <= {b['max']}" for name, b in plan.profile.items() if b["min"] != b["max"])
+               if is_dynamic(plan.profile) else ""))
         if options.via == "onnx":
             engine_bytes, timing, constraints = build_from_onnx(trt, artifact_dir, plan, options, timing, say)
         else:

@@ -25,7 +25,7 @@ _TORCH_DTYPES = {"float32": "float32", "int32": "int32"}
 
 
 def export_stage_program(module, stage: dict, profile: dict, num_positions: int, device: str = "cpu"):
-    """torch.export of a stage module with the profile's dynamic axes (T, N) as export Dims and
+    """torch.export of a stage module with the profile's dynamic axes (B, T, N) as export Dims and
     example inputs at the profile's opt shapes: what Torch-TensorRT compiles."""
     import torch
 
@@ -35,6 +35,9 @@ def export_stage_program(module, stage: dict, profile: dict, num_positions: int,
         dtype = getattr(torch, _TORCH_DTYPES[t["dtype"]])
         if t["name"] == "positions":
             examples.append(torch.randint(0, num_positions, tuple(b["opt"]), dtype=dtype, device=device))
+        elif t["name"] == "step_image":                      # rows name images of the kv_cache's batch axis
+            images = profile["kv_cache"]["opt"][2]
+            examples.append(torch.arange(b["opt"][0], dtype=dtype, device=device) % images)
         else:
             examples.append(torch.randn(tuple(b["opt"]), dtype=dtype, device=device))
         axes = {}

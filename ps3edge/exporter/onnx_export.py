@@ -22,6 +22,7 @@ from .. import defaults
 from ..artifact.io import file_sha256, publish_dir, temp_dir
 from ..artifact.lock import writer_lock
 from ..artifact.manifest import Manifest, build_manifest
+from ..artifact.profiles import check_max_batch
 from ..artifact.spec import STAGE_ORDER, stage_specs
 from ..errors import Ps3EdgeError
 from ..model import HighResStage, LowResStage, SelectorStage, build
@@ -30,14 +31,19 @@ from ..model.weights import LoadedModel, state_dict_sha256
 
 
 def _example_inputs(stage: str, cfg, spec) -> tuple:
+    """Inputs to trace a stage with: B = 2 images and T = 3 step rows of N = 8 tokens, any small
+    sizes other than 1 (a traced size of 1 could be taken for a constant); the axes are exported
+    as dynamic."""
     gen = torch.Generator().manual_seed(0)
+    sizes = {"B": 2, "T": 3, "N": 8}
+    shape = lambda t: [sizes.get(d, d) for d in t.shape]                      # noqa: E731
     if stage == "highres":
-        T, N = 2, 8            # any small sizes: T and N are exported as dynamic axes
-        patches = torch.randn(T, N, cfg.patch_dim, generator=gen)
-        positions = torch.randint(0, cfg.highres_patches_total, (T, N), generator=gen, dtype=torch.int32)
-        kv = torch.randn(*spec.inputs[2].shape, generator=gen)
-        return patches, positions, kv
-    return tuple(torch.randn(*t.shape, generator=gen) for t in spec.inputs)
+        patches, positions, step_image, kv = spec.inputs
+        return (torch.randn(*shape(patches), generator=gen),
+                torch.randint(0, cfg.highres_patches_total, shape(positions), generator=gen, dtype=torch.int32),
+                torch.tensor([1, 0, 1], dtype=torch.int32),
+                torch.randn(*shape(kv), generator=gen))
+    return tuple(torch.randn(*shape(t), generator=gen) for t in spec.inputs)
 
 
 def _export_stage(module, example, spec, opset: int, scratch: Path, final: Path) -> list[Path]:
@@ -95,9 +101,11 @@ def _max_opset() -> int | None:
 
 def export(model_spec, out_dir, opset: int = defaults.DEFAULT_OPSET,
            returned_layers=defaults.DEFAULT_RETURNED_LAYERS, seed: int = defaults.DEFAULT_SEED,
-           overwrite: bool = False, progress: Callable[[str], None] | None = None) -> Manifest:
+           overwrite: bool = False, progress: Callable[[str], None] | None = None,
+           max_batch: int = defaults.DEFAULT_MAX_BATCH) -> Manifest:
     """Export `model_spec` (preset name, checkpoint dir, or an already built weights.LoadedModel)
-    to `out_dir`; returns the manifest."""
+    to `out_dir`; returns the manifest. `max_batch`: the most images one pass takes (the
+    TensorRT profiles' bound of the batch axis; onnxruntime and torch are held to it too)."""
     say = progress or (lambda msg: None)
     if opset < defaults.MIN_OPSET:
         raise Ps3EdgeError(f"opset {opset} is too old; ps3edge exports opset {defaults.MIN_OPSET} or newer")
@@ -111,11 +119,11 @@ def export(model_spec, out_dir, opset: int = defaults.DEFAULT_OPSET,
     _prepare_out_dir(out_dir, overwrite)
     with writer_lock(out_dir):
         _prepare_out_dir(out_dir, overwrite)            # again, now that no other writer runs
-        return _export_locked(model_spec, out_dir, opset, returned_layers, seed, overwrite, say)
+        return _export_locked(model_spec, out_dir, opset, returned_layers, seed, overwrite, say, max_batch)
 
 
 def _export_locked(model_spec, out_dir: Path, opset: int, returned_layers: list, seed: int, overwrite: bool,
-                   say) -> Manifest:
+                   say, max_batch: int) -> Manifest:
     if isinstance(model_spec, LoadedModel):
         loaded = model_spec
     else:
@@ -130,6 +138,7 @@ def _export_locked(model_spec, out_dir: Path, opset: int, returned_layers: list,
         raise Ps3EdgeError(f"returned layers {returned_layers} name the same block twice in a {cfg.depth}-block "
                            f"model (blocks {list(layers)})")
     specs = stage_specs(cfg, len(layers))
+    max_batch = check_max_batch(specs, max_batch)
     modules = {"lowres": LowResStage(model, layers, for_export=True), "selector": SelectorStage(model),
                "highres": HighResStage(model, layers)}
 
@@ -149,7 +158,7 @@ def _export_locked(model_spec, out_dir: Path, opset: int, returned_layers: list,
         files[defaults.PRIOR_PROMPT_FILE] = file_sha256(staging / defaults.PRIOR_PROMPT_FILE)
 
         manifest = build_manifest(cfg, loaded.source, layers, returned_layers, opset, stages, files,
-                                  weights_sha256=state_dict_sha256(model))
+                                  weights_sha256=state_dict_sha256(model), max_batch=max_batch)
         manifest.write(staging)
         say("finalising artifact")
         publish_dir(staging, out_dir, replace=overwrite)

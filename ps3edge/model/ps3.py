@@ -6,16 +6,22 @@ official name (without the `vision_model.` prefix), so a published checkpoint lo
 Notation (1.5K / 4K):  C = width (1152), L = depth (27), H = heads (16), D = C / H (72),
 G0 = 27 low-res grid, N0 = G0*G0 = 729 low-res tokens, S_max = 1512 / 3780 input size,
 g_s = 54, 108 (, 270) high-res grids, P = sum g_s^2 = 14580 / 87480 high-res patches,
-R = number of returned layers, T = look-close steps in one call, N <= 2560 tokens per step.
+R = number of returned layers, B = images in one pass, T = look-close steps in one call (of
+any of the B images), N <= 2560 tokens per step.
 
 The three stages:
 
-  lowres(pixels (1,3,S_max,S_max))
-      -> lowres_features (R,1,N0,C), kv_cache (L,2,1,H,N0,D),
-         selection_features (1,C,G0,G0), conv_features (1,C',2*G0,2*G0),
-         highres_patches (1,P,3*14*14)
-  selector(selection_features, conv_features, prompt (1,C)) -> prob (1,G0,G0)
-  highres(patches (T,N,588), positions (T,N) int32, kv_cache) -> highres_features (R,T,N,C)
+  lowres(pixels (B,3,S_max,S_max))
+      -> lowres_features (R,B,N0,C), kv_cache (L,2,B,H,N0,D),
+         selection_features (B,C,G0,G0), conv_features (B,C',2*G0,2*G0),
+         highres_patches (B,P,3*14*14)
+  selector(selection_features, conv_features, prompt (B,C)) -> prob (B,G0,G0)
+  highres(patches (T,N,588), positions (T,N) int32, step_image (T,) int32, kv_cache)
+      -> highres_features (R,T,N,C)
+
+Each step row of a highres call names the image whose low-res K/V cache it attends to
+(`step_image`), so one call holds the steps of several images; a step still sees only its own
+image's N0 cached keys and its own N tokens.
 
 Choosing which patches to look at (planning) is not a network: it lives in runtime/planning.py.
 """
@@ -52,7 +58,8 @@ class Mlp(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention whose keys/values may be prefixed by a cached set.
 
-    x (B,N,C), kv_prefix (2,B',H,N0,D) with B' = B or 1 (broadcast over the steps of a call).
+    x (B,N,C), kv_prefix (2,B',H,N0,D) with B' = B or 1 (broadcast over the steps of a call), or
+    any B' with prefix_index (B,) naming the prefix row each of the B sequences attends to.
     Returns the output (B,N,C) and this call's own keys and values, each (B,H,N,D).
 
     Keys and values are concatenated token-major, (B,N0+N,C) with rows of C contiguous, and
@@ -71,7 +78,7 @@ class Attention(nn.Module):
     def _heads(self, x):                                      # (B,L,C) -> (B,H,L,D), a view
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def forward(self, x, kv_prefix=None):
+    def forward(self, x, kv_prefix=None, prefix_index=None):
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, C).unbind(2)   # each (B,N,C), token-major
         k_all, v_all = k, v
@@ -79,6 +86,8 @@ class Attention(nn.Module):
             n_prefix = kv_prefix.shape[1]
             k_prefix = kv_prefix[0].transpose(1, 2).reshape(n_prefix, -1, C)   # (B',N0,C)
             v_prefix = kv_prefix[1].transpose(1, 2).reshape(n_prefix, -1, C)
+            if prefix_index is not None:                                        # (B,N0,C)
+                k_prefix, v_prefix = k_prefix.index_select(0, prefix_index), v_prefix.index_select(0, prefix_index)
             k_all = torch.cat([k_prefix.expand(B, -1, -1), k], dim=1)         # (B,N0+N,C)
             v_all = torch.cat([v_prefix.expand(B, -1, -1), v], dim=1)
         out = F.scaled_dot_product_attention(self._heads(q), self._heads(k_all), self._heads(v_all))
@@ -96,8 +105,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.mlp = Mlp(cfg.width, cfg.mlp_dim, cfg.width)
 
-    def forward(self, x, kv_prefix=None):
-        attn_out, k, v = self.attn(self.norm1(x), kv_prefix)
+    def forward(self, x, kv_prefix=None, prefix_index=None):
+        attn_out, k, v = self.attn(self.norm1(x), kv_prefix, prefix_index)
         x = x + attn_out
         x = x + self.mlp(self.norm2(x))
         return x, k, v
@@ -216,7 +225,7 @@ def separable_bicubic_resize(image, size: int):
 
 
 def image_to_patches(image, patch_size: int):
-    """(1,3,S,S) -> (1,(S/p)^2,3*p*p) in raster order, each patch flattened as (c, kh, kw)."""
+    """(B,3,S,S) -> (B,(S/p)^2,3*p*p) in raster order, each patch flattened as (c, kh, kw)."""
     B, C, S, _ = image.shape
     g = S // patch_size
     x = image.reshape(B, C, g, patch_size, g, patch_size)
@@ -250,48 +259,48 @@ class PS3(nn.Module):
 
     # --- stage 1: low-res pass ------------------------------------------------------------
     def lowres(self, pixels, returned_layers, resize=bicubic_resize):
-        """pixels (1,3,S_max,S_max), normalised. See the module docstring for the outputs.
+        """pixels (B,3,S_max,S_max), normalised. See the module docstring for the outputs.
 
         `resize` is `bicubic_resize`, or its gather form `separable_bicubic_resize` for export.
         """
         cfg = self.cfg
-        x = resize(pixels, cfg.scales[0])                               # (1,3,378,378)
-        x = self.trunk.patch_embed.forward_image(x)                     # (1,N0,C)
+        x = resize(pixels, cfg.scales[0])                               # (B,3,378,378)
+        x = self.trunk.patch_embed.forward_image(x)                     # (B,N0,C)
         x = x + self.trunk.pos_embed
 
         hidden, kv = [], []
         for block in self.trunk.blocks:
-            x, k, v = block(x)                                          # k, v: (1,H,N0,D)
+            x, k, v = block(x)                                          # k, v: (B,H,N0,D)
             hidden.append(x)
-            kv.append(torch.stack([k, v]))                              # (2,1,H,N0,D)
-        kv_cache = torch.stack(kv)                                      # (L,2,1,H,N0,D)
-        lowres_features = torch.stack([hidden[i] for i in returned_layers])   # (R,1,N0,C)
+            kv.append(torch.stack([k, v]))                              # (2,B,H,N0,D)
+        kv_cache = torch.stack(kv)                                      # (L,2,B,H,N0,D)
+        lowres_features = torch.stack([hidden[i] for i in returned_layers])   # (R,B,N0,C)
 
         # Selection features: the chosen layers side by side, projected; scale 0's slice only,
         # because the official code gives every high-res scale the map of the first one.
         g0 = cfg.lowres_grid
-        sel = torch.cat([hidden[i] for i in cfg.select_layers], dim=-1)      # (1,N0,4C)
-        sel = self.selection_feature_proj(sel)[..., : cfg.width]             # (1,N0,C)
-        selection_features = sel.transpose(1, 2).reshape(1, cfg.width, g0, g0)   # (1,C,G0,G0)
+        sel = torch.cat([hidden[i] for i in cfg.select_layers], dim=-1)      # (B,N0,4C)
+        sel = self.selection_feature_proj(sel)[..., : cfg.width]             # (B,N0,C)
+        selection_features = sel.transpose(1, 2).unflatten(2, (g0, g0))     # (B,C,G0,G0)
 
-        conv_input = resize(pixels, defaults.SELECTOR_CONV_INPUT_SIZE)   # (1,3,1512,1512)
-        conv_features = self.highres_selection_feature_module(conv_input)       # (1,C',54,54)
+        conv_input = resize(pixels, defaults.SELECTOR_CONV_INPUT_SIZE)   # (B,3,1512,1512)
+        conv_features = self.highres_selection_feature_module(conv_input)       # (B,C',54,54)
 
         # Every high-res patch of every scale, scale-major raster order: row p of this table is
         # the patch at global position p, the index space that `positions` uses.
         highres_patches = torch.cat(
             [image_to_patches(resize(pixels, s), cfg.patch_size) for s in cfg.scales[1:]],
-            dim=1)                                                           # (1,P,588)
+            dim=1)                                                           # (B,P,588)
         return lowres_features, kv_cache, selection_features, conv_features, highres_patches
 
     # --- stage 2: selector ----------------------------------------------------------------
     def selector(self, selection_features, conv_features, prompt):
-        """Selection probability on the G0 x G0 grid: (1,C,G0,G0), (1,C',54,54), (1,C) -> (1,G0,G0)."""
+        """Selection probability on the G0 x G0 grid: (B,C,G0,G0), (B,C',54,54), (B,C) -> (B,G0,G0)."""
         cfg = self.cfg
-        lowres_logits = cosine_map(selection_features, prompt)              # (1,G0,G0)
-        conv_prompt = self.prompt_proj_for_highres(prompt)[:, : cfg.conv_out]   # (1,C')
-        conv_logits = cosine_map(conv_features, conv_prompt)                # (1,54,54)
-        conv_logits = F.max_pool2d(conv_logits[:, None], kernel_size=2)[:, 0]   # (1,G0,G0)
+        lowres_logits = cosine_map(selection_features, prompt)              # (B,G0,G0)
+        conv_prompt = self.prompt_proj_for_highres(prompt)[:, : cfg.conv_out]   # (B,C')
+        conv_logits = cosine_map(conv_features, conv_prompt)                # (B,54,54)
+        conv_logits = F.max_pool2d(conv_logits[:, None], kernel_size=2)[:, 0]   # (B,G0,G0)
         logits = ((lowres_logits + conv_logits) / 2 * 5.0).clamp(-10, 10)
         # sigmoid, written as the official softmax over [logit, 0] so that values match bit for bit
         return F.softmax(F.pad(logits[..., None], (0, 1)), dim=-1)[..., 0]
@@ -309,17 +318,19 @@ class PS3(nn.Module):
             tables.append(pos + residual.detach()[0])
         return torch.cat(tables, dim=0)
 
-    def highres(self, patches, positions, kv_cache, position_table, returned_layers):
-        """patches (T,N,588), positions (T,N) int, kv_cache (L,2,1,H,N0,D) -> (R,T,N,C).
+    def highres(self, patches, positions, step_image, kv_cache, position_table, returned_layers):
+        """patches (T,N,588), positions (T,N) int, step_image (T,) int, kv_cache (L,2,B,H,N0,D)
+        -> (R,T,N,C).
 
-        The T steps are independent: each attends to [low-res K/V ; its own N tokens].
+        The T steps are independent: step t attends to [image step_image[t]'s low-res K/V ; its
+        own N tokens].
         """
         x = self.trunk.patch_embed.forward_patches(patches)                # (T,N,C)
         x = x + position_table[positions]
         outputs = {}
         last = max(returned_layers)            # blocks after the last returned layer are not run
         for i, block in enumerate(self.trunk.blocks[: last + 1]):
-            x, _, _ = block(x, kv_prefix=kv_cache[i])
+            x, _, _ = block(x, kv_prefix=kv_cache[i], prefix_index=step_image)
             if i in returned_layers:
                 outputs[i] = x
         return torch.stack([outputs[i] for i in returned_layers])          # (R,T,N,C)

@@ -48,5 +48,6 @@ class HighResStage(nn.Module):
         with torch.no_grad():
             self.register_buffer("position_table", model.highres_position_table(), persistent=False)
 
-    def forward(self, patches, positions, kv_cache):
-        return self.model.highres(patches, positions, kv_cache, self.position_table, self.returned_layers)
+    def forward(self, patches, positions, step_image, kv_cache):
+        return self.model.highres(patches, positions, step_image, kv_cache, self.position_table,
+                                  self.returned_layers)

@@ -7,11 +7,12 @@ the pixels and the features:
   only on the settings, so it is computed on the host before the run (`planning.step_counts`);
 - the ranking is a stable descending `torch.sort` of each scale's map on the device, and each
   step is a fixed slice of it, so planning needs no host round trip;
-- all steps of equal length run as one `highres` call (T steps x N tokens) against the low-res
-  K/V cache broadcast over T, each block writing its keys and values in place next to the
-  low-res prefix (`highres_block`) instead of concatenating them;
-- every shape is fixed for given settings, so on CUDA the whole run is captured as a CUDA
-  graph per (settings, prompt kind, layer) on its second use and replayed after that.
+- all steps of equal length of all B images run as one `highres` call (T = steps x B rows of N
+  tokens), each row reading its own image's low-res K/V (one image: the cache broadcast over
+  T), each block writing its keys and values in place next to the low-res prefix
+  (`highres_block`) instead of concatenating them;
+- every shape is fixed for given settings and B, so on CUDA the whole run is captured as a
+  CUDA graph per (B, settings, prompt kind, layer) on its second use and replayed after that.
 
 `lookclose.Pipeline` runs this for `ps3edge run --backend torch` on CUDA (with the image
 preprocessed on the device, `preprocess.preprocess_on_device`); `ps3edge bench` times it.
@@ -37,10 +38,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclass
 class FastResult:
-    features: torch.Tensor          # (1, tokens, C) in the run's dtype, on the device
-    prob: torch.Tensor              # (G0, G0)
-    selection: torch.Tensor         # (P,) uint8, 1 where a high-res patch was encoded
-    steps: list                     # per step, (N_t,) global patch indices, scale-major
+    features: torch.Tensor          # (B, tokens, C) in the run's dtype, on the device
+    prob: torch.Tensor              # (B, G0, G0)
+    selection: torch.Tensor         # (B, P) uint8, 1 where a high-res patch was encoded
+    steps: list                     # per step, (B, N_t) global patch indices, scale-major
 
 
 def attention_kernels(device: torch.device):
@@ -78,8 +79,9 @@ class FastLookClose:
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor, counts: list[list[int]], smooth: bool = False,
                 prompt: torch.Tensor | None = None, timer=None, layer: int | None = None) -> FastResult:
-        """pixels (1,3,S,S) on the device; counts[t][s] from planning.step_counts; layer: the
-        block whose features come back (default: the one given at construction)."""
+        """pixels (B,3,S,S) on the device; counts[t][s] from planning.step_counts (the same for
+        every image); prompt (B,C) or None (the learned prior for all); layer: the block whose
+        features come back (default: the one given at construction)."""
         layer = self.layer if layer is None else layer % self.cfg.depth
         with attention_kernels(self.device):
             return self._forward(pixels, counts, smooth, prompt, timer, layer)
@@ -87,84 +89,96 @@ class FastLookClose:
     def _forward(self, pixels, counts, smooth, prompt, timer, layer) -> FastResult:
         mark = timer or (lambda name: None)
         m, cfg = self.model, self.cfg
+        B = pixels.shape[0]
         low_feats, kv, sel, conv, patches = m.lowres(pixels.to(self.dtype), (layer,))
         mark("lowres")
-        prompt = self.prior_prompt if prompt is None else prompt.to(self.dtype).reshape(1, -1)
-        prob = m.selector(sel, conv, prompt)[0]                                # (G0,G0)
+        prompt = self.prior_prompt.expand(B, -1) if prompt is None else prompt.to(self.dtype).reshape(B, -1)
+        prob = m.selector(sel, conv, prompt)                                   # (B,G0,G0)
         mark("selector")
 
-        # planning: one stable ranking per scale, each step a fixed slice of it
+        # planning: one stable ranking per scale and image, each step a fixed slice of it
         rankings = []
         for g in cfg.highres_grids:
-            p = F.interpolate(prob[None, None], size=(g, g), mode="nearest")
+            p = F.interpolate(prob[:, None], size=(g, g), mode="nearest")      # (B,1,g,g)
             if smooth:
                 s = defaults.SMOOTH_SELECTION_GRID
                 p = F.interpolate(F.interpolate(p, size=(s, s), mode="area"), size=(g, g), mode="nearest")
-            rankings.append(torch.sort(p.reshape(-1), descending=True, stable=True).indices)
+            rankings.append(torch.sort(p.reshape(B, -1), dim=1, descending=True, stable=True).indices)
         taken = [0] * len(rankings)
-        steps = []
+        steps = []                                                             # each (B,N_t)
         for step in counts:
             parts = []
             for s, k in enumerate(step):
-                parts.append(rankings[s][taken[s]: taken[s] + k] + self.scale_offsets[s])
+                parts.append(rankings[s][:, taken[s]: taken[s] + k] + self.scale_offsets[s])
                 taken[s] += k
-            steps.append(torch.cat(parts))
-        selection = torch.zeros(cfg.highres_patches_total, dtype=torch.uint8, device=self.device)
+            steps.append(torch.cat(parts, dim=1))
+        selection = torch.zeros(B, cfg.highres_patches_total, dtype=torch.uint8, device=self.device)
         for s, r in enumerate(rankings):
-            selection.index_fill_(0, r[: taken[s]] + self.scale_offsets[s], 1)
+            selection.scatter_(1, r[:, : taken[s]] + self.scale_offsets[s], 1)
         mark("planning")
 
-        # high-res: steps grouped by length, each group one call
+        # high-res: the steps of equal length of all images in one call, rows step-major
         by_length = {}
         for pos in steps:
-            if len(pos):
-                by_length.setdefault(len(pos), []).append(pos)
-        all_patches = patches[0]                                               # (P,588)
+            if pos.shape[1]:
+                by_length.setdefault(pos.shape[1], []).append(pos)
+        images = torch.arange(B, device=self.device)
         positions, feats = [], []
         for n in sorted(by_length, reverse=True):
-            pos = torch.stack(by_length[n])                                    # (T,N)
-            out = self._highres(all_patches[pos], pos, kv, layer)                  # (T,N,C)
-            positions.append(pos.reshape(-1))
-            feats.append(out.reshape(-1, cfg.width))
+            group = torch.stack(by_length[n])                                  # (T_n,B,N)
+            pos = group.reshape(-1, n)                                         # (T_n*B,N)
+            step_image = images.repeat(group.shape[0])                         # (T_n*B,)
+            # one image: every row reads the one prefix (a broadcast, no gather)
+            out = self._highres(patches[step_image[:, None], pos], pos, kv, layer,
+                                step_image if B > 1 else None)                # (T_n*B,N,C)
+            positions.append(group.permute(1, 0, 2).reshape(B, -1))           # (B,T_n*N)
+            feats.append(out.reshape(group.shape[0], B, n, cfg.width).permute(1, 0, 2, 3).reshape(B, -1, cfg.width))
             mark(f"highres[{pos.shape[0]}x{n}]")                               # one per call: T x N
 
-        lowres_tokens = low_feats[0, 0]                                        # (N0,C)
+        lowres_tokens = low_feats[0]                                           # (B,N0,C)
         if positions:
-            order = torch.argsort(torch.cat(positions))
-            tokens = torch.cat([lowres_tokens, torch.cat(feats)[order]])
+            order = torch.argsort(torch.cat(positions, dim=1), dim=1)          # (B,M) scale-major raster order
+            high = torch.cat(feats, dim=1).gather(1, order[..., None].expand(-1, -1, cfg.width))
+            tokens = torch.cat([lowres_tokens, high], dim=1)
         else:
             tokens = lowres_tokens
         mark("assemble")
-        return FastResult(features=tokens[None], prob=prob, selection=selection, steps=steps)
+        return FastResult(features=tokens, prob=prob, selection=selection, steps=steps)
 
-    def _highres(self, patches, positions, kv_cache, layer):
-        """`PS3.highres` for one call (T steps x N tokens) -> block `layer`'s output (T,N,C)."""
+    def _highres(self, patches, positions, kv_cache, layer, step_image):
+        """`PS3.highres` for one call (T step rows x N tokens, row t of image step_image[t]) ->
+        block `layer`'s output (T,N,C)."""
         m, cfg = self.model, self.cfg
         T, N = positions.shape
         N0 = kv_cache.shape[-2]
         x = m.trunk.patch_embed.forward_patches(patches) + self.position_table[positions]   # (T,N,C)
         kv_buffer = torch.empty(T, N0 + N, 2 * cfg.width, dtype=x.dtype, device=x.device)
         for i, block in enumerate(m.trunk.blocks[: layer + 1]):
-            x = self.highres_block(block, x, kv_cache[i], kv_buffer)
+            x = self.highres_block(block, x, kv_cache[i], kv_buffer, step_image)
         return x
 
-    def highres_block(self, block, x, kv_prefix, kv_buffer):
-        """One high-res block, the same arithmetic as `Block.forward(x, kv_prefix)`.
+    def highres_block(self, block, x, kv_prefix, kv_buffer, step_image=None):
+        """One high-res block, the same arithmetic as `Block.forward(x, kv_prefix, step_image)`.
 
-        x (T,N,C); kv_prefix (2,1,H,N0,D), the block's low-res K/V; kv_buffer (T,N0+N,2C) scratch.
+        x (T,N,C); kv_prefix (2,B,H,N0,D), the block's low-res K/V of the B images; step_image
+        (T,) the image of each row (None: B is 1); kv_buffer (T,N0+N,2C) scratch.
         One layout change: the keys and values are written straight into kv_buffer, the low-res
-        prefix copied into its first N0 rows and each step's own K/V produced in place by the
-        K/V half of the qkv projection (one matmul per step, `out=`), so nothing is
-        concatenated (the concatenation took ~6 ms of a 53 ms 1.5K run on an H100). The
-        attention reads K and V as strided (T,H,N0+N,D) views of the buffer.
+        prefix of each row's image copied into its first N0 rows and each step's own K/V
+        produced in place by the K/V half of the qkv projection (one matmul per step, `out=`),
+        so nothing is concatenated (the concatenation took ~6 ms of a 53 ms 1.5K run on an
+        H100). The attention reads K and V as strided (T,H,N0+N,D) views of the buffer.
         """
         T, N, C = x.shape
         H = self.cfg.num_heads
         N0 = kv_prefix.shape[-2]
         heads = lambda t: t.unflatten(-1, (H, C // H)).transpose(1, 2)               # noqa: E731
         w, b = block.attn.qkv.weight, block.attn.qkv.bias                            # (3C,C), (3C,)
-        # the low-res prefix: (2,1,H,N0,D) -> N0 rows [k | v] of 2C, the same for every step
-        kv_buffer[:, :N0].copy_(kv_prefix.permute(1, 3, 0, 2, 4).reshape(1, N0, 2 * C).expand(T, -1, -1))
+        # the low-res prefix: (2,B,H,N0,D) -> per image N0 rows [k | v] of 2C
+        prefix = kv_prefix.permute(1, 3, 0, 2, 4).reshape(-1, N0, 2 * C)             # (B,N0,2C)
+        if step_image is None:
+            kv_buffer[:, :N0].copy_(prefix.expand(T, -1, -1))
+        else:
+            kv_buffer[:, :N0].copy_(prefix.index_select(0, step_image))
         h = block.norm1(x)                                                           # (T,N,C)
         q = F.linear(h, w[:C], b[:C])                                                # (T,N,C)
         for t in range(T):
@@ -182,14 +196,14 @@ class FastLookClose:
         if self.device.type != "cuda":
             return self.forward(pixels, counts, smooth, prompt, layer=layer)
         layer = self.layer if layer is None else layer % self.cfg.depth
-        key = (tuple(map(tuple, counts)), smooth, prompt is None, layer)
+        key = (pixels.shape[0], tuple(map(tuple, counts)), smooth, prompt is None, layer)
         entry = self._graphs.get(key)
         if entry is None and key not in self._seen:
             self._seen.add(key)
             return self.forward(pixels, counts, smooth, prompt, layer=layer)
         if entry is None:
             static_pixels = pixels.to(self.dtype).clone()
-            static_prompt = None if prompt is None else prompt.to(self.device, self.dtype).reshape(1, -1).clone()
+            static_prompt = None if prompt is None else prompt.to(self.device, self.dtype).reshape(len(pixels), -1).clone()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -203,7 +217,7 @@ class FastLookClose:
         graph, static_pixels, static_prompt, static_out = entry
         static_pixels.copy_(pixels)
         if prompt is not None:
-            static_prompt.copy_(prompt.reshape(1, -1))
+            static_prompt.copy_(prompt.reshape(len(pixels), -1))
         graph.replay()
         return static_out
 

@@ -1,9 +1,12 @@
 """The look-close loop over exported stages: image -> features, one clear path.
 
-    image --preprocess--> pixels --lowres--> low-res features, K/V cache, selection inputs,
-    all high-res patches --selector(prompt)--> prob (27x27) --plan--> patches per step
-    --highres (all steps of equal length in one call)--> high-res features
-    --assemble--> [low-res tokens ; high-res tokens in scale-major raster order]
+    B images --preprocess (threads)--> pixels (B,3,S,S) --lowres--> low-res features, K/V
+    caches, selection inputs, all high-res patches --selector(B prompts)--> prob (B,27,27)
+    --plan, per image--> patches per step --highres (step rows of equal length from any image
+    in one call, batching.py)--> high-res features --assemble--> per image [low-res tokens ;
+    high-res tokens in scale-major raster order]
+
+One image is a batch of one: `run` is `run_batch` of one image.
 
 The output order and values are those of the official `PS3VisionModel` with
 `output_hidden_states=True` for the requested layer.
@@ -16,7 +19,7 @@ graph); the stage-by-stage path below stays the reference and the CPU path.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from .. import defaults
 from ..errors import Ps3EdgeError
 from ..artifact.manifest import load_manifest
 from ..artifact.weights import rebuild_torch_model
+from .batching import assemble, highres_feeds
 from .runners.registry import load_stages
 from .planning import Geometry, LookCloseSettings, Plan, plan, plan_from_steps, resolve_steps, step_counts
 from .preprocess import open_image, preprocess, preprocess_on_device
@@ -43,7 +47,8 @@ class LookCloseResult:
     plan: Plan
     scales: tuple[int, ...]              # the high-res scales, matching plan.selection_maps
     timings_ms: dict = field(default_factory=dict)
-    highres_calls: list = field(default_factory=list)   # (T, N) of each highres call
+    highres_calls: list = field(default_factory=list)   # (T, N) of each highres call of its pass
+    batch: int = 1                       # images in the pass that produced it (timings are the pass's)
 
     @property
     def tokens_each_scale(self) -> dict[str, int]:
@@ -82,24 +87,6 @@ def geometry_of(manifest) -> Geometry:
                     select_num_each_scale=manifest.look_close_defaults.select_num_each_scale,
                     max_tokens_per_call=manifest.geometry.max_tokens_per_highres_call,
                     default_num_look_close=manifest.look_close_defaults.num_look_close)
-
-
-def highres_feeds(the_plan: Plan, low: dict, geometry: Geometry, steps_per_call: int | None = None):
-    """The highres stage's inputs for a plan, one call at a time: steps of equal length go
-    through one call (T steps x N tokens), longest first, at most `steps_per_call` steps a call
-    (None: no limit); steps are independent, so the grouping changes no result. `low` holds
-    the lowres outputs."""
-    steps_by_length = defaultdict(list)
-    for t in range(len(the_plan.steps)):
-        pos = the_plan.step_positions(geometry, t)
-        if len(pos):
-            steps_by_length[len(pos)].append(pos)
-    all_patches = low["highres_patches"][0]                                        # (P,588)
-    for n, group in sorted(steps_by_length.items(), reverse=True):
-        chunk = steps_per_call or len(group)
-        for t0 in range(0, len(group), chunk):
-            pos = np.stack(group[t0: t0 + chunk])                                  # (T,N) int32
-            yield {"patches": all_patches[pos], "positions": pos, "kv_cache": low["kv_cache"]}
 
 
 class Pipeline:
@@ -213,33 +200,20 @@ class Pipeline:
                                f"re-export with --layers including it")
         return returned.index(wanted)
 
-    # --- the loop ------------------------------------------------------------------------
-    def run(self, image, settings: LookCloseSettings, prompt_embedding=None,
-            layer: int = defaults.DEFAULT_RUN_LAYER) -> LookCloseResult:
-        self.layer_index(layer)
-        self.prompt(settings, prompt_embedding)                  # refuse a bad prompt before any work
-        resolve_steps(settings, self.geometry)                   # and settings this model cannot take
-        if self.fast is not None:
-            result = self._run_fast(image, settings, prompt_embedding, layer)
-        else:
-            low, times = self.run_lowres(image)
-            result = self.run_from_lowres(low, settings, prompt_embedding, layer, times)
-        for name, values in (("selection probabilities", result.prob), ("features", result.features)):
-            if not np.isfinite(values).all():
-                raise Ps3EdgeError(f"the model gave non-finite {name} (NaN or inf): look at the prompt embedding's "
-                                   f"scale and the checkpoint's weights; nothing was written")
-        return result
-
     @property
     def max_batch(self) -> int:
         """Most images one `run_batch` call takes: the bound the artifact was exported with."""
-        return getattr(self.manifest.geometry, "max_batch", defaults.DEFAULT_MAX_BATCH)
+        return self.manifest.geometry.max_batch
 
-    def prompts(self, settings: LookCloseSettings, prompt_embeddings, count: int) -> list:
-        """One prompt embedding (or None: the learned prior) per image of a batch.
+    def prompts(self, settings: LookCloseSettings, prompt_embeddings, count: int) -> np.ndarray:
+        """(B,C): the prompt of every image of a batch, each checked as `prompt` checks one.
 
         prompt_embeddings: None (every image bottom-up), one embedding of C numbers shared by
         all images, a (B, C) array, or a sequence of B entries each None or C numbers."""
+        return np.concatenate([self.prompt(settings, p) for p in self._given_prompts(prompt_embeddings, count)])
+
+    def _given_prompts(self, prompt_embeddings, count: int) -> list:
+        """The caller's embedding of each image, or None where the learned prior is meant."""
         if prompt_embeddings is None:
             return [None] * count
         if isinstance(prompt_embeddings, (list, tuple)):
@@ -249,35 +223,97 @@ class Pipeline:
         p = np.asarray(prompt_embeddings)
         if p.ndim == 2 and p.shape[0] == count and count > 1:
             return list(p)
-        if p.ndim == 2 and p.shape[0] not in (1, count):
-            raise Ps3EdgeError(f"prompt embeddings of shape {p.shape} do not match {count} images: "
-                               f"give ({count}, {self.cfg.width}) or one ({self.cfg.width},) shared by all")
+        if p.ndim == 2 and p.shape[0] != 1:
+            raise Ps3EdgeError(f"prompt embeddings of shape {p.shape} do not match {count} images: give "
+                               f"({count}, {self.cfg.width}), or ({self.cfg.width},) shared by all")
         return [p] * count
+
+    def check_batch(self, count: int) -> None:
+        """One line for a batch this artifact cannot take."""
+        if count < 1:
+            raise Ps3EdgeError("a batch needs at least one image")
+        if count > self.max_batch:
+            raise Ps3EdgeError(f"a batch of {count} images is over this artifact's bound of {self.max_batch}: "
+                               f"use --batch-size {self.max_batch} or less, or re-export with "
+                               f"`ps3edge export --max-batch {count}`")
+
+    def pixels_batch(self, images, workers: int | None = None) -> np.ndarray:
+        """Paths, PIL images or (1,3,S,S) arrays -> (B,3,S,S), decoded and resized in threads
+        (PIL and numpy release the GIL). A file that cannot be read fails the whole batch."""
+        def one(image):
+            return image if isinstance(image, np.ndarray) else self.pixels(image)
+        if len(images) == 1:
+            return one(images[0])
+        with ThreadPoolExecutor(max_workers=workers or min(len(images), defaults.PREPROCESS_THREADS)) as pool:
+            return np.concatenate(list(pool.map(one, images)))
 
     def run_batch(self, images, settings: LookCloseSettings, prompt_embeddings=None,
                   layer: int = defaults.DEFAULT_RUN_LAYER) -> list[LookCloseResult]:
         """Several images through one pass: one result per image, in order.
 
-        images: paths, PIL images or (1,3,S,S) pixel arrays; one look-close setting for all;
-        prompt_embeddings as `prompts` takes them. At most `max_batch` images."""
-        images = list(images)
-        if not images:
-            raise Ps3EdgeError("run_batch needs at least one image")
-        if len(images) > self.max_batch:
-            raise Ps3EdgeError(f"a batch of {len(images)} images is over this artifact's bound of {self.max_batch}; "
-                               f"split it (--batch-size) or re-export with `ps3edge export --max-batch {len(images)}`")
-        prompts = self.prompts(settings, prompt_embeddings, len(images))
-        return [self.run(image, settings, prompt, layer) for image, prompt in zip(images, prompts)]
+        images: a list of paths, PIL images or (1,3,S,S) pixel arrays, or a (B,3,S,S) array; at
+        most `max_batch`. One look-close setting for all; prompt_embeddings as `prompts` takes
+        them. Planning is per image; the step rows of all images share the highres calls
+        (batching.py)."""
+        batch = images if isinstance(images, np.ndarray) and images.ndim == 4 else list(images)
+        count = len(batch)
+        self.check_batch(count)
+        self.layer_index(layer)
+        prompts = self.prompts(settings, prompt_embeddings, count)     # refuse bad prompts before any work
+        resolve_steps(settings, self.geometry)                         # and settings this model cannot take
+        if self.fast is not None:
+            bottom_up = all(p is None for p in self._given_prompts(prompt_embeddings, count))
+            results = self._run_fast(batch, settings, None if bottom_up else prompts, layer)
+        else:
+            low, times = self.run_lowres(batch)
+            results = self._from_lowres(low, settings, prompts, layer, times)
+        for i, result in enumerate(results):
+            for name, values in (("selection probabilities", result.prob), ("features", result.features)):
+                if not np.isfinite(values).all():
+                    which = f" for image {i + 1} of {count}" if count > 1 else ""
+                    raise Ps3EdgeError(f"the model gave non-finite {name} (NaN or inf){which}: look at the prompt "
+                                       f"embedding's scale and the checkpoint's weights; nothing was written")
+        return results
 
-    def run_lowres(self, image) -> tuple[dict, dict]:
+    def run_batches(self, images, settings: LookCloseSettings, prompt_embeddings=None,
+                    layer: int = defaults.DEFAULT_RUN_LAYER, batch_size: int | None = None):
+        """`run_batch` over a longer list in passes of `batch_size` (default `max_batch`),
+        decoding the next pass in a thread while the current one runs. Yields each pass's
+        results; prompt_embeddings None, one shared, or one per image (a list or (len, C))."""
+        images = list(images)
+        size = batch_size or self.max_batch
+        self.check_batch(size)
+        given = self._given_prompts(prompt_embeddings, len(images))
+        passes = [(images[i: i + size], given[i: i + size]) for i in range(0, len(images), size)]
+        if not passes:
+            return
+        with ThreadPoolExecutor(max_workers=1) as ahead:
+            pending = ahead.submit(self.pixels_batch, passes[0][0])
+            for k, (_, prompts) in enumerate(passes):
+                pixels = pending.result()
+                if k + 1 < len(passes):
+                    pending = ahead.submit(self.pixels_batch, passes[k + 1][0])
+                yield self.run_batch(pixels, settings, prompts, layer)
+
+    # --- the loop ------------------------------------------------------------------------
+    def run(self, image, settings: LookCloseSettings, prompt_embedding=None,
+            layer: int = defaults.DEFAULT_RUN_LAYER) -> LookCloseResult:
+        """One image: a batch of one."""
+        return self.run_batch([image], settings, None if prompt_embedding is None else [prompt_embedding], layer)[0]
+
+    def run_lowres(self, images) -> tuple[dict, dict]:
         """Preprocess + the lowres stage: (the stage's outputs, times in seconds).
 
-        The outputs can be run through `run_from_lowres` more than once (e.g. VILA-HD looks at
-        the low-res tokens first to build its top-down prompt, then selects with it).
+        images: one path or PIL image, a list of them (or of (1,3,S,S) arrays), or a (B,3,S,S)
+        array. The outputs can be run through `run_from_lowres` more than once (e.g. VILA-HD
+        looks at the low-res tokens first to build its top-down prompt, then selects with it).
         """
         times = {}
         t0 = time.perf_counter()
-        pixels = image if isinstance(image, np.ndarray) else self.pixels(image)
+        if isinstance(images, np.ndarray):
+            pixels = images
+        else:
+            pixels = self.pixels_batch(images if isinstance(images, (list, tuple)) else [images])
         times["preprocess"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -287,37 +323,45 @@ class Pipeline:
 
     def run_from_lowres(self, low: dict, settings: LookCloseSettings, prompt_embedding=None,
                         layer: int = defaults.DEFAULT_RUN_LAYER, times: dict | None = None) -> LookCloseResult:
-        """Selector, planning, highres and assembly from `run_lowres`'s outputs."""
+        """Selector, planning, highres and assembly from `run_lowres`'s outputs of one image."""
+        self.layer_index(layer)
+        return self._from_lowres(low, settings, self.prompt(settings, prompt_embedding), layer, times)[0]
+
+    def _from_lowres(self, low: dict, settings: LookCloseSettings, prompts: np.ndarray, layer: int,
+                     times: dict | None) -> list[LookCloseResult]:
+        """The batch's selector call, its plans (one per image), highres calls and assembly."""
         r = self.layer_index(layer)
-        prompt = self.prompt(settings, prompt_embedding)
         times = dict(times or {})
 
         t0 = time.perf_counter()
         prob = self.stages["selector"].infer({
             "selection_features": low["selection_features"], "conv_features": low["conv_features"],
-            "prompt": prompt})["prob"][0]                                          # (G0,G0)
+            "prompt": prompts})["prob"]                                            # (B,G0,G0)
         times["selector"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        the_plan = plan(prob, settings, self.geometry)
+        plans = [plan(p, settings, self.geometry) for p in prob]
         times["planning"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        positions, features, calls = self._run_highres(the_plan, low, r)
+        feeds = list(highres_feeds(plans, low, self.geometry, self.steps_per_call()))
+        features = [self.stages["highres"].infer(feed)["highres_features"][r] for feed in feeds]   # (T,N,C)
         times["highres"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        order = np.argsort(positions, kind="stable")                  # scale-major raster order
-        tokens = np.concatenate([low["lowres_features"][r, 0], features[order]], axis=0)
+        tokens = assemble(low["lowres_features"][r], feeds, features)
         times["assemble"] = time.perf_counter() - t0
 
-        return LookCloseResult(
-            features=tokens[None].astype(np.float32, copy=False), layer=self.manifest.returned_layers[r],
-            prob=prob, plan=the_plan, scales=tuple(self.cfg.scales[1:]),
-            timings_ms={k: v * 1e3 for k, v in times.items()}, highres_calls=calls)
+        calls = [tuple(feed["positions"].shape) for feed in feeds]
+        timings = {k: v * 1e3 for k, v in times.items()}
+        return [LookCloseResult(
+            features=t[None].astype(np.float32, copy=False), layer=self.manifest.returned_layers[r],
+            prob=p, plan=pl, scales=tuple(self.cfg.scales[1:]), timings_ms=dict(timings),
+            highres_calls=list(calls), batch=len(plans)) for t, p, pl in zip(tokens, prob, plans)]
 
-    def _run_fast(self, image, settings: LookCloseSettings, prompt_embedding, layer: int) -> LookCloseResult:
-        """The whole loop on the device (fast.FastLookClose), then one copy of the results to the host."""
+    def _run_fast(self, batch, settings: LookCloseSettings, prompts, layer: int) -> list[LookCloseResult]:
+        """The whole batch as one device program (fast.FastLookClose), then one copy of the results
+        to the host. prompts: (B,C), or None for the learned prior everywhere."""
         import torch
 
         r = self.layer_index(layer)
@@ -326,16 +370,15 @@ class Pipeline:
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         times = {}
         t0 = time.perf_counter()
-        if isinstance(image, np.ndarray):
-            pixels = torch.from_numpy(image).to(device)
+        if isinstance(batch, np.ndarray):
+            pixels = torch.from_numpy(batch).to(device)
         else:
-            pixels = self._pixels_on(image, device)
+            pixels = torch.cat([torch.from_numpy(im).to(device) if isinstance(im, np.ndarray)
+                                else self._pixels_on(im, device) for im in batch])
         sync()
         times["preprocess"] = time.perf_counter() - t0
 
-        prompt = None
-        if prompt_embedding is not None:
-            prompt = torch.from_numpy(self.prompt(settings, prompt_embedding)).to(device)
+        prompt = None if prompts is None else torch.from_numpy(prompts).to(device)
         t0 = time.perf_counter()
         out = self.fast.graphed(pixels, counts, smooth=settings.smooth_selection_prob, prompt=prompt,
                                 layer=self.manifest.returned_layers[r])
@@ -343,33 +386,32 @@ class Pipeline:
         times["look-close (device)"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        features = out.features.float().cpu().numpy()
-        prob = out.prob.float().cpu().numpy()
-        steps = [s.cpu().numpy() for s in out.steps]
+        features = out.features.float().cpu().numpy()                        # (B,tokens,C)
+        prob = out.prob.float().cpu().numpy()                                # (B,G0,G0)
+        steps = [s.cpu().numpy() for s in out.steps]                         # each (B,N_t)
         times["to host"] = time.perf_counter() - t0
-        the_plan = plan_from_steps(steps, prob, settings, self.geometry)
-        calls = sorted({len(s) for s in steps if len(s)}, reverse=True)
-        return LookCloseResult(
-            features=features, layer=self.manifest.returned_layers[r], prob=prob, plan=the_plan,
-            scales=tuple(self.cfg.scales[1:]), timings_ms={k: v * 1e3 for k, v in times.items()},
-            highres_calls=[(sum(len(s) == n for s in steps), n) for n in calls])
+        lengths = sorted({s.shape[1] for s in steps if s.shape[1]}, reverse=True)
+        calls = [(len(features) * sum(s.shape[1] == n for s in steps), n) for n in lengths]
+        timings = {k: v * 1e3 for k, v in times.items()}
+        return [LookCloseResult(
+            features=features[b: b + 1], layer=self.manifest.returned_layers[r], prob=prob[b],
+            plan=plan_from_steps([s[b] for s in steps], prob[b], settings, self.geometry),
+            scales=tuple(self.cfg.scales[1:]), timings_ms=dict(timings), highres_calls=list(calls),
+            batch=len(features)) for b in range(len(features))]
 
     def steps_per_call(self) -> int:
-        """Most look-close steps in one highres call: the highres runner's own limit (a TensorRT
-        engine's T_max), else the profile bound of artifact/profiles.py (the default step count,
-        at most what one call's attention scores allow). Bounds memory on the CPU too: at 4K one
-        step's scores take 16 x 2560 x 3289 floats = 539 MB per block."""
-        from ..artifact.profiles import axis_bounds
-        return self.stages["highres"].max_steps_per_call or axis_bounds(self.manifest)["T"][2]
+        """Most look-close step rows (of any images) in one highres call: the highres runner's
+        own limit (a TensorRT engine's T_max), else the profile bound of artifact/profiles.py
+        (the default steps of max_batch images, at most what one call's attention scores
+        allow). On the CPU, one image's default steps: a call's attention scores are
+        materialised there (at 4K one step's take 16 x 2560 x 3289 floats = 539 MB per block),
+        and rows of 2560 tokens already fill the CPU's matrix units, so larger calls would only
+        cost memory."""
+        from ..artifact.profiles import axis_bounds, look_close_steps
 
-    def _run_highres(self, the_plan: Plan, low: dict, r: int):
-        """The plan's highres calls (`highres_feeds`), at most `steps_per_call` steps a call."""
-        positions, features, calls = [], [], []
-        for feed in highres_feeds(the_plan, low, self.geometry, self.steps_per_call()):
-            out = self.stages["highres"].infer(feed)
-            positions.append(feed["positions"].reshape(-1))
-            features.append(out["highres_features"][r].reshape(-1, self.cfg.width))
-            calls.append(tuple(feed["positions"].shape))
-        if not positions:
-            return np.zeros(0, np.int32), np.zeros((0, self.cfg.width), np.float32), calls
-        return np.concatenate(positions), np.concatenate(features), calls
+        runner = self.stages["highres"]
+        if runner.max_steps_per_call:
+            return runner.max_steps_per_call
+        rows = axis_bounds(self.manifest)["T"][2]
+        on_cpu = str(runner.device).lower() in ("cpu", "cpu ep")
+        return min(rows, look_close_steps(self.manifest)) if on_cpu else rows

@@ -1,7 +1,8 @@
-"""What `ps3edge run` writes: the features file and the selection overlay, both atomically.
+"""What `ps3edge run` writes: the features file and the selection overlays, all atomically.
 
-`write_outputs` writes both or neither: each goes to a temporary file next to its target first,
-and only when both are complete are they renamed into place.
+`write_outputs` (one image) and `write_batch_outputs` (several, one features file with a batch
+axis and one overlay each) write all of their files or none: each goes to a temporary file next
+to its target first, and only when all are complete are they renamed into place.
 """
 
 from __future__ import annotations
@@ -45,16 +46,23 @@ def check_output_path(path, what: str = "output") -> None:
 
 def write_outputs(result: LookCloseResult, image: Image.Image, features_path, overlay_path=None) -> None:
     """The features file and (optionally) the overlay: both are written, or neither."""
-    targets = [Path(features_path)] + ([Path(overlay_path)] if overlay_path is not None else [])
+    write_batch_outputs([result], [image], features_path, None if overlay_path is None else [overlay_path],
+                        stacked=False)
+
+
+def write_batch_outputs(results: list, images: list, features_path, overlay_paths=None, stacked: bool = True) -> None:
+    """One features file for a batch (every tensor with a leading batch axis, in the order of
+    `results`; `stacked=False` writes one result's tensors as they are) and one overlay per
+    image: all of them are written, or none."""
+    targets = [Path(features_path)] + [Path(p) for p in overlay_paths or ()]
     for t in targets:
         check_output_path(t)
     staged, target = [], targets[0]
     try:
         tmp = _atomic_target(target)
         staged.append(tmp)
-        _save_features(result, tmp)
-        if overlay_path is not None:
-            target = targets[1]
+        _save_features(results, tmp, stacked)
+        for image, result, target in zip(images, results, targets[1:]):
             tmp = _atomic_target(target)
             staged.append(tmp)
             draw_overlay(image, result).save(tmp, format="PNG")
@@ -68,13 +76,27 @@ def write_outputs(result: LookCloseResult, image: Image.Image, features_path, ov
             tmp.unlink(missing_ok=True)
 
 
-def _save_features(result: LookCloseResult, path) -> None:
+def result_tensors(result: LookCloseResult) -> dict[str, np.ndarray]:
+    """features (1,tokens,C) float32, prob (G0,G0) float32, selection_map_<scale> (g,g) uint8."""
     tensors = {"features": np.ascontiguousarray(result.features, dtype=np.float32),
                "prob": np.ascontiguousarray(result.prob, dtype=np.float32)}
     for scale, m in zip(result.scales, result.plan.selection_maps):
         tensors[f"selection_map_{scale}"] = np.ascontiguousarray(m, dtype=np.uint8)
-    metadata = {"layer": str(result.layer),
-                "tokens_each_scale": ",".join(f"{k}:{v}" for k, v in result.tokens_each_scale.items())}
+    return tensors
+
+
+def _save_features(results: list, path, stacked: bool) -> None:
+    each = [result_tensors(r) for r in results]
+    if stacked:      # features (B,tokens,C): the one image axis of `features` becomes the batch axis
+        tensors = {name: np.concatenate([t[name] for t in each]) if name == "features"
+                   else np.stack([t[name] for t in each]) for name in each[0]}
+    else:
+        tensors = each[0]
+    first = results[0]
+    metadata = {"layer": str(first.layer),
+                "tokens_each_scale": ",".join(f"{k}:{v}" for k, v in first.tokens_each_scale.items())}
+    if stacked:
+        metadata["batch"] = str(len(results))
     save_file(tensors, str(path), metadata=metadata)
 
 
