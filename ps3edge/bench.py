@@ -6,7 +6,8 @@ For each model and NUM_LOOK_CLOSE it times, on one device and one image:
   for the per-stage split (lowres, selector, planning, each highres call, assemble);
 - preprocessing both ways: PIL on the CPU (what the official processor does) and ours on the
   device (`preprocess_on_device`, bit-identical), from the decoded 8-bit image;
-- for a VILA-HD model (`vila-hd-tiny` or a VILA-HD checkpoint directory): the projector, the
+- for a checkpoint (a directory or a Hugging Face hub id): its PS3, and for a VILA-HD one (or
+  `vila-hd-tiny`) also the projector, the
   LLM prefill of the image's embeddings plus a short prompt, and greedy decode per token, with
   the transformers LLM on the same device and dtype;
 - the official `ps3-torch` model on the same pixels, same dtype (`--against official`),
@@ -25,7 +26,10 @@ import numpy as np
 import torch
 
 from .errors import Ps3EdgeError
-from .model import preset, random_model
+from .model import load_checkpoint, preset, random_model
+from .model.config import PRESETS
+from .model.hub import locate
+from .model.weights import PS3_FILES
 from .compare import feature_diff
 from .runtime.fast import DTYPES, FastLookClose
 from .runtime.planning import LookCloseSettings, plan, step_counts
@@ -107,15 +111,21 @@ def compare(ours: np.ndarray, ours_sel: np.ndarray, official_published, official
     return row
 
 
-def _load(name: str, depth: int | None):
-    """(PS3 model, VILA-HD model or None, label) for a PS3 preset, a VILA-HD preset or checkpoint."""
-    from .llm.vila import VILA_PRESETS, build_vila, is_vila_checkpoint
+def _load(name: str, depth: int | None, say):
+    """(PS3 model, VILA-HD model or None, label) for a PS3 or VILA-HD preset, or a PS3 or VILA-HD
+    checkpoint (a directory or hub id)."""
+    from .llm.vila import VILA_FILES, VILA_PRESETS, build_vila, is_vila_checkpoint, load_vila
 
-    if name in VILA_PRESETS or is_vila_checkpoint(name):
-        if depth is not None:
-            raise Ps3EdgeError("--depth truncates PS3 presets; it does not apply to a VILA-HD model")
-        vila = build_vila(name)
+    preset_name = name in VILA_PRESETS or name in PRESETS
+    checkpoint = None if preset_name else locate(name, PS3_FILES.either(VILA_FILES), say)
+    say(f"{name}: {'building seeded weights' if checkpoint is None else 'loading the checkpoint'}")
+    if depth is not None and (name in VILA_PRESETS or checkpoint is not None):
+        raise Ps3EdgeError("--depth truncates PS3 presets; it does not apply to a VILA-HD model or a checkpoint")
+    if name in VILA_PRESETS or (checkpoint is not None and is_vila_checkpoint(checkpoint.path)):
+        vila = build_vila(name) if checkpoint is None else load_vila(checkpoint)
         return vila.ps3.model, vila, name
+    if checkpoint is not None:
+        return load_checkpoint(checkpoint).model, None, name
     cfg = preset(name)
     if depth is not None:
         if not 1 <= depth <= cfg.depth:
@@ -186,8 +196,7 @@ def bench_model(name: str, *, device: str, dtype: str, steps_list, against_offic
         raise Ps3EdgeError("--device cuda asked for, but torch sees no CUDA device here")
     if dtype not in DTYPES:
         raise Ps3EdgeError(f"--dtype must be one of {', '.join(DTYPES)}")
-    say(f"{name}: building seeded weights")
-    model, vila, label = _load(name, depth)
+    model, vila, label = _load(name, depth, say)
     official = None
     if against_official:
         from .reference import official_model

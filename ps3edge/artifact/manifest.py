@@ -288,7 +288,8 @@ class Manifest:
 
     @property
     def source(self) -> Mapping:
-        """Where the weights came from: {"kind": "preset", "name", "seed"} or {"kind": "checkpoint", "path", "sha256"}."""
+        """Where the weights came from: {"kind": "preset", "name", "seed"} or {"kind": "checkpoint", "path", "sha256"},
+        the latter from the Hugging Face hub with "repo_id", "revision" and the resolved "commit" too."""
         return self._data["source"]
 
     @property

@@ -1,7 +1,8 @@
 """`vila.json`: the manifest of a VILA-HD artifact, checked and immutable.
 
     {"schema_version": 1, "kind": "vila-hd", "ps3edge_version": "...",
-     "source": {"kind": "preset", "name", "seed"} | {"kind": "checkpoint", "path", "sha256"},
+     "source": {"kind": "preset", "name", "seed"} | {"kind": "checkpoint", "path", "sha256"
+                [, "repo_id", "revision", "commit"]},      # the last three: a Hugging Face hub checkpoint
      "context_length": C, "opset": 17,
      "llm": {"hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size"[, "head_dim"]},
      "top_down": bool,                      # prompt_head.npz holds the top-down prompt head

@@ -4,11 +4,10 @@ manifest's model config: what the torch backend runs and what parity compares.""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .. import defaults
 from ..errors import Ps3EdgeError
 from ..model import build, load_checkpoint
+from ..model.hub import recorded_checkpoint
 from ..model.weights import state_dict_sha256
 
 
@@ -25,7 +24,7 @@ def rebuild_torch_model(manifest, loaded=None):
     elif source.get("kind") == "preset":
         loaded = build(source["name"], seed=int(source.get("seed", defaults.DEFAULT_SEED)))
     elif source.get("kind") == "checkpoint":
-        loaded = load_checkpoint(Path(source["path"]))
+        loaded = load_checkpoint(recorded_checkpoint(source))
         if loaded.source["sha256"] != source.get("sha256"):
             raise Ps3EdgeError(f"checkpoint {source['path']} changed since export; the torch backend "
                                "would not match the artifact - re-export")

@@ -14,23 +14,26 @@ from rich.markup import escape
 from .. import defaults
 from ..errors import Ps3EdgeError
 from . import views
-from .options import SEED_MAX, LookCloseFlags, parse_layers
+from .options import SEED_MAX, LookCloseFlags, Revision, checkpoint_spec, parse_layers
 from .views import console
 
 
 def export(
-    model: str = typer.Option(..., "--model", help="Preset (ps3-1.5k, ps3-4k, ps3-tiny, ps3-tiny-4k) or checkpoint directory."),
+    model: str = typer.Option(..., "--model", help="Preset (ps3-1.5k, ps3-4k, ps3-tiny, ps3-tiny-4k), checkpoint directory or Hugging Face hub id (owner/name[@revision], e.g. nvidia/PS3-4K-SigLIP)."),
     out: Path = typer.Option(..., "--out", help="Artifact directory to create."),
     opset: int = typer.Option(defaults.DEFAULT_OPSET, "--opset", help="ONNX opset (>= 17)."),
     layers: str = typer.Option(",".join(str(l) for l in defaults.DEFAULT_RETURNED_LAYERS), "--layers", help="Blocks whose features the stages return."),
     seed: int = typer.Option(defaults.DEFAULT_SEED, "--seed", min=0, max=SEED_MAX, help="Seed of a preset's random weights."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing artifact directory."),
     max_batch: int = typer.Option(defaults.DEFAULT_MAX_BATCH, "--max-batch", min=1, help="Most images one pass takes (the batch axis of the stages' TensorRT profiles; 'run' and the server split longer lists)."),
+    revision: Optional[str] = Revision,
 ):
     """Export the lowres, selector and highres stages to ONNX, with manifest.json."""
     from ..exporter.onnx_export import export as do_export
+    from ..model.weights import PS3_FILES
 
     start = time.perf_counter()
+    model = checkpoint_spec(model, revision, PS3_FILES, views.progress_line)
     with console.status("exporting") as status:
         manifest = do_export(model, out, opset=opset, returned_layers=parse_layers(layers), seed=seed,
                              overwrite=overwrite, progress=views.progress(status), max_batch=max_batch)

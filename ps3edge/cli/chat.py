@@ -12,20 +12,21 @@ import typer
 
 from ..errors import Ps3EdgeError
 from . import views
-from .options import SEED_MAX, ExifTranspose, LookCloseFlags, look_close_options
+from .options import SEED_MAX, ExifTranspose, LookCloseFlags, Revision, look_close_options
 
 
 def _check_request(conv_mode: str, text: str, model_path: str, backend: str) -> None:
     """What can be refused before any progress line is printed or anything is exported."""
     from ..llm.vila import VILA_PRESETS
+    from ..model.hub import parse_hub_id
 
     if conv_mode != "auto":
         raise Ps3EdgeError(f"--conv-mode '{conv_mode}' is not supported; use auto (the checkpoint's chat template)")
     if not text.strip():
         raise Ps3EdgeError("--text is empty: ask a question about the image")
-    if model_path not in VILA_PRESETS and not Path(model_path).is_dir():
+    if model_path not in VILA_PRESETS and not Path(model_path).is_dir() and parse_hub_id(model_path) is None:
         raise Ps3EdgeError(f"--model-path '{model_path}' is neither a VILA-HD preset ({', '.join(VILA_PRESETS)}) "
-                           "nor a checkpoint directory")
+                           "nor a checkpoint directory or Hugging Face hub id (owner/name)")
     from ..runtime.runners.registry import get_backend
 
     if backend == "tensorrt":
@@ -56,7 +57,7 @@ def _stream(piece: str) -> None:
 
 @look_close_options(mode_help="after_prompt (top-down, default) or after_image (bottom-up). Env: LOOK_CLOSE_MODE.")
 def chat(
-    model_path: str = typer.Option(..., "--model-path", help="A VILA-HD checkpoint directory (llm/, vision_tower/, mm_projector/) or the preset vila-hd-tiny."),
+    model_path: str = typer.Option(..., "--model-path", help="A VILA-HD checkpoint: a directory (llm/, vision_tower/, mm_projector/), a Hugging Face hub id (owner/name[@revision], e.g. Efficient-Large-Model/VILA-HD-8B-PS3-4K-SigLIP), or the preset vila-hd-tiny."),
     text: str = typer.Option(..., "--text", help="The question (not empty)."),
     media: Path = typer.Option(..., "--media", help="The image."),
     conv_mode: str = typer.Option("auto", "--conv-mode", help="Chat template: auto (the tokenizer's, Qwen2's for VILA-HD)."),
@@ -69,12 +70,15 @@ def chat(
     look_close: LookCloseFlags = None,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: answer, token counts, stage times."),
     exif_transpose: bool = ExifTranspose,
+    revision: Optional[str] = Revision,
 ):
     """Ask VILA-HD about an image (like vila-infer), streaming the answer."""
     from ..llm.generate import SamplingConfig
     from ..llm.pipeline import VilaPipeline
+    from ..model.hub import with_revision
     from ..runtime.preprocess import open_image
 
+    model_path = with_revision(model_path, revision)      # resolved (fetched if need be) by the export cache
     _check_request(conv_mode, text, model_path, backend)
     settings = look_close.settings()
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed).validate()

@@ -1,6 +1,7 @@
 """Options shared by several commands: the five look-close flags (declared once, added to a command
-by `look_close_options`), the prompt embedding and the returned layer; and the parsing of option
-values typer cannot check by itself (layer lists, step sweeps, the prompt embedding file)."""
+by `look_close_options`), the prompt embedding, the returned layer and a checkpoint's --revision;
+and the parsing of option values typer cannot check by itself (layer lists, step sweeps, the prompt
+embedding file, a checkpoint named by Hugging Face hub id)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ SEED_MAX = 2 ** 63 - 1                  # seeds go to torch.Generator.manual_see
 
 PromptEmbedding = typer.Option(None, "--prompt-embedding", help="A .npy of C floats: select top-down for this prompt.")
 Layer = typer.Option(defaults.DEFAULT_RUN_LAYER, "--layer", help="Which block's features to return (VILA-HD uses -2).")
+Revision = typer.Option(None, "--revision", help="With a Hugging Face hub id: the branch, tag or commit to use (the same as owner/name@REVISION). Default: the repo's main branch.")
 ExifTranspose = typer.Option(False, "--exif-transpose", help="Apply the EXIF orientation (cameras that write rotated JPEGs); the official processor ignores it, so parity needs it off.")
 
 MODE_HELP = "after_prompt (top-down with --prompt-embedding) or after_image (bottom-up). Env: LOOK_CLOSE_MODE."
@@ -131,3 +133,16 @@ def load_prompt_embedding(path: Optional[Path]):
     if not np.issubdtype(array.dtype, np.number) or not np.isfinite(array).all():
         raise Ps3EdgeError(f"the prompt embedding {path} must hold finite numbers (it has NaN, inf or non-numbers)")
     return array
+
+
+def checkpoint_spec(spec: str, revision: Optional[str], files, progress) -> str:
+    """A --model / --model-path value with --revision folded in (owner/name@REVISION). A hub id is
+    found in the Hugging Face cache, or downloaded into it, here: before any spinner, which would
+    hide the download's progress bars; the command then finds it in the cache. `files`: what the
+    command reads of the checkpoint (a hub.CheckpointFiles); `progress`: where the download says so."""
+    from ..model.hub import locate, parse_hub_id, with_revision
+
+    spec = with_revision(spec, revision)
+    if parse_hub_id(spec) is not None:
+        locate(spec, files, progress)
+    return spec

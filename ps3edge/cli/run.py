@@ -17,8 +17,8 @@ from rich.markup import escape
 from .. import defaults
 from ..errors import Ps3EdgeError
 from . import views
-from .options import (SEED_MAX, ExifTranspose, Layer, LookCloseFlags, PromptEmbedding, load_prompt_embedding, look_close_options,
-                      parse_steps)
+from .options import (SEED_MAX, ExifTranspose, Layer, LookCloseFlags, PromptEmbedding, Revision, checkpoint_spec,
+                      load_prompt_embedding, look_close_options, parse_steps)
 from .views import console
 
 
@@ -155,7 +155,7 @@ def _precision_parity(precision: str, backend: List[str], prompt_embedding, look
 
 @look_close_options()
 def parity(
-    model: str = typer.Option("ps3-tiny", "--model", help="Preset or checkpoint directory."),
+    model: str = typer.Option("ps3-tiny", "--model", help="Preset, checkpoint directory or Hugging Face hub id (owner/name[@revision])."),
     image: Optional[Path] = typer.Option(None, "--image", help="Input image (default: the sample image)."),
     backend: List[str] = typer.Option(["onnxruntime"], "--backend", help="Exported backends to check (repeatable)."),
     look_close: LookCloseFlags = None,
@@ -169,12 +169,18 @@ def parity(
     method: str = typer.Option(defaults.DEFAULT_CALIBRATION_METHOD, "--method", help="int8 without --artifacts: max, entropy or percentile."),
     with_torch: bool = typer.Option(False, "--with-torch", help="fp16: also our torch model in fp16 against fp32."),
     batch: int = typer.Option(1, "--batch", min=1, help="fp32: run N different images (the image, its mirrors, turns and crops) as one batch; each is checked against the official code and against itself run alone."),
+    revision: Optional[str] = Revision,
 ):
     """Compare the official ps3-torch model, our torch model and the exported stages (or, with --precision fp16/int8, those stages against the FP32 ones)."""
     from ..demo import sample_image
+    from ..model.weights import PS3_FILES
     from ..parity import run_parity
 
     settings = look_close.settings()
+    if artifacts is None:                    # with --artifacts, --model is not read
+        model = checkpoint_spec(model, revision, PS3_FILES, views.progress_line)
+    elif revision is not None:
+        raise Ps3EdgeError("--revision applies to --model; with --artifacts the artifact's own weights are compared")
     if precision != "fp32":
         if batch != 1:
             raise Ps3EdgeError("--batch checks fp32 batches against the official code; drop it with --precision")
@@ -209,7 +215,7 @@ def _check_bench_flags(backend: str, official_ties: str, against: Optional[str],
 
 
 def bench(
-    model: List[str] = typer.Option(["ps3-tiny"], "--model", help="Repeatable: a PS3 preset (ps3-1.5k ps3-4k ps3-tiny ps3-tiny-4k), or a VILA-HD model (vila-hd-tiny or a checkpoint directory) to also time the projector and the LLM."),
+    model: List[str] = typer.Option(["ps3-tiny"], "--model", help="Repeatable: a PS3 preset (ps3-1.5k ps3-4k ps3-tiny ps3-tiny-4k), vila-hd-tiny, or a PS3 or VILA-HD checkpoint (a directory or Hugging Face hub id owner/name[@revision]); for VILA-HD the projector and the LLM are timed too."),
     backend: str = typer.Option("torch", "--backend", help="torch: the device-resident fast path (runtime/fast.py)."),
     device: str = typer.Option("auto", "--device", help="cuda, cpu, or auto (cuda when there is one)."),
     dtype: str = typer.Option("bf16", "--dtype", help="fp32, fp16 or bf16."),
@@ -225,9 +231,12 @@ def bench(
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of latency against NUM_LOOK_CLOSE."),
     image: Optional[Path] = typer.Option(None, "--image", help="Input image (default: the 1600x1000 sample); preprocessing is timed on it."),
     decode_tokens: int = typer.Option(16, "--decode-tokens", help="VILA-HD: greedy tokens to time the LLM decode on."),
+    revision: Optional[str] = Revision,
 ):
     """Time the look-close loop per stage (and the official code on the same device)."""
     from .. import bench as benchmod
+    from ..llm.vila import VILA_FILES
+    from ..model.weights import PS3_FILES
     from ..runtime.lookclose import resolve_device
     from ..runtime.outputs import check_output_path
 
@@ -238,6 +247,7 @@ def bench(
         if path is not None:                 # before the benchmark, not after it
             check_output_path(path, flag)
             path.parent.mkdir(parents=True, exist_ok=True)
+    model = [checkpoint_spec(name, revision, PS3_FILES.either(VILA_FILES), views.progress_line) for name in model]
     pil = None
     if image is not None:
         from ..runtime.preprocess import open_image

@@ -48,6 +48,11 @@ def progress(status):
     return report
 
 
+def progress_line(msg: str) -> None:
+    """A time-stamped progress line on stdout, where no spinner runs."""
+    console.print(_stamped(msg), highlight=False)
+
+
 def progress_to_stderr(msg: str) -> None:
     """A time-stamped progress line on stderr (where stdout carries the answer)."""
     err_console.print(_stamped(msg), highlight=False)
@@ -140,6 +145,9 @@ def print_manifest(artifacts: Path, manifest) -> None:
     src = manifest.source
     origin = (f"preset {src['name']} (seed {src['seed']})" if src.get("kind") == "preset"
               else f"checkpoint {escape(str(src.get('path')))}")
+    if src.get("repo_id"):                   # fetched from the Hugging Face hub: which published weights
+        origin = (f"Hugging Face hub {escape(str(src['repo_id']))} revision {escape(str(src.get('revision')))}, "
+                  f"commit {escape(str(src.get('commit')))} (files sha256 {escape(str(src.get('sha256')))})")
     say(f"model  {escape(str(m.name))}: width {m.width}, depth {m.depth}, heads {m.num_heads}, "
         f"mlp {m.mlp_dim}; weights from {origin}")
     say(f"scales {list(g.scales)} -> grids {list(g.grids)}; {g.lowres_tokens} low-res tokens, "

@@ -103,7 +103,7 @@ def export(model_spec, out_dir, opset: int = defaults.DEFAULT_OPSET,
            returned_layers=defaults.DEFAULT_RETURNED_LAYERS, seed: int = defaults.DEFAULT_SEED,
            overwrite: bool = False, progress: Callable[[str], None] | None = None,
            max_batch: int = defaults.DEFAULT_MAX_BATCH) -> Manifest:
-    """Export `model_spec` (preset name, checkpoint dir, or an already built weights.LoadedModel)
+    """Export `model_spec` (preset name, checkpoint dir or hub id, or an already built weights.LoadedModel)
     to `out_dir`; returns the manifest. `max_batch`: the most images one pass takes (the
     TensorRT profiles' bound of the batch axis; onnxruntime and torch are held to it too)."""
     say = progress or (lambda msg: None)
@@ -128,7 +128,7 @@ def _export_locked(model_spec, out_dir: Path, opset: int, returned_layers: list,
         loaded = model_spec
     else:
         say(f"loading {model_spec}")
-        loaded = build(model_spec, seed)
+        loaded = build(model_spec, seed, say)
     model, cfg = loaded.model, loaded.cfg
     bad = [l for l in returned_layers if not -cfg.depth <= l < cfg.depth]
     if bad:

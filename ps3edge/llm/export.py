@@ -23,7 +23,8 @@ from ..artifact.io import file_sha256, publish_dir, temp_dir
 from ..artifact.lock import writer_lock
 from ..artifact.vila import LLMShape, VilaManifest, build_vila_manifest, is_vila_artifact, load_vila_manifest
 from .engine import export_llm
-from .vila import VILA_LAYER, VILA_PRESETS, VilaHD, build_vila, checkpoint_sha256
+from ..model.hub import Checkpoint
+from .vila import VILA_LAYER, VILA_PRESETS, VilaHD, build_vila, checkpoint_sha256, load_vila, locate_vila
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -38,7 +39,7 @@ def export_vila(model_spec: str, out_dir, seed: int = defaults.DEFAULT_SEED, ops
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     say(f"loading {model_spec}")
-    model = build_vila(model_spec, seed)              # a bad model path fails before any directory is made
+    model = build_vila(model_spec, seed, say)         # a bad model path fails before any directory is made
     with writer_lock(out_dir):
         _check_out_dir(out_dir)                       # again, now that no other writer runs
         return _export_locked(model, out_dir, opset, say, replace=False)
@@ -85,26 +86,30 @@ def llm_shape(cfg) -> LLMShape:
 # the export cache of `ps3edge chat`
 # ------------------------------------------------------------------------------------------
 
-def cache_dir_for(model_spec: str, seed: int) -> Path:
-    """Where `ps3edge chat` keeps the export of a model: one directory per preset+seed or checkpoint."""
+def cache_dir_for(model_spec: str, seed: int, checkpoint: Checkpoint | None = None) -> Path:
+    """Where `ps3edge chat` keeps the export of a model: one directory per preset+seed or checkpoint
+    (`checkpoint`: where `model_spec` was found; a hub snapshot's directory is its commit's)."""
     root = Path(os.environ.get("PS3EDGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ps3edge")
     if model_spec in VILA_PRESETS:
         key = f"{model_spec}-seed{seed}"
     else:
-        key = f"{Path(model_spec).name}-{hashlib.sha256(str(Path(model_spec).resolve()).encode()).hexdigest()[:12]}"
+        path = checkpoint.path if checkpoint is not None else Path(model_spec)
+        name = checkpoint.hub.repo_id.replace("/", "--") if checkpoint is not None and checkpoint.hub else path.name
+        key = f"{name}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
     return root / f"vila-{__version__}" / key
 
 
 def ensure_artifacts(model_spec: str, seed: int = defaults.DEFAULT_SEED, progress=None) -> Path:
     """The cached export of `model_spec`, exporting it first if absent or stale."""
     say = progress or (lambda msg: None)
-    art = cache_dir_for(model_spec, seed)
-    if _is_current(art, model_spec, lambda: build_source_sha(model_spec)):
+    checkpoint = None if model_spec in VILA_PRESETS else locate_vila(model_spec, say)
+    art = cache_dir_for(model_spec, seed, checkpoint)
+    if _is_current(art, model_spec, checkpoint):
         return art
     say(f"loading {model_spec}")
-    model = build_vila(model_spec, seed)
+    model = build_vila(model_spec, seed) if checkpoint is None else load_vila(checkpoint)
     with writer_lock(art):
-        if _is_current(art, model_spec, lambda: model.source.get("sha256")):    # exported meanwhile
+        if _is_current(art, model_spec, checkpoint, model.source.get("sha256")):    # exported meanwhile
             return art
         replace = is_vila_artifact(art)               # a stale export: swapped out once the new one is in place
         if art.exists() and not replace:             # a cache directory without vila.json: not an artifact
@@ -113,14 +118,15 @@ def ensure_artifacts(model_spec: str, seed: int = defaults.DEFAULT_SEED, progres
     return art
 
 
-def _is_current(art: Path, model_spec: str, source_sha: Callable[[], str | None]) -> bool:
-    """Whether the cached export is of `model_spec` as it is now (`source_sha()`: the checkpoint's
-    digest, only computed when there is an export to compare; a preset's export is always current)."""
+def _is_current(art: Path, model_spec: str, checkpoint: Checkpoint | None, sha256: str | None = None) -> bool:
+    """Whether the cached export is of `model_spec` as it is now: a preset's export always is; a hub
+    snapshot's when it is of the same commit (the hub's files of a commit never change); a
+    directory's when its files' digest (`sha256`, computed here when not given) is the recorded one."""
     if not is_vila_artifact(art):
         return False
-    manifest = load_vila_manifest(art, verify=False)
-    return model_spec in VILA_PRESETS or manifest.source.get("sha256") == source_sha()
-
-
-def build_source_sha(model_spec: str) -> str | None:
-    return checkpoint_sha256(model_spec) if Path(model_spec).is_dir() else None
+    source = load_vila_manifest(art, verify=False).source
+    if checkpoint is None:
+        return model_spec in VILA_PRESETS
+    if checkpoint.commit is not None:
+        return source.get("commit") == checkpoint.commit
+    return source.get("sha256") == (sha256 or checkpoint_sha256(checkpoint.path))

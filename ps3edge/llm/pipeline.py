@@ -29,6 +29,7 @@ import torch
 from .. import defaults
 from ..errors import Ps3EdgeError
 from ..artifact.vila import load_vila_manifest
+from ..model.hub import recorded_checkpoint
 from ..model.projector import projector_cells, space_to_channel
 from ..runtime.lookclose import Pipeline
 from ..runtime.runners.registry import get_backend
@@ -36,7 +37,7 @@ from ..runtime.planning import LookCloseSettings, resolve_steps
 from .engine import OnnxLLM, TensorRTLLM, TorchLLM
 from .generate import Generation, SamplingConfig, generate
 from .tokenizer import IM_END, IMAGE_TOKEN, load_tokenizer, stop_token_ids
-from .vila import VILA_LAYER, VilaHD, build_vila
+from .vila import VILA_LAYER, VilaHD, build_vila, load_vila
 
 CONTEXT_MARGIN = 1024                 # VILA-HD: context >= high-res patches / 4 + 1024
 
@@ -140,7 +141,7 @@ class VilaPipeline:
         source = self.manifest.source
         if source.get("kind") == "preset":
             return build_vila(source["name"], int(source.get("seed", defaults.DEFAULT_SEED)))
-        model = build_vila(source["path"])
+        model = load_vila(recorded_checkpoint(source))
         if model.source.get("sha256") != source.get("sha256"):
             raise Ps3EdgeError(f"checkpoint {source['path']} changed since export; re-export the artifact")
         return model

@@ -1,4 +1,5 @@
-"""VILA-HD checkpoints: the `vila-hd-tiny` preset and the published directory layout.
+"""VILA-HD checkpoints: the `vila-hd-tiny` preset and the published directory layout (a local
+directory, or a Hugging Face hub id resolved by model/hub.py to a snapshot of the files below).
 
     <dir>/config.json                  model_max_length (the context), look_close_mode, ... (optional)
     <dir>/llm/                         Hugging Face Qwen2: config.json, model.safetensors, tokenizer files
@@ -6,6 +7,9 @@
     <dir>/mm_projector/                config.json + model.safetensors: layers.1 (LayerNorm),
                                        layers.2 / layers.4 (Linear), top_down_prompt_head (Linear,
                                        LLM hidden -> PS3 width; VILA keeps it in the projector)
+
+A sharded LLM (`llm/model.safetensors.index.json`, as the 8B LLMs are stored) is loaded by transformers
+shard by shard into the model, so the weights are never held twice.
 
 `vila-hd-tiny` is ps3-tiny + projector(64 -> 64) + a 2-layer Qwen2 (hidden 64, 4 heads, 2 KV
 heads, the 260-token byte-level tokenizer of `tokenizer.tiny_tokenizer`), all seeded; `save_vila`
@@ -29,6 +33,7 @@ from .. import defaults
 from ..errors import Ps3EdgeError
 from ..artifact.io import publish_dir, temp_dir
 from ..artifact.lock import writer_lock
+from ..model.hub import Checkpoint, CheckpointFiles, locate
 from ..model.projector import Projector, random_projector
 from ..model.weights import (LoadedModel, build as build_ps3, file_sha256, load_checkpoint, read_json,
                              save_checkpoint, seeded_init_)
@@ -38,6 +43,13 @@ VILA_PRESETS = ("vila-hd-tiny",)
 TINY_CONTEXT = 8192            # >= 6 * 2560 / 4 + 1024 = 4864, VILA-HD's rule for NUM_LOOK_CLOSE=6
 TOP_DOWN_HEAD = "top_down_prompt_head"
 VILA_LAYER = -2                # VILA-HD feeds PS3's second-to-last block to the projector
+# What a hub snapshot of a VILA-HD checkpoint must hold: the layout above (tokenizer files included).
+VILA_FILES = CheckpointFiles(
+    "VILA-HD", ("config.json", "llm/*.json", "llm/*.safetensors", "llm/*.txt", "vision_tower/*.json",
+                "vision_tower/*.safetensors", "mm_projector/*.json", "mm_projector/*.safetensors"),
+    (("llm/config.json",), ("llm/model.safetensors", "llm/model.safetensors.index.json"),
+     ("vision_tower/config.json",), ("vision_tower/model.safetensors", "vision_tower/model.safetensors.index.json"),
+     ("mm_projector/*.safetensors",)))
 
 
 @dataclass
@@ -69,8 +81,9 @@ def tiny_llm(vocab_size: int, seed: int):
     return model.eval()
 
 
-def build_vila(spec: str, seed: int = defaults.DEFAULT_SEED) -> VilaHD:
-    """A preset name (seeded) or a VILA-HD checkpoint directory."""
+def build_vila(spec: str, seed: int = defaults.DEFAULT_SEED, progress=None) -> VilaHD:
+    """A preset name (seeded; it wins over a directory or hub id of that name), a VILA-HD checkpoint
+    directory or a Hugging Face hub id."""
     _require_transformers()
     if spec in VILA_PRESETS:
         tok = tiny_tokenizer()
@@ -82,10 +95,16 @@ def build_vila(spec: str, seed: int = defaults.DEFAULT_SEED) -> VilaHD:
         llm.config.eos_token_id = tok.eos_token_id
         return VilaHD(ps3, projector, head.eval(), llm, tok, TINY_CONTEXT,
                       {"kind": "preset", "name": spec, "seed": seed})
-    path = Path(spec)
-    if path.is_dir():
-        return load_vila(path)
-    raise Ps3EdgeError(f"'{spec}' is neither a VILA-HD preset ({', '.join(VILA_PRESETS)}) nor a checkpoint directory")
+    return load_vila(locate_vila(spec, progress))
+
+
+def locate_vila(spec: str, progress=None) -> Checkpoint:
+    """The checkpoint `spec` names (not a preset): a directory, or a hub id's snapshot (fetched when needed)."""
+    checkpoint = locate(spec, VILA_FILES, progress)
+    if checkpoint is None:
+        raise Ps3EdgeError(f"'{spec}' is neither a VILA-HD preset ({', '.join(VILA_PRESETS)}) nor a checkpoint "
+                           "directory or Hugging Face hub id (owner/name)")
+    return checkpoint
 
 
 def is_vila_checkpoint(path) -> bool:
@@ -129,16 +148,18 @@ def _load_projector(path: Path, vision_width: int, llm_width: int):
 
 
 def load_vila(path) -> VilaHD:
-    """Load a VILA-HD directory (llm/, vision_tower/, mm_projector/)."""
+    """Load a VILA-HD directory (llm/, vision_tower/, mm_projector/): a path, or a hub.Checkpoint
+    whose repo and commit the source records too."""
     _require_transformers()
     from transformers import Qwen2ForCausalLM
 
-    path = Path(path)
+    checkpoint = path if isinstance(path, Checkpoint) else Checkpoint(Path(path))
+    path = checkpoint.path
     missing = [d for d in ("llm", "vision_tower", "mm_projector") if not (path / d).is_dir()]
     if missing:
         raise Ps3EdgeError(f"{path} is not a VILA-HD checkpoint: no {', '.join(d + '/' for d in missing)}")
     top = read_json(path / "config.json") if (path / "config.json").is_file() else {}
-    ps3 = load_checkpoint(path / "vision_tower")
+    ps3 = load_checkpoint(checkpoint.sub("vision_tower"))
     llm_cfg = read_json(path / "llm" / "config.json") if (path / "llm" / "config.json").is_file() else None
     if llm_cfg is None:
         raise Ps3EdgeError(f"{path / 'llm'} has no config.json")
@@ -155,7 +176,8 @@ def load_vila(path) -> VilaHD:
     limits = [int(llm.config.max_position_embeddings)]
     if isinstance(top.get("model_max_length"), int):
         limits.append(top["model_max_length"])
-    source = {"kind": "checkpoint", "path": str(path.resolve()), "sha256": checkpoint_sha256(path)}
+    source = {"kind": "checkpoint", "path": str(path.resolve()), "sha256": checkpoint_sha256(path),
+              **checkpoint.source_fields()}
     return VilaHD(ps3, projector, head, llm.eval(), tok, min(limits), source)
 
 

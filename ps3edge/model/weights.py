@@ -1,11 +1,14 @@
-"""Where a `PS3` gets its weights: seeded random init for presets, or a local checkpoint dir.
+"""Where a `PS3` gets its weights: seeded random init for presets, or a checkpoint: a local directory
+or a Hugging Face hub id `owner/name[@revision]` (fetched into the Hugging Face cache by hub.py).
 
 Checkpoint layout (what the official `PS3VisionModel.save_pretrained` writes and the published
 `nvidia/PS3-*-SigLIP` snapshots hold): `config.json` (flat, or with `vision_config`),
 `model.safetensors` (or a sharded `model.safetensors.index.json`) with keys `vision_model.*`,
 and optionally `preprocessor_config.json` with the image mean / std. `text_model.*` and the
 trunk's pooling head (`trunk.attn_pool`, `trunk.norm`, ...) are not part of the encoder's
-feature path and are ignored. An optional `depth` key truncates the trunk to its first blocks.
+feature path and are ignored (never read). An optional `depth` key truncates the trunk to its first
+blocks. Tensors are copied into the model one at a time, shard by shard, so loading holds the model's
+weights once (plus one tensor), never a second full copy.
 """
 
 from __future__ import annotations
@@ -24,12 +27,17 @@ from .. import defaults
 from ..artifact.io import file_sha256
 from ..errors import Ps3EdgeError
 from .config import PS3Config, default_select_num_each_scale, is_finite_number, is_whole_number, preset, PRESETS
+from .hub import Checkpoint, CheckpointFiles, locate
 from .ps3 import PS3
 
 PREFIX = "vision_model."
 # Official parameters that the feature path never uses: the SigLIP pooling head and final norm.
 UNUSED_TRUNK_PREFIXES = ("trunk.attn_pool.", "trunk.norm.", "trunk.fc_norm.", "trunk.head.")
 HEADS_BY_TIMM_NAME = {"so400m": 16, "giant": 16, "large": 16, "base": 12}
+# What a hub snapshot of a PS3 checkpoint must hold: the layout of the module docstring, shards included.
+PS3_FILES = CheckpointFiles(
+    "PS3", ("config.json", "preprocessor_config.json", "model*.safetensors", "model.safetensors.index.json"),
+    (("config.json",), ("model.safetensors", "model.safetensors.index.json")))
 
 
 @dataclass
@@ -50,15 +58,17 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def build(spec: str, seed: int = defaults.DEFAULT_SEED) -> LoadedModel:
-    """A preset name (seeded random weights) or a checkpoint directory."""
+def build(spec: str, seed: int = defaults.DEFAULT_SEED, progress=None) -> LoadedModel:
+    """A preset name (seeded random weights; a preset wins over a directory or hub id of that name),
+    a checkpoint directory or a Hugging Face hub id."""
     if spec in PRESETS:
         cfg = preset(spec)
         return LoadedModel(random_model(cfg, seed), cfg, {"kind": "preset", "name": spec, "seed": seed})
-    path = Path(spec)
-    if path.is_dir():
-        return load_checkpoint(path)
-    raise Ps3EdgeError(f"'{spec}' is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+    checkpoint = locate(spec, PS3_FILES, progress)
+    if checkpoint is not None:
+        return load_checkpoint(checkpoint)
+    raise Ps3EdgeError(f"'{spec}' is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory "
+                       "or Hugging Face hub id (owner/name)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -110,7 +120,7 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def _weight_files(path: Path) -> list[Path]:
+def _weight_files(path: Path, links_within: Path) -> list[Path]:
     single = path / "model.safetensors"
     if single.is_file():
         return [single]
@@ -119,36 +129,77 @@ def _weight_files(path: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise Ps3EdgeError(f"{index} has no weight_map")
-        return [_shard_inside(path, index, s) for s in sorted(set(map(str, weight_map.values())))]
+        return [_shard_inside(path, index, s, links_within) for s in sorted(set(map(str, weight_map.values())))]
     raise Ps3EdgeError(f"{path} has no model.safetensors (or model.safetensors.index.json)")
 
 
-def _shard_inside(path: Path, index: Path, name: str) -> Path:
+def _shard_inside(path: Path, index: Path, name: str, links_within: Path) -> Path:
     """A shard named by the index, refused unless it is a file inside the checkpoint directory:
-    no absolute path, no '..', no symbolic link that leads out of it."""
+    no absolute path, no '..', no symbolic link that leads out of `links_within` (the directory
+    itself, or for a Hugging Face snapshot the repo's cache folder, whose blobs its files link to)."""
     shard = path / name
-    root = path.resolve()
+    root = links_within.resolve()
     if Path(name).is_absolute() or ".." in Path(name).parts or root not in shard.resolve().parents:
         raise Ps3EdgeError(f"{index} names a weight file outside the checkpoint directory: {name!r}")
     return shard
 
 
-def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    tensors = {}
+@dataclass(frozen=True)
+class Stored:
+    """A tensor as its file's header describes it: where it is and its shape (no data read)."""
+    file: Path
+    shape: tuple[int, ...]
+
+
+def _stored_tensors(files: list[Path]) -> dict[str, Stored]:
+    """Every `vision_model.*` tensor of the files, from their headers alone."""
+    stored = {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:
                 for key in st.keys():
                     if key.startswith(PREFIX):
-                        tensors[key[len(PREFIX):]] = st.get_tensor(key)
+                        stored[key[len(PREFIX):]] = Stored(f, tuple(st.get_slice(key).get_shape()))
         except Exception as e:  # safetensors raises its own types for truncated / corrupt files
             raise Ps3EdgeError(f"cannot read weights {f}: {e}") from None
-    if not tensors:
+    if not stored:
         raise Ps3EdgeError(f"no '{PREFIX}*' tensors in {', '.join(str(f) for f in files)}")
-    return tensors
+    return stored
 
 
-def config_from_checkpoint(path: Path, tensors: dict[str, torch.Tensor]) -> PS3Config:
+def _copy_weights(path: Path, stored: dict[str, Stored], params: dict[str, torch.Tensor]) -> None:
+    """Copy each tensor of `params` (the model's state_dict) from its file, shard by shard and one
+    tensor at a time, so the checkpoint is never held in memory beside the model. Refuses integer
+    tensors where PS3 has floating-point weights (never cast: the file is not what it claims) and
+    NaN or infinite weights, each naming every such tensor."""
+    integral, broken = [], []
+    by_file: dict[Path, list[str]] = {}
+    for key in sorted(params):
+        by_file.setdefault(stored[key].file, []).append(key)
+    with torch.no_grad():
+        for f, keys in by_file.items():
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    for key in keys:
+                        tensor = st.get_tensor(PREFIX + key)
+                        if params[key].is_floating_point() and not tensor.is_floating_point():
+                            integral.append(f"{PREFIX}{key} ({str(tensor.dtype).replace('torch.', '')})")
+                        elif tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                            broken.append(PREFIX + key)
+                        else:
+                            params[key].copy_(tensor)
+                        del tensor
+            except Exception as e:  # safetensors' own types, for data that its header promised
+                raise Ps3EdgeError(f"cannot read weights {f}: {e}") from None
+    for what, names in (("has integer tensors where PS3 has floating-point weights: ", integral),
+                        ("has NaN or infinite weights in ", broken)):
+        if names:
+            names.sort()
+            raise Ps3EdgeError(f"checkpoint {path} {what}" + ", ".join(names[:4])
+                               + (f" (+{len(names) - 4} more)" if len(names) > 4 else ""))
+
+
+def config_from_checkpoint(path: Path, tensors: dict[str, Stored]) -> PS3Config:
     raw = read_json(path / "config.json")
     vc = raw.get("vision_config", raw)
     if not isinstance(vc, dict):
@@ -182,7 +233,7 @@ def read_normalisation(pp: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return values[0], values[1]
 
 
-def _config_from_dict(path: Path, vc: dict, tensors: dict[str, torch.Tensor],
+def _config_from_dict(path: Path, vc: dict, tensors: dict[str, Stored],
                       mean: tuple[float, ...], std: tuple[float, ...]) -> PS3Config:
     if vc.get("separate_pos_emb", True) is False or vc.get("highres_selection_feature", True) is False:
         raise Ps3EdgeError("checkpoints without separate_pos_emb or highres_selection_feature are not supported")
@@ -234,12 +285,15 @@ def _positive_int(path: Path, vc: dict, key: str, default: int) -> int:
     return value
 
 
-def load_checkpoint(path: Path) -> LoadedModel:
-    path = Path(path)
+def load_checkpoint(path) -> LoadedModel:
+    """A PS3 from a checkpoint directory (a path, or a hub.Checkpoint whose repo and commit the
+    source records too)."""
+    checkpoint = path if isinstance(path, Checkpoint) else Checkpoint(Path(path))
+    path = checkpoint.path
     if not (path / "config.json").is_file():
         raise Ps3EdgeError(f"{path} has no config.json")
-    files = _weight_files(path)
-    tensors = _read_tensors(files)
+    files = _weight_files(path, checkpoint.links_within or path)
+    tensors = _stored_tensors(files)
     cfg = config_from_checkpoint(path, tensors)
     model = PS3(cfg)
     expected = model.state_dict()
@@ -252,8 +306,8 @@ def load_checkpoint(path: Path) -> LoadedModel:
 
     missing = sorted(k for k in expected if k not in tensors)
     unexpected = sorted(k for k in tensors if k not in expected and not ignored(k))
-    misshaped = sorted(f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}"
-                       for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape)
+    misshaped = sorted(f"{k} {tensors[k].shape} != {tuple(v.shape)}"
+                       for k, v in expected.items() if k in tensors and tensors[k].shape != tuple(v.shape))
     if missing or unexpected or misshaped:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
@@ -261,21 +315,12 @@ def load_checkpoint(path: Path) -> LoadedModel:
                 shown = ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
                 parts.append(f"{label}: {shown}")
         raise Ps3EdgeError(f"checkpoint {path} does not match the PS3 architecture - " + "; ".join(parts))
-
-    integral = sorted(f"{PREFIX}{k} ({str(tensors[k].dtype).replace('torch.', '')})" for k, v in expected.items()
-                      if v.is_floating_point() and not tensors[k].is_floating_point())
-    if integral:                        # never cast integers into weights: the file is not what it claims
-        raise Ps3EdgeError(f"checkpoint {path} has integer tensors where PS3 has floating-point weights: "
-                           + ", ".join(integral[:4]) + (f" (+{len(integral) - 4} more)" if len(integral) > 4 else ""))
-    broken = sorted(k for k in expected if tensors[k].is_floating_point() and not torch.isfinite(tensors[k]).all())
-    if broken:
-        shown = ", ".join(PREFIX + k for k in broken[:4]) + (f" (+{len(broken) - 4} more)" if len(broken) > 4 else "")
-        raise Ps3EdgeError(f"checkpoint {path} has NaN or infinite weights in {shown}")
-    model.load_state_dict({k: tensors[k].float() for k in expected}, strict=True)
+    _copy_weights(path, tensors, expected)
     digest = hashlib.sha256()
     for f in files:
         digest.update(file_sha256(f).encode())
-    source = {"kind": "checkpoint", "path": str(path.resolve()), "sha256": digest.hexdigest()}
+    source = {"kind": "checkpoint", "path": str(path.resolve()), "sha256": digest.hexdigest(),
+              **checkpoint.source_fields()}
     return LoadedModel(model.eval(), cfg, source)
 
 
