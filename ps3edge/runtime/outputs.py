@@ -68,11 +68,18 @@ def write_outputs(result: LookCloseResult, image: Image.Image, features_path, ov
             tmp.unlink(missing_ok=True)
 
 
-def _save_features(result: LookCloseResult, path) -> None:
+def result_tensors(result: LookCloseResult) -> dict[str, np.ndarray]:
+    """The named tensors of a run, as the features file (and the server) give them: features
+    (1,tokens,C) float32, prob (G0,G0) float32, selection_map_<scale> (g,g) uint8."""
     tensors = {"features": np.ascontiguousarray(result.features, dtype=np.float32),
                "prob": np.ascontiguousarray(result.prob, dtype=np.float32)}
     for scale, m in zip(result.scales, result.plan.selection_maps):
         tensors[f"selection_map_{scale}"] = np.ascontiguousarray(m, dtype=np.uint8)
+    return tensors
+
+
+def _save_features(result: LookCloseResult, path) -> None:
+    tensors = result_tensors(result)
     metadata = {"layer": str(result.layer),
                 "tokens_each_scale": ",".join(f"{k}:{v}" for k, v in result.tokens_each_scale.items())}
     save_file(tensors, str(path), metadata=metadata)
