@@ -137,3 +137,133 @@ def assert_matches(outputs: dict, reference) -> None:
     assert float(np.abs(outputs["prob"][0] - reference.prob).max()) <= 1e-5
     for scale, m in zip(reference.scales, reference.plan.selection_maps):
         assert np.array_equal(outputs[f"selection_map_{scale}"][0], m)
+
+
+def vila_request(server: Server, question: str, image: bytes, parameters: dict | None = None) -> dict:
+    """One whole-answer `vila-hd` request over HTTP: its outputs by name."""
+    import tritonclient.http as th
+
+    client = th.InferenceServerClient(server.http, network_timeout=REQUEST_TIMEOUT_S,
+                                      connection_timeout=REQUEST_TIMEOUT_S)
+    inputs = [th.InferInput("text", [1, 1], "BYTES"), th.InferInput("image", [1, 1], "BYTES")]
+    inputs[0].set_data_from_numpy(np.array([[question.encode()]], dtype=object))
+    inputs[1].set_data_from_numpy(np.array([[image]], dtype=object))
+    try:
+        result = client.infer("vila-hd", inputs, parameters=parameters)
+    finally:
+        client.close()
+    return {name: result.as_numpy(name) for name in ("answer", "error") if result.as_numpy(name) is not None}
+
+
+def vila_stream(server: Server, question: str, image: bytes, parameters: dict | None = None) -> list:
+    """`vila-hd-stream` over gRPC streaming: the pieces of text as they came, then any error text."""
+    import queue
+
+    import tritonclient.grpc as tg
+
+    received: queue.Queue = queue.Queue()
+    client = tg.InferenceServerClient(server.grpc)
+    inputs = [tg.InferInput("text", [1, 1], "BYTES"), tg.InferInput("image", [1, 1], "BYTES")]
+    inputs[0].set_data_from_numpy(np.array([[question.encode()]], dtype=object))
+    inputs[1].set_data_from_numpy(np.array([[image]], dtype=object))
+    pieces = []
+    client.start_stream(callback=lambda result, error: received.put((result, error)))
+    try:
+        client.async_stream_infer("vila-hd-stream", inputs, parameters=parameters, enable_empty_final_response=True)
+        deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        for _ in range(10_000):                      # bounded: max_tokens pieces and one final response
+            result, error = received.get(timeout=max(1.0, deadline - time.monotonic()))
+            if error is not None:
+                pieces.append(f"exception: {error}")
+                break
+            response = result.get_response()
+            for name in ("answer", "error"):
+                value = result.as_numpy(name)
+                if value is not None and value[0, 0]:
+                    pieces.append(value[0, 0].decode() if name == "answer" else f"error: {value[0, 0].decode()}")
+            if response.parameters["triton_final_response"].bool_param:
+                break
+    finally:
+        client.stop_stream()
+        client.close()
+    return pieces
+
+
+def stock_backends(work: Path) -> Path:
+    """A backend directory for the tritonserver PyTriton ships: its backends, with the Python
+    backend stub of this interpreter's version (PyTriton prepares its own the same way)."""
+    import shutil
+
+    import pytriton
+    from pytriton.utils.distribution import get_stub_path
+
+    dist = Path(pytriton.__file__).parent / "tritonserver"
+    backends = work / "backends"
+    shutil.copytree(dist / "backends", backends, ignore=shutil.ignore_patterns("python_backend_stubs",
+                                                                              "triton_python_backend_stub"))
+    shutil.copy(get_stub_path(f"{sys.version_info[0]}.{sys.version_info[1]}"),
+                backends / "python" / "triton_python_backend_stub")
+    return backends
+
+
+@contextlib.contextmanager
+def stock_tritonserver(repository: Path, work: Path):
+    """The shipped `tritonserver --model-repository REPOSITORY` on free loopback ports, ready."""
+    import sysconfig
+    import urllib.request
+
+    import pytriton
+    from pytriton.utils.distribution import get_libs_path
+
+    http, grpc, metrics = free_ports(3)
+    env = clean_env()
+    # the stub loads libpython from the library path: this interpreter's first
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([sysconfig.get_config_var("LIBDIR"), str(get_libs_path()),
+                                              env.get("LD_LIBRARY_PATH", "")])
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
+    binary = Path(pytriton.__file__).parent / "tritonserver" / "bin" / "tritonserver"
+    log = work / "tritonserver.log"
+    with open(log, "wb") as sink:
+        process = subprocess.Popen([str(binary), "--model-repository", str(repository),
+                                    "--backend-directory", str(stock_backends(work)),
+                                    "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1",
+                                    "--metrics-address", "127.0.0.1", "--http-port", str(http),
+                                    "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+                                   stdout=sink, stderr=subprocess.STDOUT, env=env)
+    server = Server(process, http, grpc, metrics, log)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"tritonserver exited {process.returncode}:\n{server.output()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"http://{server.http}/v2/health/ready", timeout=5) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"tritonserver not ready after {START_TIMEOUT_S} s:\n{server.output()[-4000:]}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=30)
+
+
+def make_checkout_importable(version_dir: Path) -> None:
+    """The Python-backend stub runs isolated (no PYTHONPATH): where the ps3edge its site-packages
+    gives is not this checkout (an editable install of another one), put this checkout's package in
+    the model's version directory, which the stub puts on its path."""
+    import ps3edge
+
+    here = Path(ps3edge.__file__).resolve().parent
+    found = subprocess.run([sys.executable, "-I", "-c", "import ps3edge; print(ps3edge.__file__)"],
+                           capture_output=True, text=True, timeout=120, cwd="/")
+    if found.returncode != 0 or Path(found.stdout.strip()).resolve().parent != here:
+        (version_dir / "ps3edge").symlink_to(here, target_is_directory=True)

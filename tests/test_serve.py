@@ -75,7 +75,8 @@ def test_concurrent_requests_each_get_their_own_answer(artifacts, tmp_path):
     steps = ["2" if i % 2 else None for i in range(16)]
     corrupt = 5
     images[corrupt] = images[corrupt][: len(images[corrupt]) // 3]          # a truncated PNG
-    with serving(art, "--num-look-close", "1", "--max-queue-delay-us", "500000", tmp_path=tmp_path) as server:
+    with serving(art, "--num-look-close", "1", "--max-queue-delay-us", "500000", "--queue-timeout-ms", "600000",
+                 tmp_path=tmp_path) as server:
         calls = [lambda i=i: ps3_request(server, images[i], protocol="grpc" if i % 3 else "http",
                                          parameters={"num_look_close": int(steps[i])} if steps[i] else None)
                  for i in range(16)]
@@ -157,3 +158,77 @@ def test_serve_refuses_bad_flags_in_one_line(artifacts):
     result = cli("serve", str(artifacts("ps3-tiny")), "--http-port", "9000", "--grpc-port", "9000")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["error: the HTTP, gRPC and metrics ports must differ, got 9000, 9000, 8002"]
+
+
+@pytest.mark.slow
+def test_vila_answers_whole_over_http_and_streams_over_grpc(vila_art, tmp_path):
+    """vila-hd gives `chat`'s answer in one response; vila-hd-stream sends the same pieces as
+    `chat` streams them; the ps3 model of the same artifact is served beside them."""
+    from ps3edge.llm.generate import SamplingConfig
+    from ps3edge.llm.pipeline import VilaPipeline
+    from serve_support import vila_request, vila_stream
+
+    image = png_bytes(seed=11)
+    question = "What is in the picture?"
+    sampling = {"max_tokens": 6, "temperature": 0.7, "top_p": 0.9, "seed": 3}
+    expected_pieces = []
+    expected = VilaPipeline(vila_art).answer(
+        open_image(io.BytesIO(image)), question, settings_from_env(env={}, num_look_close="1"),
+        SamplingConfig(max_new_tokens=6, temperature=0.7, top_p=0.9, seed=3), on_text=expected_pieces.append)
+    with serving(vila_art, "--num-look-close", "1", tmp_path=tmp_path) as server:
+        assert "ready: ps3, vila-hd, vila-hd-stream" in server.output()
+        whole = vila_request(server, question, image, sampling)
+        pieces = vila_stream(server, question, image, sampling)
+        refused = vila_request(server, question, image, {"max_tokens": 0})
+        assert server.terminate() == 0
+    assert whole["error"][0, 0] == b"" and whole["answer"][0, 0].decode() == expected.text
+    assert pieces == expected_pieces and "".join(pieces) == expected.text
+    assert refused["error"][0, 0].decode() == "max new tokens must be at least 1, got 0"
+
+
+def test_triton_repo_writes_a_valid_repository(artifacts, tmp_path):
+    """config.pbtxt parses as Triton's ModelConfig with the served tensors, batching, queue policy
+    and instances; model.py and the artifact are beside it; a second write into it is refused."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from conftest import cli
+
+    repo = tmp_path / "repo"
+    result = cli("triton-repo", str(artifacts("ps3-tiny")), "--out", str(repo), "--num-look-close", "1",
+                 "--max-batch", "4", "--instances", "2", "--max-queue-size", "16")
+    assert result.returncode == 0, result.stderr
+    config = text_format.Parse((repo / "ps3" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert (config.name, config.backend, config.max_batch_size) == ("ps3", "python", 4)
+    assert [i.name for i in config.input] == ["image", "prompt_embedding"] and config.input[1].optional
+    assert [o.name for o in config.output][:2] == ["features", "prob"] and config.output[-1].name == "error"
+    assert config.dynamic_batching.default_queue_policy.max_queue_size == 16
+    assert config.dynamic_batching.default_queue_policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
+    assert config.instance_group[0].count == 2
+    assert config.parameters["num_look_close"].string_value == "1"
+    assert "TritonPythonModel" in (repo / "ps3" / "1" / "model.py").read_text()
+    assert (repo / "ps3" / "1" / "artifact" / "manifest.json").is_file()
+    again = cli("triton-repo", str(artifacts("ps3-tiny")), "--out", str(repo))
+    assert again.returncode == 2 and "is not an empty directory; nothing was written" in again.stderr
+
+
+@pytest.mark.slow
+def test_triton_repo_answers_in_the_shipped_tritonserver(artifacts, tmp_path):
+    """The repository in PyTriton's own tritonserver binary: an answer equal to `run`, and a corrupt
+    request refused with a real per-request error while its batch-mate is answered."""
+    from conftest import cli
+    from serve_support import make_checkout_importable, stock_tritonserver
+
+    art = artifacts("ps3-tiny")
+    repo = tmp_path / "repo"
+    assert cli("triton-repo", str(art), "--out", str(repo), "--num-look-close", "1",
+               "--max-queue-delay-us", "300000").returncode == 0
+    make_checkout_importable(repo / "ps3" / "1")
+    good = png_bytes(seed=4)
+    work = tmp_path / "work"
+    work.mkdir()
+    with stock_tritonserver(repo, work) as server:
+        answers = concurrently([lambda: ps3_request(server, good),
+                                lambda: ps3_request(server, b"junk", protocol="grpc")])
+    assert_matches(answers[0], reference(art, good, num_look_close="1"))
+    assert "the request's image is not an image file PIL can read" in answers[1]["exception"]

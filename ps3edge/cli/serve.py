@@ -69,3 +69,30 @@ def serve(
 
     run_server(artifacts, options, defaults, layer, progress=views.progress_to_stderr, on_ready=ready, on_stop=stopping)
     views.say("stopped")
+
+
+@look_close_options()
+def triton_repo(
+    artifacts: Path = typer.Argument(..., help="Artifact directory from 'ps3edge export' (of a VILA-HD artifact, its PS3 part)."),
+    out: Path = typer.Option(..., "--out", help="The model repository to write (absent or an empty directory)."),
+    backend: str = typer.Option("onnxruntime", "--backend", help="What the model runs on: onnxruntime, torch, or tensorrt (instance group KIND_GPU)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or fp16 / int8: the stages of 'ps3edge calibrate'."),
+    max_batch: int = typer.Option(8, "--max-batch", help="config.pbtxt max_batch_size."),
+    max_queue_delay_us: int = typer.Option(2000, "--max-queue-delay-us", help="Dynamic batching delay."),
+    instances: int = typer.Option(1, "--instances", help="Instance group count."),
+    max_queue_size: int = typer.Option(64, "--max-queue-size", help="Queue policy: most requests queued."),
+    queue_timeout_ms: int = typer.Option(60000, "--queue-timeout-ms", help="Queue policy: a request queued longer is rejected."),
+    look_close: LookCloseFlags = None,
+    layer: int = Layer,
+):
+    """Write a Triton model repository (config.pbtxt, a Python-backend model.py, the artifact) for a stock tritonserver."""
+    from ..serve.repo import write_repository
+    from ..serve.settings import ServeOptions
+
+    options = ServeOptions(backend=backend, precision=precision, max_batch=max_batch,
+                           max_queue_delay_us=max_queue_delay_us, instances=instances, max_queue_size=max_queue_size,
+                           queue_timeout_ms=queue_timeout_ms).check()
+    defaults = _defaults(look_close)
+    _check_artifact(artifacts)
+    names = write_repository(artifacts, out, options, defaults, layer)
+    views.say(f"models {', '.join(names)} -> {escape(str(out))}")
