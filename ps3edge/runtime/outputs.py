@@ -77,7 +77,8 @@ def write_batch_outputs(results: list, images: list, features_path, overlay_path
 
 
 def result_tensors(result: LookCloseResult) -> dict[str, np.ndarray]:
-    """features (1,tokens,C) float32, prob (G0,G0) float32, selection_map_<scale> (g,g) uint8."""
+    """The named tensors of a run, as the features file (and the server) give them: features
+    (1,tokens,C) float32, prob (G0,G0) float32, selection_map_<scale> (g,g) uint8."""
     tensors = {"features": np.ascontiguousarray(result.features, dtype=np.float32),
                "prob": np.ascontiguousarray(result.prob, dtype=np.float32)}
     for scale, m in zip(result.scales, result.plan.selection_maps):

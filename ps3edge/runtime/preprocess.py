@@ -34,17 +34,25 @@ ROTATIONS = {3: "rotated 180 degrees", 6: "rotated 90 degrees", 8: "rotated 270 
              4: "flipped", 5: "transposed", 7: "transversed"}
 
 
-def open_image(path, exif_transpose: bool = False) -> Image.Image:
+def open_image(path, exif_transpose: bool = False, name: str | None = None) -> Image.Image:
     """Open and fully decode an image file, or raise a one-line Ps3EdgeError. `image.info[NOTES]`
     lists what was done that the official processor also does silently (first frame only, EXIF
-    orientation ignored), or, with `exif_transpose`, the orientation applied."""
-    path = Path(path)
-    if path.is_dir():
-        raise Ps3EdgeError(f"{path} is a directory, not an image file")
-    if not path.exists():
-        raise Ps3EdgeError(f"image not found: {path}")
-    if not path.is_file():
-        raise Ps3EdgeError(f"{path} is not a regular file (a device or a pipe?), not an image file")
+    orientation ignored), or, with `exif_transpose`, the orientation applied.
+
+    path may also be a binary file object (an encoded image received over the network); `name`
+    then stands for it in the messages."""
+    if hasattr(path, "read"):
+        label = name or "the image"
+    else:
+        path = Path(path)
+        label = str(path)
+        if path.is_dir():
+            raise Ps3EdgeError(f"{path} is a directory, not an image file")
+        if not path.exists():
+            raise Ps3EdgeError(f"image not found: {path}")
+        if not path.is_file():
+            raise Ps3EdgeError(f"{path} is not a regular file (a device or a pipe?), not an image file")
+    short = getattr(path, "name", None) or label
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -55,21 +63,21 @@ def open_image(path, exif_transpose: bool = False) -> Image.Image:
                 orientation = im.getexif().get(EXIF_ORIENTATION, 1)
                 image = im.copy()
     except UnidentifiedImageError:
-        raise Ps3EdgeError(f"{path} is not an image file PIL can read") from None
+        raise Ps3EdgeError(f"{label} is not an image file PIL can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise Ps3EdgeError(f"{path} is too large (over {defaults.MAX_IMAGE_PIXELS} pixels)") from None
+        raise Ps3EdgeError(f"{label} is too large (over {defaults.MAX_IMAGE_PIXELS} pixels)") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise Ps3EdgeError(f"{path} is a corrupt or truncated image ({e})") from None
+        raise Ps3EdgeError(f"{label} is a corrupt or truncated image ({e})") from None
     if image.width < 1 or image.height < 1:
-        raise Ps3EdgeError(f"{path} has no pixels")
+        raise Ps3EdgeError(f"{label} has no pixels")
     notes = []
     if frames > 1:
-        notes.append(f"{path.name} has {frames} frames; only the first is used, as the official processor does")
+        notes.append(f"{short} has {frames} frames; only the first is used, as the official processor does")
     if orientation in ROTATIONS and exif_transpose:
         image = ImageOps.exif_transpose(image)
-        notes.append(f"{path.name}: EXIF orientation applied ({ROTATIONS[orientation]})")
+        notes.append(f"{short}: EXIF orientation applied ({ROTATIONS[orientation]})")
     elif orientation in ROTATIONS:
-        notes.append(f"{path.name} is {ROTATIONS[orientation]} by its EXIF orientation, which is ignored as the "
+        notes.append(f"{short} is {ROTATIONS[orientation]} by its EXIF orientation, which is ignored as the "
                      f"official processor does; --exif-transpose applies it")
     image.info[NOTES] = notes
     return image
