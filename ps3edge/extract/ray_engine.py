@@ -35,11 +35,16 @@ MAX_BLOCKS = 4096
 
 def import_ray():
     """The ray module with Ray Data, or the one-line refusal."""
+    # Ray's INFO lines (its own logger, Ray Data's, the C++ core's) would bury the progress bar;
+    # the environment reaches the processes Ray starts, the logger covers an imported Ray Data
+    for name, level in (("RAY_DATA_LOG_LEVEL", "ERROR"), ("RAY_BACKEND_LOG_LEVEL", "error")):
+        os.environ.setdefault(name, level)
     try:
         import ray
         import ray.data  # noqa: F401
     except ImportError:
         raise Ps3EdgeError(RAY_MISSING) from None
+    logging.getLogger("ray.data").setLevel(os.environ["RAY_DATA_LOG_LEVEL"])
     return ray
 
 

@@ -10,9 +10,10 @@ Format: safetensors, one file per shard (`shard-00000.safetensors`, ...). The ch
   the local engine needs no extra package.
 
 In a shard, item k's tensors are `k/features`, `k/prob` and `k/selection_map_<scale>` (k: the
-item's place in the job's listing, sources.py). The header's metadata holds, as JSON, the
-shard's number, the run digest (record.py) and a record per item (`items`: source, frame,
-timestamp, image size) and per failed item (`errors`: source, frame, reason). A shard file
+item's place in the job's listing, sources.py). The header's metadata entry `ps3edge-extract`
+holds, as JSON, the shard's number, the run digest (record.py) and a record per item (`items`:
+index, source, frame, timestamp, image size) and per failed item (`errors`: index, source,
+frame, timestamp, reason). Equal shards are equal files, whichever engine wrote them. A shard file
 exists only when complete: it is written to a temporary name and renamed (artifact/io.py),
 so a rerun can trust every shard it finds and redo the others.
 """
@@ -32,6 +33,7 @@ from ..artifact.io import write_bytes_atomic
 
 FORMAT = "ps3edge-extract/1"
 SHARD_DIGITS = 5
+METADATA_KEY = "ps3edge-extract"
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 
@@ -81,9 +83,10 @@ def shard_bytes(shard: int, outcomes: list[Outcome], run_digest: str) -> bytes:
             continue
         items.append({"index": o.index, **o.record})
         tensors.update({f"{o.index}/{name}": array for name, array in o.tensors.items()})
-    metadata = {"format": FORMAT, "shard": str(shard), "run": run_digest,
-                "items": json.dumps(items), "errors": json.dumps(errors)}
-    return save(tensors, metadata=metadata)
+    # one metadata entry: safetensors writes a header's entries in no fixed order, and equal
+    # shards should be equal files
+    header = {"format": FORMAT, "shard": shard, "run": run_digest, "items": items, "errors": errors}
+    return save(tensors, metadata={METADATA_KEY: json.dumps(header, sort_keys=True)})
 
 
 def write_shard(directory: Path, layout: Layout, shard: int, outcomes: list[Outcome], run_digest: str) -> Path:
@@ -93,19 +96,14 @@ def write_shard(directory: Path, layout: Layout, shard: int, outcomes: list[Outc
 
 
 def read_header(path: Path) -> Optional[dict]:
-    """A shard's metadata (items and errors decoded), or None when the file is not a whole shard."""
+    """A shard's header (format, shard, run, items, errors), or None when the file is not a whole
+    shard."""
     try:
         with safe_open(str(path), "np") as f:
-            meta = f.metadata() or {}
-    except Exception:                   # safetensors raises its own error types for a bad header
+            header = json.loads((f.metadata() or {})[METADATA_KEY])
+    except Exception:              # a missing or torn file, another file: safetensors' errors, KeyError, ValueError
         return None
-    if meta.get("format") != FORMAT:
-        return None
-    try:
-        return {**meta, "shard": int(meta["shard"]), "items": json.loads(meta["items"]),
-                "errors": json.loads(meta["errors"])}
-    except (KeyError, ValueError):
-        return None
+    return header if isinstance(header, dict) and header.get("format") == FORMAT else None
 
 
 def read_items(path: Path) -> dict[int, dict[str, np.ndarray]]:

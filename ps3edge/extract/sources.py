@@ -119,6 +119,7 @@ def list_items(inputs: Iterable, fps: Optional[float] = None) -> tuple[list[Item
         if not is_video(path):
             items.append(Item(str(path)))
             continue
+        _pyav()                                   # without PyAV the job is refused, not every video failed
         try:
             items += video_items(path, fps)
         except Ps3EdgeError as e:
