@@ -278,8 +278,9 @@ def test_forty_images_equal_run(forty, tmp_path):
             assert_item_equals_run(items[entry["index"]], pipeline.run(image, settings))
     # and two of them through `ps3edge run` itself (a frame saved as PNG keeps its decoded pixels)
     frame = next(e for e in index if e["frame"] is not None)
+    still = next(e for e in index if e["frame"] is None)
     frames[frame["frame"]].save(tmp_path / "frame.png")
-    for entry, image in ((index[0], Path(index[0]["source"])), (frame, tmp_path / "frame.png")):
+    for entry, image in ((still, Path(still["source"])), (frame, tmp_path / "frame.png")):
         written = tmp_path / f"run{entry['index']}.safetensors"
         assert cli("run", tiny, "--image", image, "--out", written, *FLAGS).returncode == 0
         want, got = load_file(str(written)), items[entry["index"]]

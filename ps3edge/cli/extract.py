@@ -26,19 +26,23 @@ class _ItemsPerSecond(ProgressColumn):
 
 class _Bar:
     """The job's progress (job.py's start / advance) as a rich bar on stderr: items, items/s, ETA;
-    shown from the start of the work (a refusal before it prints only its error line)."""
+    shown from the first item done, so a refusal before any (a Ray cluster not found, a model that
+    does not load) prints only its error line."""
 
     COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _ItemsPerSecond(),
                TextColumn("eta"), TimeRemainingColumn())
 
     def __init__(self):
-        self.progress, self.task = Progress(*self.COLUMNS, console=err_console), None
+        self.progress, self.task, self.counts = Progress(*self.COLUMNS, console=err_console), None, (0, 0)
 
     def start(self, total: int, completed: int) -> None:
-        self.progress.start()
-        self.task = self.progress.add_task("extract", total=total, completed=completed)
+        self.counts = (total, completed)
 
     def advance(self, count: int) -> None:
+        if self.task is None:
+            self.progress.start()
+            total, completed = self.counts
+            self.task = self.progress.add_task("extract", total=total, completed=completed)
         self.progress.advance(self.task, count)
 
     def __enter__(self) -> "_Bar":
