@@ -25,6 +25,7 @@ LAYERS = (
     ("ps3edge.llm", 8),
     ("ps3edge.parity", 9), ("ps3edge.bench", 9), ("ps3edge.doctor", 9), ("ps3edge.reference", 9),
     ("ps3edge.serve", 9),
+    ("ps3edge.extract", 9),
     ("ps3edge.cli", 10),
 )
 

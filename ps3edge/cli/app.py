@@ -18,7 +18,7 @@ import typer
 
 from .. import __version__
 from ..errors import Ps3EdgeError
-from . import artifacts, chat, doctor, run, serve
+from . import artifacts, chat, doctor, extract, run, serve
 from .views import err_console, error_line
 
 DEBUG_ENV = "PS3EDGE_DEBUG"
@@ -68,8 +68,8 @@ def version():
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="PS3 / VILA-HD from PyTorch to ONNX and TensorRT, and the look-close runtime.")
 for _command in (artifacts.export, artifacts.build, artifacts.calibrate, run.run, run.demo, run.parity,
-                 artifacts.inspect, run.bench, chat.chat, serve.serve, serve.triton_repo, doctor.doctor,
-                 version):
+                 artifacts.inspect, run.bench, extract.extract, chat.chat, serve.serve, serve.triton_repo,
+                 doctor.doctor, version):
     app.command()(handle_errors(_command))
 del _command
 

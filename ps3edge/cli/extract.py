@@ -1,0 +1,96 @@
+"""`ps3edge extract`: PS3 features for a dataset or video log, in resumable shards, on this
+machine or a Ray cluster; the progress bar and the closing summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from ..errors import Ps3EdgeError
+from .options import ExifTranspose, Layer, LookCloseFlags, PromptEmbedding, load_prompt_embedding, look_close_options
+from .views import err_console, error_line, say
+
+PARTIAL_EXIT = 1                    # the job finished, but some inputs could not be read
+
+
+class _ItemsPerSecond(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("-- items/s" if speed is None else f"{speed:.2f} items/s")
+
+
+class _Bar:
+    """The job's progress (job.py's start / advance) as a rich bar on stderr: items, items/s, ETA;
+    shown from the first item done, so a refusal before any (a Ray cluster not found, a model that
+    does not load) prints only its error line."""
+
+    COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _ItemsPerSecond(),
+               TextColumn("eta"), TimeRemainingColumn())
+
+    def __init__(self):
+        self.progress, self.task, self.counts = Progress(*self.COLUMNS, console=err_console), None, (0, 0)
+
+    def start(self, total: int, completed: int) -> None:
+        self.counts = (total, completed)
+
+    def advance(self, count: int) -> None:
+        if self.task is None:
+            self.progress.start()
+            total, completed = self.counts
+            self.task = self.progress.add_task("extract", total=total, completed=completed)
+        self.progress.advance(self.task, count)
+
+    def __enter__(self) -> "_Bar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.task is not None:
+            self.progress.stop()
+
+
+@look_close_options()
+def extract(
+    artifacts: Path = typer.Argument(..., help="Artifact directory from 'ps3edge export'."),
+    input: List[Path] = typer.Option(..., "--input", help="An image folder (recursive), a .txt list of paths, an image or a video (repeatable)."),
+    out: Path = typer.Option(..., "--out", help="Output directory: shards, index.jsonl, errors.jsonl, run.json. Rerun the same command to continue it."),
+    fps: Optional[float] = typer.Option(None, "--fps", help="Videos: frames per second to sample (default: every frame)."),
+    shard_size: int = typer.Option(64, "--shard-size", min=1, help="Items per shard file."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Features stored as fp32 or fp16 (prob and selection maps keep theirs)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per run_batch call (default: the artifact's bound, export --max-batch)."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray Data: auto (the running cluster), local (start one here) or a cluster ADDRESS. Needs the ray extra."),
+    actors: Optional[int] = typer.Option(None, "--actors", min=1, help="--ray: actors, each with the artifact loaded (default: one per GPU, else one per 4 CPUs)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Local engine: decode threads (default: up to 4)."),
+    backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime, torch, or tensorrt (the engines of 'ps3edge build')."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or the fp16 / int8 stages of 'ps3edge calibrate'."),
+    device: str = typer.Option("auto", "--device", help="torch backend: cuda, cpu, or auto."),
+    look_close: LookCloseFlags = None,
+    prompt_embedding: Optional[Path] = PromptEmbedding,
+    layer: int = Layer,
+    exif_transpose: bool = ExifTranspose,
+):
+    """Extract features for every image and sampled video frame of the inputs into shards (resumable)."""
+    from ..extract.job import Engine, run_extract
+    from ..extract.work import Work
+
+    settings = look_close.settings()
+    prompt = load_prompt_embedding(prompt_embedding)
+    if actors is not None and ray is None:
+        raise Ps3EdgeError("--actors sizes the Ray actor pool; add --ray local (or auto, or an address)")
+    work = Work(artifact_dir=artifacts, backend=backend, precision=precision, device=device, settings=settings,
+                prompt=prompt, layer=layer, dtype=dtype, exif_transpose=exif_transpose, batch_size=batch_size)
+    with _Bar() as bar:
+        summary = run_extract(artifact_dir=artifacts, inputs=list(input), out=out, work=work, fps=fps,
+                              shard_size=shard_size, prompt_path=prompt_embedding,
+                              engine=Engine(ray=ray, actors=actors, workers=workers), progress=bar)
+    rate = f", {summary.ran / summary.seconds:.2f} items/s" if summary.ran and summary.seconds > 0 else ""
+    resumed = f" ({summary.resumed_shards} finished before)" if summary.resumed_shards else ""
+    say(f"extracted {summary.extracted} of {summary.inputs} inputs into {summary.shards} shards{resumed}"
+        f"{rate} -> {escape(str(out))}")
+    if summary.failed:
+        error_line(f"{summary.failed} of {summary.inputs} inputs could not be read; see {summary.errors_file}")
+        raise typer.Exit(PARTIAL_EXIT)
