@@ -157,7 +157,8 @@ def test_export_refuses_to_overwrite_without_flag_and_replaces_with_it(exported,
 def test_inspect_summarises_the_artifact(exported):
     result = ok(cli("inspect", exported))
     text = result.stdout
-    assert "schema v1" in text and "opset 17" in text
+    assert "schema v2" in text and "opset 17" in text
+    assert "up to 8 images per pass" in text
     assert "ps3-tiny" in text and "preset ps3-tiny (seed 0)" in text
     assert "[378, 756, 1512]" in text and "[27, 54, 108]" in text
     assert "512+2048" in text
