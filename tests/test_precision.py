@@ -264,7 +264,8 @@ def test_calibrated_stages_lint_clean(tiny, precision):
     art, _, _ = tiny
     report, t_max = lint_artifacts(art, "10.3", precision=precision)
     assert report.findings == [] and report.notes == [], [f.to_dict() for f in report.findings] + report.notes
-    assert report.largest_tensor == t_max * 4 * 2560 * (729 + 2560)          # highres attention scores
+    # highres attention scores: t_max steps of each of the 8 images of a pass, 4 heads
+    assert report.largest_tensor == 8 * t_max * 4 * 2560 * (729 + 2560)
     r = cli("inspect", "--lint", art, "--precision", precision)
     assert r.returncode == 0 and f"{precision} stages" in r.stdout, r.stdout + r.stderr
     r = cli("inspect", art, "--precision", precision)
