@@ -91,3 +91,8 @@ DEFAULT_WORKSPACE_GB = 4.0                          # builder scratch memory lim
 DEFAULT_BUILDER_OPTIMIZATION_LEVEL = 3              # TensorRT's own default; 0..5
 ENV_ENGINE_CACHE = "PS3EDGE_ENGINE_CACHE"           # where built engines are kept for reuse
 DEFAULT_ENGINE_CACHE_DIR = "~/.cache/ps3edge/engines"
+
+# --- serving (ps3edge serve, ps3edge triton-repo) ----------------------------------------------
+SERVE_MAX_QUEUE_DELAY_US = 2000   # how long a request may wait for others to batch with
+SERVE_MAX_QUEUE_SIZE = 64         # requests a model queues; more are rejected at once
+SERVE_QUEUE_TIMEOUT_MS = 60000    # a request still queued after this is rejected

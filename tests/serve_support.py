@@ -89,13 +89,7 @@ def serving(artifact: Path, *flags, tmp_path: Path):
             time.sleep(0.5)
         yield server
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=30)
+        stop(process)
 
 
 def ps3_request(server: Server, image: bytes, protocol: str = "http", parameters: dict | None = None,
@@ -247,13 +241,18 @@ def stock_tritonserver(repository: Path, work: Path):
             time.sleep(0.5)
         yield server
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=30)
+        stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM (the server drains), then SIGKILL if it has not exited in STOP_TIMEOUT_S."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
 
 
 def make_checkout_importable(version_dir: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from .. import defaults as DEFAULTS     # `defaults` names the server's look-close defaults here
 from ..errors import Ps3EdgeError
 from . import views
 from .options import Layer, LookCloseFlags, look_close_options
@@ -39,11 +40,11 @@ def serve(
     http_port: int = typer.Option(8000, "--http-port", help="KServe v2 HTTP/REST port."),
     grpc_port: int = typer.Option(8001, "--grpc-port", help="KServe v2 gRPC port (streaming: vila-hd-stream)."),
     metrics_port: int = typer.Option(8002, "--metrics-port", help="Prometheus metrics port (/metrics)."),
-    max_batch: int = typer.Option(8, "--max-batch", help="Most requests Triton batches into one call (run in chunks of the artifact's own bound)."),
-    max_queue_delay_us: int = typer.Option(2000, "--max-queue-delay-us", help="How long a request may wait for others to batch with."),
+    max_batch: int = typer.Option(DEFAULTS.DEFAULT_MAX_BATCH, "--max-batch", help="Most requests Triton batches into one call (run in chunks of the artifact's own bound)."),
+    max_queue_delay_us: int = typer.Option(DEFAULTS.SERVE_MAX_QUEUE_DELAY_US, "--max-queue-delay-us", help="How long a request may wait for others to batch with."),
     instances: int = typer.Option(1, "--instances", help="Model instances (each with its own pipeline) working at once."),
-    max_queue_size: int = typer.Option(64, "--max-queue-size", help="Requests a model queues; more are rejected at once."),
-    queue_timeout_ms: int = typer.Option(60000, "--queue-timeout-ms", help="A request still queued after this is rejected."),
+    max_queue_size: int = typer.Option(DEFAULTS.SERVE_MAX_QUEUE_SIZE, "--max-queue-size", help="Requests a model queues; more are rejected at once."),
+    queue_timeout_ms: int = typer.Option(DEFAULTS.SERVE_QUEUE_TIMEOUT_MS, "--queue-timeout-ms", help="A request still queued after this is rejected."),
     exit_timeout_s: int = typer.Option(20, "--exit-timeout-s", help="On SIGTERM / SIGINT: how long the requests in flight may take to finish."),
     look_close: LookCloseFlags = None,
     layer: int = Layer,
@@ -77,11 +78,11 @@ def triton_repo(
     out: Path = typer.Option(..., "--out", help="The model repository to write (absent or an empty directory)."),
     backend: str = typer.Option("onnxruntime", "--backend", help="What the model runs on: onnxruntime, torch, or tensorrt (instance group KIND_GPU)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, or fp16 / int8: the stages of 'ps3edge calibrate'."),
-    max_batch: int = typer.Option(8, "--max-batch", help="config.pbtxt max_batch_size."),
-    max_queue_delay_us: int = typer.Option(2000, "--max-queue-delay-us", help="Dynamic batching delay."),
+    max_batch: int = typer.Option(DEFAULTS.DEFAULT_MAX_BATCH, "--max-batch", help="config.pbtxt max_batch_size."),
+    max_queue_delay_us: int = typer.Option(DEFAULTS.SERVE_MAX_QUEUE_DELAY_US, "--max-queue-delay-us", help="Dynamic batching delay."),
     instances: int = typer.Option(1, "--instances", help="Instance group count."),
-    max_queue_size: int = typer.Option(64, "--max-queue-size", help="Queue policy: most requests queued."),
-    queue_timeout_ms: int = typer.Option(60000, "--queue-timeout-ms", help="Queue policy: a request queued longer is rejected."),
+    max_queue_size: int = typer.Option(DEFAULTS.SERVE_MAX_QUEUE_SIZE, "--max-queue-size", help="Queue policy: most requests queued."),
+    queue_timeout_ms: int = typer.Option(DEFAULTS.SERVE_QUEUE_TIMEOUT_MS, "--queue-timeout-ms", help="Queue policy: a request queued longer is rejected."),
     look_close: LookCloseFlags = None,
     layer: int = Layer,
 ):
