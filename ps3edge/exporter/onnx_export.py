@@ -27,6 +27,7 @@ from ..errors import Ps3EdgeError
 from ..model import HighResStage, LowResStage, SelectorStage, build
 from ..model.stages import normalize_layers
 from ..model.weights import LoadedModel, state_dict_sha256
+from .ort_optimize import simplify_stage
 
 
 def _example_inputs(stage: str, cfg, spec) -> tuple:
@@ -41,7 +42,8 @@ def _example_inputs(stage: str, cfg, spec) -> tuple:
 
 
 def _export_stage(module, example, spec, opset: int, scratch: Path, final: Path) -> list[Path]:
-    """Trace one stage to ONNX; returns the files written (model, and external data if any)."""
+    """Trace one stage to ONNX, simplified by onnxruntime's basic-level rewrites (ort_optimize.py);
+    returns the files written (model, and external data if any)."""
     scratch.mkdir(parents=True, exist_ok=True)
     raw = scratch / spec.file
     with torch.no_grad(), warnings.catch_warnings():
@@ -62,6 +64,7 @@ def _export_stage(module, example, spec, opset: int, scratch: Path, final: Path)
     else:
         onnx.save_model(model, str(final))
     onnx.checker.check_model(str(final))
+    files = simplify_stage(final, scratch / "simplified", files[1].name if len(files) > 1 else None)
     shutil.rmtree(scratch, ignore_errors=True)
     return files
 
