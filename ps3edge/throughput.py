@@ -13,9 +13,9 @@ configures it (`reference.VILA_HD_LAYERS_TO_RETURN`) and runs in torch on the be
 and dtype; the onnxruntime backend runs the exported FP32 stages.
 
 Peak memory is the device's (torch's allocator: weights included) where the run is on CUDA
-through torch, else how far the process's resident set rose above what was resident before the
-call (Linux: the peak is reset through /proc/self/clear_refs), which leaves out the weights and
-whatever else this process already holds.
+through torch, else the process's peak resident set during the call (Linux: reset through
+/proc/self/clear_refs first), which counts everything the process holds: the weights of every
+backend loaded so far and of the official model too. Compare it across B, not across sides.
 """
 
 from __future__ import annotations
@@ -70,13 +70,12 @@ def batch_images(image: Image.Image, count: int) -> list[Image.Image]:
 
 
 class PeakMemory:
-    """Peak memory of one call, in GiB: torch's CUDA allocator on `device`, else the rise of the
-    process's resident set above its size before the call (None where the kernel does not let
-    the peak be reset)."""
+    """Peak memory of one call, in GiB: torch's CUDA allocator on `device`, else the process's
+    peak resident set (None where the kernel does not let the peak be reset)."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.kind = "cuda" if device.type == "cuda" else "host RSS rise"
+        self.kind = "cuda" if device.type == "cuda" else "process RSS"
 
     def of(self, fn) -> float | None:
         if self.device.type == "cuda":
@@ -89,9 +88,8 @@ class PeakMemory:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
             return None
-        before = _status_kib("VmRSS:")
         fn()
-        return round(max(_status_kib("VmHWM:") - before, 0) / 2 ** 20, 3)
+        return round(_status_kib("VmHWM:") / 2 ** 20, 3)
 
 
 def _status_kib(field: str) -> int:

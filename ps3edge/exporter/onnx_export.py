@@ -5,6 +5,7 @@ file and the manifest are written, so an interrupted export never leaves a half 
 target's writer lock (artifact/lock.py) keeps a second export out and removes what a killed one
 left behind.
 Stages whose weights approach protobuf's 2 GiB limit store them in one `<stage>.onnx.data` file.
+Each stage file is then simplified by onnxruntime's basic-level rewrites (ort_optimize.py).
 """
 
 from __future__ import annotations
@@ -42,8 +43,7 @@ def _example_inputs(stage: str, cfg, spec) -> tuple:
 
 
 def _export_stage(module, example, spec, opset: int, scratch: Path, final: Path) -> list[Path]:
-    """Trace one stage to ONNX, simplified by onnxruntime's basic-level rewrites (ort_optimize.py);
-    returns the files written (model, and external data if any)."""
+    """Trace one stage to ONNX; returns the files written (model, and external data if any)."""
     scratch.mkdir(parents=True, exist_ok=True)
     raw = scratch / spec.file
     with torch.no_grad(), warnings.catch_warnings():
@@ -64,7 +64,6 @@ def _export_stage(module, example, spec, opset: int, scratch: Path, final: Path)
     else:
         onnx.save_model(model, str(final))
     onnx.checker.check_model(str(final))
-    files = simplify_stage(final, scratch / "simplified", files[1].name if len(files) > 1 else None)
     shutil.rmtree(scratch, ignore_errors=True)
     return files
 
@@ -144,6 +143,7 @@ def _export_locked(model_spec, out_dir: Path, opset: int, returned_layers: list,
             spec = specs[name]
             written = _export_stage(modules[name], _example_inputs(name, cfg, spec), spec, opset,
                                     staging / "scratch", staging / spec.file)
+            written = simplify_stage(written[0], staging / "scratch", written[1].name if len(written) > 1 else None)
             for f in written:
                 files[f.name] = file_sha256(f)
             stages[name] = {"file": spec.file, "external_data": [f.name for f in written[1:]],
