@@ -5,6 +5,9 @@ onnxruntime CPU session adds when it loads one.
   arithmetic of the traced graph, common subexpressions, redundant nodes), saved as the stage
   file. They use standard ONNX ops only, so the file stays what TensorRT's ONNX parser and the
   lint (exporter/lint/) read; the graph halves in nodes and loads faster, and computes the same.
+  The basic level's fusions of compute ops (MatMul + Add -> Gemm, Conv + Add / Mul / BN) are
+  left out: the compute ops stay as exported, named by their blocks, which INT8 calibration
+  selects by (calibration/int8.py) and the FP32 results are checked against.
 - `fuse_attention`, at session creation on the CPU execution provider: each attention (the
   Q.K^T -> Softmax -> .V subgraph the exporter writes for scaled_dot_product_attention) becomes
   one `com.microsoft.MultiHeadAttention`. onnxruntime's CPU kernel for it tiles the scores,
@@ -29,6 +32,8 @@ CONTRIB_DOMAIN = "com.microsoft"
 # session config keys of onnxruntime (onnxruntime_session_options_config_keys.h)
 _SAVE_DATA_FILE = "session.optimized_model_external_initializers_file_name"
 _SAVE_DATA_MIN_BYTES = "session.optimized_model_external_initializers_min_size_in_bytes"
+# onnxruntime's basic-level rewrites that merge compute ops (see the module docstring)
+KEEP_COMPUTE_OPS = ["MatMulAddFusion", "ConvAddFusion", "ConvMulFusion", "ConvBNFusion"]
 
 
 def simplify_stage(path: Path, scratch: Path, data_name: str | None = None) -> list[Path]:
@@ -47,7 +52,8 @@ def simplify_stage(path: Path, scratch: Path, data_name: str | None = None) -> l
     if data_name:
         options.add_session_config_entry(_SAVE_DATA_FILE, data_name)
         options.add_session_config_entry(_SAVE_DATA_MIN_BYTES, "1024")
-    ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=KEEP_COMPUTE_OPS)
     model = onnx.load(str(out), load_external_data=False)
     _keep_used_opsets(model)
     onnx.save_model(model, str(out))          # the graph only: external references stay as written
