@@ -88,3 +88,34 @@ def test_attention_with_a_mask_is_left_alone(tmp_path):
     model = onnx.load(str(path))
     assert fuse_attention(model, 2) == 0
     assert len(model.graph.node) == len(onnx.load(str(path)).graph.node)
+
+
+@pytest.mark.parametrize("simplified", [False, True])
+def test_an_explicit_scale_is_fused_with_its_value(tmp_path, simplified):
+    """scale=0.3 instead of 1/sqrt(D): the exporter folds its factors into constants, and the
+    fused node takes their product as its scale, as exported and after onnxruntime's rewrites;
+    the session computes what the plain graph does."""
+    from ps3edge.exporter.ort_optimize import simplify_stage
+
+    class Scaled(torch.nn.Module):
+        def forward(self, q, k, v):
+            h = lambda x: x.unflatten(-1, (2, 4)).transpose(1, 2)                      # noqa: E731
+            out = torch.nn.functional.scaled_dot_product_attention(h(q), h(k), h(v), scale=0.3)
+            return out.transpose(1, 2).reshape(1, 3, 8)
+
+    g = torch.Generator().manual_seed(0)
+    feeds = {"q": torch.randn(1, 3, 8, generator=g), "k": torch.randn(1, 5, 8, generator=g),
+             "v": torch.randn(1, 5, 8, generator=g)}
+    path = tmp_path / "scaled.onnx"
+    torch.onnx.export(Scaled(), tuple(feeds.values()), str(path), dynamo=False, opset_version=17,
+                      input_names=list(feeds))
+    if simplified:
+        simplify_stage(path, tmp_path / "scratch")
+    model = onnx.load(str(path))
+    assert fuse_attention(model, 2) == 1
+    (node,) = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
+    assert [onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "scale"] == [pytest.approx(0.3)]
+    arrays = {k: v.numpy() for k, v in feeds.items()}
+    plain = _plain_session(path).run(None, arrays)[0]
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, arrays)[0]
+    assert np.abs(got - plain).max() <= 1e-6

@@ -28,6 +28,8 @@ from pathlib import Path
 import onnx
 from onnx import helper, numpy_helper
 
+from ..errors import Ps3EdgeError
+
 CONTRIB_DOMAIN = "com.microsoft"
 # session config keys of onnxruntime (onnxruntime_session_options_config_keys.h)
 _SAVE_DATA_FILE = "session.optimized_model_external_initializers_file_name"
@@ -52,8 +54,11 @@ def simplify_stage(path: Path, scratch: Path, data_name: str | None = None) -> l
     if data_name:
         options.add_session_config_entry(_SAVE_DATA_FILE, data_name)
         options.add_session_config_entry(_SAVE_DATA_MIN_BYTES, "1024")
-    ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"],
-                         disabled_optimizers=KEEP_COMPUTE_OPS)
+    try:
+        ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=KEEP_COMPUTE_OPS)
+    except Exception as e:  # onnxruntime raises its own exception types for models it cannot load
+        raise Ps3EdgeError(f"onnxruntime cannot load the exported {path.name}: {str(e).splitlines()[0]}") from None
     model = onnx.load(str(out), load_external_data=False)
     _keep_used_opsets(model)
     onnx.save_model(model, str(out))          # the graph only: external references stay as written
@@ -107,8 +112,8 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
             attention = helper.make_node(
                 "MultiHeadAttention", [q, k, v], [f"{softmax.name}/MultiHeadAttention_output_0"],
                 name=f"{softmax.name}/MultiHeadAttention", domain=CONTRIB_DOMAIN, num_heads=num_heads, **extra)
-            # the Reshape stays: its target may be (B,N,C) or, after onnxruntime's MatMul+Add -> Gemm
-            # rewrite, (B*N,C); both read the attention's (B,N,C) output as they read (B,N,H,D)
+            # the Reshape stays (its target may also flatten to (B*N,C)): it reads the attention's
+            # (B,N,C) output as it read the plain graph's (B,N,H,D), the same numbers in the same order
             fed = helper.make_node("Reshape", [attention.output[0], reshape.input[1]], list(reshape.output),
                                    name=reshape.name, **{a.name: helper.get_attribute_value(a) for a in reshape.attribute})
             fused[id(reshape)] = (attention, fed)
@@ -141,10 +146,24 @@ def _heads_source(name: str, producer, perm: list) -> str | None:
     return reshape.input[0] if reshape is not None and reshape.op_type == "Reshape" else None
 
 
+def _from_shape(name: str, producer, hops: int = 6) -> bool:
+    """Whether `name` is computed from a Shape within `hops` nodes (the default scale's chain
+    Sqrt(Cast(Div(1, Sqrt(Cast(Slice(Shape(q)))))))."""
+    frontier = [name]
+    for _ in range(hops):
+        nodes = [producer[n] for n in frontier if n in producer]
+        if any(n.op_type == "Shape" for n in nodes):
+            return True
+        frontier = [i for n in nodes for i in n.input if i]
+    return False
+
+
 def _scale(names: list, producer, constants):
-    """The attention's scale from its two Mul factors: None for the default 1/sqrt(D) (both from
-    a Sqrt of the shape), their product where both are one-number constants, else False."""
-    if all(producer.get(n) is not None and producer[n].op_type == "Sqrt" for n in names):
+    """The attention's scale from its two Mul factors: None for the default 1/sqrt(D) (both a
+    Sqrt of a value computed from the query's shape), their product where both are one-number
+    constants, else False (an explicit scale left unfolded: not matched)."""
+    if all(producer.get(n) is not None and producer[n].op_type == "Sqrt" and _from_shape(producer[n].input[0], producer)
+           for n in names):
         return None
     values = [numpy_helper.to_array(constants[n]) for n in names if n in constants]
     if len(values) != 2 or any(v.size != 1 for v in values):
@@ -171,7 +190,18 @@ def _attention(softmax, producer, consumers, constants):
     if None in (q, k, v) or merge is None or _perm(merge) != [0, 2, 1, 3]:
         return None
     reshape = _only_consumer(merge.output[0], consumers, "Reshape")
-    return None if reshape is None else (q, k, v, reshape, scale)
+    if reshape is None or _copies_a_head_dim(reshape, constants):
+        return None
+    return q, k, v, reshape, scale
+
+
+def _copies_a_head_dim(reshape, constants) -> bool:
+    """A constant Reshape target with a 0 (copy the input's dimension) past the first two: it
+    would copy (B,N,C)'s C where the plain graph copied (B,N,H,D)'s H."""
+    if reshape.input[1] not in constants:
+        return False
+    target = numpy_helper.to_array(constants[reshape.input[1]]).reshape(-1)
+    return bool((target[2:] == 0).any())
 
 
 def _live(nodes: list, outputs: set) -> list:
