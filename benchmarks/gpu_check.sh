@@ -7,8 +7,14 @@
 #   3. checks `ps3edge run --backend torch` on CUDA (device preprocessing, CUDA graph) against
 #      the CPU path on a 3840x2160 frame (gpu_run_parity.py; needs the onnx package there);
 #   4. runs the bf16 sweep NUM_LOOK_CLOSE=1..6 for ps3-1.5k and ps3-4k against the official code
-#      (as published), with CUDA graphs, preprocessing timed on a 3840x2160 frame both ways:
-#      JSON, markdown and a PNG plot; then vila-hd-tiny for the projector / LLM columns;
+#      (as published, configured as VILA-HD configures it: the last 2 layers returned; its default
+#      of every layer returned is the extra labelled column), with CUDA graphs, preprocessing timed
+#      on a 3840x2160 frame both ways: JSON, markdown and a PNG plot; then vila-hd-tiny for the
+#      projector / LLM columns (its rows join sweep_bf16.json);
+#   4b. the batch sweep: ps3-4k NUM_LOOK_CLOSE=6 in bf16, B=1 and 8 images of the 3840x2160 frame
+#      through Pipeline.run_batch (torch backend: the fast path), against the official code given
+#      the same B images as one batch (VILA-HD's configuration): images/s, per-image latency,
+#      peak memory and the ratio, into batch_bf16.json (its table is in the log);
 #   5. splits the high-res time into matmuls, attention and the rest (gpu_diagnose.py floor),
 #      lists the GPU kernels that take the time (gpu_profile.py), and times the MLP half of a
 #      block without its GELU / residual-add passes (gpu_epilogue.py), all into floor.txt.
@@ -22,9 +28,11 @@ mkdir -p "$out"
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
     real=(--model ps3-tiny --model ps3-tiny-4k); sweep_steps=1,2; depth=(); floor_models="ps3-tiny"
     device=cpu; repeat=(--warmup 0 --repeat 1); export PYTHONPATH="$root"
+    batch=(--model ps3-tiny-4k --num-look-close 2 --batch 1,2)
 else
     real=(--model ps3-1.5k --model ps3-4k); sweep_steps=1,2,3,4,5,6; depth=(--depth 4); floor_models="ps3-1.5k ps3-4k"
     device=cuda; repeat=(--warmup 3 --repeat 10)
+    batch=(--model ps3-4k --num-look-close 6 --batch 1,8)
     site="$(mktemp -d)/site"
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "${WHEELS:-$here/wheels}"/*.whl
     export PYTHONPATH="$root:$site"
@@ -33,7 +41,8 @@ export PYTHONUNBUFFERED=1 COLUMNS=200
 ps3edge() { python3 -m ps3edge.cli "$@"; }
 
 # at most 8 files come back from the device tool: log.txt (the caller's), parity_fp32.json,
-# run_parity.json, sweep_bf16.{json,md,png}, vila_tiny_bf16.json, floor.txt
+# run_parity.json, sweep_bf16.{json,md,png} (vila-hd-tiny's rows in the JSON too), batch_bf16.json,
+# floor.txt
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.total --format=csv 2>/dev/null || true
 scratch="$(mktemp -d)"
@@ -55,12 +64,19 @@ python3 -c "import json, sys; json.dump([r for f in sys.argv[2:] for r in json.l
 echo "== ps3edge run on CUDA against the CPU path"
 OUT="$out" python3 "$here/gpu_run_parity.py" --device "$device" || echo "gpu_run_parity.py FAILED (exit $?)"
 
-echo "== bf16 sweep against the official code"
+echo "== bf16 sweep against the official code (VILA-HD's configuration; every layer returned as the extra column)"
 ps3edge bench "${real[@]}" --device "$device" --dtype bf16 --num-look-close "$sweep_steps" --against official \
-    --image "$frame" "${repeat[@]}" --json "$out/sweep_bf16.json" --markdown "$out/sweep_bf16.md" \
-    --plot "$out/sweep_bf16.png"
+    --official-all-layers --image "$frame" "${repeat[@]}" --json "$out/sweep_bf16.json" \
+    --markdown "$out/sweep_bf16.md" --plot "$out/sweep_bf16.png"
 ps3edge bench --model vila-hd-tiny --device "$device" --dtype bf16 --num-look-close 1,6 --image "$frame" \
-    --warmup 2 --repeat 5 --json "$out/vila_tiny_bf16.json" || echo "vila-hd-tiny bench FAILED (exit $?)"
+    --warmup 2 --repeat 5 --json "$scratch/vila_tiny_bf16.json" \
+    && python3 -c "import json, sys; json.dump(json.load(open(sys.argv[1])) + json.load(open(sys.argv[2])), open(sys.argv[1], 'w'), indent=2)" \
+        "$out/sweep_bf16.json" "$scratch/vila_tiny_bf16.json" \
+    || echo "vila-hd-tiny bench FAILED (exit $?)"
+
+echo "== batch sweep: B images through one run_batch call against the official code at the same B"
+ps3edge bench "${batch[@]}" --backend torch --device "$device" --dtype bf16 --against official --image "$frame" \
+    "${repeat[@]}" --json "$out/batch_bf16.json" || echo "batch sweep FAILED (exit $?)"
 
 echo "== where the high-res time goes (matmuls, attention, the rest) and the best ratio these kernels allow"
 for m in $floor_models; do

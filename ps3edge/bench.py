@@ -11,7 +11,10 @@ For each model and NUM_LOOK_CLOSE it times, on one device and one image:
   LLM prefill of the image's embeddings plus a short prompt, and greedy decode per token, with
   the transformers LLM on the same device and dtype;
 - the official `ps3-torch` model on the same pixels, same dtype (`--against official`),
-  and how far its output is from ours (selection agreement, cosine, max abs).
+  configured as VILA-HD configures it (it returns the last two blocks' hidden states,
+  `reference.VILA_HD_LAYERS_TO_RETURN`), and how far its output is from ours (selection
+  agreement, cosine, max abs); optionally also its default configuration (every block's hidden
+  states, merged across steps), as an extra labelled column.
 Warm-up first, then medians over repeats, timed with CUDA events on CUDA. Results come as rows
 (JSON), a markdown table and, where matplotlib is installed, a PNG of latency against steps.
 """
@@ -35,6 +38,7 @@ from .runtime.fast import DTYPES, FastLookClose
 from .runtime.planning import LookCloseSettings, plan, step_counts
 
 PROMPT_TOKENS = 32                  # the text part of the LLM prefill (a short question)
+OFFICIAL_CONFIG = "VILA-HD: last 2 layers returned"   # how the official code is configured here
 
 
 def script_device(name: str) -> torch.device:
@@ -186,10 +190,12 @@ def time_vila_tail(vila, result, fast: FastLookClose, timer: "Timer", dtype: str
 
 def bench_model(name: str, *, device: str, dtype: str, steps_list, against_official: bool,
                 warmup: int, repeat: int, graphs: bool = True, depth: int | None = None,
-                pin_ties: bool = False, image=None, decode_tokens: int = 16, progress=None) -> list[dict]:
+                pin_ties: bool = False, image=None, decode_tokens: int = 16, progress=None,
+                official_all_layers: bool = False) -> list[dict]:
     """Rows for one model. pin_ties: compare against the official run with its top-k ties
     pinned to our rule (reference.stable_topk), so that 4K selections can be identical too.
-    image: a PIL image (default: the sample image)."""
+    image: a PIL image (default: the sample image). official_all_layers: also time the official
+    code in its default configuration (every block's hidden states)."""
     say = progress or (lambda msg: None)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -199,8 +205,8 @@ def bench_model(name: str, *, device: str, dtype: str, steps_list, against_offic
     model, vila, label = _load(name, depth, say)
     official = None
     if against_official:
-        from .reference import official_model
-        official = official_model(model).to(device=dev, dtype=DTYPES[dtype])
+        from .reference import VILA_HD_LAYERS_TO_RETURN, official_model
+        official = official_model(model, VILA_HD_LAYERS_TO_RETURN).to(device=dev, dtype=DTYPES[dtype])
     if vila is not None:
         from .llm.vila import VILA_LAYER
         fast = FastLookClose(model, layer=VILA_LAYER, device=dev, dtype=dtype)
@@ -226,7 +232,7 @@ def bench_model(name: str, *, device: str, dtype: str, steps_list, against_offic
             row.update(time_vila_tail(vila, result, fast, timer, dtype, warmup, repeat, decode_tokens))
         if official is not None:
             row.update(_official_columns(official, fast, pixels, steps, settings, result, timer, warmup, repeat,
-                                         pin_ties, row["ours_ms"]))
+                                         pin_ties, row["ours_ms"], official_all_layers))
         rows.append(row)
     return rows
 
@@ -275,15 +281,21 @@ def _our_row(fast, pixels, steps: int, dev, timer, graphs: bool, warmup: int, re
 
 
 def _official_columns(official, fast, pixels, steps: int, settings, result, timer, warmup: int, repeat: int,
-                      pin_ties: bool, ours_ms: float) -> dict:
-    """The official code's time on the same pixels, the ratio, and how close our features are to
+                      pin_ties: bool, ours_ms: float, all_layers: bool = False) -> dict:
+    """The official code's time on the same pixels (configured as VILA-HD runs it; with
+    all_layers also in its default configuration), the ratio, and how close our features are to
     its published run and to its run on our selection."""
-    from .reference import run_official_with_selection, stable_topk
+    from .reference import layers_returned, run_official_with_selection, stable_topk
 
     def official_run():
         with torch.no_grad():
             return official(pixels, num_look_close=steps)
     official_ms = timer.measure(official_run, warmup, repeat)
+    extra = {}
+    if all_layers:
+        with layers_returned(official, fast.cfg.depth):
+            all_ms = timer.measure(official_run, warmup, repeat)
+        extra = {"official_all_layers_ms": round(all_ms, 3), "speedup_all_layers": round(all_ms / ours_ms, 2)}
     if pin_ties:
         with stable_topk():
             published = official_run()
@@ -293,6 +305,7 @@ def _official_columns(official, fast, pixels, steps: int, settings, result, time
     same_selection = run_official_with_selection(official, pixels, the_plan.step_maps(fast.geometry))
     ours = result.features[0].float().cpu().numpy()
     return {"official_ms": round(official_ms, 3), "speedup": round(official_ms / ours_ms, 2),
+            "official_config": OFFICIAL_CONFIG, **extra,
             "official_ties": "pinned" if pin_ties else "published",
             **compare(ours, result.selection[0].cpu().numpy(), published, same_selection)}
 
@@ -336,7 +349,10 @@ def summary(rows: list[dict]) -> list[str]:
         last = max(rs, key=lambda r: r["num_look_close"])
         line = f"{name}: NUM_LOOK_CLOSE={last['num_look_close']} {last['ours_ms']:.1f} ms"
         if "speedup" in last:
-            line += f", official {last['official_ms']:.1f} ms, {last['speedup']:.2f}x"
+            config = f" ({last['official_config']})" if "official_config" in last else ""
+            line += f", official{config} {last['official_ms']:.1f} ms, {last['speedup']:.2f}x"
+        if "speedup_all_layers" in last:
+            line += f" (all layers returned: {last['official_all_layers_ms']:.1f} ms, {last['speedup_all_layers']:.2f}x)"
         slope = fit_per_step(rs, "ours_ms")
         if slope is not None:
             blocks = [r["stages_ms"]["highres"] / r["num_look_close"] for r in rs if r["num_look_close"]]
@@ -377,8 +393,12 @@ def markdown(rows: list[dict]) -> str:
     columns = [
         ("model", lambda r: r["model"]), ("device", lambda r: r["device"]), ("dtype", lambda r: r["dtype"]),
         ("steps", lambda r: r["num_look_close"]), ("tokens", lambda r: r["tokens"]),
-        ("ours ms", lambda r: f"{r['ours_ms']:.1f}"), ("official ms", lambda r: _fmt(r.get("official_ms"), ".1f")),
+        ("ours ms", lambda r: f"{r['ours_ms']:.1f}"),
+        ("official ms (VILA-HD: last 2 layers)", lambda r: _fmt(r.get("official_ms"), ".1f")),
         ("speedup", lambda r: _fmt(r.get("speedup"), ".2f")),
+        *([("official ms (all layers returned)", lambda r: _fmt(r.get("official_all_layers_ms"), ".1f")),
+           ("speedup (all layers)", lambda r: _fmt(r.get("speedup_all_layers"), ".2f"))]
+          if any("official_all_layers_ms" in r for r in rows) else []),
         *[(k, (lambda k: lambda r: f"{r['stages_ms'].get(k, 0):.2f}")(k))
           for k in ("lowres", "selector", "planning", "highres", "assemble")],
         ("highres calls (TxN: ms)", highres_calls),
@@ -412,7 +432,7 @@ def plot(rows: list[dict], path) -> bool:
         x = [r["num_look_close"] for r in rs]
         ax.plot(x, [r["ours_ms"] for r in rs], "o-", label=f"{model} ps3edge")
         if "official_ms" in rs[0]:
-            ax.plot(x, [r["official_ms"] for r in rs], "s--", label=f"{model} official")
+            ax.plot(x, [r["official_ms"] for r in rs], "s--", label=f"{model} official (VILA-HD config)")
     ax.set_xlabel("NUM_LOOK_CLOSE")
     ax.set_ylabel("latency, ms (median)")
     ax.set_title(f"PS3 look-close, {rows[0]['device']}, {rows[0]['dtype']}, batch 1")

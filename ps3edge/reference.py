@@ -58,8 +58,18 @@ def _trunk_factory(cfg):
         timm.create_model = real
 
 
-def official_model(model: PS3):
-    """The official PS3VisionModel with `model`'s architecture and weights (fp32, eval)."""
+# VILA-HD's PS3 encoder wrapper sets `vision_model.num_hidden_layers_to_return = 2` (so do the PS3
+# README's examples): the official forward then keeps, and merges across look-close steps, the
+# hidden states of the last two blocks only; its default keeps every block's.
+VILA_HD_LAYERS_TO_RETURN = 2
+
+
+def official_model(model: PS3, layers_to_return: int | None = None):
+    """The official PS3VisionModel with `model`'s architecture and weights (fp32, eval).
+
+    layers_to_return: how many of the last blocks' hidden states its forward returns
+    (`vision_model.num_hidden_layers_to_return`); None keeps the official default, every block.
+    VILA-HD runs it with VILA_HD_LAYERS_TO_RETURN; `hidden_states[-2]` is the same either way."""
     modeling_ps3, PS3VisionConfig, _ = _import_official()
     cfg = model.cfg
     vcfg = PS3VisionConfig(
@@ -78,7 +88,21 @@ def official_model(model: PS3):
     if stray or result.unexpected_keys:
         raise Ps3EdgeError(f"internal: weights do not map onto the official model "
                            f"(missing {stray[:5]}, unexpected {result.unexpected_keys[:5]})")
+    if layers_to_return is not None:
+        official.vision_model.num_hidden_layers_to_return = layers_to_return
     return official.eval()
+
+
+@contextlib.contextmanager
+def layers_returned(official, count: int):
+    """Run `official` returning the last `count` blocks' hidden states inside this context."""
+    enc = official.vision_model
+    saved = enc.num_hidden_layers_to_return
+    enc.num_hidden_layers_to_return = count
+    try:
+        yield official
+    finally:
+        enc.num_hidden_layers_to_return = saved
 
 
 def official_preprocess(image, cfg):

@@ -23,9 +23,8 @@ LAYERS = (
     ("ps3edge.runtime", 6),
     ("ps3edge.compare", 7), ("ps3edge.demo", 7), ("ps3edge.calibration", 7),
     ("ps3edge.llm", 8),
-    ("ps3edge.parity", 9), ("ps3edge.bench", 9), ("ps3edge.doctor", 9), ("ps3edge.reference", 9),
-    ("ps3edge.serve", 9),
-    ("ps3edge.extract", 9),
+    ("ps3edge.parity", 9), ("ps3edge.bench", 9), ("ps3edge.throughput", 9), ("ps3edge.doctor", 9),
+    ("ps3edge.reference", 9), ("ps3edge.serve", 9), ("ps3edge.extract", 9),
     ("ps3edge.cli", 10),
 )
 

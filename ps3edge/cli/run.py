@@ -200,9 +200,9 @@ def parity(
 
 
 def _check_bench_flags(backend: str, official_ties: str, against: Optional[str], num_look_close: str,
-                       decode_tokens: int) -> list[int]:
+                       decode_tokens: int, batched: bool = False) -> list[int]:
     """The flags typer cannot check; returns the step counts of the sweep."""
-    if backend != "torch":
+    if backend != "torch" and not batched:
         raise Ps3EdgeError("bench times the torch fast path; for onnxruntime use benchmarks/cpu_stages.py")
     if official_ties not in ("published", "pinned"):
         raise Ps3EdgeError(f"--official-ties takes published or pinned, got '{official_ties}'")
@@ -216,7 +216,7 @@ def _check_bench_flags(backend: str, official_ties: str, against: Optional[str],
 
 def bench(
     model: List[str] = typer.Option(["ps3-tiny"], "--model", help="Repeatable: a PS3 preset (ps3-1.5k ps3-4k ps3-tiny ps3-tiny-4k), vila-hd-tiny, or a PS3 or VILA-HD checkpoint (a directory or Hugging Face hub id owner/name[@revision]); for VILA-HD the projector and the LLM are timed too."),
-    backend: str = typer.Option("torch", "--backend", help="torch: the device-resident fast path (runtime/fast.py)."),
+    backend: str = typer.Option("torch", "--backend", help="torch: the device-resident fast path (runtime/fast.py); with --batch, torch and / or onnxruntime, comma-separated."),
     device: str = typer.Option("auto", "--device", help="cuda, cpu, or auto (cuda when there is one)."),
     dtype: str = typer.Option("bf16", "--dtype", help="fp32, fp16 or bf16."),
     num_look_close: str = typer.Option("1,2,3,4,5,6", "--num-look-close", help="Comma-separated sweep."),
@@ -228,19 +228,24 @@ def bench(
     official_ties: str = typer.Option("published", "--official-ties", help="published, or pinned: compare against the official run with top-k ties broken like ours."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the table as markdown."),
-    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of latency against NUM_LOOK_CLOSE."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of latency against NUM_LOOK_CLOSE (with --batch: images/s against B)."),
     image: Optional[Path] = typer.Option(None, "--image", help="Input image (default: the 1600x1000 sample); preprocessing is timed on it."),
     decode_tokens: int = typer.Option(16, "--decode-tokens", help="VILA-HD: greedy tokens to time the LLM decode on."),
     revision: Optional[str] = Revision,
+    batch: Optional[str] = typer.Option(None, "--batch", help="Throughput instead: comma-separated images per Pipeline.run_batch call (e.g. 1,2,4,8) on each --backend (torch,onnxruntime), against the official code given the same images as one batch."),
+    official_all_layers: bool = typer.Option(False, "--official-all-layers", help="Also time the official code in its default configuration (every layer's hidden states returned), as an extra column."),
 ):
-    """Time the look-close loop per stage (and the official code on the same device)."""
+    """Time the look-close loop per stage (and the official code on the same device, configured as VILA-HD configures it)."""
     from .. import bench as benchmod
     from ..llm.vila import VILA_FILES
     from ..model.weights import PS3_FILES
+    from .. import throughput
     from ..runtime.lookclose import resolve_device
     from ..runtime.outputs import check_output_path
 
-    steps = _check_bench_flags(backend, official_ties, against, num_look_close, decode_tokens)
+    steps = _check_bench_flags(backend, official_ties, against, num_look_close, decode_tokens, batch is not None)
+    batches = throughput.parse_batches(batch) if batch is not None else None
+    backends = throughput.parse_backends(backend) if batch is not None else None
     device = resolve_device("torch", device)
     outputs = {"--json": json_out, "--markdown": markdown_out, "--plot": plot_out}
     for flag, path in outputs.items():
@@ -255,16 +260,24 @@ def bench(
     rows = []
     with console.status("bench") as status:
         for name in model:
+            if batches:
+                rows += throughput.throughput_rows(name, backends=backends, batches=batches, steps_list=steps,
+                                                   device=device, dtype=dtype, warmup=warmup, repeat=repeat,
+                                                   depth=depth, image=pil, progress=views.progress(status),
+                                                   against_official=against == "official")
+                continue
             rows += benchmod.bench_model(name, device=device, dtype=dtype, steps_list=steps,
                                          against_official=against == "official", warmup=warmup,
                                          repeat=repeat, graphs=graphs, depth=depth,
                                          pin_ties=official_ties == "pinned", image=pil,
-                                         decode_tokens=decode_tokens, progress=views.progress(status))
-    table = benchmod.markdown(rows)
-    views.print_bench(table, benchmod.summary(rows))
+                                         decode_tokens=decode_tokens, progress=views.progress(status),
+                                         official_all_layers=official_all_layers)
+    report = throughput if batches else benchmod
+    table = report.markdown(rows)
+    views.print_bench(table, report.summary(rows))
     if json_out:
         json_out.write_text(json.dumps(rows, indent=2))
     if markdown_out:
         markdown_out.write_text(table + "\n")
-    if plot_out and not benchmod.plot(rows, plot_out):
+    if plot_out and not report.plot(rows, plot_out):
         views.say("matplotlib is not installed: no plot written", err=True)

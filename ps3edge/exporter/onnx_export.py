@@ -5,6 +5,7 @@ file and the manifest are written, so an interrupted export never leaves a half 
 target's writer lock (artifact/lock.py) keeps a second export out and removes what a killed one
 left behind.
 Stages whose weights approach protobuf's 2 GiB limit store them in one `<stage>.onnx.data` file.
+Each stage file is then simplified by onnxruntime's basic-level rewrites (ort_optimize.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..errors import Ps3EdgeError
 from ..model import HighResStage, LowResStage, SelectorStage, build
 from ..model.stages import normalize_layers
 from ..model.weights import LoadedModel, state_dict_sha256
+from .ort_optimize import simplify_stage
 
 
 def _example_inputs(stage: str, cfg, spec) -> tuple:
@@ -150,6 +152,7 @@ def _export_locked(model_spec, out_dir: Path, opset: int, returned_layers: list,
             spec = specs[name]
             written = _export_stage(modules[name], _example_inputs(name, cfg, spec), spec, opset,
                                     staging / "scratch", staging / spec.file)
+            written = simplify_stage(written[0], staging / "scratch", written[1].name if len(written) > 1 else None)
             for f in written:
                 files[f.name] = file_sha256(f)
             stages[name] = {"file": spec.file, "external_data": [f.name for f in written[1:]],

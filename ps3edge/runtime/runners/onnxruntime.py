@@ -3,7 +3,9 @@
 Providers are chosen from what is installed: TensorRT and CUDA when onnxruntime-gpu provides
 them (the `gpu` extra), CPU always last; PS3EDGE_ORT_PROVIDERS (comma-separated provider names)
 overrides the choice. The TensorRT provider gets the stage's optimization profile and an engine
-cache keyed by the stage file's sha256.
+cache keyed by the stage file's sha256. On the CPU provider alone, an FP32 stage's attention runs
+as onnxruntime's fused MultiHeadAttention, rewritten in memory when the session loads (the file
+on disk stays plain ONNX, for TensorRT): see exporter/ort_optimize.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .probe import Facts
 from .registry import Backend
 
 ENV_ORT_PROVIDERS = "PS3EDGE_ORT_PROVIDERS"
+EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"   # onnxruntime's config key
 
 # provider -> the device label a runner (and `ps3edge doctor`) reports
 PROVIDER_DEVICES = {"CPUExecutionProvider": "CPU EP", "CUDAExecutionProvider": "CUDA EP",
@@ -28,8 +31,13 @@ ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
               "tensor(int64)": "int64", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
 
 
-def session_loader(path: Path, providers: list | None = None, threads: int | None = None):
-    """A loader for OnnxRuntimeRunner: the InferenceSession of `path`, or one Ps3EdgeError line."""
+def session_loader(path: Path, providers: list | None = None, threads: int | None = None,
+                   attention_heads: int | None = None):
+    """A loader for OnnxRuntimeRunner: the InferenceSession of `path`, or one Ps3EdgeError line.
+
+    attention_heads: the model's head count, to run its attention as onnxruntime's fused
+    MultiHeadAttention (exporter/ort_optimize.py) when the session runs on the CPU provider alone.
+    """
     def load():
         import onnxruntime as ort
 
@@ -37,6 +45,7 @@ def session_loader(path: Path, providers: list | None = None, threads: int | Non
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        chosen = providers or preferred_ort_providers()
         if ".int8." in Path(path).name:
             # A Q/DQ stage runs as the exact simulation of its quantization (the float parts
             # optimised as in the FP32 stage): onnxruntime's fusion of Q/DQ pairs into integer
@@ -44,11 +53,30 @@ def session_loader(path: Path, providers: list | None = None, threads: int | Non
             # 0.987 min cosine against FP32 here.
             options.add_session_config_entry("session.disable_quant_qdq", "1")
         try:
-            return ort.InferenceSession(str(path), sess_options=options,
-                                        providers=providers or preferred_ort_providers())
+            fused = _fused_model(path, chosen, attention_heads, options)
+            if fused is not None:
+                return ort.InferenceSession(fused, sess_options=options, providers=chosen)
+            return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
         except Exception as e:  # onnxruntime raises its own exception types for bad models
             raise Ps3EdgeError(f"onnxruntime cannot load {Path(path).name}: {str(e).splitlines()[0]}") from None
     return load
+
+
+def _fused_model(path: Path, providers: list, heads: int | None, options) -> bytes | None:
+    """The stage graph with its attention fused (serialized, weights left where they are), or None
+    where nothing applies: no head count, another provider than the CPU's (TensorRT and CUDA run
+    the plain graph), or no attention in the graph. The fused kernel is onnxruntime's, CPU only."""
+    if not heads or [p if isinstance(p, str) else p[0] for p in providers] != ["CPUExecutionProvider"]:
+        return None
+    import onnx
+    from ...exporter.ort_optimize import fuse_attention
+
+    model = onnx.load(str(path), load_external_data=False)
+    if not fuse_attention(model, heads):
+        return None
+    # a model given as bytes finds its external data files in this folder
+    options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(Path(path).resolve().parent))
+    return model.SerializeToString()
 
 
 class OnnxRuntimeRunner(StageRunner):
@@ -64,11 +92,11 @@ class OnnxRuntimeRunner(StageRunner):
 
     @classmethod
     def from_path(cls, path: Path, entry=None, providers: list | None = None,
-                  threads: int | None = None) -> "OnnxRuntimeRunner":
+                  threads: int | None = None, attention_heads: int | None = None) -> "OnnxRuntimeRunner":
         """A runner of the file at `path`, loaded now (a bad file is refused here)."""
         path = Path(path)
         name = entry.name if entry is not None else path.stem
-        return cls(name, entry, session_loader(path, providers, threads)).activate()
+        return cls(name, entry, session_loader(path, providers, threads, attention_heads)).activate()
 
     def _activate(self, session) -> None:
         self.session = session
@@ -197,8 +225,11 @@ class OnnxRuntimeBackend(Backend):
 
     def load_stages(self, artifact_dir, manifest, precision="fp32", loaded=None):
         files = manifest.stage_files(precision, artifact_dir)
+        # the fused attention kernel is float32 only; calibrated files keep their plain graph
+        heads = manifest.config.num_heads if precision == "fp32" else None
         return {name: OnnxRuntimeRunner.from_path(Path(artifact_dir) / files[name], entry,
-                                                  providers=stage_providers(manifest, name, files[name], precision))
+                                                  providers=stage_providers(manifest, name, files[name], precision),
+                                                  attention_heads=heads)
                 for name, entry in manifest.stages.items()}
 
 
