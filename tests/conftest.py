@@ -179,6 +179,32 @@ def _as_a_fresh_process(argv: list, env: dict, cwd):
         os.environ.update(saved[0])
 
 
+def shared_export(tmp_path_factory, name: str, make) -> Path:
+    """The directory `make(out)` exports to, made once per test run: alone, in this session's
+    temporary folder; under pytest-xdist, once for all workers (the first to take the lock
+    exports, the others wait and read it), since an export costs seconds to tens of seconds."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        out = tmp_path_factory.mktemp(name) / "artifacts"
+        make(out)
+        return out
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent / f"shared-{name}"   # the run's folder, above the workers'
+    root.mkdir(exist_ok=True)
+    out, done = root / "artifacts", root / "done"
+    with FileLock(str(root / "lock")):
+        if not done.exists():
+            make(out)
+            done.touch()
+    return out
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 4 (each holds torch and its models in memory;
+    more workers than the test files that take long gain nothing)."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory):
     """preset name -> exported artifact directory (ps3-tiny and ps3-tiny-4k, seed 0; read-only: tests
@@ -187,9 +213,7 @@ def artifacts(tmp_path_factory):
 
     def get(preset: str = "ps3-tiny"):
         if preset not in cache:
-            out = tmp_path_factory.mktemp(preset) / "artifacts"
-            export(preset, out)
-            cache[preset] = out
+            cache[preset] = shared_export(tmp_path_factory, preset, lambda out: export(preset, out))
         return cache[preset]
 
     return get
@@ -200,9 +224,7 @@ def vila_art(tmp_path_factory):
     """The exported vila-hd-tiny artifact (read-only: tests that change it work on a copy)."""
     from ps3edge.llm.export import export_vila
 
-    out = tmp_path_factory.mktemp("vila") / "art"
-    export_vila("vila-hd-tiny", out)
-    return out
+    return shared_export(tmp_path_factory, "vila", lambda out: export_vila("vila-hd-tiny", out))
 
 
 def random_image(width=320, height=240, seed=0, mode="RGB") -> Image.Image:

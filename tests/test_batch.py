@@ -211,6 +211,9 @@ def test_a_prompt_file_that_does_not_match_the_images_is_refused(artifacts, imag
 def test_parity_batch_checks_each_image_against_the_official_code_and_alone():
     r = cli("parity", "--model", "ps3-tiny", "--batch", "3", "--num-look-close", "1")
     assert r.returncode == 0, r.stdout + r.stderr
-    for i in (1, 2, 3):
-        assert f"image {i}/3 in the batch vs alone" in r.stdout.replace("\n", " ") or f"image {i}/3" in r.stdout
+    text = " ".join(r.stdout.split())
+    for label in ("ours-torch", "onnxruntime"):
+        for i in (1, 2, 3):
+            for row in ("vs official", "in the batch vs alone"):
+                assert f"{label} image {i}/3 {row}" in text, (label, i, row, r.stdout)
     assert "DIFFERENT" not in r.stdout

@@ -330,7 +330,7 @@ def lowres_qdq_cosine(art, image) -> float:
     so.log_severity_level = 3
     ref = ort.InferenceSession(str(art / "lowres.onnx"), so).run(["lowres_features"], {"pixels": px})[0]
     from ps3edge.runtime.runners.onnxruntime import session_loader     # the session ps3edge runs the Q/DQ stage in
-    q = session_loader(art / "lowres.int8.onnx", ["CPUExecutionProvider"])().run(["lowres_features"], {"pixels": px})[0]
+    q = session_loader(art / "lowres.int8.onnx", ["CPUExecutionProvider"], qdq=True)().run(["lowres_features"], {"pixels": px})[0]
     return feature_diff(q, ref)[1]
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .. import defaults
 from ..artifact.lock import writer_lock
 from ..artifact.manifest import load_manifest
 from ..errors import Ps3EdgeError
@@ -112,7 +111,7 @@ def _run_engine(engine: Engine, work: Work, items, layout: Layout, pending: list
         return
     from .ray_engine import run_ray
     # the chunk size is cut here, where no pipeline is loaded: the bound Pipeline.max_batch reads
-    max_batch = getattr(manifest.geometry, "max_batch", defaults.DEFAULT_MAX_BATCH)
+    max_batch = manifest.geometry.max_batch
     if work.batch_size is not None and work.batch_size > max_batch:
         raise Ps3EdgeError(f"--batch-size {work.batch_size} is over this artifact's bound of {max_batch} "
                            f"images a batch; lower it or re-export with `ps3edge export --max-batch {work.batch_size}`")

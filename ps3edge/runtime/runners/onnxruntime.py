@@ -32,11 +32,13 @@ ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
 
 
 def session_loader(path: Path, providers: list | None = None, threads: int | None = None,
-                   attention_heads: int | None = None):
+                   attention_heads: int | None = None, qdq: bool = False):
     """A loader for OnnxRuntimeRunner: the InferenceSession of `path`, or one Ps3EdgeError line.
 
     attention_heads: the model's head count, to run its attention as onnxruntime's fused
     MultiHeadAttention (exporter/ort_optimize.py) when the session runs on the CPU provider alone.
+    qdq: the file is a calibrated INT8 stage (Q/DQ pairs), run as the exact simulation of its
+    quantization.
     """
     def load():
         import onnxruntime as ort
@@ -46,7 +48,7 @@ def session_loader(path: Path, providers: list | None = None, threads: int | Non
         if threads:
             options.intra_op_num_threads = threads
         chosen = providers or preferred_ort_providers()
-        if ".int8." in Path(path).name:
+        if qdq:
             # A Q/DQ stage runs as the exact simulation of its quantization (the float parts
             # optimised as in the FP32 stage): onnxruntime's fusion of Q/DQ pairs into integer
             # kernels, on a graph with a dynamic batch axis, cost ps3-tiny's INT8 lowres 0.996 ->
@@ -92,11 +94,12 @@ class OnnxRuntimeRunner(StageRunner):
 
     @classmethod
     def from_path(cls, path: Path, entry=None, providers: list | None = None,
-                  threads: int | None = None, attention_heads: int | None = None) -> "OnnxRuntimeRunner":
+                  threads: int | None = None, attention_heads: int | None = None,
+                  qdq: bool = False) -> "OnnxRuntimeRunner":
         """A runner of the file at `path`, loaded now (a bad file is refused here)."""
         path = Path(path)
         name = entry.name if entry is not None else path.stem
-        return cls(name, entry, session_loader(path, providers, threads, attention_heads)).activate()
+        return cls(name, entry, session_loader(path, providers, threads, attention_heads, qdq)).activate()
 
     def _activate(self, session) -> None:
         self.session = session
@@ -227,9 +230,11 @@ class OnnxRuntimeBackend(Backend):
         files = manifest.stage_files(precision, artifact_dir)
         # the fused attention kernel is float32 only; calibrated files keep their plain graph
         heads = manifest.config.num_heads if precision == "fp32" else None
+        # an INT8 run reads the calibrated Q/DQ file where a stage has one, else the FP32 file
         return {name: OnnxRuntimeRunner.from_path(Path(artifact_dir) / files[name], entry,
                                                   providers=stage_providers(manifest, name, files[name], precision),
-                                                  attention_heads=heads)
+                                                  attention_heads=heads,
+                                                  qdq=precision == "int8" and files[name] != entry.file)
                 for name, entry in manifest.stages.items()}
 
 
