@@ -199,6 +199,16 @@ def shared_export(tmp_path_factory, name: str, make) -> Path:
     return out
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, each worker's torch takes its share of the cores (torch would otherwise
+    start one thread per core in every worker, and the workers would preempt each other)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if "PYTEST_XDIST_WORKER" in os.environ and workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker per core, at most 4 (each holds torch and its models in memory;
     more workers than the test files that take long gain nothing)."""
