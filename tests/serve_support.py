@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,13 +81,7 @@ def serving(artifact: Path, *flags, tmp_path: Path):
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=clean_env())
     server = Server(process, http, grpc, metrics, log)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while "ready: " not in server.output():
-            if process.poll() is not None:
-                raise AssertionError(f"ps3edge serve exited {process.returncode}:\n{server.output()[-4000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"ps3edge serve not ready after {START_TIMEOUT_S} s:\n{server.output()[-4000:]}")
-            time.sleep(0.5)
+        wait_ready(server, "ps3edge serve", lambda: "ready: " in server.output())
         yield server
     finally:
         stop(process)
@@ -204,7 +199,6 @@ def stock_backends(work: Path) -> Path:
 def stock_tritonserver(repository: Path, work: Path):
     """The shipped `tritonserver --model-repository REPOSITORY` on free loopback ports, ready."""
     import sysconfig
-    import urllib.request
 
     import pytriton
     from pytriton.utils.distribution import get_libs_path
@@ -226,22 +220,31 @@ def stock_tritonserver(repository: Path, work: Path):
                                    stdout=sink, stderr=subprocess.STDOUT, env=env)
     server = Server(process, http, grpc, metrics, log)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"tritonserver exited {process.returncode}:\n{server.output()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"http://{server.http}/v2/health/ready", timeout=5) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"tritonserver not ready after {START_TIMEOUT_S} s:\n{server.output()[-4000:]}")
-            time.sleep(0.5)
+        wait_ready(server, "tritonserver", lambda: _health_ready(server))
         yield server
     finally:
         stop(process)
+
+
+def wait_ready(server: Server, name: str, ready) -> None:
+    """Poll `ready()` until it holds; one AssertionError with the server's output if the process
+    exits first or START_TIMEOUT_S passes."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not ready():
+        if server.process.poll() is not None:
+            raise AssertionError(f"{name} exited {server.process.returncode}:\n{server.output()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} not ready after {START_TIMEOUT_S} s:\n{server.output()[-4000:]}")
+        time.sleep(0.5)
+
+
+def _health_ready(server: Server) -> bool:
+    """Triton's KServe readiness endpoint answers 200."""
+    try:
+        with urllib.request.urlopen(f"http://{server.http}/v2/health/ready", timeout=5) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
 
 
 def stop(process: subprocess.Popen) -> None:
