@@ -37,12 +37,18 @@ CASES = [
     ("ps3-tiny", dict(num_look_close=1)),
     ("ps3-tiny", dict(num_look_close="all")),
     ("ps3-tiny", dict(num_token_look_close=1001, smooth_selection_prob=True)),
-    ("ps3-tiny-4k", dict(num_look_close=2)),
+    # slow: two whole 4K steps; by default 4K runs here with 3000 tokens over custom budgets
+    pytest.param("ps3-tiny-4k", dict(num_look_close=2), marks=pytest.mark.slow),
     ("ps3-tiny-4k", dict(num_token_look_close=3000, select_num_each_scale="40+200+1000")),
 ]
 
 
-@pytest.mark.parametrize("preset,kwargs", CASES, ids=[f"{p}-{k}" for p, k in CASES])
+def _case_id(case) -> str:
+    preset, kwargs = case.values if hasattr(case, "values") else case
+    return f"{preset}-{kwargs}"
+
+
+@pytest.mark.parametrize("preset,kwargs", CASES, ids=[_case_id(c) for c in CASES])
 def test_fast_path_equals_staged_pipeline(pipeline, artifacts, image, preset, kwargs):
     settings = settings_from_env({}, mode="after_image", **kwargs)
     staged = pipeline(artifacts(preset), "torch", device="cpu").run(image, settings)
@@ -74,6 +80,9 @@ def test_fast_path_top_down_prompt_changes_selection(image):
     assert int(top_down.selection.sum()) == 2560
 
 
+# slow: by default bench against the official code runs in test_throughput.py's
+# test_bench_official_all_layers_is_an_extra_labelled_column (one step, the JSON, markdown and table)
+@pytest.mark.slow
 def test_bench_cli_on_cpu_against_official(tmp_path):
     pytest.importorskip("ps3", reason="the official ps3-torch reference is not installed")
     out = tmp_path / "rows.json"
