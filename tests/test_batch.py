@@ -73,8 +73,9 @@ def test_a_batch_of_eight_equals_each_alone(artifacts):
     assert got[0].highres_calls == [(6, 2560), (2, 2560)]       # on the CPU, at most 6 rows a call
 
 
-# slow: by default a batch against each image alone is test_a_batch_of_eight_equals_each_alone (1.5K)
-# and test_each_image_of_a_batch_equals_it_alone; rows of three scales share calls in test_highres_feeds_*
+# slow: by default a batch against each image alone is test_a_batch_of_eight_equals_each_alone and
+# test_each_image_of_a_batch_equals_it_alone (1.5K, two scales), and 4K's three scales run end to end
+# in test_fast.py's ps3-tiny-4k 3000-token case
 @pytest.mark.slow
 def test_a_4k_batch_equals_each_alone(artifacts):
     settings = settings_from_env({}, num_look_close=1)
@@ -220,4 +221,3 @@ def test_parity_batch_checks_each_image_against_the_official_code_and_alone():
             for row in ("vs official", "in the batch vs alone"):
                 assert f"{label} image {i}/3 {row}" in text, (label, i, row, r.stdout)
     assert "DIFFERENT" not in r.stdout
-

@@ -100,7 +100,7 @@ CASES = [
                  id="4k-topdown-2-smooth", marks=pytest.mark.slow),
     # 1240 a step; 3000 = 2 x 1240 + 520 -> int(40*520/1240) + int(200*520/1240) + int(1000*520/1240)
     # = 16 + 83 + 419 = 518
-    # slow: 4K end to end is 4k-topdown-2-smooth (slow too), a token count over custom budgets with a short last step
+    # slow: like 4k-topdown-2-smooth above; a token count over custom budgets with a short last step
     # is 1.5k-bottomup-3000tokens-300+1000, and this 4K selection against the official code is
     # test_planning.py's 4k-num_token_look_close=3000,select_num_each_scale=40+200+1000
     pytest.param("ps3-tiny-4k", dict(num_token_look_close=3000, select_num_each_scale="40+200+1000"), None,
