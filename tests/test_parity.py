@@ -94,13 +94,11 @@ CASES = [
     pytest.param("ps3-tiny", dict(num_look_close=2, smooth_selection_prob=True), None, 2 * 2560, "ties",
                  id="1.5k-bottomup-2-smooth", marks=pytest.mark.slow),
     # (4K bottom-up with one step runs at the real width in test_parity_truncated_official_checkpoint)
-    # slow: by default 4K's three-scale selection is checked against the official code in test_planning.py
-    # (4k-* cases, smoothing included) and 4K end to end in test_fast.py's ps3-tiny-4k 3000-token case
     pytest.param("ps3-tiny-4k", dict(num_look_close=2, smooth_selection_prob=True), 3, 2 * 2560, "ties",
-                 id="4k-topdown-2-smooth", marks=pytest.mark.slow),
+                 id="4k-topdown-2-smooth"),
     # 1240 a step; 3000 = 2 x 1240 + 520 -> int(40*520/1240) + int(200*520/1240) + int(1000*520/1240)
     # = 16 + 83 + 419 = 518
-    # slow: like 4k-topdown-2-smooth above; a token count over custom budgets with a short last step
+    # slow: 4K end to end is 4k-topdown-2-smooth, a token count over custom budgets with a short last step
     # is 1.5k-bottomup-3000tokens-300+1000, and this 4K selection against the official code is
     # test_planning.py's 4k-num_token_look_close=3000,select_num_each_scale=40+200+1000
     pytest.param("ps3-tiny-4k", dict(num_token_look_close=3000, select_num_each_scale="40+200+1000"), None,
