@@ -16,6 +16,7 @@ from ps3edge import defaults
 from ps3edge.calibration import int8 as int8mod
 from ps3edge.calibration.calibrate import CalibrationOptions, calibrate
 from ps3edge.calibration.data import synthetic_image
+from ps3edge.calibration.histogram import ENTROPY_LEVELS, AbsHistogram, clipped_kl
 from ps3edge.calibration.precision import convert_fp16, fp32_layer_matcher
 from ps3edge.calibration.report import AccuracyReport
 from ps3edge.errors import Ps3EdgeError
@@ -302,7 +303,7 @@ def test_thresholds_of_each_method():
     rng = np.random.default_rng(0)
     x = rng.standard_normal(200_000).astype(np.float32)
     x[:20] *= 40                                                   # a few outliers
-    h = int8mod.AbsHistogram()
+    h = AbsHistogram()
     for part in np.split(x, 4):                                    # the range grows between samples
         h.add(part)
     absmax = float(np.abs(x).max())
@@ -311,6 +312,82 @@ def test_thresholds_of_each_method():
     assert abs(p - np.percentile(np.abs(x), 99.99)) <= 2 * h.width + 1e-6
     e = h.entropy()
     assert 2.0 < e < 0.5 * absmax                                  # clips the outliers, keeps the body
+
+
+def reference_kl(hist: np.ndarray, i: int) -> float:
+    """KL(p || q) of TensorRT's entropy calibration at cut i, summed bin by bin (inf where q sums to 0)."""
+    p = hist[:i].copy()
+    p[-1] += hist[i:].sum()
+    nonzero = p > 0
+    edges = np.linspace(0, i, ENTROPY_LEVELS + 1).astype(np.int64)
+    sums = np.add.reduceat(hist[:i], edges[:-1])
+    nz_counts = np.add.reduceat(nonzero.astype(np.float64), edges[:-1])
+    level = np.repeat(np.arange(ENTROPY_LEVELS), np.diff(edges))
+    q = np.where(nonzero, sums[level] / np.maximum(nz_counts[level], 1), 0.0)
+    if q.sum() == 0:
+        return np.inf
+    p_n, q_n = p / p.sum(), q / q.sum()
+    m = nonzero & (q_n > 0)
+    return float(np.sum(p_n[m] * np.log(p_n[m] / q_n[m]))) + (np.inf if np.any(nonzero & (q_n == 0)) else 0.0)
+
+
+def activation_samples(kind: str, rng) -> list[np.ndarray]:
+    """A few calibration samples of one activation's values, shaped like what PS3's layers produce."""
+    if kind == "gelu":                                   # MLP hidden: GELU of a normal, a long positive tail
+        x = rng.standard_normal((4, 50_000))
+        return list((0.5 * x * (1 + np.tanh(0.79788456 * (x + 0.044715 * x ** 3)))).astype(np.float32))
+    if kind == "outlier channels":                       # LayerNorm output with a few large channels
+        x = rng.standard_normal((4, 500, 64)).astype(np.float32)
+        x[..., :3] *= 30
+        return list(x)
+    if kind == "heavy tail":
+        return list(rng.standard_t(2, (4, 40_000)).astype(np.float32))
+    if kind == "sparse":                                 # mostly exact zeros, a few values
+        x = rng.standard_normal((4, 40_000)).astype(np.float32)
+        x[rng.random(x.shape) < 0.97] = 0
+        return list(x)
+    if kind == "few levels":                             # whole numbers: most bins empty
+        return list(rng.integers(-20, 21, (4, 30_000)).astype(np.float32))
+    if kind == "growing range":                          # later samples reach ten times further: bins grow
+        return [rng.standard_normal(30_000).astype(np.float32) * s for s in (1, 3, 10, 10)]
+    if kind == "one far outlier":                        # the histogram grows to ~30,000 bins
+        x = rng.standard_normal((2, 30_000)).astype(np.float32)
+        x[1, 0] = 60
+        return list(x)
+    if kind == "clipped into empty bins":                # nothing between the body and one far value
+        x = np.abs(rng.standard_normal(30_000)).astype(np.float32) * 0.1
+        x[0] = 1.0
+        return [x]
+    raise ValueError(kind)
+
+
+ACTIVATION_KINDS = ["gelu", "outlier channels", "heavy tail", "sparse", "few levels", "growing range",
+                    "one far outlier", "clipped into empty bins"]
+
+
+@pytest.mark.parametrize("kind", ACTIVATION_KINDS)
+def test_entropy_thresholds_are_the_bin_by_bin_searchs(kind):
+    """The per-level KL formula computes each candidate's KL as summing bin by bin does, and chooses
+    the very threshold the candidate-by-candidate search chooses."""
+    rng = np.random.default_rng(7)
+    h = AbsHistogram()
+    for sample in activation_samples(kind, rng):
+        h.add(sample)
+    hist = h.counts.astype(np.float64)
+    if kind == "one far outlier":
+        assert len(hist) > 20_000                        # candidates 50 bins apart
+    cuts = np.arange(ENTROPY_LEVELS, len(hist) + 1, max(1, len(hist) // 512))
+    expected = np.array([reference_kl(hist, i) for i in cuts])
+    got = clipped_kl(hist, cuts)
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(expected))
+    finite = np.isfinite(expected)
+    assert finite.any() and (kind != "clipped into empty bins" or not finite.all())
+    np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-9, atol=1e-12)
+    best_i, best_kl = len(hist), np.inf                  # the search: the first cut of least KL
+    for i, kl in zip(cuts, expected):
+        if kl < best_kl:
+            best_kl, best_i = kl, int(i)
+    assert h.entropy() == min((best_i + 0.5) * h.width, h.absmax)
 
 
 def test_near_tie_swaps_are_told_apart_from_real_differences():

@@ -12,8 +12,8 @@ and the residual adds stay in float, as do:
     selection measurably (see the README's INT8 section); they are a few percent of the FLOPs;
   - the transformer blocks named by `exclude_blocks` ("first", "last" or indices).
 
-Calibration statistics are computed here, per activation tensor, over the samples of
-stage_inputs.StageInputs (one sample at a time):
+Calibration statistics are gathered here, per activation tensor, over the samples of
+stage_inputs.StageInputs (one sample at a time), and thresholded by histogram.AbsHistogram:
   max         the largest |x| seen;
   percentile  the CALIBRATION_PERCENTILE-th percentile of |x| (2048-bin histogram);
   entropy     TensorRT's entropy calibration: the |x| threshold whose 128-level quantized
@@ -44,13 +44,12 @@ from .. import defaults
 from ..artifact.io import temp_prefix
 from ..errors import Ps3EdgeError
 from .data import FeedReader
+from .histogram import AbsHistogram
 
 METHODS = ("max", "entropy", "percentile")
 TOOLS = ("auto", "onnxruntime", "modelopt")
 QUANTIZED_OP_TYPES = ("MatMul", "Conv", "Gemm")
 SELECTION_BRANCH_SCOPES = ("selection_feature_proj", "highres_selection_feature_module")
-HIST_BINS = 2048
-ENTROPY_LEVELS = 128
 _BLOCK = re.compile(r"(?:^|/)blocks\.(\d+)/")
 
 
@@ -129,62 +128,6 @@ def select_nodes(model: onnx.ModelProto, stage: str, depth: int, exclude_blocks=
 # ------------------------------------------------------------------------------------------
 # calibration statistics
 # ------------------------------------------------------------------------------------------
-
-class AbsHistogram:
-    """Histogram of |x| with a fixed bin width set by the first sample; grows with the range."""
-
-    def __init__(self):
-        self.counts: np.ndarray | None = None
-        self.width = 0.0
-        self.absmax = 0.0
-
-    def add(self, x: np.ndarray) -> None:
-        a = np.abs(x.astype(np.float32, copy=False)).ravel()
-        amax = float(a.max()) if a.size else 0.0
-        self.absmax = max(self.absmax, amax)
-        if self.counts is None:
-            self.width = (amax or 1e-8) / HIST_BINS
-            self.counts = np.zeros(HIST_BINS, np.int64)
-        need = int(np.floor(amax / self.width)) + 1
-        if need > len(self.counts):
-            self.counts = np.concatenate([self.counts, np.zeros(need - len(self.counts), np.int64)])
-        idx = np.minimum((a / self.width).astype(np.int64), len(self.counts) - 1)
-        self.counts += np.bincount(idx, minlength=len(self.counts))
-
-    def percentile(self, q: float) -> float:
-        cdf = np.cumsum(self.counts) / max(self.counts.sum(), 1)
-        i = int(np.searchsorted(cdf, q / 100.0))
-        return min((i + 1) * self.width, self.absmax)
-
-    def entropy(self) -> float:
-        """TensorRT's entropy calibration (KL divergence between the histogram clipped at a
-        threshold and its 128-level quantization), thresholds searched over bin edges."""
-        hist = self.counts.astype(np.float64)
-        n = len(hist)
-        if n <= ENTROPY_LEVELS or hist.sum() == 0:
-            return self.absmax
-        best_i, best_kl = n, np.inf
-        for i in range(ENTROPY_LEVELS, n + 1, max(1, n // 512)):
-            p = hist[:i].copy()
-            p[-1] += hist[i:].sum()
-            nonzero = p > 0
-            # merge i bins into 128 levels, spread each level evenly over its nonzero bins
-            edges = np.linspace(0, i, ENTROPY_LEVELS + 1).astype(np.int64)
-            sums = np.add.reduceat(hist[:i], edges[:-1])
-            nz_counts = np.add.reduceat(nonzero.astype(np.float64), edges[:-1])
-            level = np.repeat(np.arange(ENTROPY_LEVELS), np.diff(edges))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                q = np.where(nonzero, sums[level] / np.maximum(nz_counts[level], 1), 0.0)
-            ps, qs = p.sum(), q.sum()
-            if qs == 0:
-                continue
-            p_n, q_n = p / ps, q / qs
-            m = nonzero & (q_n > 0)
-            kl = float(np.sum(p_n[m] * np.log(p_n[m] / q_n[m]))) + (np.inf if np.any(nonzero & (q_n == 0)) else 0.0)
-            if kl < best_kl:
-                best_kl, best_i = kl, i
-        return min((best_i + 0.5) * self.width, self.absmax)
-
 
 def collect_thresholds(model_path: Path, activations: list[str], reader: FeedReader, method: str) -> dict[str, float]:
     """Run the FP32 stage with `activations` as extra outputs over every sample; |x| threshold each."""
