@@ -21,8 +21,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ps3edge.exporter.onnx_export import export
-
 LOOK_CLOSE_VARS = ("NUM_LOOK_CLOSE", "NUM_TOKEN_LOOK_CLOSE", "SELECT_NUM_EACH_SCALE", "LOOK_CLOSE_MODE",
                    "SMOOTH_SELECTION_PROB")
 SCRIPT = Path(sys.executable).with_name("ps3edge")
@@ -200,13 +198,18 @@ def shared_export(tmp_path_factory, name: str, make) -> Path:
 
 
 def pytest_configure(config):
-    """Under pytest-xdist, each worker's torch takes its share of the cores (torch would otherwise
-    start one thread per core in every worker, and the workers would preempt each other)."""
+    """Under pytest-xdist, each worker's torch and onnxruntime take its share of the cores: each would
+    otherwise start one thread per core in every worker, and the workers would preempt each other
+    (onnxruntime's pools spin while they wait: with two workers on two cores, test_batch.py and
+    test_fast.py together took 121 s instead of 95). OMP_NUM_THREADS is how ps3edge's onnxruntime
+    sessions are told, here and in the commands the tests start."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if "PYTEST_XDIST_WORKER" in os.environ and workers > 1:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        share = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)
 
 
 # The test files that take longest on 2 cores (pytest --durations=0; 17 to 115 s each), longest
@@ -234,6 +237,8 @@ def pytest_xdist_auto_num_workers(config):
 def artifacts(tmp_path_factory):
     """preset name -> exported artifact directory (ps3-tiny and ps3-tiny-4k, seed 0; read-only: tests
     that change one work on a copy)."""
+    from ps3edge.exporter.onnx_export import export   # here: pytest-xdist's controller never needs torch
+
     cache = {}
 
     def get(preset: str = "ps3-tiny"):

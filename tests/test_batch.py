@@ -212,8 +212,9 @@ def test_a_prompt_file_that_does_not_match_the_images_is_refused(artifacts, imag
     assert_one_line_error(r, "2 prompts for 3 images", absent=(out,))
 
 
-def test_parity_batch_checks_each_image_against_the_official_code_and_alone():
-    r = cli("parity", "--model", "ps3-tiny", "--batch", "3", "--num-look-close", "1")
+def test_parity_batch_checks_each_image_against_the_official_code_and_alone(artifacts):
+    # the shared artifact: `parity --model` (its own export) is test_cli.py's parity case
+    r = cli("parity", "--artifacts", artifacts("ps3-tiny"), "--batch", "3", "--num-look-close", "1")
     assert r.returncode == 0, r.stdout + r.stderr
     text = " ".join(r.stdout.split())
     for label in ("ours-torch", "onnxruntime"):

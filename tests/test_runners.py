@@ -118,6 +118,16 @@ def test_a_pipeline_closes_its_runners(artifacts, image):
     pipe.close()
 
 
+@pytest.mark.parametrize("value, threads", [("1", 1), ("3,2", 3), ("", 0), ("four", 0), ("0", 0)])
+def test_onnxruntime_sessions_take_their_cpu_threads_from_omp_num_threads(artifacts, monkeypatch, value, threads):
+    """OMP_NUM_THREADS (its first number, as OpenMP's list syntax allows) sets a session's threads;
+    unset or not a positive number, onnxruntime chooses (0)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    runner = OnnxRuntimeRunner.from_path(artifacts("ps3-tiny") / "selector.onnx")
+    assert runner.session.get_session_options().intra_op_num_threads == threads
+    runner.close()
+
+
 def test_the_registry_answers_what_works_here():
     assert BACKENDS == ("onnxruntime", "torch", "tensorrt") and [b.name for b in backends()] == list(BACKENDS)
     with pytest.raises(Ps3EdgeError, match="^unknown backend 'onnx'; choose one of: onnxruntime, torch, tensorrt$"):

@@ -5,7 +5,8 @@ them (the `gpu` extra), CPU always last; PS3EDGE_ORT_PROVIDERS (comma-separated 
 overrides the choice. The TensorRT provider gets the stage's optimization profile and an engine
 cache keyed by the stage file's sha256. On the CPU provider alone, an FP32 stage's attention runs
 as onnxruntime's fused MultiHeadAttention, rewritten in memory when the session loads (the file
-on disk stays plain ONNX, for TensorRT): see exporter/ort_optimize.py.
+on disk stays plain ONNX, for TensorRT): see exporter/ort_optimize.py. A session's CPU threads
+are OMP_NUM_THREADS where it is set (cpu_threads), else onnxruntime's default.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .probe import Facts
 from .registry import Backend
 
 ENV_ORT_PROVIDERS = "PS3EDGE_ORT_PROVIDERS"
+ENV_CPU_THREADS = "OMP_NUM_THREADS"
 EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"   # onnxruntime's config key
 
 # provider -> the device label a runner (and `ps3edge doctor`) reports
@@ -29,6 +31,16 @@ PROVIDER_DEVICES = {"CPUExecutionProvider": "CPU EP", "CUDAExecutionProvider": "
 # onnxruntime's tensor type names -> numpy's
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32",
               "tensor(int64)": "int64", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+
+
+def cpu_threads() -> int | None:
+    """The threads a session computes with on the CPU: OMP_NUM_THREADS where it starts with a
+    positive whole number (torch takes its CPU threads from it too, and Ray sets it to a task's
+    share of the cores), else None: onnxruntime's default of one per physical core. Processes
+    that share a machine - Ray tasks, test workers, one pipeline per camera - then each use their
+    share, rather than each keeping a spinning pool as wide as the machine."""
+    first = os.environ.get(ENV_CPU_THREADS, "").split(",")[0].strip()
+    return int(first) if first.isdigit() and int(first) > 0 else None
 
 
 def session_loader(path: Path, providers: list | None = None, threads: int | None = None,
@@ -45,8 +57,7 @@ def session_loader(path: Path, providers: list | None = None, threads: int | Non
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
+        options.intra_op_num_threads = threads or cpu_threads() or 0      # 0: onnxruntime's default
         chosen = providers or preferred_ort_providers()
         if qdq:
             # A Q/DQ stage runs as the exact simulation of its quantization (the float parts
