@@ -51,8 +51,9 @@ def _case_id(case) -> str:
 @pytest.mark.parametrize("preset,kwargs", CASES, ids=[_case_id(c) for c in CASES])
 def test_fast_path_equals_staged_pipeline(pipeline, artifacts, image, preset, kwargs):
     settings = settings_from_env({}, mode="after_image", **kwargs)
-    staged = pipeline(artifacts(preset), "torch", device="cpu").run(image, settings)
-    pixels = pipeline(artifacts(preset), "torch", device="cpu").pixels(image)
+    staged_pipeline = pipeline(artifacts(preset), "torch", device="cpu")
+    staged = staged_pipeline.run(image, settings)
+    pixels = staged_pipeline.pixels(image)
 
     fast = FastLookClose(build(preset).model, device="cpu", dtype="fp32")
     out = fast.forward(torch.from_numpy(pixels), step_counts(settings, fast.geometry),

@@ -435,6 +435,23 @@ def test_other_methods_write_runnable_qdq(artifacts, images, tmp_path, method):
     assert lowres_qdq_cosine(art, held / "held1.png") >= INT8_MIN_COSINE
 
 
+# slow: the default run writes every QDQ graph from the calibration cache; this checks the one-sample
+# pass that an onnxruntime without the calibration cache gets instead
+@pytest.mark.slow
+def test_the_calibration_cache_writes_the_graph_the_one_sample_pass_writes(artifacts, images, tmp_path, monkeypatch):
+    import onnxruntime.quantization.calibrate as ort_calibrate
+
+    cal, _ = images
+    options = CalibrationOptions("int8", cal, samples=2, highres_steps=1, report=False)
+    cached = calibrate(copy_artifact(artifacts("ps3-tiny"), tmp_path / "cached"), options)
+    monkeypatch.setattr(ort_calibrate, "save_tensors_data", None)       # as where it does not exist
+    one_sample = calibrate(copy_artifact(artifacts("ps3-tiny"), tmp_path / "one-sample"), options)
+    assert cached is None and one_sample is None
+    for stage in ("lowres", "highres"):
+        name = f"{stage}.int8.onnx"
+        assert (tmp_path / "cached" / name).read_bytes() == (tmp_path / "one-sample" / name).read_bytes(), name
+
+
 def test_exclude_blocks_and_tool_choice():
     assert int8mod.parse_exclude_blocks("first,last", 27) == (0, 26)
     assert int8mod.parse_exclude_blocks("", 27) == () and int8mod.parse_exclude_blocks("none,-1", 4) == (3,)

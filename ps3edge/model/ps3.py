@@ -216,8 +216,9 @@ def separable_bicubic_resize(image, size: int):
     element at a time: the height taps as rows of the image, then the width taps as rows of the
     transposed result (ps3-tiny-4k's whole lowres stage went from 2120 to 626 ms on this 2-core
     CPU). Height goes first so that the one transpose is of the image already shrunk to `size`
-    rows: transposing the full 3780 x 3780 image cost more than both gathers (in torch, 1.6 of
-    the 1.6 s of a resize to 378, against 0.26 s now).
+    rows: transposing the whole 3780 x 3780 image cost more than both gathers (torch, 1 thread:
+    a resize to 378 took 1.58 s that way, 0.26 s this way; onnxruntime's 4K lowres stage on 2
+    threads went from 700 to 609 ms).
     """
     B, C, H, W = image.shape
     if H == size and W == size:
@@ -290,13 +291,15 @@ class PS3(nn.Module):
         sel = self.selection_feature_proj(sel)[..., : cfg.width]             # (B,N0,C)
         selection_features = sel.transpose(1, 2).unflatten(2, (g0, g0))     # (B,C,G0,G0)
 
-        conv_input = resize(pixels, defaults.SELECTOR_CONV_INPUT_SIZE)   # (B,3,1512,1512)
+        # each size resized once: at 4K the ShallowConvNet's 1512 is also a high-res scale
+        resized = {s: resize(pixels, s) for s in sorted({defaults.SELECTOR_CONV_INPUT_SIZE, *cfg.scales[1:]})}
+        conv_input = resized[defaults.SELECTOR_CONV_INPUT_SIZE]                 # (B,3,1512,1512)
         conv_features = self.highres_selection_feature_module(conv_input)       # (B,C',54,54)
 
         # Every high-res patch of every scale, scale-major raster order: row p of this table is
         # the patch at global position p, the index space that `positions` uses.
         highres_patches = torch.cat(
-            [image_to_patches(resize(pixels, s), cfg.patch_size) for s in cfg.scales[1:]],
+            [image_to_patches(resized[s], cfg.patch_size) for s in cfg.scales[1:]],
             dim=1)                                                           # (B,P,588)
         return lowres_features, kv_cache, selection_features, conv_features, highres_patches
 
