@@ -42,8 +42,11 @@ def assert_each_as_alone(pipe: Pipeline, batch, settings, prompts=None):
     return got
 
 
+# slow: a batch of one is the path `run` itself takes (run is run_batch of one image), so that case
+# compares the pass with itself run again; batches of 2 and 3 are the default cases, and one image's
+# highres calls are test_fast.py's test_long_runs_are_split_into_calls_of_at_most_the_profile_steps_at_1_5k
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
-@pytest.mark.parametrize("count", [1, 2, 3])
+@pytest.mark.parametrize("count", [pytest.param(1, marks=pytest.mark.slow), 2, 3])
 def test_each_image_of_a_batch_equals_it_alone(artifacts, backend, count):
     settings = settings_from_env({}, num_look_close=2)
     with Pipeline(artifacts("ps3-tiny"), backend, device="cpu" if backend == "torch" else None) as pipe:

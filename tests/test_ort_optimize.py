@@ -14,12 +14,13 @@ from ps3edge.artifact.manifest import load_manifest
 from ps3edge.exporter.ort_optimize import fuse_attention
 from ps3edge.runtime.lookclose import Pipeline, highres_feeds
 from ps3edge.runtime.planning import plan, settings_from_env
-from ps3edge.runtime.runners.onnxruntime import _fused_model
+from ps3edge.runtime.runners.onnxruntime import _fused_model, cpu_threads
 
 
 def _plain_session(path):
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = cpu_threads() or 0          # as the runner's sessions
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -69,9 +70,10 @@ def test_the_fused_stages_compute_what_the_plain_ones_do(artifacts, image):
     two-step highres call at 4K."""
     art = artifacts("ps3-tiny-4k")
     pipe = Pipeline(art, "onnxruntime")
-    low = pipe.stages["lowres"].infer({"pixels": pipe.pixels(image)})
+    pixels = pipe.pixels(image)
+    low = pipe.stages["lowres"].infer({"pixels": pixels})
     plain_low = dict(zip(pipe.stages["lowres"].output_names,
-                         _plain_session(art / "lowres.onnx").run(None, {"pixels": pipe.pixels(image)})))
+                         _plain_session(art / "lowres.onnx").run(None, {"pixels": pixels})))
     for name, value in low.items():
         assert np.abs(value - plain_low[name]).max() <= 1e-5, name
     prob = pipe.stages["selector"].infer({"selection_features": low["selection_features"],

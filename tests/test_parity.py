@@ -115,6 +115,24 @@ def test_parity_with_official(artifacts, image, name, settings, prompt_seed, hig
     check_report(report, highres_tokens, selection)
 
 
+@pytest.mark.parametrize("block", [1, 7 * 16, 1 << 18])
+def test_feature_diff_in_blocks_is_the_whole_arrays(monkeypatch, block):
+    """Blocks of 1 value (one token each), of 7 tokens, and one block: the same max |diff| and min
+    cosine as computed on the whole arrays at once, the worst token in any block."""
+    from ps3edge import compare
+
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((3, 50, 16)).astype(np.float32)
+    noise = rng.permutation(np.linspace(1e-6, 1e-2, 150)).reshape(3, 50, 1)      # the worst token mid-way
+    b = a + rng.standard_normal(a.shape).astype(np.float32) * noise
+    x, y = a.reshape(-1, 16).astype(np.float64), b.reshape(-1, 16).astype(np.float64)
+    cos = (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
+    monkeypatch.setattr(compare, "DIFF_BLOCK_ELEMENTS", block)
+    assert compare.feature_diff(a, b) == (float(np.abs(x - y).max()), float(cos.min()))
+    max_abs, min_cos = compare.feature_diff(a, a)
+    assert max_abs == 0.0 and min_cos == pytest.approx(1.0)
+
+
 def test_top_down_prompt_reaches_the_selector(artifacts, image):
     """Guards the top-down cases above: a prompt (also the one parity hands the official model)
     changes the probability map and the pick, so those cases do not silently run bottom-up."""
