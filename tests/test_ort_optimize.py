@@ -14,14 +14,11 @@ from ps3edge.artifact.manifest import load_manifest
 from ps3edge.exporter.ort_optimize import fuse_attention
 from ps3edge.runtime.lookclose import Pipeline, highres_feeds
 from ps3edge.runtime.planning import plan, settings_from_env
-from ps3edge.runtime.runners.onnxruntime import _fused_model, cpu_threads
+from ps3edge.runtime.runners.onnxruntime import _fused_model, cpu_session_options
 
 
 def _plain_session(path):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = cpu_threads() or 0          # as the runner's sessions
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), cpu_session_options(), providers=["CPUExecutionProvider"])
 
 
 def test_stage_files_hold_standard_onnx_ops_only(artifacts):

@@ -412,11 +412,11 @@ def test_near_tie_swaps_are_told_apart_from_real_differences():
 def lowres_qdq_cosine(art, image) -> float:
     """The lowres Q/DQ stage run in onnxruntime as ps3edge runs it: its minimum per-token cosine against
     the fp32 stage."""
+    from ps3edge.runtime.runners.onnxruntime import cpu_session_options, session_loader
+
     px = Pipeline(art, "onnxruntime").pixels(image)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    ref = ort.InferenceSession(str(art / "lowres.onnx"), so).run(["lowres_features"], {"pixels": px})[0]
-    from ps3edge.runtime.runners.onnxruntime import session_loader     # the session ps3edge runs the Q/DQ stage in
+    ref = ort.InferenceSession(str(art / "lowres.onnx"), cpu_session_options()).run(["lowres_features"], {"pixels": px})[0]
+    # the session ps3edge runs the Q/DQ stage in
     q = session_loader(art / "lowres.int8.onnx", ["CPUExecutionProvider"], qdq=True)().run(["lowres_features"], {"pixels": px})[0]
     return feature_diff(q, ref)[1]
 

@@ -43,7 +43,7 @@ from onnx import TensorProto, helper
 from .. import defaults
 from ..artifact.io import temp_prefix
 from ..errors import Ps3EdgeError
-from ..runtime.runners.onnxruntime import cpu_threads
+from ..runtime.runners.onnxruntime import cpu_session_options
 from .data import FeedReader
 from .histogram import AbsHistogram
 
@@ -148,10 +148,7 @@ def collect_thresholds(model_path: Path, activations: list[str], reader: FeedRea
     try:
         onnx.save_model(model, str(augmented))
         del model
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = cpu_threads() or 0          # 0: onnxruntime's default
-        session = ort.InferenceSession(str(augmented), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(augmented), cpu_session_options(), providers=["CPUExecutionProvider"])
     finally:
         augmented.unlink(missing_ok=True)
     inputs = [i.name for i in session.get_inputs()]

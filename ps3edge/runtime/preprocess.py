@@ -103,7 +103,7 @@ def preprocess(image: Image.Image, size: int, mean, std) -> np.ndarray:
     of the time (a 3780 x 3780 image: 1.1 s -> 0.33 s on this project's 2-core CPU)."""
     image = to_rgb(image).resize((size, size), Image.BICUBIC)
     planes = np.asarray(image).transpose(2, 0, 1)                          # (3,S,S) uint8 levels
-    table = _normalise_table(tuple(float(m) for m in mean), tuple(float(s) for s in std))   # (3,256)
+    table = normalise_table(mean, std)                                     # (3,256)
     out = np.empty((1, 3, size, size), np.float32)
     for c in range(3):
         out[0, c] = table[c][planes[c]]
@@ -114,6 +114,20 @@ def normalise(levels: np.ndarray, mean, std) -> np.ndarray:
     """8-bit RGB levels (...,3) -> float32 (...,3): scaled to [0,1], minus mean, over std."""
     x = levels.astype(np.float32) / np.float32(255.0)
     return (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+
+
+def normalise_table(mean, std) -> np.ndarray:
+    """(3,256) float32: what each 8-bit value of each channel normalises to (`normalise` itself).
+    Both preprocessing paths look pixels up in it; on a device that gives bit-identical values
+    (CUDA divides by a scalar as a multiply by its reciprocal, 1 ulp off numpy). Cached per
+    (mean, std): do not modify it."""
+    return _normalise_table(tuple(float(m) for m in mean), tuple(float(s) for s in std))
+
+
+@functools.lru_cache(maxsize=8)
+def _normalise_table(mean: tuple, std: tuple) -> np.ndarray:
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)             # (256,3)
+    return np.ascontiguousarray(normalise(levels, mean, std).T)                         # (3,256)
 
 
 # --- the same preprocessing on a torch device ----------------------------------------------------
@@ -210,15 +224,6 @@ def resize_like_pil(pixels: torch.Tensor, height: int, width: int, height_first=
     return x
 
 
-@functools.lru_cache(maxsize=8)
-def _normalise_table(mean: tuple, std: tuple) -> np.ndarray:
-    """(3,256) float32: what `preprocess` maps each 8-bit value of each channel to (`normalise`
-    itself). Indexing it on the device gives bit-identical values on any device (CUDA divides
-    by a scalar as a multiply by its reciprocal, 1 ulp off numpy). Cached: do not modify it."""
-    levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)             # (256,3)
-    return np.ascontiguousarray(normalise(levels, mean, std).T)                         # (3,256)
-
-
 def preprocess_on_device(image: Image.Image, size: int, mean, std, device="cpu",
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`preprocess` on a torch device: the 8-bit image goes up once, the resize and the
@@ -226,8 +231,7 @@ def preprocess_on_device(image: Image.Image, size: int, mean, std, device="cpu",
     rgb = np.array(to_rgb(image), dtype=np.uint8)                            # (H,W,3), a writable copy
     x = torch.from_numpy(rgb).to(device).permute(2, 0, 1)
     x = resize_like_pil(x, size, size)                                       # (3,S,S) int32 levels 0..255
-    table = torch.from_numpy(_normalise_table(tuple(float(m) for m in mean),
-                                              tuple(float(s) for s in std))).to(x.device)
+    table = torch.from_numpy(normalise_table(mean, std)).to(x.device)
     # row c of the table starts at 256 c: look each level up with int32 indices (an int64 index
     # of a 3780^2 image would be another 343 MB)
     x += torch.arange(0, 3 * 256, 256, dtype=torch.int32, device=x.device).reshape(3, 1, 1)

@@ -6,7 +6,8 @@ overrides the choice. The TensorRT provider gets the stage's optimization profil
 cache keyed by the stage file's sha256. On the CPU provider alone, an FP32 stage's attention runs
 as onnxruntime's fused MultiHeadAttention, rewritten in memory when the session loads (the file
 on disk stays plain ONNX, for TensorRT): see exporter/ort_optimize.py. A session's CPU threads
-are OMP_NUM_THREADS where it is set (cpu_threads), else onnxruntime's default.
+are OMP_NUM_THREADS where it is set (cpu_threads), else onnxruntime's default; every ps3edge
+session takes its options from cpu_session_options.
 """
 
 from __future__ import annotations
@@ -43,6 +44,17 @@ def cpu_threads() -> int | None:
     return int(first) if first.isdigit() and int(first) > 0 else None
 
 
+def cpu_session_options(threads: int | None = None):
+    """onnxruntime SessionOptions as every ps3edge session takes them: quiet (errors only), and
+    computing with `threads`, else cpu_threads(), else onnxruntime's default (0)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads or cpu_threads() or 0
+    return options
+
+
 def session_loader(path: Path, providers: list | None = None, threads: int | None = None,
                    attention_heads: int | None = None, qdq: bool = False):
     """A loader for OnnxRuntimeRunner: the InferenceSession of `path`, or one Ps3EdgeError line.
@@ -55,9 +67,7 @@ def session_loader(path: Path, providers: list | None = None, threads: int | Non
     def load():
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = threads or cpu_threads() or 0      # 0: onnxruntime's default
+        options = cpu_session_options(threads)
         chosen = providers or preferred_ort_providers()
         if qdq:
             # A Q/DQ stage runs as the exact simulation of its quantization (the float parts
