@@ -17,7 +17,8 @@
 #      peak memory and the ratio, into batch_bf16.json (its table is in the log);
 #   5. splits the high-res time into matmuls, attention and the rest (gpu_diagnose.py floor),
 #      lists the GPU kernels that take the time (gpu_profile.py), and times the MLP half of a
-#      block without its GELU / residual-add passes (gpu_epilogue.py), all into floor.txt.
+#      block without its GELU / residual-add passes (gpu_epilogue.py), and the whole run with the
+#      high-res blocks' products in FP8, with the error that brings (gpu_fp8.py), all into floor.txt.
 # Results go to $OUT if set (the device tool's output folder), else benchmarks/results/.
 # GPU_CHECK_DRY=1 runs every step with tiny models on whatever device there is (a CPU rehearsal).
 set -euo pipefail
@@ -88,3 +89,5 @@ python3 "$here/gpu_profile.py" --models "${floor_models// /,}" --device "$device
     | grep -v -e USDT -e "Profiler clears" -e "_warn_once" | tee -a "$out/floor.txt" || echo "gpu_profile.py FAILED"
 echo "== the MLP half without separate GELU / residual-add passes (cuBLASLt epilogue, residual in the GEMM)"
 python3 "$here/gpu_epilogue.py" --device "$device" 2>&1 | tee -a "$out/floor.txt" || echo "gpu_epilogue.py FAILED"
+echo "== the high-res blocks' matrix products in FP8 (rowwise _scaled_mm), the whole run timed, its error"
+python3 "$here/gpu_fp8.py" --device "$device" 2>&1 | grep -v -e "No CUDA runtime" | tee -a "$out/floor.txt" || echo "gpu_fp8.py FAILED"
