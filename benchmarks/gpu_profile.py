@@ -5,7 +5,8 @@ overhead; the CUDA-graph total hides the split. This profiles one eager run of t
 (bf16, NUM_LOOK_CLOSE=6 by default) with torch.profiler and reports, per stage, its span on the
 GPU (first kernel to last, idle gaps of the eager run included), then the total time the GPU
 spent in kernels (what a CUDA graph or a TensorRT engine cannot remove, only fuse) and the
-kernels that take the most of it. Run on a GPU machine:
+kernels that take the most of it; then the same list for the low-res stage profiled alone.
+Run on a GPU machine:
 
     python benchmarks/gpu_profile.py [--models ps3-1.5k,ps3-4k] [--steps 6]
     python benchmarks/gpu_profile.py --models ps3-tiny --device cpu          # dry run (CPU op times)
@@ -86,6 +87,18 @@ def profile_model(name: str, device: str, steps: int, top: int):
         print(f"  {stage:<22} {ms:8.3f} ms")
     print(f"  {'total':<22} {total:8.3f} ms")
 
+    print_top(events, cuda, top, f"top {top} {unit}s")
+
+    # the low-res stage alone: at batch 1 it is latency-bound (729 tokens), and the run's
+    # ranking above is dominated by the high-res blocks, so its own kernels are listed apart
+    with profile(activities=activities) as prof:
+        fast.model.lowres(pixels, (fast.layer,))
+        if cuda:
+            torch.cuda.synchronize()
+    print_top(prof.key_averages(), cuda, min(top, 10), f"the lowres stage alone: top {min(top, 10)} {unit}s")
+
+
+def print_top(events, cuda: bool, top: int, title: str):
     if cuda:
         kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.key.startswith("stage:")]
         key = "self_device_time_total"
@@ -94,7 +107,7 @@ def profile_model(name: str, device: str, steps: int, top: int):
         key = "self_cpu_time_total"
     kernels.sort(key=lambda e: getattr(e, key), reverse=True)
     busy = sum(getattr(e, key) for e in kernels) / 1e3
-    print(f"  top {top} {unit}s of {busy:.3f} ms ({len(kernels)} distinct):")
+    print(f"  {title} of {busy:.3f} ms ({len(kernels)} distinct):")
     for e in kernels[:top]:
         ms = getattr(e, key) / 1e3
         print(f"  {ms:8.3f} ms {ms / busy * 100:5.1f}% x{e.count:<4} {e.key[:110]}")
