@@ -15,7 +15,8 @@
 #      through Pipeline.run_batch (torch backend: the fast path), against the official code given
 #      the same B images as one batch (VILA-HD's configuration): images/s, per-image latency,
 #      peak memory and the ratio, into batch_bf16.json (its table is in the log);
-#   5. splits the high-res time into matmuls, attention and the rest (gpu_diagnose.py floor),
+#   5. splits the high-res time into matmuls, attention and the rest (gpu_diagnose.py floor), times
+#      the attention alone per SDPA backend and with heads zero-padded to 80 / 96 / 128,
 #      lists the GPU kernels that take the time (gpu_profile.py), and times the MLP half of a
 #      block without its GELU / residual-add passes (gpu_epilogue.py), and the whole run with the
 #      high-res blocks' products in FP8, with the error that brings (gpu_fp8.py), all into floor.txt.
@@ -84,6 +85,9 @@ for m in $floor_models; do
     python3 "$here/gpu_diagnose.py" --skip accuracy,attention --floor-model "$m" --device "$device" \
         | tee -a "$out/floor.txt" || echo "gpu_diagnose.py floor $m FAILED"
 done
+echo "== attention alone: each SDPA backend, and heads zero-padded from 72 to 80 / 96 / 128"
+python3 "$here/gpu_diagnose.py" --skip accuracy,floor --device "$device" | tee -a "$out/floor.txt" \
+    || echo "gpu_diagnose.py attention FAILED"
 echo "== kernel time per stage and the top kernels (torch.profiler, one eager run)"
 python3 "$here/gpu_profile.py" --models "${floor_models// /,}" --device "$device" --top 15 2>&1 \
     | grep -v -e USDT -e "Profiler clears" -e "_warn_once" | tee -a "$out/floor.txt" || echo "gpu_profile.py FAILED"

@@ -5,7 +5,8 @@
    fp32: our bf16 fast path, the official code in bf16, and our fp32 fast path.
    Per-token cosine: min, 0.1 % quantile and median.
 2. Attention. Times each SDPA backend alone on the high-res shape (6 steps x 2560 queries
-   over 729 + 2560 keys, 16 heads of 72), bf16.
+   over 729 + 2560 keys, 16 heads of 72), bf16; then cuDNN and flash with the heads zero-padded
+   to 80, 96 and 128 (exact), in case a native head width runs faster than 72.
 3. Floor. For one model at NUM_LOOK_CLOSE=6, times one high-res block (the fast path's form,
    `FastLookClose.highres_block`) on each highres call's real shape, and inside it the four
    matrix products alone (cuBLAS, bf16) and the attention alone (the kernel the fast path
@@ -16,7 +17,7 @@
 1.5K and 56.50 vs 57.19 ms at 4K on an H200: no gain worth a compile step.)
 
     python benchmarks/gpu_diagnose.py [--models ps3-1.5k,ps3-4k] [--depth N] [--skip accuracy,attention,floor]
-    python benchmarks/gpu_diagnose.py --skip accuracy,attention --floor-model ps3-tiny --device cpu   # dry run
+    python benchmarks/gpu_diagnose.py --skip accuracy --floor-model ps3-tiny --device cpu   # dry run
 """
 
 from __future__ import annotations
@@ -83,14 +84,15 @@ def accuracy(name: str, depth, steps: int = 6):
           f"median norm {np.median(np.linalg.norm(ref, axis=-1)):.2f}")
 
 
-def attention_backends():
+def attention_backends(device: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
-    T, H, N, K, D = 6, 16, 2560, 729 + 2560, 72
-    q = torch.randn(T, H, N, D, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(T, H, K, D, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(T, H, K, D, device="cuda", dtype=torch.bfloat16)
-    timer = Timer(torch.device("cuda"))
+    # a dry run on the CPU takes one small step; flash has a CPU kernel, the others say unavailable
+    T, H, N, K, D = (6, 16, 2560, 729 + 2560, 72) if device == "cuda" else (1, 2, 64, 128, 72)
+    q = torch.randn(T, H, N, D, device=device, dtype=torch.bfloat16)
+    k = torch.randn(T, H, K, D, device=device, dtype=torch.bfloat16)
+    v = torch.randn(T, H, K, D, device=device, dtype=torch.bfloat16)
+    timer = Timer(torch.device(device))
     print(f"\nSDPA, bf16, {T} steps x {N} queries over {K} keys, {H} heads of {D}:")
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
@@ -102,6 +104,24 @@ def attention_backends():
             print(f"  {backend.name:22s} {ms:7.3f} ms per block  (x27 = {27 * ms:6.1f} ms)  rel-err {err:.1e}")
         except RuntimeError as e:
             print(f"  {backend.name:22s} unavailable: {str(e).splitlines()[0][:100]}")
+    # Heads of 72 are no kernel's native width. Zero columns appended to q, k and v change no
+    # score and give zero output columns, so a wider head is exact; if a kernel runs 80 / 96 /
+    # 128 faster than 72, the fast path can produce padded heads straight from its projections
+    # (zero rows in the q / kv weights, zero columns in proj) at no copy.
+    print(f"  the same attention with heads zero-padded from {D} (the scale kept at 1/sqrt({D})):")
+    for width in (80, 96, 128):
+        pad = lambda t: F.pad(t, (0, width - D))                                     # noqa: E731
+        qp, kp, vp = pad(q), pad(k), pad(v)
+        for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+            try:
+                with sdpa_kernel([backend]):
+                    run = lambda: F.scaled_dot_product_attention(qp, kp, vp, scale=D ** -0.5)   # noqa: E731
+                    out = run()[..., :D]
+                    ms = timer.measure(run, 5, 20)
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                print(f"  {width:3d} {backend.name:18s} {ms:7.3f} ms per block  (x27 = {27 * ms:6.1f} ms)  rel-err {err:.1e}")
+            except RuntimeError as e:
+                print(f"  {width:3d} {backend.name:18s} unavailable: {str(e).splitlines()[0][:100]}")
 
 
 def floor(name: str, device: str, steps: int = 6, dtype=torch.bfloat16):
@@ -175,12 +195,12 @@ def main():
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: accuracy,attention,floor")
     ap.add_argument("--floor-model", default="ps3-1.5k", help="the model of the floor part")
-    ap.add_argument("--device", default="cuda", help="floor part only: cpu for a dry run")
+    ap.add_argument("--device", default="cuda", help="attention and floor parts: cpu for a dry run")
     args = ap.parse_args()
     skip = set(args.skip.split(","))
     print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA")
     if "attention" not in skip:
-        attention_backends()
+        attention_backends(args.device)
     if "floor" not in skip:
         floor(args.floor_model, args.device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
     if "accuracy" not in skip:
