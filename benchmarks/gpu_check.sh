@@ -41,6 +41,9 @@ else
 fi
 export PYTHONUNBUFFERED=1 COLUMNS=200
 ps3edge() { python3 -m ps3edge.cli "$@"; }
+# each section says how far into the check it starts, so a run cut off by the device's limit
+# still shows where the time went
+section() { echo "== [${SECONDS}s] $*"; }
 
 # at most 8 files come back from the device tool: log.txt (the caller's), parity_fp32.json,
 # run_parity.json, sweep_bf16.{json,md,png} (vila-hd-tiny's rows in the JSON too), batch_bf16.json,
@@ -51,7 +54,7 @@ scratch="$(mktemp -d)"
 frame="$scratch/frame_3840x2160.png"
 python3 -c "from PIL import Image; from ps3edge.demo import sample_image; sample_image().resize((3840, 2160), Image.BICUBIC).save('$frame')"
 
-echo "== fp32 parity on the GPU (official ties pinned)"
+section "fp32 parity on the GPU (official ties pinned)"
 ps3edge bench --model ps3-tiny --model ps3-tiny-4k --device "$device" --dtype fp32 --num-look-close 1,2 \
     --against official --official-ties pinned --warmup 1 --repeat 3 --json "$scratch/parity_fp32_tiny.json"
 parts=("$scratch/parity_fp32_tiny.json")
@@ -63,10 +66,10 @@ fi
 python3 -c "import json, sys; json.dump([r for f in sys.argv[2:] for r in json.load(open(f))], open(sys.argv[1], 'w'), indent=2)" \
     "$out/parity_fp32.json" "${parts[@]}"
 
-echo "== ps3edge run on CUDA against the CPU path"
+section "ps3edge run on CUDA against the CPU path"
 OUT="$out" python3 "$here/gpu_run_parity.py" --device "$device" || echo "gpu_run_parity.py FAILED (exit $?)"
 
-echo "== bf16 sweep against the official code (VILA-HD's configuration; every layer returned as the extra column)"
+section "bf16 sweep against the official code (VILA-HD's configuration; every layer returned as the extra column)"
 ps3edge bench "${real[@]}" --device "$device" --dtype bf16 --num-look-close "$sweep_steps" --against official \
     --official-all-layers --image "$frame" "${repeat[@]}" --json "$out/sweep_bf16.json" \
     --markdown "$out/sweep_bf16.md" --plot "$out/sweep_bf16.png"
@@ -76,22 +79,23 @@ ps3edge bench --model vila-hd-tiny --device "$device" --dtype bf16 --num-look-cl
         "$out/sweep_bf16.json" "$scratch/vila_tiny_bf16.json" \
     || echo "vila-hd-tiny bench FAILED (exit $?)"
 
-echo "== batch sweep: B images through one run_batch call against the official code at the same B"
+section "batch sweep: B images through one run_batch call against the official code at the same B"
 ps3edge bench "${batch[@]}" --backend torch --device "$device" --dtype bf16 --against official --image "$frame" \
     "${repeat[@]}" --json "$out/batch_bf16.json" || echo "batch sweep FAILED (exit $?)"
 
-echo "== where the high-res time goes (matmuls, attention, the rest) and the best ratio these kernels allow"
+section "where the high-res time goes (matmuls, attention, the rest) and the best ratio these kernels allow"
 for m in $floor_models; do
     python3 "$here/gpu_diagnose.py" --skip accuracy,attention --floor-model "$m" --device "$device" \
         | tee -a "$out/floor.txt" || echo "gpu_diagnose.py floor $m FAILED"
 done
-echo "== attention alone: each SDPA backend, and heads zero-padded from 72 to 80 / 96 / 128"
+section "attention alone: each SDPA backend, and heads zero-padded from 72 to 80 / 96 / 128"
 python3 "$here/gpu_diagnose.py" --skip accuracy,floor --device "$device" | tee -a "$out/floor.txt" \
     || echo "gpu_diagnose.py attention FAILED"
-echo "== kernel time per stage and the top kernels (torch.profiler, one eager run)"
+section "kernel time per stage and the top kernels (torch.profiler, one eager run)"
 python3 "$here/gpu_profile.py" --models "${floor_models// /,}" --device "$device" --top 15 2>&1 \
     | grep -v -e USDT -e "Profiler clears" -e "_warn_once" | tee -a "$out/floor.txt" || echo "gpu_profile.py FAILED"
-echo "== the MLP half without separate GELU / residual-add passes (cuBLASLt epilogue, residual in the GEMM)"
+section "the MLP half without separate GELU / residual-add passes (cuBLASLt epilogue, residual in the GEMM)"
 python3 "$here/gpu_epilogue.py" --device "$device" 2>&1 | tee -a "$out/floor.txt" || echo "gpu_epilogue.py FAILED"
-echo "== the high-res blocks' matrix products in FP8 (rowwise _scaled_mm), the whole run timed, its error"
+section "the high-res blocks' matrix products in FP8 (rowwise _scaled_mm), the whole run timed, its error"
 python3 "$here/gpu_fp8.py" --device "$device" 2>&1 | grep -v -e "No CUDA runtime" | tee -a "$out/floor.txt" || echo "gpu_fp8.py FAILED"
+section "done"
