@@ -112,6 +112,40 @@ def test_calibrate_killed_halfway_leaves_nothing_after_the_rerun(artifacts, tmp_
     assert litter(tmp_path) == [] and "fp16" in load_manifest(art, verify=True).precisions
 
 
+def terminated_once(args: list[str], started, env: dict) -> tuple[int, str]:
+    """Start `ps3edge ARGS`, send SIGTERM once started() is true; its exit code and stderr."""
+    command = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "ps3edge.cli"]
+    proc = subprocess.Popen(command + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not started():
+        assert proc.poll() is None and time.monotonic() < deadline, "the command never reached the point to stop it at"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+@pytest.mark.slow
+def test_export_and_bench_terminated_halfway_clean_up_on_the_way_out(tmp_path):
+    """SIGTERM (a scheduler's stop, `timeout`) unwinds like Ctrl-C: exit 143, one word, and nothing
+    left behind at once - an export's staging, and bench's temporary directory (an exported
+    artifact inside it), which the default action would leave in the temporary folder for good."""
+    out = tmp_path / "big"
+    code, err = terminated_once(["export", "--model", "ps3-tiny-4k", "--out", str(out)],
+                                lambda: any(p.name.startswith(f".big{TEMP_MARK}export-") for p in tmp_path.iterdir()),
+                                clean_env())
+    assert code == 143 and err.strip().splitlines()[-1] == "terminated" and "Traceback" not in err, err
+    assert litter(tmp_path) == [] and not out.exists()
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    code, err = terminated_once(["bench", "--model", "ps3-tiny", "--device", "cpu", "--batch", "1", "--backend",
+                                 "onnxruntime", "--num-look-close", "1", "--warmup", "0", "--repeat", "1"],
+                                lambda: any(scratch.glob("ps3edge-bench-*/*")), clean_env(TMPDIR=str(scratch)))
+    assert code == 143 and err.strip().splitlines()[-1] == "terminated" and "Traceback" not in err, err
+    assert not any(scratch.glob("ps3edge-*"))
+
+
 # --- nothing of the user's replaced ------------------------------------------------------------------
 def test_a_directory_made_while_the_export_runs_is_kept(tmp_path):
     out = tmp_path / "art"

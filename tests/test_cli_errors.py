@@ -4,6 +4,7 @@ line and a known exit code, never a traceback - also for errors no command fores
 from __future__ import annotations
 
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ import typer
 import ps3edge.doctor
 from conftest import cli, random_image
 from ps3edge.cli import main
-from ps3edge.cli.app import ABORTS, EXITS, USAGE_ERRORS, _exception_classes
+from ps3edge.cli.app import ABORTS, EXITS, USAGE_ERRORS, _exception_classes, sigterm_unwinds
+from ps3edge.errors import Terminated
 
 
 class Unforeseen(Exception):
@@ -73,6 +75,29 @@ def test_ctrl_c_and_end_of_input_are_interrupted_130(monkeypatch, capsys, exc):
     doctor_raises(monkeypatch, exc)
     code, _, err = run_main(capsys, "doctor")
     assert code == 130 and one_line(err) == "interrupted"
+
+
+def test_sigterm_is_terminated_143(monkeypatch, capsys):
+    doctor_raises(monkeypatch, Terminated())
+    code, _, err = run_main(capsys, "doctor")
+    assert code == 143 and one_line(err) == "terminated"
+
+
+def test_sigterm_unwinds_only_while_a_command_runs_and_keeps_a_hosts_handler():
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(Terminated):
+            with sigterm_unwinds():
+                signal.raise_signal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL      # afterwards SIGTERM ends the process again
+        def hosts(signum, frame):
+            pass
+        signal.signal(signal.SIGTERM, hosts)
+        with sigterm_unwinds():
+            assert signal.getsignal(signal.SIGTERM) is hosts             # a host program's handler stays
+        assert signal.getsignal(signal.SIGTERM) is hosts
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.mark.parametrize("exc, code", [(typer.Exit(3), 3), (SystemExit(4), 4), (typer.Exit(), 0)])
