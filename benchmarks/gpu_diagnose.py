@@ -85,7 +85,7 @@ def accuracy(name: str, depth, steps: int = 6):
 
 
 def attention_backends(device: str):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
     import torch.nn.functional as F
     # a dry run on the CPU takes one small step; flash has a CPU kernel, the others say unavailable
     T, H, N, K, D = (6, 16, 2560, 729 + 2560, 72) if device == "cuda" else (1, 2, 64, 128, 72)
@@ -96,32 +96,34 @@ def attention_backends(device: str):
     print(f"\nSDPA, bf16, {T} steps x {N} queries over {K} keys, {H} heads of {D}:")
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
-        try:
-            with sdpa_kernel([backend]):
-                out = F.scaled_dot_product_attention(q, k, v)
-                ms = timer.measure(lambda: F.scaled_dot_product_attention(q, k, v), 5, 20)
-            err = ((out.float() - ref).norm() / ref.norm()).item()
-            print(f"  {backend.name:22s} {ms:7.3f} ms per block  (x27 = {27 * ms:6.1f} ms)  rel-err {err:.1e}")
-        except RuntimeError as e:
-            print(f"  {backend.name:22s} unavailable: {str(e).splitlines()[0][:100]}")
+        time_sdpa(f"{backend.name:22s}", backend, q, k, v, ref, timer)
     # Heads of 72 are no kernel's native width. Zero columns appended to q, k and v change no
     # score and give zero output columns, so a wider head is exact; if a kernel runs 80 / 96 /
     # 128 faster than 72, the fast path can produce padded heads straight from its projections
     # (zero rows in the q / kv weights, zero columns in proj) at no copy.
     print(f"  the same attention with heads zero-padded from {D} (the scale kept at 1/sqrt({D})):")
     for width in (80, 96, 128):
-        pad = lambda t: F.pad(t, (0, width - D))                                     # noqa: E731
-        qp, kp, vp = pad(q), pad(k), pad(v)
+        qp, kp, vp = (F.pad(t, (0, width - D)) for t in (q, k, v))
         for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
-            try:
-                with sdpa_kernel([backend]):
-                    run = lambda: F.scaled_dot_product_attention(qp, kp, vp, scale=D ** -0.5)   # noqa: E731
-                    out = run()[..., :D]
-                    ms = timer.measure(run, 5, 20)
-                err = ((out.float() - ref).norm() / ref.norm()).item()
-                print(f"  {width:3d} {backend.name:18s} {ms:7.3f} ms per block  (x27 = {27 * ms:6.1f} ms)  rel-err {err:.1e}")
-            except RuntimeError as e:
-                print(f"  {width:3d} {backend.name:18s} unavailable: {str(e).splitlines()[0][:100]}")
+            time_sdpa(f"{width:3d} {backend.name:18s}", backend, qp, kp, vp, ref, timer)
+
+
+def time_sdpa(label: str, backend, q, k, v, ref, timer: Timer):
+    """One SDPA backend on (q, k, v), scaled by the unpadded head width ref has: ms and the error
+    of its first D output columns against ref; or why the backend is unavailable."""
+    from torch.nn.attention import sdpa_kernel
+    import torch.nn.functional as F
+    D = ref.shape[-1]
+    run = lambda: F.scaled_dot_product_attention(q, k, v, scale=D ** -0.5)       # noqa: E731
+    try:
+        with sdpa_kernel([backend]):
+            out = run()[..., :D]
+            ms = timer.measure(run, 5, 20)
+    except RuntimeError as e:
+        print(f"  {label} unavailable: {str(e).splitlines()[0][:100]}")
+        return
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    print(f"  {label} {ms:7.3f} ms per block  (x27 = {27 * ms:6.1f} ms)  rel-err {err:.1e}")
 
 
 def floor(name: str, device: str, steps: int = 6, dtype=torch.bfloat16):

@@ -108,20 +108,13 @@ class Fp8LookClose(FastLookClose):
     def highres_block(self, block, x, kv_prefix, kv_buffer, step_image=None):
         """`FastLookClose.highres_block` with its products through `Fp8Block`."""
         T, N, C = x.shape
-        H = self.cfg.num_heads
-        N0 = kv_prefix.shape[-2]
+        N0 = self.write_prefix(kv_buffer, kv_prefix, step_image)
         f8 = self.fp8[id(block)]
-        heads = lambda t: t.unflatten(-1, (H, C // H)).transpose(1, 2)               # noqa: E731
-        prefix = kv_prefix.permute(1, 3, 0, 2, 4).reshape(-1, N0, 2 * C)             # (B,N0,2C)
-        if step_image is None:
-            kv_buffer[:, :N0].copy_(prefix.expand(T, -1, -1))
-        else:
-            kv_buffer[:, :N0].copy_(prefix.index_select(0, step_image))
         h, hs = self.norm_quantise(x, block.norm1.weight, block.norm1.bias, block.norm1.eps)  # (T*N,C)
         q = f8.q(h, hs).reshape(T, N, C)
         for t in range(T):
             f8.kv(h[t * N:(t + 1) * N], hs[t * N:(t + 1) * N], out=kv_buffer[t, N0:])    # (N,2C)
-        out = F.scaled_dot_product_attention(heads(q), heads(kv_buffer[..., :C]), heads(kv_buffer[..., C:]))
+        out = self.attend(q, kv_buffer)                                              # (T,H,N,D)
         x = x + f8.proj(*self.rows_quantise(out)).reshape(T, N, C)
         h, hs = self.norm_quantise(x, block.norm2.weight, block.norm2.bias, block.norm2.eps)
         return x + f8.fc2(*self.gelu_quantise(f8.fc1(h, hs))).reshape(T, N, C)

@@ -36,12 +36,16 @@ def clean_env(columns: str | None = "200", **extra: str) -> dict:
     return env
 
 
+def cli_command() -> list[str]:
+    """The installed console script, or `python -m ps3edge.cli` where it is not installed."""
+    return [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "ps3edge.cli"]
+
+
 def cli_process(*args, env: dict | None = None, cwd=None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the installed console script (or `python -m ps3edge.cli` where it is not installed) in a
     subprocess; env defaults to clean_env(). For what only a real process shows: its start-up,
     the entry point, state read at import."""
-    command = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "ps3edge.cli"]
-    return subprocess.run(command + [str(a) for a in args], env=clean_env() if env is None else env, cwd=cwd,
+    return subprocess.run(cli_command() + [str(a) for a in args], env=clean_env() if env is None else env, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
 
 

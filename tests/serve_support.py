@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import SCRIPT, clean_env, random_image
+from conftest import cli_command, clean_env, random_image
 
 START_TIMEOUT_S = 300              # loading, warm-up and Triton's start, on 2 busy cores
 STOP_TIMEOUT_S = 90
@@ -74,8 +74,7 @@ def serving(artifact: Path, *flags, tmp_path: Path):
     """`ps3edge serve ARTIFACT FLAGS` on free loopback ports, ready; stopped (killed if it must be) after."""
     http, grpc, metrics = free_ports(3)
     log = tmp_path / f"serve-{http}.log"
-    command = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "ps3edge.cli"]
-    command += ["serve", str(artifact), "--http-port", str(http), "--grpc-port", str(grpc),
+    command = cli_command() + ["serve", str(artifact), "--http-port", str(http), "--grpc-port", str(grpc),
                 "--metrics-port", str(metrics), *map(str, flags)]
     with open(log, "wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=clean_env())

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import SCRIPT, clean_env, cli
+from conftest import clean_env, cli, cli_command
 from ps3edge.artifact.io import TEMP_MARK, publish_dir, temp_dir
 from ps3edge.artifact.lock import lock_path, writer_lock
 from ps3edge.artifact.manifest import load_manifest
@@ -75,17 +74,29 @@ def test_the_lock_removes_what_a_dead_writer_left_and_nothing_else(tmp_path):
     assert (tmp_path / ".art.backup").is_dir() and litter(tmp_path) == []
 
 
+def signalled_once(args: list[str], started, sig: int, env: dict | None = None,
+                   poll_s: float = 0.05) -> tuple[int, str]:
+    """Start `ps3edge ARGS`, send `sig` once started() is true; its exit code and stderr."""
+    proc = subprocess.Popen(cli_command() + args, env=clean_env() if env is None else env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not started():
+        assert proc.poll() is None and time.monotonic() < deadline, \
+            f"ps3edge {args[0]} never reached the point to stop it at"
+        time.sleep(poll_s)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+def staging_started(parent: Path, name: str):
+    return lambda: any(p.name.startswith(f".{name}{TEMP_MARK}export-") for p in parent.iterdir())
+
+
 def test_export_killed_halfway_leaves_nothing_after_the_rerun(tmp_path):
     out = tmp_path / "big"
-    command = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "ps3edge.cli"]
-    proc = subprocess.Popen(command + ["export", "--model", "ps3-tiny-4k", "--out", str(out)], env=clean_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not any(p.name.startswith(f".big{TEMP_MARK}export-") for p in tmp_path.iterdir()):
-        assert proc.poll() is None and time.monotonic() < deadline, "the export never started staging"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    signalled_once(["export", "--model", "ps3-tiny-4k", "--out", str(out)], staging_started(tmp_path, "big"),
+                   signal.SIGKILL)
     assert litter(tmp_path), "a killed export leaves its staging directory (until the next writer)"
     r = cli("export", "--model", "ps3-tiny", "--out", out)
     assert r.returncode == 0, r.stderr
@@ -96,33 +107,13 @@ def test_calibrate_killed_halfway_leaves_nothing_after_the_rerun(artifacts, tmp_
     art = tmp_path / "art"
     shutil.copytree(artifacts("ps3-tiny"), art)
     before = sorted(p.name for p in art.iterdir())
-    command = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "ps3edge.cli"]
-    proc = subprocess.Popen(command + ["calibrate", str(art), "--precision", "fp16"], env=clean_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not litter(tmp_path) or litter(tmp_path) == [lock_path(art).name]:
-        assert proc.poll() is None and time.monotonic() < deadline, "calibrate never wrote a temporary file"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    signalled_once(["calibrate", str(art), "--precision", "fp16"],
+                   lambda: litter(tmp_path) and litter(tmp_path) != [lock_path(art).name], signal.SIGKILL, poll_s=0.02)
     assert sorted(p.name for p in art.iterdir() if TEMP_MARK not in p.name) == before   # the artifact as it was
     load_manifest(art, verify=True)
     r = cli("calibrate", art, "--precision", "fp16")
     assert r.returncode == 0, r.stderr
     assert litter(tmp_path) == [] and "fp16" in load_manifest(art, verify=True).precisions
-
-
-def terminated_once(args: list[str], started, env: dict) -> tuple[int, str]:
-    """Start `ps3edge ARGS`, send SIGTERM once started() is true; its exit code and stderr."""
-    command = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "ps3edge.cli"]
-    proc = subprocess.Popen(command + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not started():
-        assert proc.poll() is None and time.monotonic() < deadline, "the command never reached the point to stop it at"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    return proc.returncode, err
 
 
 @pytest.mark.slow
@@ -131,17 +122,17 @@ def test_export_and_bench_terminated_halfway_clean_up_on_the_way_out(tmp_path):
     left behind at once - an export's staging, and bench's temporary directory (an exported
     artifact inside it), which the default action would leave in the temporary folder for good."""
     out = tmp_path / "big"
-    code, err = terminated_once(["export", "--model", "ps3-tiny-4k", "--out", str(out)],
-                                lambda: any(p.name.startswith(f".big{TEMP_MARK}export-") for p in tmp_path.iterdir()),
-                                clean_env())
+    code, err = signalled_once(["export", "--model", "ps3-tiny-4k", "--out", str(out)],
+                               staging_started(tmp_path, "big"), signal.SIGTERM)
     assert code == 143 and err.strip().splitlines()[-1] == "terminated" and "Traceback" not in err, err
     assert litter(tmp_path) == [] and not out.exists()
 
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    code, err = terminated_once(["bench", "--model", "ps3-tiny", "--device", "cpu", "--batch", "1", "--backend",
-                                 "onnxruntime", "--num-look-close", "1", "--warmup", "0", "--repeat", "1"],
-                                lambda: any(scratch.glob("ps3edge-bench-*/*")), clean_env(TMPDIR=str(scratch)))
+    code, err = signalled_once(["bench", "--model", "ps3-tiny", "--device", "cpu", "--batch", "1", "--backend",
+                                "onnxruntime", "--num-look-close", "1", "--warmup", "0", "--repeat", "1"],
+                               lambda: any(scratch.glob("ps3edge-bench-*/*")), signal.SIGTERM,
+                               clean_env(TMPDIR=str(scratch)))
     assert code == 143 and err.strip().splitlines()[-1] == "terminated" and "Traceback" not in err, err
     assert not any(scratch.glob("ps3edge-*"))
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SCRIPT, clean_env, cli, cli_process, random_image
+from conftest import clean_env, cli, cli_command, cli_process, random_image
 from ps3edge.extract.shards import read_header, read_items
 
 av = pytest.importorskip("av", reason="PyAV (the extract extra) makes and reads the test videos")
@@ -292,8 +292,7 @@ def test_forty_images_equal_run(forty, tmp_path):
 def test_sigkill_halfway_then_rerun_gives_one_entry_each(forty, tmp_path):
     tiny, root, out = forty
     resumed = tmp_path / "features"
-    command = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "ps3edge.cli"]
-    process = subprocess.Popen(command + ["extract", str(tiny), "--input", str(root), "--out", str(resumed),
+    process = subprocess.Popen(cli_command() + ["extract", str(tiny), "--input", str(root), "--out", str(resumed),
                                           *FORTY_FLAGS], env=clean_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:

@@ -169,24 +169,34 @@ class FastLookClose:
         H100). The attention reads K and V as strided (T,H,N0+N,D) views of the buffer.
         """
         T, N, C = x.shape
-        H = self.cfg.num_heads
-        N0 = kv_prefix.shape[-2]
-        heads = lambda t: t.unflatten(-1, (H, C // H)).transpose(1, 2)               # noqa: E731
+        N0 = self.write_prefix(kv_buffer, kv_prefix, step_image)
         w, b = block.attn.qkv.weight, block.attn.qkv.bias                            # (3C,C), (3C,)
-        # the low-res prefix: (2,B,H,N0,D) -> per image N0 rows [k | v] of 2C
-        prefix = kv_prefix.permute(1, 3, 0, 2, 4).reshape(-1, N0, 2 * C)             # (B,N0,2C)
-        if step_image is None:
-            kv_buffer[:, :N0].copy_(prefix.expand(T, -1, -1))
-        else:
-            kv_buffer[:, :N0].copy_(prefix.index_select(0, step_image))
         h = block.norm1(x)                                                           # (T,N,C)
         q = F.linear(h, w[:C], b[:C])                                                # (T,N,C)
         for t in range(T):
             torch.addmm(b[C:], h[t], w[C:].t(), out=kv_buffer[t, N0:])              # (N,2C)
-        out = F.scaled_dot_product_attention(heads(q), heads(kv_buffer[..., :C]),
-                                             heads(kv_buffer[..., C:]))              # (T,H,N,D)
+        out = self.attend(q, kv_buffer)                                              # (T,H,N,D)
         x = x + block.attn.proj(out.transpose(1, 2).reshape(T, N, C))
         return x + block.mlp(block.norm2(x))
+
+    @staticmethod
+    def write_prefix(kv_buffer, kv_prefix, step_image=None) -> int:
+        """Copy each row's image's low-res K/V, (2,B,H,N0,D), into the first N0 rows of its
+        buffer row as [k | v] of 2C (step_image None: B is 1, broadcast); returns N0."""
+        T, N0 = kv_buffer.shape[0], kv_prefix.shape[-2]
+        prefix = kv_prefix.permute(1, 3, 0, 2, 4).reshape(-1, N0, kv_buffer.shape[-1])   # (B,N0,2C)
+        if step_image is None:
+            kv_buffer[:, :N0].copy_(prefix.expand(T, -1, -1))
+        else:
+            kv_buffer[:, :N0].copy_(prefix.index_select(0, step_image))
+        return N0
+
+    def attend(self, q, kv_buffer):
+        """q (T,N,C) over the K and V that kv_buffer (T,N0+N,2C) holds, read as strided
+        (T,H,N0+N,D) views -> (T,H,N,D)."""
+        C = q.shape[-1]
+        heads = lambda t: t.unflatten(-1, (self.cfg.num_heads, -1)).transpose(1, 2)   # noqa: E731
+        return F.scaled_dot_product_attention(heads(q), heads(kv_buffer[..., :C]), heads(kv_buffer[..., C:]))
 
     # --- CUDA graphs --------------------------------------------------------------------------
     def graphed(self, pixels: torch.Tensor, counts, smooth=False, prompt=None, layer=None) -> FastResult:
