@@ -16,7 +16,7 @@ import platform
 import sys
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 from .engines.platform import jetpack_for, parse_tegra_release
 from .runtime.runners.probe import PACKAGES, Facts, first_line, probe_cuda, probe_package, probe_providers
 

@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ps3edge"
 # (module prefix, layer), lowest first; a module belongs to its longest matching prefix and may
 # import only from its own layer or those below. The README's layout section states the same order.
 LAYERS = (
-    ("ps3edge", 0), ("ps3edge.errors", 0), ("ps3edge.defaults", 0), ("ps3edge.artifact.io", 0),
+    ("ps3edge.version", 0), ("ps3edge.errors", 0), ("ps3edge.defaults", 0), ("ps3edge.metrics", 0),
+    ("ps3edge.artifact.io", 0),
     ("ps3edge.model", 1),
     ("ps3edge.artifact", 2),
     ("ps3edge.exporter", 3),
@@ -23,10 +24,14 @@ LAYERS = (
     ("ps3edge.runtime", 6),
     ("ps3edge.compare", 7), ("ps3edge.demo", 7), ("ps3edge.calibration", 7),
     ("ps3edge.llm", 8),
-    ("ps3edge.parity", 9), ("ps3edge.bench", 9), ("ps3edge.throughput", 9), ("ps3edge.doctor", 9),
-    ("ps3edge.reference", 9), ("ps3edge.serve", 9), ("ps3edge.extract", 9),
-    ("ps3edge.cli", 10),
+    ("ps3edge.api", 9),
+    ("ps3edge.parity", 10), ("ps3edge.bench", 10), ("ps3edge.throughput", 10), ("ps3edge.doctor", 10),
+    ("ps3edge.reference", 10), ("ps3edge.serve", 10), ("ps3edge.extract", 10),
+    ("ps3edge.cli", 11),
 )
+# The package itself (ps3edge/__init__.py) is the public face: it re-exports the API, so it sits
+# on top; nothing inside the package imports it.
+FACADE = ("ps3edge", 12)
 
 
 def module_name(path: Path) -> str:
@@ -60,6 +65,8 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
 
 
 def layer(name: str) -> int:
+    if name == FACADE[0]:
+        return FACADE[1]
     matches = [(len(prefix), rank) for prefix, rank in LAYERS if name == prefix or name.startswith(prefix + ".")]
     assert matches, f"{name} is in no layer: add it to LAYERS (and to the README's layout)"
     return max(matches)[1]

@@ -21,7 +21,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
-from .. import __version__, defaults
+from .. import defaults
+from ..version import __version__
 from ..errors import Ps3EdgeError
 from ..model.config import PS3Config
 from .checks import (INTEGRITY, check_consistent, check_integrity, geometry_section, preprocessing_section,

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
-from .. import __version__
+from ..version import __version__
 from ..errors import Ps3EdgeError
 from ..model.config import is_whole_number
 from .engines import merge_engines

@@ -22,7 +22,8 @@ from typing import Callable
 
 import onnx
 
-from .. import __version__, defaults
+from .. import defaults
+from ..version import __version__
 from ..artifact.io import apply_default_mode, file_sha256, temp_dir, temp_file
 from ..artifact.lock import writer_lock
 from ..artifact.manifest import Manifest, load_manifest

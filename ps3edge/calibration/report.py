@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__, defaults
+from .. import defaults
+from ..version import __version__
 from ..artifact.io import file_sha256, write_json_atomic
 from ..compare import (BOUND, FEATURES, INFORMATIVE, SELECTION, Check, Measured, ParityRow, Tolerance, compare,
                        difference, feature_diff, features, selection_up_to_near_ties, worst)

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import typer
 
-from .. import __version__
+from ..version import __version__
 from ..errors import Ps3EdgeError, Terminated
 from . import artifacts, chat, doctor, extract, run, serve
 from .views import err_console, error_line

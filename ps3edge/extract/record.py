@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from .. import __version__
+from ..version import __version__
 from ..artifact.io import write_bytes_atomic, write_json_atomic
 from ..errors import Ps3EdgeError
 from .shards import FORMAT, Layout, read_header

@@ -17,7 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from .. import __version__, defaults
+from .. import defaults
+from ..version import __version__
 from ..errors import Ps3EdgeError
 from ..artifact.io import file_sha256, publish_dir, temp_dir
 from ..artifact.lock import writer_lock

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,29 +31,22 @@ from ..artifact.manifest import load_manifest
 from ..artifact.weights import rebuild_torch_model
 from .batching import assemble, highres_feeds
 from .runners.registry import load_stages
-from .planning import Geometry, LookCloseSettings, Plan, plan, plan_from_steps, resolve_steps, step_counts
-from .preprocess import open_image, preprocess, preprocess_on_device
+from .planning import Geometry, LookCloseSettings, plan, plan_from_steps, resolve_steps, step_counts
+from .result import LookCloseResult
+from . import frames
+from .preprocess import preprocess, preprocess_levels_on_device, preprocess_on_device
 
 DEVICES = ("auto", "cpu", "cuda")
+
+
 FAST_PRECISIONS = ("fp32", "fp16", "bf16")
 
 
-@dataclass
-class LookCloseResult:
-    features: np.ndarray                 # (1, tokens, C) float32
-    layer: int                           # the block the features come from (0-based)
-    prob: np.ndarray                     # (G0, G0) selection probability
-    plan: Plan
-    scales: tuple[int, ...]              # the high-res scales, matching plan.selection_maps
-    timings_ms: dict = field(default_factory=dict)
-    highres_calls: list = field(default_factory=list)   # (T, N) of each highres call of its pass
-    batch: int = 1                       # images in the pass that produced it (timings are the pass's)
+def is_pixels(x) -> bool:
+    """A preprocessed (B,3,S,S) float32 array (the lowres stage's input), not a camera frame."""
+    return (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 4 and x.shape[1] == 3
+            and x.shape[2] == x.shape[3])
 
-    @property
-    def tokens_each_scale(self) -> dict[str, int]:
-        counts = {"lowres": self.features.shape[1] - self.plan.num_tokens}
-        counts.update({str(s): n for s, n in zip(self.scales, self.plan.tokens_each_scale())})
-        return counts
 
 
 def resolve_device(backend: str, device: str | None) -> str:
@@ -158,21 +150,26 @@ class Pipeline:
         self.close()
 
     # --- inputs --------------------------------------------------------------------------
-    def pixels(self, image) -> np.ndarray:
-        """A path or PIL image -> the (1,3,S,S) normalised input of the lowres stage."""
+    def pixels(self, image, channels: str = "rgb") -> np.ndarray:
+        """A frame (frames.py: a path, PIL image, uint8 numpy array or torch tensor) -> the
+        (1,3,S,S) normalised input of the lowres stage."""
         on_device = self.backend == "torch" and self.preprocess_on == "device"
-        return self._pixels_on(image, self.device if on_device else "cpu").cpu().numpy()
+        return self._pixels_on(image, self.device if on_device else "cpu", channels).cpu().numpy()
 
-    def _pixels_on(self, image, device):
-        """`pixels` as a float32 tensor on `device`, preprocessed where --preprocess says."""
+    def _pixels_on(self, image, device, channels: str = "rgb"):
+        """`pixels` as a float32 tensor on `device`, preprocessed where --preprocess says. A frame
+        that is a torch tensor on `device` already stays there (no host round trip)."""
         import torch
 
-        if not isinstance(image, Image.Image):
-            image = open_image(image)
+        levels = frames.levels(image, channels)          # PIL RGB, or (3,H,W) uint8 on the frame's device
         pre = self.manifest.preprocessing
+        if isinstance(levels, torch.Tensor):
+            if self.preprocess_on == "device":
+                return preprocess_levels_on_device(levels.to(device), pre.size, pre.mean, pre.std)
+            levels = Image.fromarray(levels.permute(1, 2, 0).cpu().numpy(), mode="RGB")
         if self.preprocess_on == "device":
-            return preprocess_on_device(image, pre.size, pre.mean, pre.std, device)
-        return torch.from_numpy(preprocess(image, pre.size, pre.mean, pre.std)).to(device)
+            return preprocess_on_device(levels, pre.size, pre.mean, pre.std, device)
+        return torch.from_numpy(preprocess(levels, pre.size, pre.mean, pre.std)).to(device)
 
     def prompt(self, settings: LookCloseSettings, prompt_embedding) -> np.ndarray:
         """(1,C): the learned prior (bottom-up) or the caller's embedding (top-down)."""
@@ -237,25 +234,26 @@ class Pipeline:
                                f"use --batch-size {self.max_batch} or less, or re-export with "
                                f"`ps3edge export --max-batch {count}`")
 
-    def pixels_batch(self, images, workers: int | None = None) -> np.ndarray:
-        """Paths, PIL images or (1,3,S,S) arrays -> (B,3,S,S), decoded and resized in threads
-        (PIL and numpy release the GIL). A file that cannot be read fails the whole batch."""
+    def pixels_batch(self, images, workers: int | None = None, channels: str = "rgb") -> np.ndarray:
+        """Frames (frames.py) or (1,3,S,S) float32 pixel arrays -> (B,3,S,S), decoded and resized
+        in threads (PIL and numpy release the GIL). A frame that cannot be read fails the batch."""
         def one(image):
-            return image if isinstance(image, np.ndarray) else self.pixels(image)
+            return image if is_pixels(image) else self.pixels(image, channels)
         if len(images) == 1:
             return one(images[0])
         with ThreadPoolExecutor(max_workers=workers or min(len(images), defaults.PREPROCESS_THREADS)) as pool:
             return np.concatenate(list(pool.map(one, images)))
 
     def run_batch(self, images, settings: LookCloseSettings, prompt_embeddings=None,
-                  layer: int = defaults.DEFAULT_RUN_LAYER) -> list[LookCloseResult]:
+                  layer: int = defaults.DEFAULT_RUN_LAYER, channels: str = "rgb") -> list[LookCloseResult]:
         """Several images through one pass: one result per image, in order.
 
-        images: a list of paths, PIL images or (1,3,S,S) pixel arrays, or a (B,3,S,S) array; at
-        most `max_batch`. One look-close setting for all; prompt_embeddings as `prompts` takes
-        them. Planning is per image; the step rows of all images share the highres calls
-        (batching.py)."""
-        batch = images if isinstance(images, np.ndarray) and images.ndim == 4 else list(images)
+        images: a list of frames (frames.py; `channels` says how their arrays are ordered) or
+        (1,3,S,S) float32 pixel arrays, or a (B,3,S,S) float32 array; at most `max_batch`. One
+        look-close setting for all; prompt_embeddings as `prompts` takes them. Planning is per
+        image; the step rows of all images share the highres calls (batching.py)."""
+        frames.check_channels(channels)
+        batch = images if is_pixels(images) else list(images)
         count = len(batch)
         self.check_batch(count)
         self.layer_index(layer)
@@ -263,9 +261,9 @@ class Pipeline:
         resolve_steps(settings, self.geometry)                         # and settings this model cannot take
         if self.fast is not None:
             bottom_up = all(p is None for p in self._given_prompts(prompt_embeddings, count))
-            results = self._run_fast(batch, settings, None if bottom_up else prompts, layer)
+            results = self._run_fast(batch, settings, None if bottom_up else prompts, layer, channels)
         else:
-            low, times = self.run_lowres(batch)
+            low, times = self.run_lowres(batch, channels)
             results = self._from_lowres(low, settings, prompts, layer, times)
         for i, result in enumerate(results):
             for name, values in (("selection probabilities", result.prob), ("features", result.features)):
@@ -276,7 +274,8 @@ class Pipeline:
         return results
 
     def run_batches(self, images, settings: LookCloseSettings, prompt_embeddings=None,
-                    layer: int = defaults.DEFAULT_RUN_LAYER, batch_size: int | None = None):
+                    layer: int = defaults.DEFAULT_RUN_LAYER, batch_size: int | None = None,
+                    channels: str = "rgb"):
         """`run_batch` over a longer list in passes of `batch_size` (default `max_batch`),
         decoding the next pass in a thread while the current one runs. Yields each pass's
         results; prompt_embeddings None, one shared, or one per image (a list or (len, C))."""
@@ -288,32 +287,33 @@ class Pipeline:
         if not passes:
             return
         with ThreadPoolExecutor(max_workers=1) as ahead:
-            pending = ahead.submit(self.pixels_batch, passes[0][0])
+            pending = ahead.submit(self.pixels_batch, passes[0][0], None, channels)
             for k, (_, prompts) in enumerate(passes):
                 pixels = pending.result()
                 if k + 1 < len(passes):
-                    pending = ahead.submit(self.pixels_batch, passes[k + 1][0])
+                    pending = ahead.submit(self.pixels_batch, passes[k + 1][0], None, channels)
                 yield self.run_batch(pixels, settings, prompts, layer)
 
     # --- the loop ------------------------------------------------------------------------
     def run(self, image, settings: LookCloseSettings, prompt_embedding=None,
-            layer: int = defaults.DEFAULT_RUN_LAYER) -> LookCloseResult:
+            layer: int = defaults.DEFAULT_RUN_LAYER, channels: str = "rgb") -> LookCloseResult:
         """One image: a batch of one."""
-        return self.run_batch([image], settings, None if prompt_embedding is None else [prompt_embedding], layer)[0]
+        return self.run_batch([image], settings, None if prompt_embedding is None else [prompt_embedding], layer,
+                              channels)[0]
 
-    def run_lowres(self, images) -> tuple[dict, dict]:
+    def run_lowres(self, images, channels: str = "rgb") -> tuple[dict, dict]:
         """Preprocess + the lowres stage: (the stage's outputs, times in seconds).
 
-        images: one path or PIL image, a list of them (or of (1,3,S,S) arrays), or a (B,3,S,S)
-        array. The outputs can be run through `run_from_lowres` more than once (e.g. VILA-HD
+        images: one frame (frames.py), a list of them (or of (1,3,S,S) float32 arrays), or a
+        (B,3,S,S) float32 array. The outputs can be run through `run_from_lowres` more than once (e.g. VILA-HD
         looks at the low-res tokens first to build its top-down prompt, then selects with it).
         """
         times = {}
         t0 = time.perf_counter()
-        if isinstance(images, np.ndarray):
+        if is_pixels(images):
             pixels = images
         else:
-            pixels = self.pixels_batch(images if isinstance(images, (list, tuple)) else [images])
+            pixels = self.pixels_batch(images if isinstance(images, (list, tuple)) else [images], None, channels)
         times["preprocess"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -357,9 +357,11 @@ class Pipeline:
         return [LookCloseResult(
             features=t[None].astype(np.float32, copy=False), layer=self.manifest.returned_layers[r],
             prob=p, plan=pl, scales=tuple(self.cfg.scales[1:]), timings_ms=dict(timings),
-            highres_calls=list(calls), batch=len(plans)) for t, p, pl in zip(tokens, prob, plans)]
+            highres_calls=list(calls), batch=len(plans), settings=settings)
+            for t, p, pl in zip(tokens, prob, plans)]
 
-    def _run_fast(self, batch, settings: LookCloseSettings, prompts, layer: int) -> list[LookCloseResult]:
+    def _run_fast(self, batch, settings: LookCloseSettings, prompts, layer: int,
+                  channels: str = "rgb") -> list[LookCloseResult]:
         """The whole batch as one device program (fast.FastLookClose), then one copy of the results
         to the host. prompts: (B,C), or None for the learned prior everywhere."""
         import torch
@@ -370,11 +372,11 @@ class Pipeline:
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         times = {}
         t0 = time.perf_counter()
-        if isinstance(batch, np.ndarray):
+        if is_pixels(batch):
             pixels = torch.from_numpy(batch).to(device)
         else:
-            pixels = torch.cat([torch.from_numpy(im).to(device) if isinstance(im, np.ndarray)
-                                else self._pixels_on(im, device) for im in batch])
+            pixels = torch.cat([torch.from_numpy(im).to(device) if is_pixels(im)
+                                else self._pixels_on(im, device, channels) for im in batch])
         sync()
         times["preprocess"] = time.perf_counter() - t0
 
@@ -397,7 +399,7 @@ class Pipeline:
             features=features[b: b + 1], layer=self.manifest.returned_layers[r], prob=prob[b],
             plan=plan_from_steps([s[b] for s in steps], prob[b], settings, self.geometry),
             scales=tuple(self.cfg.scales[1:]), timings_ms=dict(timings), highres_calls=list(calls),
-            batch=len(features)) for b in range(len(features))]
+            batch=len(features), settings=settings) for b in range(len(features))]
 
     def steps_per_call(self) -> int:
         """Most look-close step rows (of any images) in one highres call: the highres runner's

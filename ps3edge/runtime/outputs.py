@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 
 from ..errors import Ps3EdgeError
 from ..artifact.io import apply_default_mode
-from .lookclose import LookCloseResult
+from .result import LookCloseResult
 
 # one colour per high-res scale, coarse to fine
 SCALE_COLOURS = [(40, 120, 255), (255, 150, 0), (230, 30, 60), (40, 200, 90)]

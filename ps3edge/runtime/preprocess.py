@@ -229,8 +229,14 @@ def preprocess_on_device(image: Image.Image, size: int, mean, std, device="cpu",
     """`preprocess` on a torch device: the 8-bit image goes up once, the resize and the
     normalisation run there. Bit-identical to `preprocess` in float32."""
     rgb = np.array(to_rgb(image), dtype=np.uint8)                            # (H,W,3), a writable copy
-    x = torch.from_numpy(rgb).to(device).permute(2, 0, 1)
-    x = resize_like_pil(x, size, size)                                       # (3,S,S) int32 levels 0..255
+    return preprocess_levels_on_device(torch.from_numpy(rgb).to(device).permute(2, 0, 1), size, mean, std, dtype)
+
+
+def preprocess_levels_on_device(levels: torch.Tensor, size: int, mean, std,
+                                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(3,H,W) uint8 RGB levels already on a device (a camera frame decoded there) -> the
+    (1,3,size,size) normalised input on that device; no host round trip."""
+    x = resize_like_pil(levels, size, size)                                  # (3,S,S) int32 levels 0..255
     table = torch.from_numpy(normalise_table(mean, std)).to(x.device)
     # row c of the table starts at 256 c: look each level up with int32 indices (an int64 index
     # of a 3780^2 image would be another 343 MB)
