@@ -221,10 +221,10 @@ def pytest_configure(config):
 # last runs alone while the other workers have nothing left to do, so the short files go last.
 LONGEST_FIRST = ("test_batch.py", "test_fast.py", "test_precision.py", "test_cli.py", "test_parity.py",
                  "test_bad_input.py", "test_artifact.py", "test_vila.py", "test_hub.py", "test_serve.py",
-                 "test_engines.py", "test_runners.py", "test_throughput.py", "test_extract.py", "test_weights.py",
-                 "test_doctor.py", "test_validation.py", "test_ort_optimize.py", "test_hardening.py",
-                 "test_planning.py", "test_lint.py", "test_cli_errors.py", "test_layers.py", "test_projector.py",
-                 "test_llm_engine.py")
+                 "test_engines.py", "test_runners.py", "test_docs.py", "test_api.py", "test_throughput.py",
+                 "test_extract.py", "test_weights.py", "test_doctor.py", "test_validation.py",
+                 "test_ort_optimize.py", "test_hardening.py", "test_planning.py", "test_lint.py",
+                 "test_cli_errors.py", "test_layers.py", "test_projector.py", "test_llm_engine.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,7 +12,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "ps3edge"
 
 # (module prefix, layer), lowest first; a module belongs to its longest matching prefix and may
-# import only from its own layer or those below. The README's layout section states the same order.
+# import only from its own layer or those below. docs/architecture.md#layout states the same order.
 LAYERS = (
     ("ps3edge.version", 0), ("ps3edge.errors", 0), ("ps3edge.defaults", 0), ("ps3edge.metrics", 0),
     ("ps3edge.artifact.io", 0),
@@ -68,7 +68,7 @@ def layer(name: str) -> int:
     if name == FACADE[0]:
         return FACADE[1]
     matches = [(len(prefix), rank) for prefix, rank in LAYERS if name == prefix or name.startswith(prefix + ".")]
-    assert matches, f"{name} is in no layer: add it to LAYERS (and to the README's layout)"
+    assert matches, f"{name} is in no layer: add it to LAYERS (and to docs/architecture.md's layout)"
     return max(matches)[1]
 
 

@@ -9,7 +9,7 @@ and the residual adds stay in float, as do:
   - with `exclude_selection_branch` (the default), the layers in lowres that only feed the
     selector: `selection_feature_proj` and the ShallowConvNet. On random weights the selector's
     ranking is decided by small differences of cosines, and INT8 noise in its inputs moved the
-    selection measurably (see the README's INT8 section); they are a few percent of the FLOPs;
+    selection measurably (see docs/precision.md, INT8); they are a few percent of the FLOPs;
   - the transformer blocks named by `exclude_blocks` ("first", "last" or indices).
 
 Calibration statistics are gathered here, per activation tensor, over the samples of
