@@ -60,7 +60,10 @@ class Encoder:
 
     @property
     def device(self) -> str:
-        return str(self._pipeline.device)
+        """Where it computes: cpu / cuda:N for the torch backend; what the runners chose for
+        the others (onnxruntime: its execution provider, e.g. "CPU EP")."""
+        device = self._pipeline.device
+        return self._pipeline.session.device_label if device.is_auto else str(device)
 
     @property
     def precision(self) -> str:

@@ -35,7 +35,7 @@ from .model.hub import locate
 from .model.weights import PS3_FILES
 from .compare import feature_diff
 from .runtime.fast import DTYPES, FastLookClose
-from .runtime.planning import LookCloseSettings, plan, step_counts
+from .runtime.planning import LookCloseSettings, plan, resolve
 
 PROMPT_TOKENS = 32                  # the text part of the LLM prefill (a short question)
 OFFICIAL_CONFIG = "VILA-HD: last 2 layers returned"   # how the official code is configured here
@@ -222,7 +222,7 @@ def bench_model(name: str, *, device: str, dtype: str, steps_list, against_offic
     rows = []
     for steps in steps_list:
         say(f"{label}: NUM_LOOK_CLOSE={steps}")
-        row, result, settings = _our_row(fast, pixels, steps, dev, timer, graphs, warmup, repeat)
+        row, result, schedule = _our_row(fast, pixels, steps, dev, timer, graphs, warmup, repeat)
         ours = row
         row = {"model": label, "device": ours.pop("device"), "dtype": dtype}
         row.update({k: ours.pop(k) for k in ("num_look_close", "tokens", "highres_calls", "ours_ms", "cuda_graph")})
@@ -231,7 +231,7 @@ def bench_model(name: str, *, device: str, dtype: str, steps_list, against_offic
             say(f"{label}: projector and LLM, NUM_LOOK_CLOSE={steps}")
             row.update(time_vila_tail(vila, result, fast, timer, dtype, warmup, repeat, decode_tokens))
         if official is not None:
-            row.update(_official_columns(official, fast, pixels, steps, settings, result, timer, warmup, repeat,
+            row.update(_official_columns(official, fast, pixels, steps, schedule, result, timer, warmup, repeat,
                                          pin_ties, row["ours_ms"], official_all_layers))
         rows.append(row)
     return rows
@@ -260,9 +260,9 @@ def _preprocessing_columns(image, cfg, dev, timer, repeat: int, say) -> tuple[np
 
 
 def _our_row(fast, pixels, steps: int, dev, timer, graphs: bool, warmup: int, repeat: int):
-    """Our columns for one step count, the run's result and its settings."""
-    settings = LookCloseSettings(num_look_close=steps, mode="after_image")
-    counts = step_counts(settings, fast.geometry)
+    """Our columns for one step count, the run's result and its schedule (planning.resolve)."""
+    schedule = resolve(LookCloseSettings(num_look_close=steps, mode="after_image"), fast.geometry)
+    counts = schedule.counts
     run = (lambda: fast.graphed(pixels, counts)) if graphs else (lambda: fast.forward(pixels, counts))
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -277,10 +277,10 @@ def _our_row(fast, pixels, steps: int, dev, timer, graphs: bool, warmup: int, re
            "ours_ms": round(ours_ms, 3), "cuda_graph": graphs and dev.type == "cuda",
            "stages_ms": timer.stages(fast, pixels, counts),
            "peak_gib": None if peak is None else round(peak, 3)}
-    return row, result, settings
+    return row, result, schedule
 
 
-def _official_columns(official, fast, pixels, steps: int, settings, result, timer, warmup: int, repeat: int,
+def _official_columns(official, fast, pixels, steps: int, schedule, result, timer, warmup: int, repeat: int,
                       pin_ties: bool, ours_ms: float, all_layers: bool = False) -> dict:
     """The official code's time on the same pixels (configured as VILA-HD runs it; with
     all_layers also in its default configuration), the ratio, and how close our features are to
@@ -301,7 +301,7 @@ def _official_columns(official, fast, pixels, steps: int, settings, result, time
             published = official_run()
     else:
         published = official_run()
-    the_plan = plan(result.prob[0].float().cpu().numpy(), settings, fast.geometry)
+    the_plan = plan(result.prob[0].float().cpu().numpy(), schedule, fast.geometry)
     same_selection = run_official_with_selection(official, pixels, the_plan.step_maps(fast.geometry))
     ours = result.features[0].float().cpu().numpy()
     return {"official_ms": round(official_ms, 3), "speedup": round(official_ms / ours_ms, 2),

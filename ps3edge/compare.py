@@ -11,6 +11,9 @@ the precision's `Tolerance`, against a fixed bound, or not at all (an informativ
 Measuring and judging are apart, as in Polygraphy's Comparator and CompareFunc: `compare` measures
 one input and judges it, or (without a tolerance) applies only the fixed bounds, so that `worst`
 can merge many inputs and judge the worst value of each row once.
+
+The features measure (feature_diff) and the tolerance with its features rule live in metrics.py,
+below the exporter, whose check of the files it writes uses them too.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from . import defaults
+from .metrics import Tolerance, feature_diff   # noqa: F401 - compare's callers take them from here too
 
 Outputs = Mapping[str, Any]
 
@@ -31,7 +34,6 @@ SELECTION = "selection"        # IoU against the tolerance, or near ties where t
 INFORMATIVE = "informative"    # measured only; the measure's own verdict (`Measured.agrees`) still counts
 
 NEAR_TIES = "(near ties)"
-DIFF_BLOCK_ELEMENTS = 1 << 18  # feature_diff's block: 2 MB per float64 copy
 
 
 @dataclass
@@ -45,49 +47,9 @@ class ParityRow:
     ok: bool = True
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    """What a precision must meet: defaults.TOLERANCES, SELECTION_MIN_IOU, SELECTION_NEAR_TIES_ACCEPTED."""
-    max_abs: float
-    min_cosine: float
-    min_iou: float = 1.0
-    near_ties: bool = False
-
-    @classmethod
-    def of(cls, precision: str) -> Tolerance:
-        tol = defaults.TOLERANCES[precision]
-        return cls(tol["max_abs"], tol["min_cosine"], defaults.SELECTION_MIN_IOU.get(precision, 1.0),
-                   precision in defaults.SELECTION_NEAR_TIES_ACCEPTED)
-
-    def to_dict(self) -> dict:
-        return {"max_abs": self.max_abs, "min_cosine": self.min_cosine, "min_iou": self.min_iou,
-                "near_ties": self.near_ties}
-
-
 # ------------------------------------------------------------------------------------------
 # metrics
 # ------------------------------------------------------------------------------------------
-
-def feature_diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """(max |a-b|, min cosine over tokens) for (..., tokens, C) arrays of equal shape, in float64.
-
-    Computed over blocks of about DIFF_BLOCK_ELEMENTS values: every token's cosine is its own row's
-    sums either way, so the figures are the same, while the float64 copies of a whole 4K
-    highres_patches table (51 M values, 411 MB each) cost twice the time in memory traffic."""
-    a = a.reshape(-1, a.shape[-1])
-    b = b.reshape(-1, b.shape[-1])
-    if a.shape != b.shape:
-        return float("inf"), -1.0
-    if a.size == 0:
-        return 0.0, 1.0
-    rows = max(1, DIFF_BLOCK_ELEMENTS // a.shape[-1])
-    max_abs, min_cos = 0.0, np.inf
-    for i in range(0, len(a), rows):
-        x, y = a[i:i + rows].astype(np.float64), b[i:i + rows].astype(np.float64)
-        cos = (x * y).sum(-1) / np.maximum(np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1), 1e-30)
-        max_abs, min_cos = max(max_abs, float(np.abs(x - y).max())), min(min_cos, float(cos.min()))
-    return max_abs, min_cos
-
 
 def selection_iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
@@ -196,7 +158,7 @@ class Check:
 
 def judge(row: ParityRow, check: Check, tol: Tolerance) -> bool:
     if check.judge == FEATURES:
-        return row.max_abs <= tol.max_abs and row.min_cosine >= tol.min_cosine
+        return tol.accepts_features(row.max_abs, row.min_cosine)
     if check.judge == BOUND:
         return check.bound is None or row.max_abs <= check.bound
     if check.judge == SELECTION:

@@ -74,7 +74,7 @@ def demo_settings(out: Path):
     one look-close step unless the environment asks otherwise, so the overlay shows a choice."""
     from .model import preset
     from .runtime.outputs import check_output_path
-    from .runtime.planning import Geometry, resolve_steps, settings_from_env
+    from .runtime.planning import Geometry, resolve, settings_from_env
 
     artifacts = out / "artifacts"
     if artifacts.exists():
@@ -83,7 +83,7 @@ def demo_settings(out: Path):
         check_output_path(out / name)
     env_steps = os.environ.get(defaults.ENV_NUM_LOOK_CLOSE) or os.environ.get(defaults.ENV_NUM_TOKEN_LOOK_CLOSE)
     settings = settings_from_env(num_look_close=None if env_steps else 1)
-    resolve_steps(settings, Geometry.of(preset(DEMO_PRESET)))      # settings the model cannot take fail here
+    resolve(settings, Geometry.of(preset(DEMO_PRESET)))      # settings the model cannot take fail before the export
     return settings
 
 

@@ -35,7 +35,7 @@ from .errors import Ps3EdgeError
 from .exporter.onnx_export import export
 from .reference import official_model, official_preprocess, run_official
 from .runtime.lookclose import Pipeline
-from .runtime.planning import LookCloseSettings, resolve_steps
+from .runtime.planning import LookCloseSettings, resolve
 from .runtime.preprocess import open_image
 
 
@@ -86,10 +86,12 @@ def _settings_kwargs(settings: LookCloseSettings) -> dict:
 
 
 def _with_default_steps(settings: LookCloseSettings, geometry) -> LookCloseSettings:
-    """The step count spelled out for the official code: the one our runtime takes when none is asked."""
+    """The settings checked against the model (before the slow official runs), with the step count
+    spelled out for the official code: the one our runtime takes when none is asked."""
+    schedule = resolve(settings, geometry)             # settings this model cannot take fail here
     nlc = settings.num_look_close
-    if nlc is None:
-        nlc = len(resolve_steps(settings, geometry)[1]) if settings.num_token_look_close is None else None
+    if nlc is None and settings.num_token_look_close is None:
+        nlc = schedule.steps
     return LookCloseSettings(
         num_look_close=nlc, num_token_look_close=settings.num_token_look_close,
         select_num_each_scale=settings.select_num_each_scale, mode=settings.mode,
@@ -203,8 +205,7 @@ def run_parity(model_spec: str, image, settings: LookCloseSettings, *, prompt_em
 def _compare_all(pipelines: dict, image, settings, prompt_embedding, layer, precision, tol, say) -> ParityReport:
     """The official model against every pipeline (the first is our staged torch model)."""
     ours = pipelines["ours-torch"]
-    settings = _with_default_steps(settings, ours.geometry)
-    resolve_steps(settings, ours.geometry)           # validate before the slow official runs
+    settings = _with_default_steps(settings, ours.geometry)      # validated before the slow official runs
 
     say("building the official model")
     model = ours.stages["lowres"].model
@@ -229,7 +230,6 @@ def _compare_batch(pipelines: dict, image, settings, prompt_embedding, layer, pr
     """`_compare_all` for `count` images run as one batch on each pipeline."""
     ours = pipelines["ours-torch"]
     settings = _with_default_steps(settings, ours.geometry)
-    resolve_steps(settings, ours.geometry)
     ours.check_batch(count)
     say("building the official model")
     official = official_model(ours.stages["lowres"].model)
@@ -298,14 +298,14 @@ def run_precision_parity(precision: str, settings: LookCloseSettings, *, model_s
 def _registered_accuracy(artifact_dir, precision, images, image, settings, layer, with_torch, tmp: Path, say):
     """The accuracy report of the stages `artifact_dir` already registers for `precision`."""
     manifest = load_manifest(artifact_dir, verify=True)
-    entry = manifest.precisions[precision].to_dict() if precision in manifest.precisions else {}
+    entry = manifest.precisions.get(precision)
     if images is not None:
         files = image_files(images, limit=defaults.DEFAULT_HOLDOUT_SAMPLES, what="held-out image folder")
     else:
         held = tmp / "held"
         held.mkdir()
         files = [_copy_image(image, held)]
-    calibration = {i["sha256"] for i in entry.get("calibration_images", [])}
+    calibration = {i.sha256 for i in entry.calibration.calibration_images} if entry and entry.calibration else set()
     return accuracy_report(artifact_dir, precision, files, settings, layer=layer, held_out=calibration,
                            with_torch=with_torch, progress=say)
 

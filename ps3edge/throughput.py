@@ -156,8 +156,8 @@ def throughput_rows(name: str, *, backends, batches, steps_list, device: str, dt
                 for steps in steps_list:
                     for b in batches:
                         say(f"{label}: {backend}, NUM_LOOK_CLOSE={steps}, batch {b}")
-                        row = {"model": label, "backend": backend, **_our_columns(pipe, backend, dev, dtype, steps,
-                                                                                   pixels[:b], warmup, repeat)}
+                        row = {"model": label, "backend": backend,
+                               **_our_columns(pipe, dtype, steps, pixels[:b], warmup, repeat)}
                         if official is not None:
                             if (steps, b) not in official_cols:
                                 say(f"{label}: official, NUM_LOOK_CLOSE={steps}, batch {b}")
@@ -170,43 +170,36 @@ def throughput_rows(name: str, *, backends, batches, steps_list, device: str, dt
 
 
 def _pipeline(art, loaded, backend: str, dev: torch.device, dtype: str):
-    """The Pipeline a backend's rows run: torch on the bench's device and dtype (the fast path on
-    CUDA, given the model already built), onnxruntime on the exported FP32 stages."""
+    """The Pipeline a backend's rows run: on the bench's device where the backend takes a device
+    (torch: the fast path on CUDA, given the model already built), in the bench's dtype where the
+    backend makes it from the FP32 stages itself, else on the exported FP32 stages."""
     from .runtime.lookclose import Pipeline
+    from .runtime.runners.registry import get_backend
 
-    if backend == "torch":
-        return Pipeline(art, "torch", precision=dtype, device=str(dev), loaded=loaded)
-    return Pipeline(art, "onnxruntime")
+    chosen = get_backend(backend)
+    return Pipeline(art, backend, precision=dtype if dtype in chosen.cast_precisions else "fp32",
+                    device=str(dev) if chosen.takes_device else None, loaded=loaded)
 
 
-def _our_columns(pipe, backend: str, dev: torch.device, dtype: str, steps: int, batch: list,
-                 warmup: int, repeat: int) -> dict:
+def _our_columns(pipe, dtype: str, steps: int, batch: list, warmup: int, repeat: int) -> dict:
     """One `run_batch` call on `batch`: time, per image, images/s, peak memory."""
     from .bench import Timer
     from .runtime.planning import LookCloseSettings
 
     settings = LookCloseSettings(num_look_close=steps, mode="after_image")
-    on_cuda = pipe.fast is not None and dev.type == "cuda"
-    clock = torch.device(dev if on_cuda else "cpu")     # onnxruntime and the CPU path: host clocks
+    clock = pipe.device.torch() if pipe.device.is_cuda else torch.device("cpu")   # host paths: host clocks
 
     def run():
         return pipe.run_batch(batch, settings)
     ms = Timer(clock).measure(run, warmup, repeat)
     results = run()
     b = len(batch)
-    return {"device": _device_name(dev, backend, pipe), "dtype": dtype,
-            "precision": dtype if backend == "torch" else "fp32",   # onnxruntime: the exported stages
+    return {"device": pipe.session.device_label, "dtype": dtype,
+            "precision": pipe.precision,              # what the backend ran: the dtype, or the FP32 stages
             "num_look_close": steps, "batch": b, "tokens": int(results[0].features.shape[1]),
             "ours_batch_ms": round(ms, 3), "ours_ms_per_image": round(ms / b, 3),
             "ours_images_per_s": round(1e3 * b / ms, 3), "ours_peak_gib": PeakMemory(clock).of(run),
             "ours_peak_kind": PeakMemory(clock).kind}
-
-
-def _device_name(dev: torch.device, backend: str, pipe) -> str:
-    if backend == "torch":
-        return torch.cuda.get_device_name(dev) if pipe.fast is not None and dev.type == "cuda" else "cpu"
-    runner = pipe.stages["highres"]
-    return getattr(runner, "device", "onnxruntime")
 
 
 def _official_batch(official, batch: list, steps: int, dev: torch.device, warmup: int, repeat: int) -> dict:

@@ -122,6 +122,7 @@ def test_the_result_is_typed_and_says_how_it_ran(encoder, rgb):
     assert sum(result.tokens_each_scale.values()) == result.features.shape[1]
     assert {"preprocess", "lowres", "selector", "highres"} <= set(result.timings_ms)
     assert encoder.run(rgb).settings == ps3edge.LookCloseSettings()          # None: the artifact's defaults
+    assert (encoder.backend, encoder.device, encoder.precision) == ("onnxruntime", "CPU EP", "fp32")
 
 
 def test_device_preprocessing_of_every_torch_form_equals_pil(encoder, rgb):

@@ -18,7 +18,7 @@ from ps3edge import defaults
 from ps3edge.errors import Ps3EdgeError
 from ps3edge.runtime.batching import assemble, highres_feeds
 from ps3edge.runtime.lookclose import Pipeline
-from ps3edge.runtime.planning import Geometry, plan, settings_from_env
+from ps3edge.runtime.planning import Geometry, plan, resolve, settings_from_env
 
 WIDTH = 64                       # the tiny presets' width
 
@@ -93,7 +93,7 @@ def test_highres_feeds_put_the_steps_of_several_images_in_one_call():
                    max_tokens_per_call=2560)
     settings = settings_from_env({}, num_token_look_close=2560 + 920)
     rng = np.random.default_rng(1)
-    plans = [plan(rng.random((27, 27), dtype=np.float32), settings, geo) for _ in range(3)]
+    plans = [plan(rng.random((27, 27), dtype=np.float32), resolve(settings, geo), geo) for _ in range(3)]
     low = {"highres_patches": rng.random((3, 14580, 5), dtype=np.float32), "kv_cache": np.zeros((1, 2, 3, 1, 1, 1))}
     for limit, shapes in ((None, [(3, 2560), (3, 920)]), (2, [(2, 2560), (1, 2560), (2, 920), (1, 920)])):
         feeds = list(highres_feeds(plans, low, geo, limit))

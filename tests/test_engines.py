@@ -18,6 +18,7 @@ import re
 import runpy
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from conftest import cli, cli_process
 from ps3edge import defaults
 from ps3edge.engines import cache as cache_mod
 from ps3edge.engines.builder import record_engines
+from ps3edge.artifact.engines import EngineEntry
 from ps3edge.engines.cache import EngineCache, engine_cache_key, read_timing_cache, write_timing_cache
 from ps3edge.engines.plan import BuildOptions, plan_build
 from ps3edge.artifact.engines import check_engines_section
@@ -268,7 +270,7 @@ def test_torch_tensorrt_route_exports_the_stages_with_the_profile_dims(artifacts
     bounds = profile_bounds(manifest, 3)
     model = build("ps3-tiny").model.eval()
     highres = HighResStage(model, list(manifest.returned_layers)).eval()
-    program = export_stage_program(highres, manifest.stages["highres"].to_dict(), bounds["highres"], 14580)
+    program = export_stage_program(highres, manifest.stages["highres"], bounds["highres"], 14580)
     kv = torch.randn(*[3 if i == 2 else d for i, d in enumerate(bounds["highres"]["kv_cache"]["max"])])
     for T, N in ((1, 1), (3, 2560), (2, 77)):
         patches = torch.randn(T, N, 588)
@@ -281,7 +283,7 @@ def test_torch_tensorrt_route_exports_the_stages_with_the_profile_dims(artifacts
     with pytest.raises(Exception):                     # beyond the profile's T_max (3 steps x 8 images): refused
         program.module()(torch.randn(25, 8, 588), torch.zeros(25, 8, dtype=torch.int32),
                          torch.zeros(25, dtype=torch.int32), kv)
-    selector = export_stage_program(SelectorStage(model).eval(), manifest.stages["selector"].to_dict(),
+    selector = export_stage_program(SelectorStage(model).eval(), manifest.stages["selector"],
                                     bounds["selector"], 14580)
     assert [n.meta["val"].shape for n in selector.graph.nodes if n.op == "placeholder"][-1] == (8, 64)
 
@@ -310,8 +312,6 @@ def test_polygraphy_loaders_get_the_plans_settings(capsys):
     """CreateConfig / Profile / NetworkFromOnnxPath built from real plans: a keyword Polygraphy
     does not take raises here, and every setting of the plan must arrive."""
     pg = pytest.importorskip("polygraphy.backend.trt", reason="Polygraphy is not installed")
-    from dataclasses import replace
-
     from ps3edge.engines.onnx_route import config_loader, onnx_network, plan_profiles, polygraphy_log
 
     manifest = unexported_manifest("ps3-1.5k")
@@ -376,7 +376,6 @@ def test_polygraphy_log_keeps_errors_and_passes_warnings(capsys):
 
 
 def test_timing_cache_another_machines_or_damaged_is_replaced_by_an_empty_one():
-    from dataclasses import replace
     from types import SimpleNamespace
 
     from ps3edge.engines.onnx_route import attach_timing_cache
@@ -524,15 +523,14 @@ def fake_engines(art: Path, tensorrt_version="10.3.0", sm=87) -> dict:
     for stage in manifest.stages:
         name = f"{stage}.fp16.{'0' * 12}.engine"
         (art / name).write_bytes(f"not really a {stage} engine".encode())
-        entries[stage] = {
-            "file": name, "sha256": file_sha256(art / name), "built_via": "onnx", "precision": "fp16",
-            "requested_precision": "fp16", "strongly_typed": False, "precision_constraints": 0,
-            "tensorrt_version": tensorrt_version, "cuda_version": "12.6", "gpu_name": "Orin", "sm": sm,
-            "jetpack": "6.2", "l4t": "36.4.3", "profiles": bounds[stage], "max_look_close": 6,
-            "workspace_bytes": 1 << 30, "builder_optimization_level": 3, "device_memory_bytes": 123456,
-            "bindings": {n: n for n in manifest.stages[stage].input_names + manifest.stages[stage].output_names},
-            "cache_key": "a" * 64,
-        }
+        entries[stage] = EngineEntry(
+            file=name, sha256=file_sha256(art / name), built_via="onnx", precision="fp16",
+            requested_precision="fp16", strongly_typed=False, precision_constraints=0,
+            tensorrt_version=tensorrt_version, cuda_version="12.6", gpu_name="Orin", sm=sm,
+            jetpack="6.2", l4t="36.4.3", profiles=bounds[stage], max_look_close=6,
+            workspace_bytes=1 << 30, builder_optimization_level=3, device_memory_bytes=123456,
+            bindings={n: n for n in manifest.stages[stage].input_names + manifest.stages[stage].output_names},
+            cache_key="a" * 64)
     return entries
 
 
@@ -543,11 +541,10 @@ def test_manifest_accepts_an_engines_section(tiny_copy):
     assert all(manifest.files[e.file] == e.sha256 for e in manifest.engines.values())
     assert not list(tiny_copy.glob(".*.tmp"))
     # recording again replaces the entries and drops the old files' hashes
-    newer = fake_engines(tiny_copy)
-    for e in newer.values():
-        old = tiny_copy / e["file"]
-        e["file"] = e["file"].replace("0" * 12, "1" * 12)
-        shutil.copy(old, tiny_copy / e["file"])
+    newer = {}
+    for stage, e in fake_engines(tiny_copy).items():
+        newer[stage] = replace(e, file=e.file.replace("0" * 12, "1" * 12))
+        shutil.copy(tiny_copy / e.file, tiny_copy / newer[stage].file)
     record_engines(tiny_copy, newer)
     manifest = load_manifest(tiny_copy, verify=True)
     assert not any(".000000000000." in f for f in manifest.files)
@@ -604,7 +601,7 @@ def test_manifest_refuses_a_tampered_engines_section(tiny_copy, edit, message):
 def test_a_changed_engine_file_is_refused(tiny_copy):
     entries = fake_engines(tiny_copy)
     record_engines(tiny_copy, entries)
-    (tiny_copy / entries["highres"]["file"]).write_bytes(b"another engine")
+    (tiny_copy / entries["highres"].file).write_bytes(b"another engine")
     with pytest.raises(Ps3EdgeError, match="highres.fp16.000000000000.engine was changed"):
         load_manifest(tiny_copy, verify=True)
 
@@ -612,7 +609,9 @@ def test_a_changed_engine_file_is_refused(tiny_copy):
 def test_record_engines_refuses_an_inconsistent_section_and_writes_nothing(tiny_copy):
     before = (tiny_copy / defaults.MANIFEST_NAME).read_bytes()
     entries = fake_engines(tiny_copy)
-    entries["highres"]["profiles"]["patches"]["max"] = [48, 9999, 588]
+    profiles = entries["highres"].profiles
+    entries["highres"] = replace(entries["highres"], profiles={**profiles, "patches": {**profiles["patches"],
+                                                                                      "max": [48, 9999, 588]}})
     with pytest.raises(Ps3EdgeError, match="exceeds"):
         record_engines(tiny_copy, entries)
     assert (tiny_copy / defaults.MANIFEST_NAME).read_bytes() == before
@@ -626,14 +625,32 @@ def test_inspect_lists_the_engines(tiny_copy):
         in result.stdout
 
 
+def test_typed_sections_give_back_the_json_they_were_read_from(tiny_copy):
+    """The engines and precisions sections read as records and written back are the same JSON, key
+    for key and in order (a manifest that build or calibrate rewrites keeps its bytes); keys this
+    release does not know are kept."""
+    record_engines(tiny_copy, fake_engines(tiny_copy))
+    raw = json.loads((tiny_copy / defaults.MANIFEST_NAME).read_text())
+    raw["engines"]["highres"]["from_a_newer_release"] = {"x": [1]}
+    manifest = with_precision(with_precision(Manifest.from_dict(raw), "int8"), "fp16")
+    again = manifest.replace(engines=dict(manifest.engines), precisions=dict(manifest.precisions))
+    assert json.dumps(again.to_dict()) == json.dumps(manifest.to_dict())
+    assert manifest.engines["highres"].extra == {"from_a_newer_release": {"x": (1,)}}
+    int8 = manifest.precisions["int8"]
+    assert int8.calibration is None and int8.stages["highres"].precision_map.quantized_nodes == ("/highres/MatMul",)
+    fp16 = manifest.precisions["fp16"].stages["lowres"].precision_map
+    assert fp16.tensorrt.builder_flags == ("FP16", "OBEY_PRECISION_CONSTRAINTS") and fp16.quantized_nodes is None
+
+
 def test_check_engines_section_without_engines_is_silent():
     check_engines_section(unexported_manifest("ps3-tiny"), lambda what: pytest.fail(what))
 
 
 # --- this machine against the engine ------------------------------------------------------------------
 def test_engine_compatibility_names_both_sides():
-    entry = {"file": "highres.fp16.x.engine", "tensorrt_version": "10.3.0", "sm": 87, "gpu_name": "Orin",
-             "jetpack": "6.2"}
+    entry = EngineEntry(file="highres.fp16.x.engine", sha256="0" * 64, built_via="onnx", precision="fp16",
+                        tensorrt_version="10.3.0", cuda_version="12.6", sm=87, gpu_name="Orin", jetpack="6.2",
+                        profiles={}, cache_key="a" * 64)
     check_engine_compatible("highres", entry, {"tensorrt_version": "10.3.0.30", "sm": 87, "gpu_name": "Orin"})
     with pytest.raises(Ps3EdgeError) as e:
         check_engine_compatible("highres", entry, {"tensorrt_version": "10.13.0.35", "sm": 90,

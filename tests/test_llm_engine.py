@@ -123,6 +123,37 @@ def test_build_and_chat_without_tensorrt_exit_2_with_one_line_and_write_nothing(
     assert not (tmp_path / "engine-cache").exists() and not (tmp_path / "timing.cache").exists()
 
 
+def test_vila_engine_entries_are_recorded_typed_and_checked(vila_art, vila_manifest, tmp_path):
+    """The projector's and the LLM's entries as `ps3edge build` records them in vila.json (a PS3
+    stage's entry without T_max, with the max prompt; the LLM's with the context and both profiles
+    by name), read back as EngineEntry, and a hand-edited entry refused in one line."""
+    import shutil
+
+    from ps3edge.engines.llm_engine import _entry, record_vila_engines
+
+    art = tmp_path / "art"
+    shutil.copytree(vila_art, art)
+    facts = {"tensorrt_version": "10.3.0", "cuda_version": "12.6", "gpu_name": "Orin", "sm": 87}
+    entries = {}
+    for plan in plan_vila_build(vila_manifest, BuildOptions(), "10.3.0", 87, projector_width(art), 8):
+        (art / plan.engine_file).write_bytes(f"not really a {plan.stage} engine".encode())
+        entries[plan.stage] = _entry(plan, BuildOptions(), facts, file_sha256(art / plan.engine_file),
+                                     {"bindings": {}}, vila_manifest, 8)
+    record_vila_engines(art, entries)
+    manifest = load_vila_manifest(art, verify=True)
+    llm, projector = manifest.engines["llm"], manifest.engines["projector"]
+    assert dict(manifest.engines) == entries and llm.max_look_close is None and llm.max_prompt == 8
+    assert llm.context_length == vila_manifest.context_length and set(llm.optimization_profiles) == {"prefill", "decode"}
+    assert projector.context_length is None and projector.optimization_profiles is None
+    raw = json.loads((art / "vila.json").read_text())
+    assert list(raw["engines"]["llm"])[-3:] == ["max_prompt", "context_length", "optimization_profiles"]
+    raw["engines"]["llm"]["sm"] = "87"
+    (art / "vila.json").write_text(json.dumps(raw))
+    with pytest.raises(Ps3EdgeError, match="engines.llm.sm is missing or not a int - rebuild the engines") as e:
+        load_vila_manifest(art)
+    assert "\n" not in str(e.value)
+
+
 # --- with TensorRT (skipped here) ------------------------------------------------------------------
 @pytest.fixture
 def vila_copy(vila_art, tmp_path):

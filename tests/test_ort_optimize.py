@@ -13,7 +13,7 @@ import torch
 from ps3edge.artifact.manifest import load_manifest
 from ps3edge.exporter.ort_optimize import fuse_attention
 from ps3edge.runtime.lookclose import Pipeline, highres_feeds
-from ps3edge.runtime.planning import plan, settings_from_env
+from ps3edge.runtime.planning import plan, resolve, settings_from_env
 from ps3edge.runtime.runners.onnxruntime import _fused_model, cpu_session_options
 
 
@@ -76,7 +76,7 @@ def test_the_fused_stages_compute_what_the_plain_ones_do(artifacts, image):
     prob = pipe.stages["selector"].infer({"selection_features": low["selection_features"],
                                           "conv_features": low["conv_features"],
                                           "prompt": pipe.prior_prompt.astype(np.float32)})["prob"][0]
-    the_plan = plan(prob, settings_from_env({}, num_look_close=2), pipe.geometry)
+    the_plan = plan(prob, resolve(settings_from_env({}, num_look_close=2), pipe.geometry), pipe.geometry)
     feed = next(iter(highres_feeds(the_plan, low, pipe.geometry, pipe.steps_per_call())))
     fused = pipe.stages["highres"].infer(feed)["highres_features"]
     plain = _plain_session(art / "highres.onnx").run(None, feed)[0]

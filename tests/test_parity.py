@@ -119,7 +119,7 @@ def test_parity_with_official(artifacts, image, name, settings, prompt_seed, hig
 def test_feature_diff_in_blocks_is_the_whole_arrays(monkeypatch, block):
     """Blocks of 1 value (one token each), of 7 tokens, and one block: the same max |diff| and min
     cosine as computed on the whole arrays at once, the worst token in any block."""
-    from ps3edge import compare
+    from ps3edge import compare, metrics
 
     rng = np.random.default_rng(4)
     a = rng.standard_normal((3, 50, 16)).astype(np.float32)
@@ -127,7 +127,7 @@ def test_feature_diff_in_blocks_is_the_whole_arrays(monkeypatch, block):
     b = a + rng.standard_normal(a.shape).astype(np.float32) * noise
     x, y = a.reshape(-1, 16).astype(np.float64), b.reshape(-1, 16).astype(np.float64)
     cos = (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
-    monkeypatch.setattr(compare, "DIFF_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(metrics, "DIFF_BLOCK_ELEMENTS", block)
     assert compare.feature_diff(a, b) == (float(np.abs(x - y).max()), float(cos.min()))
     max_abs, min_cos = compare.feature_diff(a, a)
     assert max_abs == 0.0 and min_cos == pytest.approx(1.0)
@@ -185,3 +185,15 @@ def test_parity_truncated_official_checkpoint(tmp_path, image, name, budget):
 
     report = run_parity(str(path), image, settings_from_env({}, num_look_close=1))
     check_report(report, 2560, "identical" if name == "ps3-1.5k" else "ties")
+
+
+def test_feature_diff_counts_two_all_zero_rows_as_the_same_and_one_as_different():
+    from ps3edge.metrics import feature_diff
+
+    a = np.ones((4, 8), np.float32)
+    a[2] = 0
+    max_abs, min_cos = feature_diff(a, a.copy())
+    assert max_abs == 0.0 and min_cos == pytest.approx(1.0, abs=1e-12)
+    b = a.copy()
+    b[2, 0] = 1e-3                                   # a zero row against a non-zero one: cosine 0
+    assert feature_diff(a, b)[1] == 0.0

@@ -15,7 +15,7 @@ from ps3edge.errors import Ps3EdgeError
 from ps3edge.model import random_model
 from ps3edge.model.config import preset
 from ps3edge.reference import official_model, stable_topk
-from ps3edge.runtime.planning import (Geometry, LookCloseSettings, plan, resolve_steps,
+from ps3edge.runtime.planning import (Geometry, LookCloseSettings, plan, resolve, resolve_steps,
                                       settings_from_env)
 
 
@@ -109,7 +109,8 @@ def test_step_flag_beats_token_count_from_the_environment():
     s = settings_from_env({"NUM_TOKEN_LOOK_CLOSE": "3000"}, num_look_close=2)
     budget, targets = resolve_steps(s, GEO_15K)
     assert targets == [None, None]
-    assert plan(np.random.default_rng(0).random((27, 27), dtype=np.float32), s, GEO_15K).num_tokens == 5120
+    prob = np.random.default_rng(0).random((27, 27), dtype=np.float32)
+    assert plan(prob, resolve(s, GEO_15K), GEO_15K).num_tokens == 5120
 
 
 @pytest.mark.parametrize("value, expected", [("false", False), ("true", True), ("0", False), (True, True)])
@@ -197,7 +198,7 @@ def test_all_steps_15k():
     # scale 54: 2916 = 5 x 512 + 356; scale 108: 11664 = 5 x 2048 + 1424. Step 6 lacks 156 at
     # scale 54 and spills them to scale 108, which has only 1424 left, so the step is 1780.
     p = plan(np.random.default_rng(1).random((27, 27), dtype=np.float32),
-             settings_from_env({}, num_look_close="all"), GEO_15K)
+             resolve(settings_from_env({}, num_look_close="all"), GEO_15K), GEO_15K)
     assert _step_sizes(p) == [[512, 2048]] * 5 + [[356, 1424]]
     assert p.num_tokens == 14580
     assert all(m.all() for m in p.selection_maps)
@@ -207,7 +208,7 @@ def test_all_steps_4k():
     # 87480 / 2560 -> 35 steps; after 34 full steps 26 / 70 / 344 patches are left, and the
     # 59 + 330 that scales 54 and 108 cannot give spill down to scale 270.
     p = plan(np.random.default_rng(2).random((27, 27), dtype=np.float32),
-             settings_from_env({}, num_look_close="all"), GEO_4K)
+             resolve(settings_from_env({}, num_look_close="all"), GEO_4K), GEO_4K)
     assert len(p.steps) == 35
     assert _step_sizes(p) == [[85, 341, 2134]] * 34 + [[26, 70, 344]]
     assert p.num_tokens == 87480
@@ -233,7 +234,8 @@ def test_all_steps_4k():
     (GEO_15K, dict(num_look_close=2, select_num_each_scale="2500+60"), [[2500, 60], [416, 2144]]),
 ])
 def test_step_sizes(geo, settings, sizes):
-    p = plan(np.random.default_rng(3).random((27, 27), dtype=np.float32), settings_from_env({}, **settings), geo)
+    p = plan(np.random.default_rng(3).random((27, 27), dtype=np.float32),
+             resolve(settings_from_env({}, **settings), geo), geo)
     assert _step_sizes(p) == sizes
     assert p.num_tokens == sum(map(sum, sizes))
 
@@ -243,14 +245,14 @@ def test_max_token_count_on_4k_leaves_patches_out():
     # 440 asks for 14 / 58 / 366 while 26 / 70 / 344 are left -> 416; 24 patches stay unselected,
     # as in the official code (checked against it below).
     p = plan(np.random.default_rng(4).random((27, 27), dtype=np.float32),
-             settings_from_env({}, num_token_look_close=87480), GEO_4K)
+             resolve(settings_from_env({}, num_token_look_close=87480), GEO_4K), GEO_4K)
     assert _step_sizes(p)[-1] == [14, 58, 344]
     assert p.num_tokens == 87480 - 24
 
 
 def test_steps_partition_the_selection():
     p = plan(np.random.default_rng(5).random((27, 27), dtype=np.float32),
-             settings_from_env({}, num_look_close=4), GEO_4K)
+             resolve(settings_from_env({}, num_look_close=4), GEO_4K), GEO_4K)
     for s, g in enumerate(GEO_4K.highres_grids):
         idx = np.concatenate([step[s] for step in p.steps])
         assert len(np.unique(idx)) == len(idx)                      # no patch twice
@@ -279,7 +281,7 @@ def test_highres_feeds_group_steps_by_length(steps_per_call):
     from ps3edge.runtime.batching import highres_feeds
 
     p = plan(np.random.default_rng(6).random((27, 27), dtype=np.float32),
-             settings_from_env({}, num_token_look_close=3 * 2560 + 920), GEO_4K)
+             resolve(settings_from_env({}, num_token_look_close=3 * 2560 + 920), GEO_4K), GEO_4K)
     low = {"highres_patches": np.random.default_rng(7).random((1, 87480, 588), dtype=np.float32),
            "kv_cache": np.zeros((2, 1, 4, 729, 16), np.float32)}
     feeds = list(highres_feeds(p, low, GEO_4K, steps_per_call))
@@ -302,7 +304,7 @@ def test_ties_go_to_the_lower_raster_index():
     prob = np.full((27, 27), 0.5, np.float32)
     prob[26, 26] = 0.9                        # one cell above the rest: its 2x2 / 4x4 copies first
     prob[0, 0] = 0.1                          # one cell below the rest: its copies last
-    p = plan(prob, settings_from_env({}, num_look_close=1), GEO_15K)
+    p = plan(prob, resolve(settings_from_env({}, num_look_close=1), GEO_15K), GEO_15K)
     first54 = [52 * 54 + 52, 52 * 54 + 53, 53 * 54 + 52, 53 * 54 + 53]
     rest54 = [i for i in range(54 * 54) if i not in first54 and i not in (0, 1, 54, 55)]
     np.testing.assert_array_equal(p.steps[0][0], first54 + rest54[: 512 - 4])
@@ -313,7 +315,7 @@ def test_ties_go_to_the_lower_raster_index():
 
 
 def test_flat_map_selects_in_raster_order():
-    p = plan(np.full((27, 27), 0.25, np.float32), settings_from_env({}, num_look_close=2), GEO_4K)
+    p = plan(np.full((27, 27), 0.25, np.float32), resolve(settings_from_env({}, num_look_close=2), GEO_4K), GEO_4K)
     for s, b in enumerate((85, 341, 2134)):
         np.testing.assert_array_equal(p.steps[0][s], np.arange(b))
         np.testing.assert_array_equal(p.steps[1][s], np.arange(b, 2 * b))
@@ -442,7 +444,7 @@ def test_plan_matches_official_selection(official_encoder, name, case):
     prob27 = unsmoothed[0][0, ::2, ::2].numpy()          # scale 54 is a 2x2 nearest copy of 27x27
 
     settings = settings_from_env({}, **case)
-    p = plan(prob27, settings, geo)
+    p = plan(prob27, resolve(settings, geo), geo)
     # the ranked maps are bit-identical to the official ones (smoothed or not)
     for ours, theirs in zip(p.scale_probs, official_probs):
         np.testing.assert_array_equal(ours, theirs[0].numpy())
@@ -466,7 +468,7 @@ def test_plan_matches_official_with_many_equal_probabilities(official_encoder, n
     rng = np.random.default_rng(11)
     prob27 = (rng.integers(1, 5, size=(27, 27)) / 5.0).astype(np.float32)
     probs = nearest_maps(prob27, geo)
-    p = plan(prob27, settings_from_env({}, **case), geo)
+    p = plan(prob27, resolve(settings_from_env({}, **case), geo), geo)
     for ours, theirs in zip(p.scale_probs, probs):
         np.testing.assert_array_equal(ours, theirs[0].numpy())
     budget = case.get("select_num_each_scale", geo.select_num_each_scale)
@@ -480,7 +482,7 @@ def test_official_pick_without_pinning_is_tie_equivalent(official_encoder):
     geo = GEO_4K
     enc = official_encoder("ps3-tiny-4k")
     probs = official_prob_maps(enc, "ps3-tiny-4k", 21)
-    p = plan(probs[0][0, ::2, ::2].numpy(), settings_from_env({}, num_look_close=1), geo)
+    p = plan(probs[0][0, ::2, ::2].numpy(), resolve(settings_from_env({}, num_look_close=1), geo), geo)
     with torch.no_grad():
         theirs = enc.get_selection_maps(probs)
     for mine, their, sp in zip(p.selection_maps, theirs, p.scale_probs):

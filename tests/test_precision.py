@@ -513,6 +513,13 @@ def test_manifest_checks_the_precisions_section(tiny, tmp_path):
     with_manifest(lambda m: m["files"].pop("lowres.fp16.onnx"))
     with pytest.raises(Ps3EdgeError, match="'lowres.fp16.onnx' has no sha256"):
         load_manifest(art)
+    # what the typed entries read (artifact/precisions.py) is there and of its type
+    with_manifest(lambda m: m["precisions"]["int8"]["stages"]["lowres"]["precision_map"].pop("tensorrt"))
+    with pytest.raises(Ps3EdgeError, match="precisions.int8.stages.lowres.precision_map.tensorrt is missing"):
+        load_manifest(art)
+    with_manifest(lambda m: m["precisions"]["int8"].update(samples="3"))
+    with pytest.raises(Ps3EdgeError, match="precisions.int8.samples is missing or not an integer"):
+        load_manifest(art)
     path.write_text(json.dumps(good))
     with open(art / "highres.int8.onnx", "ab") as f:
         f.write(b"\0")

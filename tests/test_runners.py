@@ -14,6 +14,7 @@ import pytest
 
 from ps3edge.artifact.manifest import load_manifest
 from ps3edge.errors import Ps3EdgeError
+from ps3edge.runtime.device import Device
 from ps3edge.runtime.lookclose import Pipeline
 from ps3edge.runtime.planning import settings_from_env
 from ps3edge.runtime.runners import BACKENDS, StageRunner, backends, close_all, get_backend, load_stages
@@ -62,7 +63,7 @@ def test_a_runner_loads_lazily_and_closes_at_the_end_of_its_with_block(artifacts
     assert not calls and not runner.is_active                        # nothing loaded yet
     with runner as r:
         assert r is runner and r.is_active and calls == [1]
-        assert r.device == "CPU EP"
+        assert r.device == Device("cpu") and r.device_label == "CPU EP"
         r.infer(_lowres_feed(manifest))
         r.infer(_lowres_feed(manifest))
     assert calls == [1] and runner.closed and runner.session is None

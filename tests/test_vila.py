@@ -276,10 +276,10 @@ def test_4k_six_steps_count_on_the_real_geometry():
     form no full 2x2 cell: 0.5 + 0.5 + 1 = 2 cells fewer.
     """
     from ps3edge.model.projector import full_cells
-    from ps3edge.runtime.planning import Geometry, plan
+    from ps3edge.runtime.planning import Geometry, plan, resolve
     geometry = Geometry(lowres_grid=27, highres_grids=(54, 108, 270), select_num_each_scale=(85, 341, 2134))
     prob = np.random.default_rng(0).permutation(729).reshape(27, 27).astype(np.float32) / 729   # distinct values
-    the_plan = plan(prob, settings_from_env({}, num_look_close=6), geometry)
+    the_plan = plan(prob, resolve(settings_from_env({}, num_look_close=6), geometry), geometry)
     assert the_plan.tokens_each_scale() == [510, 2046, 12804]
     cells = [int(full_cells(m).sum()) for m in the_plan.selection_maps]
     assert cells == [127, 511, 3200]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
@@ -27,7 +28,10 @@ from ..errors import Ps3EdgeError
 from ..model.config import PS3Config
 from .checks import (INTEGRITY, check_consistent, check_integrity, geometry_section, preprocessing_section,
                      section_digests)
+from .engines import EngineEntry, check_engines_section, merge_engines
 from .io import file_sha256
+from .precisions import PrecisionEntry, check_precisions
+from .records import freeze, thaw
 from .spec import TensorSpec
 
 REQUIRED_SECTIONS = ("producer", "model", "source", "returned_layers", "opset", "precision", "geometry",
@@ -88,59 +92,6 @@ def load_manifest(artifact_dir, verify: bool = True) -> "Manifest":
     if verify:
         manifest.verify_files(artifact_dir)
     return manifest
-
-
-def _freeze(value):
-    """JSON data made immutable: objects -> read-only mappings, arrays -> tuples."""
-    if isinstance(value, dict):
-        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
-def thaw(value):
-    """The inverse of _freeze: plain JSON data (a fresh copy), from read-only or plain containers."""
-    if isinstance(value, Mapping):
-        return {k: thaw(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [thaw(v) for v in value]
-    return value
-
-
-class Record:
-    """A read-only JSON object with attribute access (`entry.file`, `entry.get("jetpack")`), for the
-    sections whose keys are documented and checked where they are defined (engines.py,
-    precisions.py)."""
-
-    __slots__ = ("_data",)
-
-    def __init__(self, data: Mapping):
-        object.__setattr__(self, "_data", _freeze(dict(data)))
-
-    def __getattr__(self, key):
-        try:
-            return self._data[key]
-        except KeyError:
-            raise AttributeError(key) from None
-
-    def __setattr__(self, key, value):
-        raise AttributeError("a manifest record is read-only")
-
-    def __getitem__(self, key):
-        return self._data[key]
-
-    def get(self, key, default=None):
-        return self._data.get(key, default)
-
-    def __contains__(self, key) -> bool:
-        return key in self._data
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Record) and self.to_dict() == other.to_dict()
-
-    def to_dict(self) -> dict:
-        return thaw(self._data)
 
 
 @dataclass(frozen=True)
@@ -207,18 +158,12 @@ class Preprocessing:
     std: tuple[float, ...]
 
 
-def _records(section) -> Mapping[str, Record]:
-    if not isinstance(section, Mapping):
-        return MappingProxyType({})
-    return MappingProxyType({n: Record(e) for n, e in section.items() if isinstance(e, Mapping)})
-
-
 class Manifest:
     """An artifact's `manifest.json`, checked and immutable. Sections are typed attributes;
     `to_dict()` gives the JSON, `replace(section=...)` a new checked manifest."""
 
     def __init__(self, data: dict, path=None):
-        self._data = _freeze(data)
+        self._data = freeze(data)
         self.path = path
         self.config = PS3Config.from_dict(thaw(self._data["model"]))
         self.stages = MappingProxyType({n: StageEntry.from_dict(n, thaw(d)) for n, d in self._data["stages"].items()})
@@ -229,8 +174,19 @@ class Manifest:
                                                      d.get("look_close_mode"))
         self.preprocessing = Preprocessing(**{k: self._data["preprocessing"][k]
                                               for k in Preprocessing.__dataclass_fields__})
-        self.engines = _records(self._data.get("engines"))          # checked after construction
-        self.precisions = _records(self._data.get("precisions"))
+
+    # the sections written later, typed on first use: their checks (engines.py, precisions.py) run
+    # on this object in `from_dict` and make sure every entry can be read so
+    @cached_property
+    def engines(self) -> Mapping[str, EngineEntry]:
+        """stage -> its TensorRT engine (`ps3edge build`; schema in engines.py)."""
+        return MappingProxyType({n: EngineEntry.from_dict(e) for n, e in (self._data.get("engines") or {}).items()})
+
+    @cached_property
+    def precisions(self) -> Mapping[str, PrecisionEntry]:
+        """fp16 / int8 -> its stage files and precision maps (`ps3edge calibrate`; schema in precisions.py)."""
+        return MappingProxyType({p: PrecisionEntry.from_dict(e)
+                                 for p, e in (self._data.get("precisions") or {}).items()})
 
     # --- construction ------------------------------------------------------------------------
     @classmethod
@@ -249,8 +205,6 @@ class Manifest:
                 raise Ps3EdgeError(f"{where} lacks the '{key}' section - re-export the model")
         check_consistent(data, where)
         manifest = cls(json.loads(json.dumps(data)), path)
-        from .engines import check_engines_section
-        from .precisions import check_precisions
 
         def bad_engine(what: str):
             raise Ps3EdgeError(f"{where} is inconsistent: {what} - rebuild the engines with 'ps3edge build'")
@@ -266,8 +220,13 @@ class Manifest:
             if value is None:
                 data.pop(key, None)
             else:
-                data[key] = thaw(value) if isinstance(value, (Mapping, tuple)) else value
+                data[key] = thaw(value)                # typed sections (records) give their JSON
         return Manifest.from_dict(data, self.path)
+
+    def with_engines(self, entries: Mapping[str, EngineEntry]) -> "Manifest":
+        """`entries` recorded in the engines section, their files' hashes in `files` (those of
+        replaced engines dropped)."""
+        return Manifest.from_dict(merge_engines(thaw(self._data), entries), self.path)
 
     def to_dict(self) -> dict:
         """The JSON, with a fresh integrity record of its sections."""

@@ -7,7 +7,7 @@
      "llm": {"hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size"[, "head_dim"]},
      "top_down": bool,                      # prompt_head.npz holds the top-down prompt head
      "files": {"<name>": "<sha256>"},       # every file outside ps3/ (ps3/ has its own manifest)
-     "engines": {"projector": {...}, "llm": {...}}}     # written by `ps3edge build`
+     "engines": {"projector": {...}, "llm": {...}}}     # written by `ps3edge build` (engines.py)
 
 `load_vila_manifest` refuses a file that is missing, unreadable, of another schema or kind, whose
 context or LLM shape is not positive whole numbers, or (verify) whose files do not match their
@@ -26,9 +26,9 @@ from typing import Mapping
 from ..version import __version__
 from ..errors import Ps3EdgeError
 from ..model.config import is_whole_number
-from .engines import merge_engines
+from .engines import EngineEntry, check_entry, merge_engines
 from .io import file_sha256, write_json_atomic
-from .manifest import Record, thaw
+from .records import freeze, thaw
 
 VILA_MANIFEST = "vila.json"
 VILA_SCHEMA_VERSION = 1
@@ -76,6 +76,14 @@ def _check(data, path) -> None:
     files = data.get("files", {})
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
         raise Ps3EdgeError(f"{path}: 'files' must map file names to sha256 strings")
+    engines = data.get("engines", {})
+    if not isinstance(engines, dict):
+        raise Ps3EdgeError(f"{path}: 'engines' is not an object")
+
+    def bad_engine(what: str):
+        raise Ps3EdgeError(f"{path}: {what} - rebuild the engines with 'ps3edge build'")
+    for name, entry in engines.items():
+        check_entry(f"engines.{name}", entry, bad_engine)
 
 
 class VilaManifest:
@@ -83,14 +91,13 @@ class VilaManifest:
     `to_dict()` gives the JSON, `replace(section=...)` a new checked manifest."""
 
     def __init__(self, data: dict, path=None):
-        self._raw = Record(data)                # frozen JSON: read-only mappings and tuples
+        self._raw = freeze(data)                # read-only mappings and tuples
         self.path = path
         llm = data["llm"]
         self.llm = LLMShape(**{k: llm[k] for k in LLM_FIELDS},
                             head_dim=llm.get("head_dim") or llm["hidden_size"] // llm["num_heads"])
-        engines = data.get("engines")
-        self.engines: Mapping[str, Record] = MappingProxyType(
-            {n: Record(e) for n, e in engines.items() if isinstance(e, Mapping)} if isinstance(engines, Mapping) else {})
+        self.engines: Mapping[str, EngineEntry] = MappingProxyType(
+            {n: EngineEntry.from_dict(e) for n, e in (data.get("engines") or {}).items()})
 
     @classmethod
     def from_dict(cls, data: dict, path=None) -> "VilaManifest":
@@ -104,17 +111,16 @@ class VilaManifest:
             if value is None:
                 data.pop(key, None)
             else:
-                data[key] = value.to_dict() if isinstance(value, Record) else thaw(value)
+                data[key] = thaw(value)                # typed sections (records) give their JSON
         return VilaManifest.from_dict(data, self.path)
 
-    def with_engines(self, entries: Mapping[str, Mapping]) -> "VilaManifest":
+    def with_engines(self, entries: Mapping[str, EngineEntry]) -> "VilaManifest":
         """`entries` recorded in the engines section, their files' hashes in `files` (those of
         replaced engines dropped)."""
-        plain = {n: e.to_dict() if isinstance(e, Record) else thaw(e) for n, e in entries.items()}
-        return VilaManifest.from_dict(merge_engines(self.to_dict(), plain), self.path)
+        return VilaManifest.from_dict(merge_engines(self.to_dict(), entries), self.path)
 
     def to_dict(self) -> dict:
-        return self._raw.to_dict()
+        return thaw(self._raw)
 
     def write(self, artifact_dir) -> None:
         write_json_atomic(Path(artifact_dir) / VILA_MANIFEST, self.to_dict())

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +27,7 @@ from ..version import __version__
 from ..artifact.io import apply_default_mode, file_sha256, temp_dir, temp_file
 from ..artifact.lock import writer_lock
 from ..artifact.manifest import Manifest, load_manifest
+from ..artifact.precisions import Calibration, CalibrationImage, PrecisionEntry, PrecisionMap, PrecisionStage
 from ..errors import Ps3EdgeError
 from ..runtime.lookclose import Pipeline, geometry_of
 from ..runtime.planning import LookCloseSettings, resolve_steps
@@ -76,7 +77,7 @@ def _external_tensors(model: onnx.ModelProto):
                 yield a.t
 
 
-def _register(artifact_dir: Path, manifest: Manifest, precision: str, entry: dict,
+def _register(artifact_dir: Path, manifest: Manifest, precision: str, entry: PrecisionEntry,
               staged: list[tuple[Path, str]]) -> Manifest:
     """Drop the old entry, move the staged files into place, record the new entry and hashes."""
     manifest = manifest.without_precision(precision)
@@ -85,8 +86,7 @@ def _register(artifact_dir: Path, manifest: Manifest, precision: str, entry: dic
         apply_default_mode(tmp)
         os.replace(tmp, artifact_dir / final)
     files = {**manifest.files, **{final: file_sha256(artifact_dir / final) for _, final in staged}}
-    precisions = {**{p: e.to_dict() for p, e in manifest.precisions.items()}, precision: entry}
-    manifest = manifest.replace(files=files, precisions=precisions)
+    manifest = manifest.replace(files=files, precisions={**manifest.precisions, precision: entry})
     manifest.write(artifact_dir)
     return manifest
 
@@ -188,10 +188,11 @@ def _write_precision(artifact_dir: Path, manifest: Manifest, options: Calibratio
             entry = _fp16_entry(artifact_dir, manifest, staged, say)
         else:
             entry = _int8_entry(artifact_dir, manifest, options, inputs, staged, say)
-        sel = manifest.stages["selector"]
-        entry["stages"]["selector"] = {"file": sel.file, "external_data": list(sel.external_data),
-                                       "precision_map": fp16_precision_map("selector")}
-        entry["stages"] = {k: entry["stages"][k] for k in ("lowres", "selector", "highres")}
+        sel = manifest.stages["selector"]                # every precision keeps the FP32 selector
+        selector = PrecisionStage(file=sel.file, external_data=sel.external_data,
+                                  precision_map=PrecisionMap.from_dict(fp16_precision_map("selector")))
+        entry = replace(entry, stages={k: entry.stages[k] if k != "selector" else selector
+                                       for k in ("lowres", "selector", "highres")})
         say("registering the stages in the manifest")
         manifest = _register(artifact_dir, manifest, options.precision, entry, staged)
         staged = []
@@ -201,18 +202,19 @@ def _write_precision(artifact_dir: Path, manifest: Manifest, options: Calibratio
 
     if not options.report:
         return None
-    calibration = {i["sha256"] for i in entry.get("calibration_images", [])}
+    calibration = {i.sha256 for i in entry.calibration.calibration_images} if entry.calibration else set()
     rep = accuracy_report(artifact_dir, options.precision, inputs.held, inputs.report_settings,
                           layer=options.layer, held_out=calibration, with_torch=options.with_torch, progress=say)
     _attach_report(artifact_dir, manifest, options.precision, rep)
     return rep
 
 
-def _stage_entry(staged_files: list[tuple[Path, str]], pmap: dict) -> dict:
-    return {"file": staged_files[0][1], "external_data": [f for _, f in staged_files[1:]], "precision_map": pmap}
+def _stage_entry(staged_files: list[tuple[Path, str]], pmap: dict) -> PrecisionStage:
+    return PrecisionStage(file=staged_files[0][1], external_data=tuple(f for _, f in staged_files[1:]),
+                          precision_map=PrecisionMap.from_dict(pmap))
 
 
-def _fp16_entry(artifact_dir: Path, manifest: Manifest, staged: list, say) -> dict:
+def _fp16_entry(artifact_dir: Path, manifest: Manifest, staged: list, say) -> PrecisionEntry:
     """Convert lowres and highres (their files added to `staged`); the precision's manifest entry."""
     stages = {}
     for name in ("lowres", "highres"):
@@ -220,11 +222,11 @@ def _fp16_entry(artifact_dir: Path, manifest: Manifest, staged: list, say) -> di
         staged_files, pmap = _fp16_stage(artifact_dir, manifest, name)
         staged += staged_files
         stages[name] = _stage_entry(staged_files, pmap)
-    return {"producer": f"ps3edge {__version__}", "tool": "ps3edge fp16 policy", "stages": stages}
+    return PrecisionEntry(producer=f"ps3edge {__version__}", tool="ps3edge fp16 policy", stages=stages)
 
 
 def _int8_entry(artifact_dir: Path, manifest: Manifest, options: CalibrationOptions, inputs: _Inputs,
-                staged: list, say) -> dict:
+                staged: list, say) -> PrecisionEntry:
     """Calibrate and quantize lowres and highres (their files added to `staged`); the manifest entry."""
     files = inputs.calib_files
     say(f"loading the fp32 stages to capture calibration inputs ({len(files)} images)")
@@ -240,12 +242,13 @@ def _int8_entry(artifact_dir: Path, manifest: Manifest, options: CalibrationOpti
         stages[name] = _stage_entry(staged_files, pmap)
     digests = [file_sha256(f) for f in files]
     method = options.method
-    return {"producer": f"ps3edge {__version__}", "tool": int8mod.tool_version(inputs.tool), "method": method,
-            "percentile": defaults.CALIBRATION_PERCENTILE if method == "percentile" else None,
-            "samples": len(files), "highres_samples": len(feeds["highres"]),
-            "exclude_blocks": list(inputs.blocks), "exclude_selection_branch": options.exclude_selection_branch,
-            "calibration_images": [{"name": f.name, "sha256": d} for f, d in zip(files, digests)],
-            "stages": stages}
+    calibration = Calibration(
+        method=method, percentile=defaults.CALIBRATION_PERCENTILE if method == "percentile" else None,
+        samples=len(files), highres_samples=len(feeds["highres"]),
+        exclude_blocks=tuple(inputs.blocks), exclude_selection_branch=options.exclude_selection_branch,
+        calibration_images=tuple(CalibrationImage(name=f.name, sha256=d) for f, d in zip(files, digests)))
+    return PrecisionEntry(producer=f"ps3edge {__version__}", tool=int8mod.tool_version(inputs.tool),
+                          calibration=calibration, stages=stages)
 
 
 def _report_images(options: CalibrationOptions, calib_files: list[Path], scratch: Path) -> list[Path]:
@@ -266,8 +269,7 @@ def _attach_report(artifact_dir: Path, manifest: Manifest, precision: str, rep: 
     name = defaults.ACCURACY_REPORT.format(precision=precision)
     rep.write(artifact_dir / name)
     apply_default_mode(artifact_dir / name)
-    precisions = {p: e.to_dict() for p, e in manifest.precisions.items()}
-    precisions[precision]["report"] = name
+    precisions = {**manifest.precisions, precision: replace(manifest.precisions[precision], report=name)}
     manifest.replace(files={**manifest.files, name: file_sha256(artifact_dir / name)},
                      precisions=precisions).write(artifact_dir)
 

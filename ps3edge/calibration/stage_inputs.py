@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from .. import defaults
-from ..runtime.planning import LookCloseSettings, plan, resolve_steps
+from ..runtime.planning import LookCloseSettings, plan, resolve
 from ..runtime.preprocess import open_image
 from .data import spread
 
@@ -32,6 +32,7 @@ class StageInputs:
         steps = pipeline.manifest.look_close_defaults.num_look_close
         self.settings = settings or LookCloseSettings(
             num_look_close=defaults.DEFAULT_NUM_LOOK_CLOSE if steps is None else steps)
+        self.schedule = resolve(self.settings, pipeline.geometry)      # every image's plan is cut by it
         self.highres_steps = highres_steps
         self._cached: tuple[int, dict] | None = None
 
@@ -45,7 +46,7 @@ class StageInputs:
             prob = self.pipeline.stages["selector"].infer({
                 "selection_features": low["selection_features"], "conv_features": low["conv_features"],
                 "prompt": self.pipeline.prior_prompt.astype(np.float32)})["prob"][0]
-            low["plan"] = plan(prob, self.settings, self.pipeline.geometry)
+            low["plan"] = plan(prob, self.schedule, self.pipeline.geometry)
             self._cached = (i, low)
         return self._cached[1]
 
@@ -54,7 +55,7 @@ class StageInputs:
 
     def highres_feeds(self) -> list[Callable[[], dict]]:
         """One callable per sample: (image, step) pairs, `highres_steps` steps per image."""
-        steps = len(resolve_steps(self.settings, self.pipeline.geometry)[1])
+        steps = self.schedule.steps
         return [(lambda i=i, t=t: self.highres_feed(i, t))
                 for i in range(len(self.images)) for t in spread(steps, self.highres_steps)]
 

@@ -27,14 +27,9 @@ def _check_request(conv_mode: str, text: str, model_path: str, backend: str) -> 
     if model_path not in VILA_PRESETS and not Path(model_path).is_dir() and parse_hub_id(model_path) is None:
         raise Ps3EdgeError(f"--model-path '{model_path}' is neither a VILA-HD preset ({', '.join(VILA_PRESETS)}) "
                            "nor a checkpoint directory or Hugging Face hub id (owner/name)")
-    from ..runtime.runners.registry import get_backend
+    from ..llm.implementations import get_implementation
 
-    if backend == "tensorrt":
-        from ..engines.platform import import_tensorrt
-        import_tensorrt()                    # no TensorRT, nothing written
-    ok, why = get_backend(backend).available()
-    if not ok:                               # refused before anything is exported
-        raise Ps3EdgeError(f"--backend {backend} cannot run here: {why}")
+    get_implementation(backend).require()    # refused before anything is exported
 
 
 def _artifact_dir(model_path: str, artifacts: Optional[Path], seed: int) -> Path:

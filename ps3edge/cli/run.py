@@ -94,12 +94,12 @@ def run(
         pipeline.check_batch(size)
         with console.status(f"{len(pils)} images") if len(pils) > 1 else contextlib.nullcontext():
             results = [r for batch in pipeline.run_batches(pils, settings, prompts, layer, size) for r in batch]
-        fast = pipeline.fast is not None
+        ran_on = pipeline.session.label                    # the backend, or the fast path and its device
     if len(pils) == 1:
         write_outputs(results[0], pils[0], out, overlays[0] if overlays else None)
     else:
         write_batch_outputs(results, pils, out, overlays)
-    views.print_run(results[0], backend if not fast else f"torch, {pipeline.device}, fast path", len(results), size)
+    views.print_run(results[0], ran_on, len(results), size)
     if precision != "fp32":
         views.say(f"precision {precision}")
     shape = (len(results), *results[0].features.shape[1:]) if len(results) > 1 else results[0].features.shape
@@ -138,8 +138,9 @@ def _precision_parity(precision: str, backend: List[str], prompt_embedding, look
                       settings, **kwargs) -> None:
     """parity --precision fp16/int8: those stages against the FP32 ones, on held-out images."""
     from ..parity import run_precision_parity
+    from ..runtime.runners.registry import get_backend
 
-    if backend != ["onnxruntime"]:
+    if not all(get_backend(name).runs_calibrated_stages for name in backend):
         raise Ps3EdgeError("--precision fp16/int8 compares onnxruntime stages (add --with-torch for torch fp16)")
     if prompt_embedding is not None:
         raise Ps3EdgeError("--precision fp16/int8 selects bottom-up (the learned prior); drop --prompt-embedding")
@@ -202,7 +203,9 @@ def parity(
 def _check_bench_flags(backend: str, official_ties: str, against: Optional[str], num_look_close: str,
                        decode_tokens: int, batched: bool = False) -> list[int]:
     """The flags typer cannot check; returns the step counts of the sweep."""
-    if backend != "torch" and not batched:
+    from ..runtime.runners.registry import BACKENDS, get_backend
+
+    if not batched and (backend not in BACKENDS or not get_backend(backend).runs_whole_loop):
         raise Ps3EdgeError("bench times the torch fast path; for onnxruntime use benchmarks/cpu_stages.py")
     if official_ties not in ("published", "pinned"):
         raise Ps3EdgeError(f"--official-ties takes published or pinned, got '{official_ties}'")
@@ -240,13 +243,14 @@ def bench(
     from ..llm.vila import VILA_FILES
     from ..model.weights import PS3_FILES
     from .. import throughput
-    from ..runtime.lookclose import resolve_device
+    from ..runtime.device import Device
     from ..runtime.outputs import check_output_path
+    from ..runtime.runners.registry import get_backend
 
     steps = _check_bench_flags(backend, official_ties, against, num_look_close, decode_tokens, batch is not None)
     batches = throughput.parse_batches(batch) if batch is not None else None
     backends = throughput.parse_backends(backend) if batch is not None else None
-    device = resolve_device("torch", device)
+    device = str(get_backend("torch").resolve_device(Device.parse(device)))     # bench times torch
     outputs = {"--json": json_out, "--markdown": markdown_out, "--plot": plot_out}
     for flag, path in outputs.items():
         if path is not None:                 # before the benchmark, not after it

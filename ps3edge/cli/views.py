@@ -122,18 +122,18 @@ def print_parity(report) -> None:
 
 # artifacts ---------------------------------------------------------------------------------------
 def print_engines(artifacts: Path, rows, elapsed_s: float) -> None:
-    """`build`: one row per engine (stage, root directory, its manifest entry as a dict)."""
+    """`build`: one row per engine (stage, root directory, its manifest's EngineEntry)."""
     def cells(row):
         name, root, e = row
-        size = (root / e["file"]).stat().st_size / 2 ** 20
-        ctx = e.get("device_memory_bytes")
-        dynamic = {k: tuple(v["max"]) for k, v in e["profiles"].items() if v["min"] != v["max"]}
-        return (name, e["file"], e["precision"], f"{size:.1f}", "" if ctx is None else f"{ctx / 2 ** 20:.1f}",
+        size = (root / e.file).stat().st_size / 2 ** 20
+        ctx = e.device_memory_bytes
+        dynamic = {k: tuple(v["max"]) for k, v in e.profiles.items() if v["min"] != v["max"]}
+        return (name, e.file, e.precision, f"{size:.1f}", "" if ctx is None else f"{ctx / 2 ** 20:.1f}",
                 ", ".join(f"{k} {v}" for k, v in dynamic.items()))
     print_table(("stage", "file", "precision", "MiB", "context MiB", "profile (max)"), map(cells, rows),
                 title=f"TensorRT engines in {escape(str(artifacts))}")
     first = rows[0][2]
-    say(f"TensorRT {first['tensorrt_version']}, {escape(first['gpu_name'])} (SM{first['sm']}); "
+    say(f"TensorRT {first.tensorrt_version}, {escape(first.gpu_name)} (SM{first.sm}); "
         f"done in {elapsed_s:.1f} s")
 
 
@@ -167,12 +167,13 @@ def print_manifest(artifacts: Path, manifest) -> None:
                  for name, s in manifest.stages.items()], title="stages")
     for name, e in manifest.engines.items():
         say(f"engine {name}: {e.file}, {e.precision} via {e.built_via}, TensorRT "
-            f"{e.tensorrt_version} on SM{e.sm} ({escape(e.gpu_name)}), T <= {e.get('max_look_close', '?')}")
+            f"{e.tensorrt_version} on SM{e.sm} ({escape(e.gpu_name)}), "
+            f"T <= {'?' if e.max_look_close is None else e.max_look_close}")
     for name, p in manifest.precisions.items():
-        how = ", ".join(str(x) for x in (p.get("tool"), p.get("method"),
-                                         f"{p.samples} images" if "samples" in p else None) if x)
-        say(f"precision {name}: {', '.join(s['file'] for s in p.stages.values())} ({escape(how)})"
-            + (f"; report {p.report}" if p.get("report") else ""))
+        c = p.calibration
+        how = ", ".join(str(x) for x in (p.tool, c and c.method, c and f"{c.samples} images") if x)
+        say(f"precision {name}: {', '.join(s.file for s in p.stages.values())} ({escape(how)})"
+            + (f"; report {p.report}" if p.report else ""))
     total = sum((Path(artifacts) / f).stat().st_size for f in manifest.files) / 2 ** 20
     say(f"{len(manifest.files)} files, {total:.1f} MiB, all sha256 match the manifest")
 

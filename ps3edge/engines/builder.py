@@ -15,11 +15,11 @@ engines that a rebuild replaced are removed only after that.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
-from .. import defaults
-from ..artifact.engines import merge_engines
+from ..artifact.engines import EngineEntry, cached_entry
 from ..artifact.io import copy_atomic, file_sha256, write_bytes_atomic
 from ..artifact.manifest import Manifest, load_manifest
 from ..artifact.profiles import is_dynamic, profile_bounds
@@ -35,7 +35,7 @@ from .plan import StagePlan, workspace_bytes  # noqa: F401
 _build_from_onnx = build_from_onnx
 
 
-def build(artifact_dir, options: BuildOptions, progress: Callable[[str], None] | None = None) -> dict:
+def build(artifact_dir, options: BuildOptions, progress: Callable[[str], None] | None = None) -> Manifest:
     """Build (or reuse) every stage's engine and record them in the manifest; returns the manifest."""
     say = progress or (lambda msg: None)
     artifact_dir = Path(artifact_dir)
@@ -69,42 +69,43 @@ def build(artifact_dir, options: BuildOptions, progress: Callable[[str], None] |
         else:
             engine_bytes, timing, constraints = _build_with_torch_tensorrt(
                 tt, trt, artifact_dir, manifest, plan, options, timing, models)
-        inspected = inspect_engine(trt, engine_bytes, manifest.stages[plan.stage].to_dict())
+        inspected = inspect_engine(trt, engine_bytes, manifest.stages[plan.stage])
         inspected["precision_constraints"] = constraints
         return engine_bytes, timing, lambda sha256: engine_entry(plan, options, facts, sha256, inspected)
 
-    return reuse_or_build(artifact_dir, plans, {k: e.to_dict() for k, e in manifest.engines.items()}, options, cache,
-                          say, build_one, record_engines)
+    return reuse_or_build(artifact_dir, plans, manifest.engines, options, cache, say, build_one, record_engines)
 
 
-def reuse_or_build(art: Path, plans, old: dict, options: BuildOptions, cache, say, build_one, record) -> dict:
+def reuse_or_build(art: Path, plans, old: Mapping[str, EngineEntry], options: BuildOptions, cache, say, build_one,
+                   record):
     """The engine loop shared by the PS3 stages and VILA-HD's projector / LLM.
 
     For each plan: keep the engine the manifest already records (same cache key, file intact),
     else copy it from the engine cache, else `build_one(plan, timing)`, which returns the engine
-    bytes, the updated timing cache and a function from the written file's sha256 to its entry.
+    bytes, the updated timing cache and a function from the written file's sha256 to its EngineEntry.
     `record(art, entries)` then writes the manifest once. New files are removed again if anything
     fails; files of replaced engines are removed after the manifest no longer names them.
     """
     timing = read_timing_cache(options.timing_cache)
-    old_files = {e["file"] for e in old.values()}
+    old_files = {e.file for e in old.values()}
     entries, written = {}, []           # written: new files, removed again if the build fails
     try:
         for plan in plans:
             previous = old.get(plan.stage)
-            if (not options.force and previous and previous.get("cache_key") == plan.key
-                    and (art / previous["file"]).is_file()
-                    and file_sha256(art / previous["file"]) == previous["sha256"]):
-                say(f"stage '{plan.stage}': engine {previous['file']} is up to date")
+            if (not options.force and previous and previous.cache_key == plan.key
+                    and (art / previous.file).is_file()
+                    and file_sha256(art / previous.file) == previous.sha256):
+                say(f"stage '{plan.stage}': engine {previous.file} is up to date")
                 entries[plan.stage] = previous
                 continue
             hit = None if (options.force or cache is None) else cache.get(plan.key)
+            cached = cached_entry(hit[1]) if hit is not None else None
             target = art / plan.engine_file
-            if hit is not None:
+            if cached is not None:
                 say(f"stage '{plan.stage}': reusing the cached engine {plan.key[:12]}")
                 copy_atomic(hit[0], target)
                 written += [target] if target.name not in old_files else []
-                entry = {**hit[1], "file": plan.engine_file, "requested_precision": options.precision}
+                entry = replace(cached, file=plan.engine_file, requested_precision=options.precision)
             else:
                 engine_bytes, timing, make_entry = build_one(plan, timing)
                 write_timing_cache(options.timing_cache, timing)
@@ -112,7 +113,7 @@ def reuse_or_build(art: Path, plans, old: dict, options: BuildOptions, cache, sa
                 written += [target] if target.name not in old_files else []
                 entry = make_entry(file_sha256(target))
                 if cache is not None:
-                    cache.put(plan.key, engine_bytes, entry)
+                    cache.put(plan.key, engine_bytes, entry.to_dict())
                 say(f"stage '{plan.stage}': wrote {plan.engine_file} ({len(engine_bytes) / 2**20:.1f} MiB)")
             entries[plan.stage] = entry
         manifest = record(art, entries)
@@ -120,19 +121,17 @@ def reuse_or_build(art: Path, plans, old: dict, options: BuildOptions, cache, sa
         for f in written:
             f.unlink(missing_ok=True)
         raise
-    for name in old_files - {e["file"] for e in entries.values()}:
+    for name in old_files - {e.file for e in entries.values()}:
         (art / name).unlink(missing_ok=True)
     return manifest
 
 
-def record_engines(artifact_dir: Path, entries: dict[str, dict]) -> Manifest:
+def record_engines(artifact_dir: Path, entries: Mapping[str, EngineEntry]) -> Manifest:
     """Write the engines section (and their files' hashes) into the manifest, atomically.
 
     The manifest is re-read here so that sections others wrote since the build began are kept.
     """
-    path = Path(artifact_dir) / defaults.MANIFEST_NAME
-    current = load_manifest(artifact_dir, verify=False).to_dict()      # its integrity checked first
-    manifest = Manifest.from_dict(merge_engines(current, entries), path)
+    manifest = load_manifest(artifact_dir, verify=False).with_engines(entries)     # its integrity checked first
     manifest.write(artifact_dir)
     return manifest
 
@@ -145,9 +144,10 @@ def _trt_dtype_name(trt, dtype) -> str:
     return names.get(dtype, str(dtype))
 
 
-def inspect_engine(trt, engine_bytes: bytes, stage: dict) -> dict:
-    """Deserialize a fresh engine: match its tensors to the stage's (by name, else by position) and
-    read its activation memory. Refuses an engine whose tensors do not fit the stage."""
+def inspect_engine(trt, engine_bytes: bytes, stage) -> dict:
+    """Deserialize a fresh engine: match its tensors to the stage's (a StageEntry or StageSpec: by
+    name, else by position) and read its activation memory. Refuses an engine whose tensors do not
+    fit the stage."""
     runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
     engine = runtime.deserialize_cuda_engine(engine_bytes)
     if engine is None:
@@ -156,8 +156,8 @@ def inspect_engine(trt, engine_bytes: bytes, stage: dict) -> dict:
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
         (ins if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outs).append(name)
-    want_in = [t["name"] for t in stage["inputs"]]
-    want_out = [t["name"] for t in stage["outputs"]]
+    want_in = [t.name for t in stage.inputs]
+    want_out = [t.name for t in stage.outputs]
     if len(ins) != len(want_in) or len(outs) != len(want_out):
         raise Ps3EdgeError(f"the engine has inputs {ins} and outputs {outs}; the stage has {want_in} and {want_out}")
     bindings = {}

@@ -32,11 +32,13 @@ or FP16 ONNX, so TensorRT 11 refuses fp16 here). int8 and best are refused for V
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from ..errors import Ps3EdgeError
-from ..artifact.spec import llm_spec, projector_spec
+from ..artifact.engines import EngineEntry
+from ..artifact.spec import StageSpec, llm_spec, projector_spec
 from ..artifact.vila import VILA_MANIFEST, VilaManifest, load_vila_manifest
 from ..artifact.vila import is_vila_artifact          # noqa: F401  (`ps3edge build` imports it from here)
 from ..model.config import is_whole_number
@@ -97,12 +99,16 @@ def projector_width(art: Path) -> int:
     return int(dims[1].dim_value)
 
 
-def vila_stage_specs(manifest: VilaManifest, width4: int) -> dict[str, dict]:
-    """The inputs / outputs of the two engines, in the stage-manifest form inspect_engine reads."""
+def _stage_specs(manifest: VilaManifest, width4: int) -> dict[str, StageSpec]:
+    """The inputs / outputs of the two engines (what inspect_engine matches an engine's tensors to)."""
     llm = manifest.llm
-    return {"projector": projector_spec(width4 // 4, llm.hidden_size).to_dict(),
-            "llm": llm_spec(llm.num_layers, llm.num_kv_heads, llm.head_dim, llm.hidden_size,
-                            llm.vocab_size).to_dict()}
+    return {"projector": projector_spec(width4 // 4, llm.hidden_size),
+            "llm": llm_spec(llm.num_layers, llm.num_kv_heads, llm.head_dim, llm.hidden_size, llm.vocab_size)}
+
+
+def vila_stage_specs(manifest: VilaManifest, width4: int) -> dict[str, dict]:
+    """The same in the stage-manifest form (the runtime makes the projector's StageEntry of it)."""
+    return {name: spec.to_dict() for name, spec in _stage_specs(manifest, width4).items()}
 
 
 def plan_vila_build(manifest: VilaManifest, options: BuildOptions, tensorrt_version: str, sm: int, width4: int,
@@ -145,14 +151,14 @@ def plan_vila_build(manifest: VilaManifest, options: BuildOptions, tensorrt_vers
 
 
 def _entry(plan: StagePlan, options: BuildOptions, facts: dict, sha256: str, inspected: dict,
-           manifest: VilaManifest, max_prompt: int) -> dict:
-    entry = engine_entry(plan, options, facts, sha256, inspected)
-    entry.pop("max_look_close", None)
-    entry["max_prompt"] = max_prompt
-    if plan.stage == "llm":
-        entry["context_length"] = manifest.context_length
-        entry["optimization_profiles"] = dict(zip(LLM_PROFILE_NAMES, (plan.profile, *plan.extra_profiles)))
-    return entry
+           manifest: VilaManifest, max_prompt: int) -> EngineEntry:
+    """A PS3 stage's entry without T_max, with the max prompt (and for the LLM, the context and
+    both profiles by name)."""
+    llm = plan.stage == "llm"
+    return replace(engine_entry(plan, options, facts, sha256, inspected), max_look_close=None, max_prompt=max_prompt,
+                   context_length=manifest.context_length if llm else None,
+                   optimization_profiles=dict(zip(LLM_PROFILE_NAMES, (plan.profile, *plan.extra_profiles)))
+                   if llm else None)
 
 
 def check_vila_options(art: Path, options: BuildOptions, max_prompt=None) -> VilaManifest:
@@ -180,7 +186,7 @@ def build_vila_engines(art, options: BuildOptions, max_prompt=None,
     width4 = projector_width(art)
     m = max_prompt_for(manifest, max_prompt)
     plans = plan_vila_build(manifest, options, facts["tensorrt_version"], facts["sm"], width4, m)
-    specs = vila_stage_specs(manifest, width4)
+    specs = _stage_specs(manifest, width4)
     for plan in plans:
         if plan.note:
             say(plan.note)
@@ -194,11 +200,10 @@ def build_vila_engines(art, options: BuildOptions, max_prompt=None,
         inspected = inspect_engine(trt, engine_bytes, specs[plan.stage])
         return engine_bytes, timing, lambda sha256: _entry(plan, options, facts, sha256, inspected, manifest, m)
 
-    old = {name: e.to_dict() for name, e in manifest.engines.items()}
-    return reuse_or_build(art, plans, old, options, cache, say, build_one, record_vila_engines)
+    return reuse_or_build(art, plans, manifest.engines, options, cache, say, build_one, record_vila_engines)
 
 
-def record_vila_engines(art: Path, entries: dict[str, dict]) -> VilaManifest:
+def record_vila_engines(art: Path, entries: Mapping[str, EngineEntry]) -> VilaManifest:
     """vila.json with an `engines` section and every engine file's sha256 in `files`, replaced
     atomically (re-read first, so other sections written meanwhile are kept)."""
     manifest = load_vila_manifest(art, verify=False).with_engines(entries)

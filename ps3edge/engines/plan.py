@@ -3,7 +3,7 @@
 For each stage `plan_build` decides, from the manifest and the flags alone, which ONNX file it
 builds from, how the network is typed, which builder flags are set or cleared, the layers the
 precision map holds in fp32, the optimization profile and the engine-cache key; `engine_entry`
-is the manifest's `engines.<stage>` record of the engine built from a plan.
+is the manifest's `engines.<stage>` entry of the engine built from a plan.
 
 Precision (`--precision`), per stage. The FP16 and INT8 stages and their precision maps are
 those `ps3edge calibrate` records in the manifest's "precisions" section (artifact/precisions.py,
@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import defaults
+from ..artifact.engines import EngineEntry
 from ..artifact.manifest import Manifest
+from ..artifact.precisions import PrecisionStage
 from ..artifact.profiles import look_close_steps, profile_bounds
 from ..artifact.spec import STAGE_ORDER
 from ..calibration.precision import WHOLE_STAGE_FP32
@@ -94,16 +96,11 @@ def workspace_bytes(gb: float) -> int:
     return int(gb * (1 << 30))
 
 
-def stage_variants(manifest: Manifest, stage: str) -> dict[str, dict]:
-    """precision -> {"file", "external_data", "precision_map"} of a stage, from the manifest's
+def stage_variants(manifest: Manifest, stage: str) -> dict[str, PrecisionStage]:
+    """precision -> the stage's file and precision map of that precision, from the manifest's
     "precisions" section (fp16 / int8, written by `ps3edge calibrate`)."""
-    out = {}
-    for precision, entry in manifest.precisions.items():
-        info = entry.to_dict().get("stages", {}).get(stage)
-        if info:
-            out[precision] = {"file": info["file"], "external_data": list(info.get("external_data", [])),
-                              "precision_map": info.get("precision_map") or {}}
-    return out
+    return {precision: entry.stages[stage] for precision, entry in manifest.precisions.items()
+            if stage in entry.stages}
 
 
 # --- the source of one stage's engine ---------------------------------------------------------------
@@ -127,18 +124,18 @@ def _fp32(base, weak: bool) -> _Source:
 def _from_file(variants: dict, p: str, engine_precision: str) -> _Source:
     """The stage's file of precision `p`, strongly typed (its graph carries its own types)."""
     v = variants[p]
-    return _Source(v["file"], tuple(v["external_data"]), engine_precision, True, map_source=f"precisions.{p}")
+    return _Source(v.file, v.external_data, engine_precision, True, map_source=f"precisions.{p}")
 
 
 def _quantized(base, variants: dict) -> bool:
     v = variants.get("int8")
-    return bool(v and (v["precision_map"].get("quantized_nodes") or v["file"] != base.file))
+    return bool(v and (v.precision_map.quantized_nodes or v.file != base.file))
 
 
 def _fp16_map(variants: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The fp32 nodes and tensors of the stage's FP16 precision map (none without one)."""
-    pmap = variants.get("fp16", {}).get("precision_map")
-    return (tuple(pmap.get("fp32_nodes", ())), tuple(pmap.get("fp32_tensors", ()))) if pmap else ((), ())
+    v = variants.get("fp16")
+    return (v.precision_map.fp32_nodes, v.precision_map.fp32_tensors) if v else ((), ())
 
 
 def _fp16_weak(stage: str, base, variants: dict) -> _Source:
@@ -150,8 +147,7 @@ def _fp16_weak(stage: str, base, variants: dict) -> _Source:
         return _Source(base.file, base.external_data, "fp16", False, ("FP16",),
                        note=f"stage '{stage}': no FP16 precision map (ps3edge calibrate ARTIFACTS --precision "
                             "fp16), so every layer may run in fp16, LayerNorm and Softmax included")
-    pmap = v["precision_map"]
-    flags = tuple(pmap.get("tensorrt", {}).get("builder_flags", ("FP16", "OBEY_PRECISION_CONSTRAINTS")))
+    flags = v.precision_map.tensorrt.builder_flags
     if "FP16" not in flags:                    # the policy keeps this stage (the selector) in fp32
         return _fp32(base, weak=True)
     nodes, tensors = _fp16_map(variants)
@@ -164,17 +160,17 @@ def _fp16_strong(variants: dict) -> _Source | None:
     v = variants.get("fp16")
     if v is None:
         return None
-    return _from_file(variants, "fp16", "fp32" if v["precision_map"].get("default") == "fp32" else "fp16")
+    return _from_file(variants, "fp16", "fp32" if v.precision_map.default == "fp32" else "fp16")
 
 
 def _best_weak(variants: dict) -> _Source:
     """TensorRT 10's best on a quantized stage: the Q/DQ network with the INT8 and FP16 flags,
     the fp32 layers of both precision maps held."""
     nodes, tensors = _fp16_map(variants)
-    nodes = tuple(dict.fromkeys(nodes + tuple(variants["int8"]["precision_map"].get("fp32_nodes", ()))))
-    flags = ("INT8", "FP16") + (("OBEY_PRECISION_CONSTRAINTS",) if nodes or tensors else ())
     v = variants["int8"]
-    return _Source(v["file"], tuple(v["external_data"]), "best", False, flags, nodes, tensors,
+    nodes = tuple(dict.fromkeys(nodes + v.precision_map.fp32_nodes))
+    flags = ("INT8", "FP16") + (("OBEY_PRECISION_CONSTRAINTS",) if nodes or tensors else ())
+    return _Source(v.file, v.external_data, "best", False, flags, nodes, tensors,
                    map_source="precisions.int8" + (" + precisions.fp16" if "fp16" in variants else ""))
 
 
@@ -267,24 +263,20 @@ def plan_build(manifest: Manifest, options: BuildOptions, tensorrt_version: str,
     return plans
 
 
-def engine_entry(plan: StagePlan, options: BuildOptions, facts: dict, sha256: str, inspected: dict) -> dict:
-    """The manifest's engines.<stage> object (its checks: artifact/engines.py)."""
-    entry = {
-        "file": plan.engine_file, "sha256": sha256, "built_via": options.via, "precision": plan.precision,
-        "requested_precision": options.precision, "strongly_typed": plan.strongly_typed,
-        "precision_constraints": int(inspected.get("precision_constraints", 0)),
-        "tensorrt_version": facts["tensorrt_version"], "cuda_version": facts["cuda_version"],
-        "gpu_name": facts["gpu_name"], "sm": facts["sm"],
-        "profiles": plan.profile, "max_look_close": plan.max_look_close,
-        "workspace_bytes": workspace_bytes(options.workspace_gb),
-        "builder_optimization_level": options.optimization_level,
-        "bindings": inspected["bindings"], "cache_key": plan.key,
-    }
-    if plan.map_source:
-        entry["precision_map"] = plan.map_source
-    if inspected.get("device_memory_bytes") is not None:
-        entry["device_memory_bytes"] = int(inspected["device_memory_bytes"])
-    for k in ("jetpack", "l4t"):
-        if facts.get(k):
-            entry[k] = facts[k]
-    return entry
+def engine_entry(plan: StagePlan, options: BuildOptions, facts: dict, sha256: str, inspected: dict) -> EngineEntry:
+    """The manifest's engines.<stage> entry (its checks: artifact/engines.py). `facts`: the
+    machine (platform.machine_facts); `inspected`: the engine (builder.inspect_engine)."""
+    memory = inspected.get("device_memory_bytes")
+    return EngineEntry(
+        file=plan.engine_file, sha256=sha256, built_via=options.via, precision=plan.precision,
+        requested_precision=options.precision, strongly_typed=plan.strongly_typed,
+        precision_constraints=int(inspected.get("precision_constraints", 0)),
+        tensorrt_version=facts["tensorrt_version"], cuda_version=facts["cuda_version"],
+        gpu_name=facts["gpu_name"], sm=facts["sm"],
+        profiles=plan.profile, max_look_close=plan.max_look_close,
+        workspace_bytes=workspace_bytes(options.workspace_gb),
+        builder_optimization_level=options.optimization_level,
+        bindings=inspected["bindings"], cache_key=plan.key,
+        precision_map=plan.map_source or None,
+        device_memory_bytes=None if memory is None else int(memory),
+        jetpack=facts.get("jetpack") or None, l4t=facts.get("l4t") or None)

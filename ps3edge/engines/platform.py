@@ -16,6 +16,7 @@ import re
 import subprocess
 from pathlib import Path
 
+from ..artifact.engines import EngineEntry
 from ..errors import Ps3EdgeError
 
 MIN_TENSORRT_MAJOR = 10
@@ -163,14 +164,15 @@ def describe(facts: dict) -> str:
     return text + ")"
 
 
-def check_engine_compatible(stage: str, entry: dict, here: dict) -> None:
-    """Refuse an engine built for another TensorRT release or another GPU architecture."""
+def check_engine_compatible(stage: str, entry: EngineEntry, here: dict) -> None:
+    """Refuse an engine built for another TensorRT release or another GPU architecture than
+    `here` (machine_facts)."""
     differs = []
-    if not same_tensorrt(entry.get("tensorrt_version", ""), here["tensorrt_version"]):
+    if not same_tensorrt(entry.tensorrt_version, here["tensorrt_version"]):
         differs.append("TensorRT version")
-    if entry.get("sm") != here["sm"]:
+    if entry.sm != here["sm"]:
         differs.append("GPU architecture")
     if differs:
-        raise Ps3EdgeError(f"engine '{stage}' ({entry.get('file')}) was built for {describe(entry)}; this machine "
+        raise Ps3EdgeError(f"engine '{stage}' ({entry.file}) was built for {describe(entry.facts)}; this machine "
                            f"has {describe(here)}: the {' and '.join(differs)} differ - rebuild the engines here "
                            "with 'ps3edge build ARTIFACTS'")

@@ -17,35 +17,35 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..artifact.manifest import Manifest
+from ..artifact.manifest import Manifest, StageEntry
 from ..errors import Ps3EdgeError
 from .plan import BuildOptions, StagePlan, workspace_bytes
 
 _TORCH_DTYPES = {"float32": "float32", "int32": "int32"}
 
 
-def export_stage_program(module, stage: dict, profile: dict, num_positions: int, device: str = "cpu"):
+def export_stage_program(module, stage: StageEntry, profile: dict, num_positions: int, device: str = "cpu"):
     """torch.export of a stage module with the profile's dynamic axes (B, T, N) as export Dims and
     example inputs at the profile's opt shapes: what Torch-TensorRT compiles."""
     import torch
 
     examples, dynamic, dims = [], {}, {}
-    for t in stage["inputs"]:
-        b = profile[t["name"]]
-        dtype = getattr(torch, _TORCH_DTYPES[t["dtype"]])
-        if t["name"] == "positions":
+    for t in stage.inputs:
+        b = profile[t.name]
+        dtype = getattr(torch, _TORCH_DTYPES[t.dtype])
+        if t.name == "positions":
             examples.append(torch.randint(0, num_positions, tuple(b["opt"]), dtype=dtype, device=device))
-        elif t["name"] == "step_image":                      # rows name images of the kv_cache's batch axis
+        elif t.name == "step_image":                      # rows name images of the kv_cache's batch axis
             images = profile["kv_cache"]["opt"][2]
             examples.append(torch.arange(b["opt"][0], dtype=dtype, device=device) % images)
         else:
             examples.append(torch.randn(tuple(b["opt"]), dtype=dtype, device=device))
         axes = {}
-        for axis, d in enumerate(t["shape"]):
+        for axis, d in enumerate(t.shape):
             if isinstance(d, str) and b["min"][axis] != b["max"][axis]:
                 dims.setdefault(d, torch.export.Dim(d, min=b["min"][axis], max=b["max"][axis]))
                 axes[axis] = dims[d]
-        dynamic[t["name"]] = axes or None
+        dynamic[t.name] = axes or None
     with torch.no_grad():
         return torch.export.export(module, tuple(examples), dynamic_shapes=dynamic if dims else None)
 
@@ -94,13 +94,13 @@ def _stage_module(manifest: Manifest, stage: str, models: dict):
             "highres": lambda: HighResStage(model, layers)}[stage]().eval().cuda()
 
 
-def _converter_inputs(tt, stage: dict, profile: dict) -> list:
+def _converter_inputs(tt, stage: StageEntry, profile: dict) -> list:
     """Torch-TensorRT Inputs: static where the profile's min is its max, else min / opt / max."""
     import torch
 
     inputs = []
-    for t in stage["inputs"]:
-        b, dtype = profile[t["name"]], getattr(torch, _TORCH_DTYPES[t["dtype"]])
+    for t in stage.inputs:
+        b, dtype = profile[t.name], getattr(torch, _TORCH_DTYPES[t.dtype])
         if b["min"] == b["max"]:
             inputs.append(tt.Input(shape=tuple(b["max"]), dtype=dtype))
         else:
@@ -135,15 +135,14 @@ def _build_with_torch_tensorrt(tt, trt, artifact_dir: Path, manifest: Manifest, 
     """Compile our PyTorch stage module with Torch-TensorRT (dynamo) into a serialized engine:
     (engine bytes, timing cache bytes, 0 layers held by a precision map)."""
     module = _stage_module(manifest, plan.stage, models)
-    stage = manifest.stages[plan.stage].to_dict()
+    stage = manifest.stages[plan.stage]
     program = export_stage_program(module, stage, plan.profile, manifest.geometry.highres_patches_total, "cuda")
     convert, params = _torch_tensorrt_converter(tt, plan.precision)
     kwargs = {"arg_inputs": _converter_inputs(tt, stage, plan.profile),
               "workspace_size": workspace_bytes(options.workspace_gb),
               "optimization_level": options.optimization_level, "require_full_compilation": True,
               "min_block_size": 1, "disable_tf32": plan.precision == "fp32"}
-    kwargs.update(torch_tensorrt_typing(params, plan.precision, [t["name"] for t in stage["inputs"]],
-                                        [t["name"] for t in stage["outputs"]]))
+    kwargs.update(torch_tensorrt_typing(params, plan.precision, stage.input_names, stage.output_names))
     # the converter reads and writes the timing cache by path
     scratch = Path(tempfile.mkdtemp(prefix=".ps3edge-timing-", dir=artifact_dir))
     try:

@@ -5,7 +5,8 @@ file and the manifest are written, so an interrupted export never leaves a half 
 target's writer lock (artifact/lock.py) keeps a second export out and removes what a killed one
 left behind.
 Stages whose weights approach protobuf's 2 GiB limit store them in one `<stage>.onnx.data` file.
-Each stage file is then simplified by onnxruntime's basic-level rewrites (ort_optimize.py).
+Each stage file is then simplified by onnxruntime's basic-level rewrites (ort_optimize.py) and
+checked in onnxruntime against its PyTorch module (validate.py) before anything is renamed into place.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ..model import HighResStage, LowResStage, SelectorStage, build
 from ..model.stages import normalize_layers
 from ..model.weights import LoadedModel, state_dict_sha256
 from .ort_optimize import simplify_stage
+from .validate import validate_stage
 
 
 def _example_inputs(stage: str, cfg, spec) -> tuple:
@@ -149,10 +151,11 @@ def _export_locked(model_spec, out_dir: Path, opset: int, returned_layers: list,
         stages, files = {}, {}
         for name in STAGE_ORDER:
             say(f"exporting stage '{name}'")
-            spec = specs[name]
-            written = _export_stage(modules[name], _example_inputs(name, cfg, spec), spec, opset,
-                                    staging / "scratch", staging / spec.file)
+            spec, example = specs[name], _example_inputs(name, cfg, specs[name])
+            written = _export_stage(modules[name], example, spec, opset, staging / "scratch", staging / spec.file)
             written = simplify_stage(written[0], staging / "scratch", written[1].name if len(written) > 1 else None)
+            # the file as it will be published, before anything is renamed into place
+            say(validate_stage(modules[name], example, spec, written[0]).summary())
             for f in written:
                 files[f.name] = file_sha256(f)
             stages[name] = {"file": spec.file, "external_data": [f.name for f in written[1:]],
@@ -181,6 +184,7 @@ def export_single_file(module, example: tuple, spec, path, opset: int, too_large
         written = _export_stage(module, example, spec, opset, staging / "scratch", staging / spec.file)
         if len(written) != 1:
             raise Ps3EdgeError(too_large)
+        validate_stage(module, example, spec, written[0])
         written[0].chmod(0o644)
         written[0].replace(path)
     finally:

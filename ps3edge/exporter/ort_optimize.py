@@ -29,6 +29,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import Ps3EdgeError
+from .ort_session import cpu_session_options
 
 CONTRIB_DOMAIN = "com.microsoft"
 # session config keys of onnxruntime (onnxruntime_session_options_config_keys.h)
@@ -47,8 +48,7 @@ def simplify_stage(path: Path, scratch: Path, data_name: str | None = None) -> l
     path, scratch = Path(path), Path(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     out = scratch / path.name
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = cpu_session_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(out)
     if data_name:

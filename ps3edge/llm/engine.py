@@ -203,20 +203,20 @@ class TensorRTLLM(LLMRunner):
     tensor addresses are set on every call (the KV buffers alternate). A prefill longer than the
     engine's max prompt runs in chunks (a prefill continues the cache)."""
 
-    def __init__(self, path: Path, entry: dict, trt=None, stream=None):
+    def __init__(self, path: Path, entry, trt=None, stream=None):
         from ..engines.platform import import_tensorrt
         from ..runtime.runners.tensorrt import open_engine, torch_dtype
 
         trt = trt or import_tensorrt()
         self.path = Path(path)
-        self.bindings = dict(entry.get("bindings") or {})
+        self.bindings = dict(entry.bindings or {})
         for name in ("inputs_embeds", "past_kv", "logits", "hidden", "present_kv"):
             self.bindings.setdefault(name, name)
-        profiles = entry.get("optimization_profiles") or {}
+        profiles = entry.optimization_profiles or {}
         if set(profiles) != {"prefill", "decode"}:
             raise Ps3EdgeError(f"{self.path.name} has no prefill and decode profiles in its manifest entry; "
                                "rebuild it with 'ps3edge build'")
-        self.context_length = int(entry["context_length"])
+        self.context_length = int(entry.context_length)
         self.max_prompt = int(profiles["prefill"]["inputs_embeds"]["max"][1])
         self.hidden_size = int(profiles["prefill"]["inputs_embeds"]["max"][2])
         kv_max = tuple(profiles["prefill"]["past_kv"]["max"])

@@ -11,8 +11,9 @@ The top-down hidden state is taken at the last token of the user's text (before 
 VILA-HD's `look_close_positions`. The VILA-HD context rule: a model whose context is shorter than
 (high-res patches / 4) + 1024 (NUM_LOOK_CLOSE * 2560 / 4 + 1024) refuses the request up front.
 
-The artifact (exported by llm/export.py, described by vila.json in artifact/vila.py) is run on
-one of three backends; this module only reads it.
+The artifact (exported by llm/export.py, described by vila.json in artifact/vila.py) is run by
+one of the language-side implementations of implementations.py (onnxruntime, torch, tensorrt),
+with PS3 on the stage backend that implementation names; this module only reads it.
 """
 
 from __future__ import annotations
@@ -24,20 +25,16 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
-from .. import defaults
 from ..errors import Ps3EdgeError
 from ..artifact.vila import load_vila_manifest
-from ..model.hub import recorded_checkpoint
 from ..model.projector import projector_cells, space_to_channel
 from ..runtime.lookclose import Pipeline
-from ..runtime.runners.registry import get_backend
-from ..runtime.planning import LookCloseSettings, resolve_steps
-from .engine import OnnxLLM, TensorRTLLM, TorchLLM
+from ..runtime.planning import LookCloseSettings, resolve
 from .generate import Generation, SamplingConfig, generate
+from .implementations import get_implementation
 from .tokenizer import IM_END, IMAGE_TOKEN, load_tokenizer, stop_token_ids
-from .vila import VILA_LAYER, VilaHD, build_vila, load_vila
+from .vila import VILA_LAYER
 
 CONTEXT_MARGIN = 1024                 # VILA-HD: context >= high-res patches / 4 + 1024
 
@@ -59,92 +56,34 @@ class VilaAnswer:
 
 def required_context(settings: LookCloseSettings, pipeline: Pipeline) -> int:
     """VILA-HD's rule: NUM_LOOK_CLOSE * 2560 / 4 + 1024 (per-step budget x steps, or the token target)."""
-    budget, targets = resolve_steps(settings, pipeline.geometry)
-    patches = sum(sum(budget) if t is None else t for t in targets)
-    return patches // 4 + CONTEXT_MARGIN
+    return resolve(settings, pipeline.geometry).patches_asked // 4 + CONTEXT_MARGIN
 
 
 class VilaPipeline:
-    """A VILA-HD artifact on one backend: `onnxruntime` (the exported files), `torch` (the
-    reference: transformers' Qwen2 and our PyTorch PS3 / projector, rebuilt from the source) or
-    `tensorrt` (the engines of `ps3edge build ARTIFACT`: PS3 stages, projector, LLM)."""
+    """A VILA-HD artifact on one implementation of implementations.py: `onnxruntime` (the
+    exported files), `torch` (the reference: transformers' Qwen2 and our PyTorch PS3 / projector,
+    rebuilt from the source) or `tensorrt` (the engines of `ps3edge build ARTIFACT`: PS3 stages,
+    projector, LLM)."""
 
     def __init__(self, artifact_dir, backend: str = "onnxruntime", verify: bool = True):
-        get_backend(backend)                  # refuses an unknown name
+        implementation = get_implementation(backend)         # refuses an unknown name
         self.art = Path(artifact_dir)
         self.manifest = load_vila_manifest(self.art, verify)
         self.backend = backend
-        if backend == "tensorrt":
-            missing = [s for s in ("projector", "llm") if s not in self.manifest.engines]
-            if missing:
-                raise Ps3EdgeError(f"{self.art} has no TensorRT engine for {', '.join(missing)}; build them with "
-                                   f"'ps3edge build {self.art}'")
-        # the torch backend's whole model, built once: its vision tower also runs the PS3 stages
-        model = self._rebuild() if backend == "torch" else None
+        implementation.check(self.art, self.manifest)
+        side = implementation.open(self.art, self.manifest)
         # VILA-HD looks at the low-res tokens before it selects (run_lowres / run_from_lowres),
-        # which the one-program GPU fast path does not split; its torch backend stays staged
-        self.ps3 = Pipeline(self.art / "ps3", backend, verify=verify, fast=False if backend == "torch" else None,
-                            loaded=model.ps3 if model is not None else None)
+        # which a whole-loop session does not split: PS3 runs stage by stage on every backend.
+        # The torch implementation's PS3 model comes with it (one model for both sides).
+        self.ps3 = Pipeline(self.art / "ps3", implementation.ps3_backend, verify=verify, fast=False,
+                            loaded=side.ps3_model)
         self.tokenizer = load_tokenizer(self.art / "tokenizer")
         self.context_length = self.manifest.context_length
-        if backend in ("onnxruntime", "tensorrt"):
-            if backend == "onnxruntime":
-                self.llm = OnnxLLM(self.art / "llm.onnx")
-                from ..runtime.runners.onnxruntime import OnnxRuntimeRunner
-                stage = OnnxRuntimeRunner.from_path(self.art / "projector.onnx")
-            else:
-                stage = self._tensorrt_engines()
-            self._project = lambda cells: stage.infer({"cells": cells})["embeddings"]
-            self.embed_table = np.load(self.art / "embed_tokens.npy")
-            head = np.load(self.art / "prompt_head.npz") if self.manifest.top_down else None
-            self._head = (lambda h: h @ head["weight"].T + head["bias"]) if head is not None else None
-        else:
-            self.llm = TorchLLM(model.llm)
-            self.embed_table = model.llm.get_input_embeddings().weight.detach().float().numpy()
-
-            def project(cells):
-                with torch.inference_mode():
-                    return model.projector(torch.from_numpy(cells)).numpy()
-            self._project = project
-            if model.top_down_head is not None:
-                def head_fn(h):
-                    with torch.inference_mode():
-                        return model.top_down_head(torch.from_numpy(h)).numpy()
-                self._head = head_fn
-            else:
-                self._head = None
+        self.llm, self._project, self._head, self.embed_table = side.llm, side.project, side.head, side.embed_table
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.im_end_id = self.tokenizer.convert_tokens_to_ids(IM_END)
         self.newline_ids = self.tokenizer.encode("\n", add_special_tokens=False)
         self.stop_ids = tuple(stop_token_ids(self.tokenizer))
-
-    def _tensorrt_engines(self):
-        """The projector as a TensorRTRunner and the LLM as a TensorRTLLM (sets self.llm), after
-        checking both engines against this machine's TensorRT and GPU."""
-        from ..engines.llm_engine import projector_width, vila_stage_specs
-        from ..engines.platform import check_engine_compatible, import_tensorrt, machine_facts
-        from ..artifact.manifest import StageEntry
-        from ..runtime.runners.tensorrt import TensorRTRunner
-
-        trt = import_tensorrt()
-        here = machine_facts(trt)
-        engines = self.manifest.engines
-        for name in ("projector", "llm"):
-            check_engine_compatible(name, engines[name], here)
-        stream = torch.cuda.Stream()
-        specs = vila_stage_specs(self.manifest, projector_width(self.art))
-        self.llm = TensorRTLLM(self.art / engines["llm"].file, engines["llm"], trt, stream)
-        projector = StageEntry.from_dict("projector", {"file": engines["projector"].file, **specs["projector"]})
-        return TensorRTRunner.from_record(self.art, "projector", projector, engines["projector"], trt, stream)
-
-    def _rebuild(self) -> VilaHD:
-        source = self.manifest.source
-        if source.get("kind") == "preset":
-            return build_vila(source["name"], int(source.get("seed", defaults.DEFAULT_SEED)))
-        model = load_vila(recorded_checkpoint(source))
-        if model.source.get("sha256") != source.get("sha256"):
-            raise Ps3EdgeError(f"checkpoint {source['path']} changed since export; re-export the artifact")
-        return model
 
     # --- pieces ------------------------------------------------------------------------------
     def embed(self, ids) -> np.ndarray:
@@ -184,8 +123,7 @@ class VilaPipeline:
         """Before any model work: the question, the low-res image, its newline and the most high-res
         cells these settings can select (selected patches / 4) must fit the context, so that an
         over-long question is refused up front, not after a prefill over all of it."""
-        budget, targets = resolve_steps(settings, self.ps3.geometry)
-        patches = sum(sum(budget) if t is None else t for t in targets)
+        patches = resolve(settings, self.ps3.geometry).patches_asked
         lowres = math.ceil(self.ps3.cfg.lowres_grid / 2) ** 2
         text = len(ids) - 1                                          # without the <image> placeholder
         most = text + lowres + len(self.newline_ids) + patches // 4

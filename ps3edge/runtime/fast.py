@@ -4,7 +4,8 @@ Same stages and same answer as `lookclose.Pipeline`, but nothing leaves the devi
 the pixels and the features:
 
 - the step schedule (how many patches each step takes from each scale, spill included) depends
-  only on the settings, so it is computed on the host before the run (`planning.step_counts`);
+  only on the settings, so it is computed on the host before the run (`planning.resolve`'s
+  `Schedule.counts`);
 - the ranking is a stable descending `torch.sort` of each scale's map on the device, and each
   step is a fixed slice of it, so planning needs no host round trip;
 - all steps of equal length of all B images run as one `highres` call (T = steps x B rows of N
@@ -14,8 +15,9 @@ the pixels and the features:
 - every shape is fixed for given settings and B, so on CUDA the whole run is captured as a
   CUDA graph per (B, settings, prompt kind, layer) on its second use and replayed after that.
 
-`lookclose.Pipeline` runs this for `ps3edge run --backend torch` on CUDA (with the image
-preprocessed on the device, `preprocess.preprocess_on_device`); `ps3edge bench` times it.
+The torch backend opens an artifact as this program on CUDA (runners/torch.py `FastSession`,
+which `lookclose.Pipeline` runs for `ps3edge run --backend torch`, with the image preprocessed on
+the device, `preprocess.preprocess_on_device`); `ps3edge bench` times it.
 
 fp16 / bf16 run the network in that precision (as the official code does when cast); the
 position table is computed in fp32 and then cast.
@@ -79,7 +81,7 @@ class FastLookClose:
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor, counts: list[list[int]], smooth: bool = False,
                 prompt: torch.Tensor | None = None, timer=None, layer: int | None = None) -> FastResult:
-        """pixels (B,3,S,S) on the device; counts[t][s] from planning.step_counts (the same for
+        """pixels (B,3,S,S) on the device; counts[t][s] from planning.resolve (the same for
         every image); prompt (B,C) or None (the learned prior for all); layer: the block whose
         features come back (default: the one given at construction)."""
         layer = self.layer if layer is None else layer % self.cfg.depth

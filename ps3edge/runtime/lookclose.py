@@ -11,14 +11,17 @@ One image is a batch of one: `run` is `run_batch` of one image.
 The output order and values are those of the official `PS3VisionModel` with
 `output_hidden_states=True` for the requested layer.
 
-On a CUDA device the torch backend runs the same loop as one device-resident program
-(`fast.FastLookClose`: preprocessing, planning and all steps on the GPU, replayed from a CUDA
-graph); the stage-by-stage path below stays the reference and the CPU path.
+The backend decides how it runs an artifact, and says so in the session it opens
+(runners/session.py): a staged session hands out its stage runners, which the loop below drives;
+a whole-loop session (the torch backend on CUDA: `fast.FastLookClose`, preprocessing, planning
+and all steps on the GPU, replayed from a CUDA graph) runs the same loop as one program. The
+stage-by-stage path stays the reference and the CPU path. The look-close settings are resolved
+once per pass into a schedule (planning.resolve) that every plan and the device program follow;
+the stage times come from the runners and the session, which time themselves (timing.py).
 """
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,48 +31,20 @@ from PIL import Image
 from .. import defaults
 from ..errors import Ps3EdgeError
 from ..artifact.manifest import load_manifest
-from ..artifact.weights import rebuild_torch_model
 from .batching import assemble, highres_feeds
-from .runners.registry import load_stages
-from .planning import Geometry, LookCloseSettings, plan, plan_from_steps, resolve_steps, step_counts
+from .device import CPU
+from .runners.registry import open_session
+from .planning import Geometry, LookCloseSettings, Schedule, plan, plan_from_steps, resolve
 from .result import LookCloseResult
+from .timing import StageTimes
 from . import frames
 from .preprocess import preprocess, preprocess_levels_on_device, preprocess_on_device
-
-DEVICES = ("auto", "cpu", "cuda")
-
-
-FAST_PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def is_pixels(x) -> bool:
     """A preprocessed (B,3,S,S) float32 array (the lowres stage's input), not a camera frame."""
     return (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 4 and x.shape[1] == 3
             and x.shape[2] == x.shape[3])
-
-
-
-def resolve_device(backend: str, device: str | None) -> str:
-    """'auto' / None -> where the backend runs: the torch backend on CUDA when torch sees a GPU,
-    else the CPU; onnxruntime and TensorRT pick their own device (providers, engines)."""
-    device = device or "auto"
-    if device not in DEVICES and not device.startswith("cuda:"):
-        raise Ps3EdgeError(f"--device takes {', '.join(DEVICES)} (or cuda:N), got '{device}'")
-    if backend != "torch":
-        if device != "auto":
-            raise Ps3EdgeError(f"--device applies to the torch backend; {backend} chooses its own device")
-        return "auto"
-    import torch
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise Ps3EdgeError(f"--device {device} asked for, but torch sees no CUDA device here")
-    if device.startswith("cuda:"):
-        index = device[5:]
-        if not index.isdigit() or int(index) >= torch.cuda.device_count():
-            raise Ps3EdgeError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s), "
-                               f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return device
 
 
 def geometry_of(manifest) -> Geometry:
@@ -84,14 +59,17 @@ def geometry_of(manifest) -> Geometry:
 class Pipeline:
     """An artifact directory loaded on one backend, ready to run images.
 
-    device: the torch backend's device (auto: CUDA when there is one). fast: run the loop as one
-    device-resident program (`fast.FastLookClose`); by default on CUDA only. preprocess:
-    'device' resizes on the run's device (bit-identical to PIL), 'cpu' with PIL; by default on
-    the device when the fast path runs. loaded: for the torch backend, the artifact's PS3 model
-    when the caller already holds it (a weights.LoadedModel; checked against the manifest). It
-    is used, not copied: the fast path moves it to its device and dtype.
+    device: --device text or a device.Device (auto: the backend chooses; the torch backend takes
+    CUDA when there is one). fast: True or False asks for or against the whole loop as one
+    device-resident program (`fast.FastLookClose`); None lets the backend choose (the torch
+    backend on CUDA). preprocess: 'device' resizes on the session's device (bit-identical to
+    PIL), 'cpu' with PIL; by default as the session prefers (on the device for the fast path).
+    loaded: for the torch backend, the artifact's PS3 model when the caller already holds it (a
+    weights.LoadedModel; checked against the manifest). It is used, not copied: the fast path
+    moves it to its device and dtype.
 
-    `close()` (or `with Pipeline(...) as p:`) frees the stage runners' sessions and engines.
+    `session` is what the backend opened (runners/session.py). `close()` (or `with Pipeline(...)
+    as p:`) frees its stage runners' sessions and engines, or its device program.
     """
 
     def __init__(self, artifact_dir, backend: str = "onnxruntime", verify: bool = True, precision: str = "fp32",
@@ -103,45 +81,36 @@ class Pipeline:
         self.backend = backend
         self.geometry = geometry_of(self.manifest)
         self.precision = precision             # fp32, or a precision of the manifest's "precisions"
-        self.device = resolve_device(backend, device)
         if preprocess not in (None, "cpu", "device"):
             raise Ps3EdgeError(f"--preprocess takes cpu or device, got '{preprocess}'")
-        self.fast = None
-        if fast is None:
-            fast = backend == "torch" and self.device.startswith("cuda")
-        if fast:
-            if backend != "torch":
-                raise Ps3EdgeError("the device-resident fast path runs on the torch backend only")
-            if precision not in FAST_PRECISIONS:
-                raise Ps3EdgeError(f"the torch fast path runs in {', '.join(FAST_PRECISIONS)}, not {precision} "
-                                   f"(--device cpu runs the staged torch path)")
-            from .fast import FastLookClose
-            self.fast = FastLookClose(rebuild_torch_model(self.manifest, loaded), device=self.device, dtype=precision)
-        elif backend == "torch" and self.device != "cpu":
-            if device not in (None, "auto"):
-                raise Ps3EdgeError("the staged torch backend runs on the CPU; on CUDA the torch backend is the fast path")
-            self.device = "cpu"
-        self.preprocess_on = preprocess or ("device" if self.fast else "cpu")
-        # the stage runners; with the fast path they load only if the staged API is used
-        self._loaded, self._closed = loaded, False
-        self._stages = None if self.fast else load_stages(self.artifact_dir, self.manifest, backend, precision, loaded)
+        self.session = open_session(self.artifact_dir, self.manifest, backend, device, precision, fast, loaded)
+        self.device = self.session.device      # a device.Device
+        self.preprocess_on = preprocess or ("device" if self.session.preprocesses_on_device else "cpu")
+        self._closed = False
         self.prior_prompt = np.load(self.artifact_dir / defaults.PRIOR_PROMPT_FILE).reshape(1, -1)
 
     @property
     def stages(self) -> dict:
-        """name -> StageRunner (runners/base.py) of the three stages, loaded on first use."""
+        """name -> StageRunner (runners/base.py) of the three stages; a whole-loop session loads
+        them on first use."""
+        self._refuse_if_closed()
+        return self.session.stages
+
+    def _refuse_if_closed(self) -> None:
         if self._closed:
             raise Ps3EdgeError(f"this pipeline of {self.artifact_dir} is closed; load it again")
-        if self._stages is None:
-            self._stages = load_stages(self.artifact_dir, self.manifest, self.backend, self.precision, self._loaded)
-        return self._stages
+
+    @property
+    def fast(self):
+        """The device-resident program (fast.FastLookClose) when the session runs the whole loop
+        as one, else None."""
+        return self.session.program
 
     def close(self) -> None:
-        """Close the stage runners (sessions, engines, buffers) and drop the fast path's program;
+        """Close the session (stage runners' sessions, engines, buffers; the fast path's program);
         the pipeline refuses to run afterwards."""
-        for runner in (self._stages or {}).values():
-            runner.close()
-        self._stages, self.fast, self._loaded, self._closed = None, None, None, True
+        self.session.close()
+        self._closed = True
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -153,8 +122,8 @@ class Pipeline:
     def pixels(self, image, channels: str = "rgb") -> np.ndarray:
         """A frame (frames.py: a path, PIL image, uint8 numpy array or torch tensor) -> the
         (1,3,S,S) normalised input of the lowres stage."""
-        on_device = self.backend == "torch" and self.preprocess_on == "device"
-        return self._pixels_on(image, self.device if on_device else "cpu", channels).cpu().numpy()
+        device = self.session.preprocess_device if self.preprocess_on == "device" else CPU
+        return self._pixels_on(image, device.torch(), channels).cpu().numpy()
 
     def _pixels_on(self, image, device, channels: str = "rgb"):
         """`pixels` as a float32 tensor on `device`, preprocessed where --preprocess says. A frame
@@ -252,19 +221,20 @@ class Pipeline:
         (1,3,S,S) float32 pixel arrays, or a (B,3,S,S) float32 array; at most `max_batch`. One
         look-close setting for all; prompt_embeddings as `prompts` takes them. Planning is per
         image; the step rows of all images share the highres calls (batching.py)."""
+        self._refuse_if_closed()
         frames.check_channels(channels)
         batch = images if is_pixels(images) else list(images)
         count = len(batch)
         self.check_batch(count)
         self.layer_index(layer)
         prompts = self.prompts(settings, prompt_embeddings, count)     # refuse bad prompts before any work
-        resolve_steps(settings, self.geometry)                         # and settings this model cannot take
-        if self.fast is not None:
+        schedule = resolve(settings, self.geometry)                    # and settings this model cannot take
+        if self.session.whole_loop:
             bottom_up = all(p is None for p in self._given_prompts(prompt_embeddings, count))
-            results = self._run_fast(batch, settings, None if bottom_up else prompts, layer, channels)
+            results = self._run_fast(batch, settings, None if bottom_up else prompts, layer, channels, schedule)
         else:
             low, times = self.run_lowres(batch, channels)
-            results = self._from_lowres(low, settings, prompts, layer, times)
+            results = self._from_lowres(low, settings, schedule, prompts, layer, times)
         for i, result in enumerate(results):
             for name, values in (("selection probabilities", result.prob), ("features", result.features)):
                 if not np.isfinite(values).all():
@@ -308,52 +278,49 @@ class Pipeline:
         (B,3,S,S) float32 array. The outputs can be run through `run_from_lowres` more than once (e.g. VILA-HD
         looks at the low-res tokens first to build its top-down prompt, then selects with it).
         """
-        times = {}
-        t0 = time.perf_counter()
-        if is_pixels(images):
-            pixels = images
-        else:
-            pixels = self.pixels_batch(images if isinstance(images, (list, tuple)) else [images], None, channels)
-        times["preprocess"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        low = self.stages["lowres"].infer({"pixels": pixels})
-        times["lowres"] = time.perf_counter() - t0
-        return low, times
+        times = StageTimes()
+        with times.measure("preprocess"):
+            if is_pixels(images):
+                pixels = images
+            else:
+                pixels = self.pixels_batch(images if isinstance(images, (list, tuple)) else [images], None, channels)
+        lowres = self.stages["lowres"]
+        low = lowres.infer({"pixels": pixels})
+        times.add("lowres", lowres.last_inference_time())
+        return low, times.seconds
 
     def run_from_lowres(self, low: dict, settings: LookCloseSettings, prompt_embedding=None,
                         layer: int = defaults.DEFAULT_RUN_LAYER, times: dict | None = None) -> LookCloseResult:
         """Selector, planning, highres and assembly from `run_lowres`'s outputs of one image."""
         self.layer_index(layer)
-        return self._from_lowres(low, settings, self.prompt(settings, prompt_embedding), layer, times)[0]
+        schedule = resolve(settings, self.geometry)
+        return self._from_lowres(low, settings, schedule, self.prompt(settings, prompt_embedding), layer, times)[0]
 
-    def _from_lowres(self, low: dict, settings: LookCloseSettings, prompts: np.ndarray, layer: int,
-                     times: dict | None) -> list[LookCloseResult]:
-        """The batch's selector call, its plans (one per image), highres calls and assembly."""
+    def _from_lowres(self, low: dict, settings: LookCloseSettings, schedule: Schedule, prompts: np.ndarray,
+                     layer: int, times: dict | None) -> list[LookCloseResult]:
+        """The batch's selector call, its plans (one per image, cut by `schedule`), highres calls
+        and assembly; the runners' own times, and the pipeline's work between them."""
         r = self.layer_index(layer)
-        times = dict(times or {})
-
-        t0 = time.perf_counter()
-        prob = self.stages["selector"].infer({
+        times = StageTimes(times)
+        selector, highres = self.stages["selector"], self.stages["highres"]
+        prob = selector.infer({
             "selection_features": low["selection_features"], "conv_features": low["conv_features"],
             "prompt": prompts})["prob"]                                            # (B,G0,G0)
-        times["selector"] = time.perf_counter() - t0
+        times.add("selector", selector.last_inference_time())
+        with times.measure("planning"):
+            plans = [plan(p, schedule, self.geometry) for p in prob]
 
-        t0 = time.perf_counter()
-        plans = [plan(p, settings, self.geometry) for p in prob]
-        times["planning"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
         feeds = list(highres_feeds(plans, low, self.geometry, self.steps_per_call()))
-        features = [self.stages["highres"].infer(feed)["highres_features"][r] for feed in feeds]   # (T,N,C)
-        times["highres"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        tokens = assemble(low["lowres_features"][r], feeds, features)
-        times["assemble"] = time.perf_counter() - t0
+        features = []
+        times.add("highres", 0.0)                                 # the stage is reported when no step has patches
+        for feed in feeds:
+            features.append(highres.infer(feed)["highres_features"][r])          # (T,N,C)
+            times.add("highres", highres.last_inference_time())
+        with times.measure("assemble"):
+            tokens = assemble(low["lowres_features"][r], feeds, features)
 
         calls = [tuple(feed["positions"].shape) for feed in feeds]
-        timings = {k: v * 1e3 for k, v in times.items()}
+        timings = times.ms()
         return [LookCloseResult(
             features=t[None].astype(np.float32, copy=False), layer=self.manifest.returned_layers[r],
             prob=p, plan=pl, scales=tuple(self.cfg.scales[1:]), timings_ms=dict(timings),
@@ -361,59 +328,33 @@ class Pipeline:
             for t, p, pl in zip(tokens, prob, plans)]
 
     def _run_fast(self, batch, settings: LookCloseSettings, prompts, layer: int,
-                  channels: str = "rgb") -> list[LookCloseResult]:
-        """The whole batch as one device program (fast.FastLookClose), then one copy of the results
-        to the host. prompts: (B,C), or None for the learned prior everywhere."""
+                  channels: str = "rgb", schedule: Schedule | None = None) -> list[LookCloseResult]:
+        """The whole batch through the session's one device program (`run_loop`), which copies
+        the results to the host once. prompts: (B,C), or None for the learned prior everywhere."""
         import torch
 
         r = self.layer_index(layer)
-        counts = step_counts(settings, self.geometry)           # validates the settings
-        device = self.fast.device
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        times = {}
-        t0 = time.perf_counter()
-        if is_pixels(batch):
-            pixels = torch.from_numpy(batch).to(device)
-        else:
-            pixels = torch.cat([torch.from_numpy(im).to(device) if is_pixels(im)
-                                else self._pixels_on(im, device, channels) for im in batch])
-        sync()
-        times["preprocess"] = time.perf_counter() - t0
-
-        prompt = None if prompts is None else torch.from_numpy(prompts).to(device)
-        t0 = time.perf_counter()
-        out = self.fast.graphed(pixels, counts, smooth=settings.smooth_selection_prob, prompt=prompt,
-                                layer=self.manifest.returned_layers[r])
-        sync()
-        times["look-close (device)"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        features = out.features.float().cpu().numpy()                        # (B,tokens,C)
-        prob = out.prob.float().cpu().numpy()                                # (B,G0,G0)
-        steps = [s.cpu().numpy() for s in out.steps]                         # each (B,N_t)
-        times["to host"] = time.perf_counter() - t0
+        schedule = schedule or resolve(settings, self.geometry)
+        device = self.session.device.torch()
+        times = StageTimes()
+        with times.measure("preprocess", self.session.synchronize):
+            if is_pixels(batch):
+                pixels = torch.from_numpy(batch).to(device)
+            else:
+                pixels = torch.cat([torch.from_numpy(im).to(device) if is_pixels(im)
+                                    else self._pixels_on(im, device, channels) for im in batch])
+        features, prob, steps = self.session.run_loop(pixels, schedule, prompts, self.manifest.returned_layers[r])
+        times.update(self.session.last_timings)
         lengths = sorted({s.shape[1] for s in steps if s.shape[1]}, reverse=True)
         calls = [(len(features) * sum(s.shape[1] == n for s in steps), n) for n in lengths]
-        timings = {k: v * 1e3 for k, v in times.items()}
+        timings = times.ms()
         return [LookCloseResult(
             features=features[b: b + 1], layer=self.manifest.returned_layers[r], prob=prob[b],
-            plan=plan_from_steps([s[b] for s in steps], prob[b], settings, self.geometry),
+            plan=plan_from_steps([s[b] for s in steps], prob[b], schedule, self.geometry),
             scales=tuple(self.cfg.scales[1:]), timings_ms=dict(timings), highres_calls=list(calls),
             batch=len(features), settings=settings) for b in range(len(features))]
 
     def steps_per_call(self) -> int:
-        """Most look-close step rows (of any images) in one highres call: the highres runner's
-        own limit (a TensorRT engine's T_max), else the profile bound of artifact/profiles.py
-        (the default steps of max_batch images, at most what one call's attention scores
-        allow). On the CPU, one image's default steps: a call's attention scores are
-        materialised there (at 4K one step's take 16 x 2560 x 3289 floats = 539 MB per block),
-        and rows of 2560 tokens already fill the CPU's matrix units, so larger calls would only
-        cost memory."""
-        from ..artifact.profiles import axis_bounds, look_close_steps
-
-        runner = self.stages["highres"]
-        if runner.max_steps_per_call:
-            return runner.max_steps_per_call
-        rows = axis_bounds(self.manifest)["T"][2]
-        on_cpu = str(runner.device).lower() in ("cpu", "cpu ep")
-        return min(rows, look_close_steps(self.manifest)) if on_cpu else rows
+        """Most look-close step rows (of any images) in one highres call, as the session states
+        it (runners/session.py: the highres runner's limit, else the artifact's profile bound)."""
+        return self.session.steps_per_call(self.manifest)

@@ -9,6 +9,14 @@ by the lower raster index within the scale. That rule is ours: the official code
 falls inside a block of equal values the official pick can differ from ours by which of the
 equal-probability patches it took (the parity report measures that by IoU).
 
+How many patches each step takes from each scale depends only on the settings and the
+geometry, not on the probabilities: every step takes the per-step budget (or, for the last step
+of a token target, each scale's floor(budget_s * target / sum(budget)), the official
+`num_select_token` rule), and a scale with fewer patches left than its share gives the rest to
+the next scale (the official spill). So the settings are resolved once, by `resolve`, into a
+`Schedule` (the budget and counts[t][s]); a pass resolves once, and every image's `plan` (and
+the device-resident fast path, runtime/fast.py) cuts its rankings by the same schedule.
+
 The settings are the five environment variables of the VILA-HD README; command-line flags
 override them.
 """
@@ -238,12 +246,26 @@ def scale_probability_maps(prob: np.ndarray, geometry: Geometry, smooth: bool) -
     return maps
 
 
-def step_counts(settings: LookCloseSettings, geometry: Geometry) -> list[list[int]]:
-    """counts[t][s]: how many patches step t takes from scale s.
+@dataclass(frozen=True)
+class Schedule:
+    """Settings resolved against a geometry: what every plan of a pass cuts its rankings by."""
+    budget: tuple[int, ...]                   # per-step patches per scale
+    targets: tuple[int, ...]                  # per step, the patches asked for (sum(budget) when full)
+    counts: tuple[tuple[int, ...], ...]       # counts[t][s]: patches step t takes from scale s
+    smooth: bool = False                      # the probability map smoothed on a 6x6 grid first
 
-    Depends only on the settings and the geometry, not on the probabilities: a scale that has
-    fewer patches left than its share gives the rest to the next scale (the official spill).
-    """
+    @property
+    def steps(self) -> int:
+        return len(self.counts)
+
+    @property
+    def patches_asked(self) -> int:
+        """The high-res patches the settings ask for (VILA-HD's context rule counts these)."""
+        return sum(self.targets)
+
+
+def resolve(settings: LookCloseSettings, geometry: Geometry) -> Schedule:
+    """The settings, validated (`resolve_steps`), as each step's counts per scale with the spill."""
     budget, targets = resolve_steps(settings, geometry)
     per_step = sum(budget)
     left = list(geometry.patches_each_scale)         # patches not yet taken, per scale
@@ -257,20 +279,24 @@ def step_counts(settings: LookCloseSettings, geometry: Geometry) -> list[list[in
                 counts[s] = left[s]
         for s, k in enumerate(counts):
             left[s] -= k
-        schedule.append(counts)
-    return schedule
+        schedule.append(tuple(counts))
+    return Schedule(budget=tuple(budget), targets=tuple(per_step if t is None else t for t in targets),
+                    counts=tuple(schedule), smooth=settings.smooth_selection_prob)
 
 
-def plan(prob: np.ndarray, settings: LookCloseSettings, geometry: Geometry) -> Plan:
-    """Turn the (G0,G0) probability map into per-step patch lists."""
-    budget, _ = resolve_steps(settings, geometry)
-    schedule = step_counts(settings, geometry)
-    scale_probs = scale_probability_maps(prob, geometry, settings.smooth_selection_prob)
+def step_counts(settings: LookCloseSettings, geometry: Geometry) -> list[list[int]]:
+    """counts[t][s]: how many patches step t takes from scale s (`resolve`'s counts, as lists)."""
+    return [list(counts) for counts in resolve(settings, geometry).counts]
+
+
+def plan(prob: np.ndarray, schedule: Schedule, geometry: Geometry) -> Plan:
+    """Turn the (G0,G0) probability map into per-step patch lists, cut as `schedule` says."""
+    scale_probs = scale_probability_maps(prob, geometry, schedule.smooth)
     # One ranking per scale: descending probability, ties -> lower raster index (stable sort).
     rankings = [np.argsort(-m.reshape(-1), kind="stable") for m in scale_probs]
     taken = [0] * len(rankings)                      # how far down each ranking we are
     steps = []
-    for counts in schedule:
+    for counts in schedule.counts:
         step = []
         for s, k in enumerate(counts):
             step.append(rankings[s][taken[s]: taken[s] + k])
@@ -282,20 +308,18 @@ def plan(prob: np.ndarray, settings: LookCloseSettings, geometry: Geometry) -> P
         m = np.zeros(g * g, dtype=np.uint8)
         m[rankings[s][: taken[s]]] = 1
         maps.append(m.reshape(g, g))
-    return Plan(steps=steps, selection_maps=maps, scale_probs=scale_probs, budget=budget)
+    return Plan(steps=steps, selection_maps=maps, scale_probs=scale_probs, budget=schedule.budget)
 
 
-def plan_from_steps(step_positions: list[np.ndarray], prob: np.ndarray, settings: LookCloseSettings,
+def plan_from_steps(step_positions: list[np.ndarray], prob: np.ndarray, schedule: Schedule,
                     geometry: Geometry) -> Plan:
     """The Plan of a run whose steps were chosen elsewhere (the device-resident fast path):
-    step_positions[t] holds step t's global patch indices, scale-major, as `step_counts` says."""
-    budget, _ = resolve_steps(settings, geometry)
-    schedule = step_counts(settings, geometry)
-    if len(step_positions) != len(schedule):
-        raise ValueError(f"{len(step_positions)} steps given, the settings make {len(schedule)}")
+    step_positions[t] holds step t's global patch indices, scale-major, as `schedule` counts them."""
+    if len(step_positions) != schedule.steps:
+        raise ValueError(f"{len(step_positions)} steps given, the settings make {schedule.steps}")
     steps = []
     maps = [np.zeros(g * g, dtype=np.uint8) for g in geometry.highres_grids]
-    for positions, counts in zip(step_positions, schedule):
+    for positions, counts in zip(step_positions, schedule.counts):
         positions = np.asarray(positions, dtype=np.int64)
         if len(positions) != sum(counts):
             raise ValueError(f"a step holds {len(positions)} patches, the settings say {sum(counts)}")
@@ -307,5 +331,5 @@ def plan_from_steps(step_positions: list[np.ndarray], prob: np.ndarray, settings
             maps[s][local] = 1
         steps.append(step)
     maps = [m.reshape(g, g) for m, g in zip(maps, geometry.highres_grids)]
-    scale_probs = scale_probability_maps(prob, geometry, settings.smooth_selection_prob)
-    return Plan(steps=steps, selection_maps=maps, scale_probs=scale_probs, budget=budget)
+    scale_probs = scale_probability_maps(prob, geometry, schedule.smooth)
+    return Plan(steps=steps, selection_maps=maps, scale_probs=scale_probs, budget=schedule.budget)

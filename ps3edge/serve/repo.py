@@ -51,6 +51,7 @@ def write_repository(artifact_dir: Path, out: Path, options: ServeOptions, defau
     """Write the repository at `out` (absent or empty); returns the models it holds."""
     from ..artifact.vila import is_vila_artifact
     from ..runtime.lookclose import Pipeline
+    from ..runtime.runners.registry import get_backend
     from .ps3_model import Ps3Model
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -61,7 +62,7 @@ def write_repository(artifact_dir: Path, out: Path, options: ServeOptions, defau
         inputs, outputs = model.inputs(), model.outputs()
     parameters = {"backend": options.backend, "precision": options.precision, "layer": str(layer),
                   **{k: str(v) for k, v in vars(defaults).items() if v is not None}}
-    kind = "KIND_GPU" if options.backend == "tensorrt" else "KIND_CPU"
+    kind = "KIND_GPU" if get_backend(options.backend).needs_gpu else "KIND_CPU"
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = temp_dir(out.parent, out.name, "staging")
     try:

@@ -9,20 +9,28 @@ not halfway through its first image.
 
     runner.infer({"pixels": x})  ->  {"lowres_features": ..., "kv_cache": ..., ...}
 
-Arrays cross the interface as numpy, keyed by tensor name. `max_steps_per_call` is the most
-look-close steps (axis T) one call takes (None: no limit); the runtime groups its highres calls
-to fit it (lookclose.highres_feeds), and a runner refuses a larger call instead of splitting it.
-`close()` frees the session, engine, buffers; `with runner:` closes on exit; a closed runner
-refuses further calls in one line.
+Arrays cross the interface as numpy, keyed by tensor name. Before a call runs, the feed is
+held against the inputs the runner declares (`input_metadata`), as Polygraphy's `infer` does:
+every declared name and no other, each tensor's dtype, rank and fixed dimensions; the dynamic
+axes ("B", "T", "N", or a session's own names) are free, up to the bounds the runner declares
+(`axis_bounds`). A mismatch is one Ps3EdgeError line naming the stage, the tensor, what was given
+and what is declared, instead of a backend's own error from deep inside the session.
+`max_steps_per_call` is the most look-close steps (axis T) one call takes (None: no limit); the
+runtime groups its highres calls to fit it (lookclose.highres_feeds), and a runner refuses a
+larger call instead of splitting it. A runner times its own calls: `last_inference_time()` is
+the wall time of the last one, in seconds. `close()` frees the session, engine, buffers;
+`with runner:` closes on exit; a closed runner refuses further calls in one line.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
 
 from ...errors import Ps3EdgeError
+from ..device import CPU, Device
 
 
 class StageRunner:
@@ -38,7 +46,7 @@ class StageRunner:
     backend = "base"
     kind = "stage"                       # how a refusal names the runner: "stage", or "engine" (TensorRT)
 
-    def __init__(self, name: str, entry, loader: Callable, device: str = "cpu",
+    def __init__(self, name: str, entry, loader: Callable, device: Device = CPU,
                  max_steps_per_call: int | None = None):
         self.name = name
         self.entry = entry
@@ -47,6 +55,7 @@ class StageRunner:
         self._loader = loader
         self.is_active = False
         self.closed = False
+        self._last_time: float | None = None
         # the T axis (look-close steps) of every tensor that has one, from the declared shapes
         self.step_axes = {} if entry is None else {
             t.name: t.shape.index("T") for t in entry.inputs + entry.outputs if "T" in t.shape}
@@ -63,6 +72,15 @@ class StageRunner:
     def input_metadata(self) -> dict[str, tuple[str, tuple]]:
         """name -> (numpy dtype name, shape); dynamic axes are named ("T", "N")."""
         return {t.name: (t.dtype, tuple(t.shape)) for t in self.entry.inputs}
+
+    def axis_bounds(self) -> dict[str, int]:
+        """Dynamic axis -> the most this runner takes along it (the look-close steps T of a call)."""
+        return {} if self.max_steps_per_call is None else {"T": self.max_steps_per_call}
+
+    @property
+    def device_label(self) -> str:
+        """How a report names where this runner computes (onnxruntime: its provider)."""
+        return str(self.device)
 
     # --- lifecycle -------------------------------------------------------------------------------
     def activate(self) -> "StageRunner":
@@ -102,11 +120,40 @@ class StageRunner:
             raise Ps3EdgeError(f"{self.kind} '{self.name}' takes at most {self.max_steps_per_call} steps per call, "
                                f"got {steps}")
 
+    def check_feed(self, feed: dict) -> None:
+        """Refuse a feed that does not match the declared inputs, in one line (see the module docstring)."""
+        declared = self.input_metadata()
+        missing = [n for n in declared if n not in feed]
+        extra = [n for n in feed if n not in declared]
+        if missing or extra:
+            what = f"no input '{missing[0]}'" if missing else f"an input '{extra[0]}' it does not take"
+            raise Ps3EdgeError(f"{self.kind} '{self.name}' was fed {what}: given {sorted(feed)}, "
+                               f"declared {list(declared)}")
+        self.check_steps(feed)
+        bounds = self.axis_bounds()
+        for name, (dtype, shape) in declared.items():
+            value = feed[name]
+            given_dtype, given_shape = _dtype_name(value), tuple(getattr(value, "shape", ()))
+            fits = (given_dtype == dtype and len(given_shape) == len(shape)
+                    and all(_dim_fits(g, d, bounds) for g, d in zip(given_shape, shape)))
+            if not fits:
+                raise Ps3EdgeError(f"{self.kind} '{self.name}' input '{name}': given {given_dtype} "
+                                   f"{_shape_text(given_shape)}, declared {dtype} {_shape_text(shape)}"
+                                   + _bounds_text(shape, bounds))
+
     def infer(self, feed: dict) -> dict[str, np.ndarray]:
         """numpy inputs keyed by tensor name -> numpy outputs keyed by tensor name."""
         self.activate()
-        self.check_steps(feed)
-        return self._infer(feed)
+        self.check_feed(feed)
+        start = time.perf_counter()
+        outputs = self._infer(feed)
+        self._last_time = time.perf_counter() - start
+        return outputs
+
+    def last_inference_time(self) -> float | None:
+        """Wall time of the last call, in seconds (a backend's call returns when its outputs are
+        ready, so this is the stage's time); None before the first call."""
+        return self._last_time
 
     # --- what a backend implements ---------------------------------------------------------------
     def _activate(self, loaded) -> None:
@@ -121,6 +168,30 @@ class StageRunner:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "active" if self.is_active else "not loaded"
         return f"<{type(self).__name__} {self.name!r} on {self.device}, {state}>"
+
+
+def _dtype_name(value) -> str:
+    """numpy's name of a numpy array's or torch tensor's dtype ("float32"), else the value's type."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return type(value).__name__
+    return getattr(dtype, "name", None) or str(dtype).removeprefix("torch.")
+
+
+def _dim_fits(given: int, declared, bounds: dict[str, int]) -> bool:
+    """A fixed dimension must be equal; a dynamic one (named, or unnamed) any size up to its bound, if any."""
+    if isinstance(declared, int):
+        return given == declared
+    return given <= bounds.get(declared, given)
+
+
+def _shape_text(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _bounds_text(shape, bounds: dict[str, int]) -> str:
+    named = [f"{d} <= {bounds[d]}" for d in dict.fromkeys(shape) if isinstance(d, str) and d in bounds]
+    return f" with {', '.join(named)}" if named else ""
 
 
 def close_all(runners) -> None:

@@ -7,7 +7,7 @@ cache keyed by the stage file's sha256. On the CPU provider alone, an FP32 stage
 as onnxruntime's fused MultiHeadAttention, rewritten in memory when the session loads (the file
 on disk stays plain ONNX, for TensorRT): see exporter/ort_optimize.py. A session's CPU threads
 are OMP_NUM_THREADS where it is set (cpu_threads), else onnxruntime's default; every ps3edge
-session takes its options from cpu_session_options.
+session takes its options from cpu_session_options (exporter/ort_session.py).
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import Ps3EdgeError
+# the options of every ps3edge session, shared with the export's check of its files
+from ...exporter.ort_session import ENV_CPU_THREADS, cpu_session_options, cpu_threads  # noqa: F401
+from ..device import CPU, CUDA
 from .base import StageRunner
 from .probe import Facts
 from .registry import Backend
 
 ENV_ORT_PROVIDERS = "PS3EDGE_ORT_PROVIDERS"
-ENV_CPU_THREADS = "OMP_NUM_THREADS"
 EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"   # onnxruntime's config key
 
 # provider -> the device label a runner (and `ps3edge doctor`) reports
@@ -32,27 +34,6 @@ PROVIDER_DEVICES = {"CPUExecutionProvider": "CPU EP", "CUDAExecutionProvider": "
 # onnxruntime's tensor type names -> numpy's
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32",
               "tensor(int64)": "int64", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
-
-
-def cpu_threads() -> int | None:
-    """The threads a session computes with on the CPU: OMP_NUM_THREADS where it starts with a
-    positive whole number (torch takes its CPU threads from it too, and Ray sets it to a task's
-    share of the cores), else None: onnxruntime's default of one per physical core. Processes
-    that share a machine - Ray tasks, test workers, one pipeline per camera - then each use their
-    share, rather than each keeping a spinning pool as wide as the machine."""
-    first = os.environ.get(ENV_CPU_THREADS, "").split(",")[0].strip()
-    return int(first) if first.isdigit() and int(first) > 0 else None
-
-
-def cpu_session_options(threads: int | None = None):
-    """onnxruntime SessionOptions as every ps3edge session takes them: quiet (errors only), and
-    computing with `threads`, else cpu_threads(), else onnxruntime's default (0)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads or cpu_threads() or 0
-    return options
 
 
 def session_loader(path: Path, providers: list | None = None, threads: int | None = None,
@@ -112,6 +93,7 @@ class OnnxRuntimeRunner(StageRunner):
         super().__init__(name, entry, loader)
         self.session = None
         self.providers: list[str] = []
+        self.provider_label = "CPU EP"        # the first provider, as `ps3edge doctor` names it
 
     @classmethod
     def from_path(cls, path: Path, entry=None, providers: list | None = None,
@@ -125,7 +107,14 @@ class OnnxRuntimeRunner(StageRunner):
     def _activate(self, session) -> None:
         self.session = session
         self.providers = list(session.get_providers())
-        self.device = PROVIDER_DEVICES.get(self.providers[0], self.providers[0]) if self.providers else "cpu"
+        first = self.providers[0] if self.providers else "CPUExecutionProvider"
+        self.provider_label = PROVIDER_DEVICES.get(first, first)
+        # every provider but the CPU's computes on the GPU onnxruntime was given (CUDA, TensorRT)
+        self.device = CPU if first == "CPUExecutionProvider" else CUDA
+
+    @property
+    def device_label(self) -> str:
+        return self.provider_label
 
     def _release(self) -> None:
         self.session = None
@@ -221,6 +210,7 @@ def stage_providers(manifest, stage: str, file: str | None = None, precision: st
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    runs_calibrated_stages = True
     devices = {"CPU EP": ("fp32", "fp16", "int8"), "CUDA EP": ("fp32", "fp16"),
                "TensorRT EP": ("fp32", "fp16", "int8")}
     CPU_NOTES = {"fp32": "CPUExecutionProvider",

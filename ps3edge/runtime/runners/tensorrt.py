@@ -29,11 +29,13 @@ runner.py), for what that runner does differently:
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import Ps3EdgeError
+from ..device import CUDA
 from .base import StageRunner
 from .probe import Facts
 from .registry import Backend
@@ -121,9 +123,9 @@ class TensorRTRunner(StageRunner):
     kind = "engine"
 
     def __init__(self, name: str, entry, record, path: Path, loader, stream):
-        super().__init__(name, entry, loader, device="cuda")
+        super().__init__(name, entry, loader, device=CUDA)
         self.path = Path(path)
-        self.bindings = dict(record.get("bindings") or {n: n for n in entry.input_names + entry.output_names})
+        self.bindings = dict(record.bindings or {n: n for n in entry.input_names + entry.output_names})
         self.profiles = record.profiles
         self.stream = stream
         self.max_steps_per_call = next((self.profiles[n]["max"][a] for n, a in self.step_axes.items()
@@ -181,8 +183,11 @@ class TensorRTRunner(StageRunner):
         """Like infer, but the outputs stay on the GPU, as views of the engine's buffers that
         are valid until its next call."""
         self.activate()
-        self.check_steps(feed)
-        return self._run(feed)
+        self.check_feed(feed)
+        start = time.perf_counter()
+        outputs = self._run(feed)
+        self._last_time = time.perf_counter() - start
+        return outputs
 
     def _run(self, feed: dict) -> dict:
         import torch
@@ -208,6 +213,7 @@ class TensorRTRunner(StageRunner):
 class TensorRTBackend(Backend):
     name = "tensorrt"
     devices = {"cuda": ("fp32", "fp16", "bf16", "int8")}
+    needs_gpu = True               # engines run on a GPU only
 
     @staticmethod
     def engines_usable(facts: Facts) -> tuple[bool, str]:

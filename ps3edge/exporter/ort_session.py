@@ -1,0 +1,35 @@
+"""The options every onnxruntime session of ps3edge takes: quiet, and as many CPU threads as this
+process's share of the machine.
+
+Here, at the exporter's layer, because the export opens sessions of its own (onnxruntime's
+rewrites in ort_optimize.py, the check of its files in validate.py) as the onnxruntime runner
+(runtime/runners/onnxruntime.py) and INT8 calibration (calibration/int8.py) do; one copy of the
+options serves them all.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV_CPU_THREADS = "OMP_NUM_THREADS"
+
+
+def cpu_threads() -> int | None:
+    """The threads a session computes with on the CPU: OMP_NUM_THREADS where it starts with a
+    positive whole number (torch takes its CPU threads from it too, and Ray sets it to a task's
+    share of the cores), else None: onnxruntime's default of one per physical core. Processes
+    that share a machine - Ray tasks, test workers, one pipeline per camera - then each use their
+    share, rather than each keeping a spinning pool as wide as the machine."""
+    first = os.environ.get(ENV_CPU_THREADS, "").split(",")[0].strip()
+    return int(first) if first.isdigit() and int(first) > 0 else None
+
+
+def cpu_session_options(threads: int | None = None):
+    """onnxruntime SessionOptions as every ps3edge session takes them: quiet (errors only), and
+    computing with `threads`, else cpu_threads(), else onnxruntime's default (0)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads or cpu_threads() or 0
+    return options
