@@ -36,7 +36,7 @@ from ps3edge.demo import sample_image                             # noqa: E402
 from ps3edge.model import preset, random_model                    # noqa: E402
 from ps3edge.reference import official_model, run_official_with_selection                      # noqa: E402
 from ps3edge.runtime.fast import FastLookClose, attention_kernels  # noqa: E402
-from ps3edge.runtime.planning import LookCloseSettings, plan, step_counts   # noqa: E402
+from ps3edge.runtime.planning import LookCloseSettings, plan, resolve, step_counts   # noqa: E402
 from ps3edge.runtime.preprocess import preprocess                 # noqa: E402
 
 
@@ -60,14 +60,14 @@ def accuracy(name: str, depth, steps: int = 6):
     px = torch.from_numpy(preprocess(sample_image(), cfg.max_size, cfg.image_mean, cfg.image_std)).cuda()
     settings = LookCloseSettings(num_look_close=steps, mode="after_image")
     ours16 = fast16.forward(px.bfloat16(), step_counts(settings, fast16.geometry))
-    the_plan = plan(ours16.prob[0].float().cpu().numpy(), settings, fast16.geometry)
+    the_plan = plan(ours16.prob[0].float().cpu().numpy(), resolve(settings, fast16.geometry), fast16.geometry)
     maps = the_plan.step_maps(fast16.geometry)
     ref = run_official_with_selection(official32, px, maps)
     off16 = run_official_with_selection(official16, px.bfloat16(), maps)
     # our fp32 run: comparable only if its own plan has the same steps as the bf16 plan
     run32 = fast32.forward(px, step_counts(settings, fast32.geometry))
     ours32 = run32.features[0].float().cpu().numpy()
-    plan32 = plan(run32.prob[0].float().cpu().numpy(), settings, fast32.geometry)
+    plan32 = plan(run32.prob[0].float().cpu().numpy(), resolve(settings, fast32.geometry), fast32.geometry)
     same32 = all(np.array_equal(a, b) for s32, s16 in zip(plan32.steps, the_plan.steps) for a, b in zip(s32, s16))
     o16 = ours16.features[0].float().cpu().numpy()
     print(f"\n{name}{'' if not depth else f'-depth{depth}'} NUM_LOOK_CLOSE={steps}, {o16.shape[0]} tokens, "

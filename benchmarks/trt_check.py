@@ -124,10 +124,10 @@ def highres_calls(ref: dict, steps_per_call: int | None) -> tuple[list, list]:
     """The highres calls of the loop for the reference's probability map, grouped as the runtime
     groups them for an engine taking at most `steps_per_call` steps, and onnxruntime's outputs."""
     from ps3edge.runtime.batching import highres_feeds
-    from ps3edge.runtime.planning import plan
+    from ps3edge.runtime.planning import plan, resolve
 
     pipe = ref["pipeline"]
-    the_plan = plan(ref["prob"][0], ref["settings"], pipe.geometry)
+    the_plan = plan(ref["prob"][0], resolve(ref["settings"], pipe.geometry), pipe.geometry)
     calls = list(highres_feeds(the_plan, ref["low"], pipe.geometry, steps_per_call))
     return calls, [pipe.stages["highres"].infer(feed) for feed in calls]
 
@@ -168,7 +168,7 @@ def check_one(art: Path, ref: dict, image, settings, route: str, precision: str,
     from ps3edge.compare import selection_iou
     from ps3edge.runtime.runners import close_all, load_stages
     from ps3edge.runtime.lookclose import Pipeline
-    from ps3edge.runtime.planning import plan
+    from ps3edge.runtime.planning import plan, resolve
 
     tol = defaults.TOLERANCES[precision]
     work = linked_copy(art, args.out / model / f"{route}-{precision}")
@@ -196,8 +196,8 @@ def check_one(art: Path, ref: dict, image, settings, route: str, precision: str,
         note=f"build {build_s:.0f} s")
     prob = stages["selector"].infer(ref["sel_feed"])
     pipe = ref["pipeline"]
-    ours_plan = plan(prob["prob"][0], settings, pipe.geometry)
-    ref_plan = plan(ref["prob"][0], settings, pipe.geometry)
+    ours_plan = plan(prob["prob"][0], resolve(settings, pipe.geometry), pipe.geometry)
+    ref_plan = plan(ref["prob"][0], resolve(settings, pipe.geometry), pipe.geometry)
     same = all(np.array_equal(a, b) for a, b in zip(ours_plan.selection_maps, ref_plan.selection_maps))
     iou = min(selection_iou(a, b) for a, b in zip(ours_plan.selection_maps, ref_plan.selection_maps))
     d, c = compare(prob, {"prob": ref["prob"]}, ["prob"])
