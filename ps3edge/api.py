@@ -29,7 +29,7 @@ import numpy as np
 from . import defaults
 from .artifact.vila import VILA_MANIFEST
 from .errors import Ps3EdgeError
-from .runtime.frames import Frame, check_channels
+from .runtime.frames import Frame, check_channels, is_tensor
 from .runtime.lookclose import Pipeline
 from .runtime.planning import LookCloseSettings, settings_from_env
 from .runtime.result import LookCloseResult
@@ -145,7 +145,7 @@ def checked_settings(settings) -> LookCloseSettings:
 
 def _frame_list(frames) -> list:
     """A list of frames; one frame passed where a list was meant is refused, not iterated."""
-    if isinstance(frames, (str, os.PathLike, np.ndarray)) or hasattr(frames, "getpixel") or _is_tensor(frames):
+    if isinstance(frames, (str, os.PathLike, np.ndarray)) or hasattr(frames, "getpixel") or is_tensor(frames):
         raise Ps3EdgeError("run_batch takes a list of frames; use run() for one frame")
     try:
         frames = list(frames)
@@ -154,9 +154,3 @@ def _frame_list(frames) -> list:
     if not frames:
         raise Ps3EdgeError("run_batch needs at least one frame")
     return frames
-
-
-def _is_tensor(x) -> bool:
-    import sys
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(x, torch.Tensor)

@@ -20,6 +20,7 @@ Anything else is one Ps3EdgeError naming what was given and what is taken.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Union
 
@@ -46,19 +47,15 @@ def describe(frame) -> str:
     """What a caller passed, in a few words, for the error line."""
     if isinstance(frame, np.ndarray):
         return f"a numpy {frame.dtype} array of shape {tuple(frame.shape)}"
-    if _is_tensor(frame):
+    if is_tensor(frame):
         return f"a torch {str(frame.dtype).replace('torch.', '')} tensor of shape {tuple(frame.shape)} on {frame.device}"
     return f"a {type(frame).__module__}.{type(frame).__qualname__}"
 
 
-def _is_tensor(frame) -> bool:
-    torch = _torch_if_imported()
+def is_tensor(frame) -> bool:
+    """A torch tensor, asked without importing torch (a caller holding one has imported it)."""
+    torch = sys.modules.get("torch")
     return torch is not None and isinstance(frame, torch.Tensor)
-
-
-def _torch_if_imported():
-    import sys
-    return sys.modules.get("torch")
 
 
 def levels(frame: Frame, channels: str = "rgb", exif_transpose: bool = False):
@@ -72,7 +69,7 @@ def levels(frame: Frame, channels: str = "rgb", exif_transpose: bool = False):
         return to_rgb(frame)
     if isinstance(frame, np.ndarray):
         return Image.fromarray(_rgb_hwc(frame, frame.shape, channels, describe(frame)), mode="RGB")
-    if _is_tensor(frame):
+    if is_tensor(frame):
         return _tensor_levels(frame, channels)
     raise Ps3EdgeError(f"cannot read a frame from {describe(frame)}; ps3edge takes {ACCEPTED}")
 
