@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
+from PIL import Image
 
 from . import defaults
 from .artifact.vila import VILA_MANIFEST
 from .errors import Ps3EdgeError
-from .runtime.frames import Frame, check_channels, is_tensor
+from .runtime.frames import Frame, is_tensor
 from .runtime.lookclose import Pipeline
 from .runtime.planning import LookCloseSettings, settings_from_env
 from .runtime.result import LookCloseResult
@@ -95,7 +96,6 @@ class Encoder:
         setting for all; prompt_embeddings: None, one embedding shared by all, or one per frame
         (a list, or an (n, C) array)."""
         frames = _frame_list(frames)
-        check_channels(channels)
         settings = checked_settings(settings)
         if len(frames) <= self.max_batch:                     # one pass: frames stay where they are
             return self._pipeline.run_batch(frames, settings, prompt_embeddings, layer, channels)
@@ -145,7 +145,7 @@ def checked_settings(settings) -> LookCloseSettings:
 
 def _frame_list(frames) -> list:
     """A list of frames; one frame passed where a list was meant is refused, not iterated."""
-    if isinstance(frames, (str, os.PathLike, np.ndarray)) or hasattr(frames, "getpixel") or is_tensor(frames):
+    if isinstance(frames, (str, os.PathLike, np.ndarray, Image.Image)) or is_tensor(frames):
         raise Ps3EdgeError("run_batch takes a list of frames; use run() for one frame")
     try:
         frames = list(frames)
