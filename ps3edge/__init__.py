@@ -5,6 +5,8 @@ The public Python API (api.py), importable from here:
     import ps3edge
     with ps3edge.load("art/") as encoder:
         result = encoder.run(frame, channels="bgr")
+    with ps3edge.stream("art/", ["rtsp://10.0.0.5/cam", "/dev/video0"]) as frames:
+        for record in frames: ...                     # live cameras: streaming/loop.py
 
 Its names are imported on first use, so `import ps3edge` (and the command line's start-up) does
 not load torch or onnxruntime until a name that needs them is asked for.
@@ -25,6 +27,9 @@ _EXPORTS = {
     "LookCloseSettings": "ps3edge.runtime.planning",
     "settings_from_env": "ps3edge.runtime.planning",
     "Ps3EdgeError": "ps3edge.errors",
+    "stream": "ps3edge.streaming.loop",
+    "Stream": "ps3edge.streaming.loop",
+    "FrameRecord": "ps3edge.streaming.record",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -34,6 +39,8 @@ if TYPE_CHECKING:                       # what type checkers and IDEs see
     from .errors import Ps3EdgeError
     from .runtime.planning import LookCloseSettings, settings_from_env
     from .runtime.result import LookCloseResult
+    from .streaming.loop import Stream, stream
+    from .streaming.record import FrameRecord
 
 
 def __getattr__(name: str):

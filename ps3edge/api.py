@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from . import defaults
-from .artifact.vila import VILA_MANIFEST
+from .artifact.vila import VILA_MANIFEST, load_vila_manifest
 from .errors import Ps3EdgeError
 from .runtime.frames import Frame, is_tensor
 from .runtime.lookclose import Pipeline
@@ -51,6 +51,13 @@ class Encoder:
         self._pipeline = pipeline
 
     # --- what was loaded ---------------------------------------------------------------------
+    @property
+    def pipeline(self) -> Pipeline:
+        """The runtime's Pipeline under this encoder: its stages one by one (run_lowres,
+        run_from_lowres, run_known), for tools built on ps3edge such as the stream's reuse of work
+        between frames. Frames go through `run` / `run_batch`; this is the lower, staged face."""
+        return self._pipeline
+
     @property
     def artifact(self) -> Path:
         return self._pipeline.artifact_dir
@@ -120,17 +127,23 @@ class Encoder:
 
 
 def load(artifact: Union[str, os.PathLike], backend: str = "onnxruntime", device: str = "auto",
-         precision: str = "fp32", *, verify: bool = True) -> Encoder:
+         precision: str = "fp32", *, verify: bool = True, measure_memory: bool = False) -> Encoder:
     """Open an artifact directory (`ps3edge export`'s, or a VILA-HD artifact's PS3 part).
 
     backend: onnxruntime, torch or tensorrt. device: auto, cpu, cuda or cuda:N (the torch
     backend; on CUDA it runs the device-resident fast path). precision: fp32, or fp16 / int8
     stages that `ps3edge calibrate` added, or fp16 / bf16 on the torch backend. verify: check
-    every file's sha256 against the manifest (as `ps3edge run` does)."""
+    every file's sha256 against the manifest (as `ps3edge run` does); a manifest's integrity
+    record is checked either way. measure_memory: each result's `memory_mib` holds the peak
+    resident memory (and torch's peak CUDA allocation on the fast path) of each stage; it resets
+    the process's peak-RSS mark (/proc/self/clear_refs) at every stage, so it is off unless asked."""
     path = Path(artifact)
     if (path / VILA_MANIFEST).is_file() and (path / "ps3").is_dir():
+        load_vila_manifest(path, verify=False)               # its integrity record; its LLM files never run here
         path = path / "ps3"                                  # a VILA-HD artifact: its PS3 encoder
-    return Encoder(Pipeline(path, backend, verify=verify, precision=precision, device=device))
+    pipeline = Pipeline(path, backend, verify=verify, precision=precision, device=device)
+    pipeline.measure_memory = bool(measure_memory)
+    return Encoder(pipeline)
 
 
 def checked_settings(settings) -> LookCloseSettings:

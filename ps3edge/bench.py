@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import Ps3EdgeError
+from .runtime.memory import StageMemory
 from .model import load_checkpoint, preset, random_model
 from .model.config import PRESETS
 from .model.hub import locate
@@ -72,11 +73,15 @@ class Timer:
                 samples.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(samples)
 
-    def stages(self, fast: FastLookClose, pixels, counts) -> dict:
-        """One eager run split into stages (events between stages on CUDA)."""
+    def stages(self, fast: FastLookClose, pixels, counts) -> tuple[dict, dict]:
+        """One eager run split into stages (events between stages on CUDA): milliseconds, and the
+        peak memory of each stage in MiB (host resident; torch's CUDA allocation on a GPU)."""
         marks = []
+        memory = StageMemory(self.device)
 
         def mark(name):
+            if name != "start":
+                memory.mark(name)
             if self.device.type == "cuda":
                 ev = torch.cuda.Event(enable_timing=True)
                 ev.record()
@@ -85,6 +90,7 @@ class Timer:
                 marks.append((name, time.perf_counter()))
 
         mark("start")
+        memory.start()
         fast.forward(pixels, counts, timer=mark)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -92,7 +98,10 @@ class Timer:
         else:
             stages = {n: round((t1 - t0) * 1e3, 3) for (_, t0), (n, t1) in zip(marks, marks[1:])}
         stages["highres"] = round(sum(v for k, v in stages.items() if k.startswith("highres[")), 3)
-        return stages
+        peaks = {where: {k: round(v, 1) for k, v in per_stage.items()} for where, per_stage in memory.mib().items()}
+        for per_stage in peaks.values():
+            per_stage["highres"] = max((v for k, v in per_stage.items() if k.startswith("highres[")), default=0.0)
+        return stages, peaks
 
 
 def compare(ours: np.ndarray, ours_sel: np.ndarray, official_published, official_same_selection) -> dict:
@@ -275,8 +284,8 @@ def _our_row(fast, pixels, steps: int, dev, timer, graphs: bool, warmup: int, re
            # highres calls as {N tokens: T steps}
            "highres_calls": {str(n): [sum(c) for c in counts].count(n) for n in sorted({sum(c) for c in counts})},
            "ours_ms": round(ours_ms, 3), "cuda_graph": graphs and dev.type == "cuda",
-           "stages_ms": timer.stages(fast, pixels, counts),
            "peak_gib": None if peak is None else round(peak, 3)}
+    row["stages_ms"], row["stages_peak_mib"] = timer.stages(fast, pixels, counts)
     return row, result, schedule
 
 
@@ -404,6 +413,8 @@ def markdown(rows: list[dict]) -> str:
         ("highres calls (TxN: ms)", highres_calls),
         ("preprocess CPU / device ms", lambda r: f"{r['preprocess_cpu_ms']:.1f} / {r['preprocess_device_ms']:.2f}"),
         ("peak GiB", lambda r: _fmt(r["peak_gib"], ".3f")),
+        ("peak host MiB (lowres / highres)", lambda r: "{:.0f} / {:.0f}".format(
+            r["stages_peak_mib"]["host"].get("lowres", 0), r["stages_peak_mib"]["host"].get("highres", 0))),
         ("selection vs official", selection),
         ("min cos (same selection)", lambda r: _fmt(r.get("min_cosine"), ".5f")),
     ]

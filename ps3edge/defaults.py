@@ -11,6 +11,14 @@ DEFAULT_OPSET = 17
 MIN_OPSET = 17
 # protobuf cannot hold more than 2 GiB; above this a stage's weights go to an external data file.
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+# Weights that lowres and highres both hold (the trunk) are written once, to this file, when they
+# come to at least SHARED_WEIGHTS_MIN_BYTES (exporter/share.py); smaller models stay self-contained.
+SHARED_WEIGHTS_FILE = "trunk.onnx.data"
+SHARED_WEIGHTS_MIN_BYTES = 16 << 20
+EXTERNAL_DATA_ALIGNMENT = 4096   # offsets of external tensors: page-aligned, as onnx's own save, for mmap
+# onnxruntime's CPU attention writes a call's whole scores (rows x heads x N x (729 + N) floats, 539 MB
+# a row for the real models): its highres calls take no more rows than fit in this
+ORT_CPU_ATTENTION_SCORES_BYTES = 1 << 30
 PRIOR_PROMPT_FILE = "prior_prompt.npy"
 
 # --- PS3 geometry (the official PS3VisionModel) --------------------------------------------------
@@ -30,6 +38,10 @@ ENV_SELECT_NUM_EACH_SCALE = "SELECT_NUM_EACH_SCALE"
 ENV_LOOK_CLOSE_MODE = "LOOK_CLOSE_MODE"
 ENV_SMOOTH_SELECTION_PROB = "SMOOTH_SELECTION_PROB"
 LOOK_CLOSE_MODES = ("after_prompt", "after_image")
+# How a patch count is split over the high-res scales (per-step budget, NUM_TOKEN_LOOK_CLOSE):
+# upstream PS3's rule, every scale floored but the last, which takes the rest (N asked, N given).
+# ps3-torch 0.1.3 floors every scale ("floor-each-scale"); parity adopts whichever is installed.
+DEFAULT_BUDGET_RULE = "remainder-to-last"
 
 # --- returned layers ------------------------------------------------------------------------
 # VILA-HD feeds layer -2 to its projector; -1 is the official last_hidden_state.
@@ -76,6 +88,30 @@ DEFAULT_EXCLUDE_BLOCKS = ""               # transformer blocks kept float in INT
 PRECISION_FILE_SUFFIX = {"fp16": ".fp16.onnx", "int8": ".int8.onnx"}
 ACCURACY_REPORT = "accuracy.{precision}.json"
 
+# --- weight-only INT4 of a VILA-HD artifact's LLM (calibrate VILA_ARTIFACT --precision int4) ----
+LLM_PRECISIONS = ("fp32", "int4")         # vila.json's "precisions" holds the ones beyond fp32
+INT4_FILE = "llm.int4.onnx"
+INT4_EMBED_FILE = "embed_tokens.int4.npz"   # the host-side token embedding, same block arithmetic
+# weights per scale along K. 32 over 128: on vila-hd-tiny the least per-step logit cosine against
+# FP32 is 0.965 at 32 and 0.938 at 128 (asymmetric; symmetric 0.946 / 0.943), for about 0.64
+# instead of 0.54 bytes per weight on a large LLM (fp32 scales); docs/precision.md#int4-llm
+INT4_BLOCK_SIZE = 32
+INT4_SYMMETRIC = False                    # a zero point per block: better than symmetric at both sizes
+INT4_ACCURACY_LEVEL = 0                   # MatMulNBits computes in fp32 from the dequantized weights
+INT4_AWQ_METHOD = "awq_clip"              # Model Optimizer's INT4 default (the TensorRT route)
+# the report's held-out prompts (chat-templated, text only) and the greedy steps taken after each
+INT4_REPORT_PROMPTS = ("What is in the picture?", "Describe the colors you see.",
+                       "How many people are there, and what are they doing?", "Read the sign on the left.")
+INT4_REPORT_STEPS = 16
+# Model Optimizer's AWQ calibration prompts (apart from the report's, which stay held out)
+INT4_CALIBRATION_PROMPTS = ("Describe this image in detail.", "What color is the car?",
+                            "Is there any text in the image?", "Where was this photo taken?")
+# pass / fail of the report: the least per-step logit cosine (teacher-forced) of INT4 vs FP32.
+# On vila-hd-tiny: round-to-nearest at block 32 gives 0.965 (passes), at block 128 0.938 (fails),
+# and a graph whose zero points are lost 0.17: the bound tells a sound INT4 LLM from a coarse or
+# broken one (a trained 8B LLM is not measured here)
+INT4_MIN_LOGIT_COSINE = 0.95
+
 # --- seeded random weights ---------------------------------------------------------------------
 DEFAULT_SEED = 0
 
@@ -96,3 +132,21 @@ DEFAULT_ENGINE_CACHE_DIR = "~/.cache/ps3edge/engines"
 SERVE_MAX_QUEUE_DELAY_US = 2000   # how long a request may wait for others to batch with
 SERVE_MAX_QUEUE_SIZE = 64         # requests a model queues; more are rejected at once
 SERVE_QUEUE_TIMEOUT_MS = 60000    # a request still queued after this is rejected
+
+# --- live camera streams (ps3edge stream, ps3edge.stream) ---------------------------------------
+STREAM_FOLDER_FPS = 10.0          # an image folder played as a camera, without --fps
+STREAM_SHARD_SIZE = 64            # frames per rolling shard of --out
+STREAM_OPEN_TIMEOUT_S = 5.0       # a network source that gives no stream in this long failed to open
+STREAM_READ_TIMEOUT_S = 2.0       # ... and, once open, one silent this long has failed (then reconnects)
+STREAM_RECONNECT_FIRST_S = 0.5    # the first wait before reopening a source that ended or failed
+STREAM_RECONNECT_MAX_S = 5.0      # the waits double up to this cap
+STREAM_LATENCY_WINDOW = 512       # latencies per source the p50 / p99 are taken over
+STREAM_RATE_WINDOW_S = 5.0        # input and processed fps: over about the last this many seconds
+STREAM_TABLE_REFRESH_S = 1.0      # the live table's refresh period
+
+# --- stream reuse and deadlines (ps3edge stream --reuse / --deadline; runtime/reuse.py, streaming/deadline.py)
+STREAM_REUSE_THRESHOLD = 0.0      # levels (0-255): a frame or patch whose pixels moved no more is unchanged
+STREAM_REFRESH_FRAMES = 10        # --reuse: at least one frame in this many is computed whole
+STREAM_DEADLINE_FLOOR_STEPS = 1   # the fewest look-close steps under --deadline (the pipeline runs no 0-step pass)
+STREAM_DEADLINE_MARGIN = 0.85     # a step's predicted time must fit in this share of its time budget
+STREAM_COST_WEIGHT = 0.3          # the running cost estimates: the weight of the newest step's times

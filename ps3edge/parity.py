@@ -10,6 +10,11 @@ Two official runs are made: as published, and with top-k ties pinned to our docu
 (see runtime/planning.py). The first checks our selection against the real thing; the second
 makes the selections identical so the features can be compared token for token.
 
+A token count (NUM_TOKEN_LOOK_CLOSE) is split over the scales by a budget rule that changed
+upstream (runtime/planning.py `BudgetRule`): the rule the installed reference follows is found
+by running its code (reference.py `reference_budget_rules`), our pipelines plan by that same rule
+for the comparison, and the report names it.
+
 This module runs the sides and names the checks; measuring and judging them is compare.py's
 (shared with the accuracy report of calibration/report.py, which `--precision fp16/int8` runs).
 """
@@ -33,7 +38,7 @@ from .compare import (BOUND, INFORMATIVE, Check, Measure, Measured, ParityRow, T
 from .demo import sample_image
 from .errors import Ps3EdgeError
 from .exporter.onnx_export import export
-from .reference import official_model, official_preprocess, run_official
+from .reference import official_model, official_preprocess, reference_budget_rules, run_official
 from .runtime.lookclose import Pipeline
 from .runtime.planning import LookCloseSettings, resolve
 from .runtime.preprocess import open_image
@@ -43,6 +48,7 @@ from .runtime.preprocess import open_image
 class ParityReport:
     rows: list[ParityRow] = field(default_factory=list)
     tokens: int = 0
+    budget_rule: str = ""          # the reference's, which ours adopted: "floor-each-scale (ps3-torch 0.1.3)"
 
     @property
     def ok(self) -> bool:
@@ -54,8 +60,14 @@ def _pinned(key: str, note) -> Measure:
     def measure(ref, test) -> Measured:
         same = identical_selection(test["selection_maps"], ref["selection_maps"])
         d, c = feature_diff(test[key], ref[key])
-        return Measured(d, c, selection=note(same, test), agrees=same)
+        return Measured(d, c, selection=note(same, test, ref), agrees=same)
     return measure
+
+
+def _tokens(_, test, ref) -> str:
+    """Our token count, and the official one where they differ (a token count split another way)."""
+    ours, theirs = test["features"].shape[1], ref["features"].shape[1]
+    return f"{ours} tokens" if ours == theirs else f"{ours} tokens, official {theirs}"
 
 
 def _pixels(ref, test) -> Measured:
@@ -65,8 +77,8 @@ def _pixels(ref, test) -> Measured:
 PREPROCESS = Check("preprocess", _pixels, BOUND, 1e-6)
 # against the tie-pinned official run: same selection, same features, token for token
 AGAINST_PINNED = (
-    Check("highres", _pinned("highres tokens", lambda same, _: "identical" if same else "DIFFERENT")),
-    Check("end-to-end", _pinned("features", lambda _, test: f"{test['features'].shape[1]} tokens")),
+    Check("highres", _pinned("highres tokens", lambda same, *_: "identical" if same else "DIFFERENT")),
+    Check("end-to-end", _pinned("features", _tokens)),
 )
 
 
@@ -104,6 +116,16 @@ def _load_pipelines(artifact_dir, backends, say) -> dict[str, Pipeline]:
     for backend in backends:
         pipelines[f"exported-{backend}"] = Pipeline(artifact_dir, backend)
     return pipelines
+
+
+def _adopt_reference_rule(pipelines: dict, report: ParityReport, say) -> None:
+    """Our pipelines plan a token count by the installed reference's budget rule; the report says which."""
+    say("finding the official budget rule")
+    rules = reference_budget_rules()
+    for pipe in pipelines.values():
+        pipe.budget_rule = rules.tokens
+    report.budget_rule = rules.describe()
+    report.rows.append(ParityRow("budget rule", "ours planned as the official", selection=report.budget_rule))
 
 
 def _official_outputs(official, ours: Pipeline, pixels, settings, prompt_embedding, layer, say) -> tuple[dict, dict]:
@@ -207,10 +229,11 @@ def _compare_all(pipelines: dict, image, settings, prompt_embedding, layer, prec
     ours = pipelines["ours-torch"]
     settings = _with_default_steps(settings, ours.geometry)      # validated before the slow official runs
 
+    report = ParityReport()
+    _adopt_reference_rule(pipelines, report, say)
     say("building the official model")
     model = ours.stages["lowres"].model
     official = official_model(model)
-    report = ParityReport()
     pil = open_image(image) if isinstance(image, (str, Path)) else image
     pixels = ours.pixels(pil)
     report.rows += compare([PREPROCESS], {"pixels": official_preprocess(pil, model.cfg).numpy()},
@@ -231,11 +254,12 @@ def _compare_batch(pipelines: dict, image, settings, prompt_embedding, layer, pr
     ours = pipelines["ours-torch"]
     settings = _with_default_steps(settings, ours.geometry)
     ours.check_batch(count)
+    report = ParityReport()
+    _adopt_reference_rule(pipelines, report, say)
     say("building the official model")
     official = official_model(ours.stages["lowres"].model)
     pil = open_image(image) if isinstance(image, (str, Path)) else image
     pixels = [ours.pixels(view) for view in batch_images(pil, count)]
-    report = ParityReport()
     refs = []
     for i, px in enumerate(pixels):
         say(f"official run, image {i + 1} of {count}")

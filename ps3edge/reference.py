@@ -4,12 +4,17 @@ Builds the official `PS3VisionModel` with exactly the architecture and weights o
 `PS3` models, runs it with the look-close settings of the VILA-HD README, and returns what our
 runtime returns (features of one layer, prob map, cumulative selection maps), so the two can be
 compared number for number. Needs the `dev` extra (ps3-torch, timm 1.0.15, torchvision).
+
+Which budget rule the installed reference follows (ps3-torch 0.1.3 floors every scale's share,
+upstream PS3 gives the last scale the rest) is found by running its own code on a small probe
+(`reference_budget_rules`), so that parity plans ours by the same rule.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -17,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import Ps3EdgeError
+from .model.config import BudgetRule, preset, split_in_proportion
 from .model.ps3 import PS3
 
 
@@ -62,6 +68,72 @@ def _trunk_factory(cfg):
 # README's examples): the official forward then keeps, and merges across look-close steps, the
 # hidden states of the last two blocks only; its default keeps every block's.
 VILA_HD_LAYERS_TO_RETURN = 2
+
+
+@dataclass(frozen=True)
+class ReferenceRules:
+    """How the installed reference splits a patch count over the high-res scales, found by
+    running its own code: the per-step budget of a config that gives only `max_select_num`
+    (`PS3VisionEncoder.__init__`), and a NUM_TOKEN_LOOK_CLOSE step's target
+    (`get_selection_maps`' `num_select_token`)."""
+    per_step: BudgetRule
+    tokens: BudgetRule
+    version: str                       # the installed ps3-torch, named in the report only
+
+    def describe(self) -> str:
+        if self.per_step is self.tokens:
+            rule = self.tokens.value
+        else:
+            rule = f"per-step budget {self.per_step.value}, token count {self.tokens.value}"
+        return f"{rule} (ps3-torch {self.version})"
+
+
+# The probes, where the two rules differ. A token count: 2 patches over a budget of 1 + 2 are
+# 0 + 1 floored, 0 + 2 with the remainder to the last scale. A per-step budget: 3 patches over
+# scales 756 and 1512 (pixels 1 : 4) are 0 + 2 floored, 0 + 3 with the remainder.
+_TOKEN_PROBE = ((1, 2), 2)
+_STEP_PROBE_SCALES, _STEP_PROBE_BUDGET = (378, 756, 1512), 3
+
+
+def reference_budget_rules() -> ReferenceRules:
+    """The budget rules of the installed ps3-torch, by behaviour (its version string is not trusted
+    to say: a patched or newer release may split either way)."""
+    modeling_ps3, PS3VisionConfig, _ = _import_official()
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        installed = version("ps3-torch")
+    except PackageNotFoundError:
+        installed = "unknown version"
+    try:
+        weights, total = _TOKEN_PROBE
+        stand_in = types.SimpleNamespace(max_select_num_each_scale=list(weights), ps3_scales=list(_STEP_PROBE_SCALES))
+        probs = [torch.arange(4, dtype=torch.float32).reshape(1, 2, 2) / 4 for _ in weights]
+        with torch.no_grad():
+            maps = modeling_ps3.PS3VisionEncoder.get_selection_maps(stand_in, probs, num_select_token=total)
+        tokens = [int(m.sum()) for m in maps]
+        probe = preset("ps3-tiny").replace(width=8, num_heads=1, depth=1, mlp_dim=8, select_layers=(0,))
+        vcfg = PS3VisionConfig(
+            model_name="ps3edge-budget-probe", hidden_size=probe.width, pool="map",
+            ps3_scales=list(_STEP_PROBE_SCALES), select_based_on_layer=[0], max_select_num=_STEP_PROBE_BUDGET,
+            max_select_num_each_scale=None, separate_pos_emb=False, highres_selection_feature=False)
+        with warnings.catch_warnings(), _trunk_factory(probe):
+            warnings.simplefilter("ignore")
+            per_step = [int(n) for n in modeling_ps3.PS3VisionEncoder(vcfg).max_select_num_each_scale]
+    except Exception as e:         # the reference's internals changed: say so rather than guess a rule
+        raise Ps3EdgeError(f"cannot tell how the installed ps3-torch {installed} splits a budget over the "
+                           f"scales ({type(e).__name__}: {e})") from None
+    pixels = [s * s for s in _STEP_PROBE_SCALES[1:]]
+    return ReferenceRules(per_step=_rule_of(per_step, pixels, _STEP_PROBE_BUDGET, "a per-step budget", installed),
+                          tokens=_rule_of(tokens, weights, total, "a token count", installed), version=installed)
+
+
+def _rule_of(counts, weights, total, what: str, installed: str) -> BudgetRule:
+    for rule in BudgetRule:
+        if tuple(counts) == split_in_proportion(total, weights, rule):
+            return rule
+    known = ", ".join(f"{r.value} {list(split_in_proportion(total, weights, r))}" for r in BudgetRule)
+    raise Ps3EdgeError(f"the installed ps3-torch {installed} splits {what} of {total} over weights {list(weights)} "
+                       f"as {list(counts)}, which is no rule ps3edge knows ({known})")
 
 
 def official_model(model: PS3, layers_to_return: int | None = None):

@@ -264,6 +264,22 @@ def vila_art(tmp_path_factory):
     return shared_export(tmp_path_factory, "vila", lambda out: export_vila("vila-hd-tiny", out))
 
 
+@pytest.fixture
+def ps3_copy(artifacts, tmp_path) -> Path:
+    """A copy of the ps3-tiny artifact (seed 0) to change or overwrite."""
+    import shutil
+
+    return Path(shutil.copytree(artifacts("ps3-tiny"), tmp_path / "art"))
+
+
+@pytest.fixture
+def vila_copy(vila_art, tmp_path) -> Path:
+    """A copy of the vila-hd-tiny artifact to change or overwrite."""
+    import shutil
+
+    return Path(shutil.copytree(vila_art, tmp_path / "vila"))
+
+
 def random_image(width=320, height=240, seed=0, mode="RGB") -> Image.Image:
     rng = np.random.default_rng(seed)
     rgb = (rng.random((height, width, 3)) * 255).astype(np.uint8)

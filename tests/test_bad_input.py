@@ -89,7 +89,7 @@ def test_missing_image(tiny, outdir, tmp_path):
 
 
 def test_directory_or_device_as_image(tiny, outdir, tmp_path):
-    run_and_fail(tiny, tmp_path, outdir, needles=("is a directory, not an image file",))
+    run_and_fail(tiny, tmp_path, outdir, needles=("is a directory, not a file",))
     run_and_fail(tiny, "/dev/zero", outdir, needles=("not a regular file",))
 
 
@@ -273,6 +273,22 @@ def test_prompt_embedding_of_strings(tiny, image_file, outdir, tmp_path):
 def test_prompt_embedding_missing(tiny, image_file, outdir, tmp_path):
     run_and_fail(tiny, image_file, outdir, "--prompt-embedding", tmp_path / "gone.npy",
                  needles=("gone.npy", "not found"))
+
+
+@pytest.mark.parametrize("kind", ["directory", "broken link", "device"])
+def test_a_prompt_embedding_that_is_not_a_file_says_what_it_is(tiny, image_file, outdir, tmp_path, kind):
+    prompt = tmp_path / "p.npy"
+    if kind == "directory":
+        prompt.mkdir()
+        needles = ("p.npy", "is a directory, not a file")
+    elif kind == "broken link":
+        prompt.symlink_to(tmp_path / "moved.npy")
+        needles = ("p.npy", "not found", "link to a missing file")
+    else:
+        prompt = Path("/dev/null")
+        needles = ("/dev/null", "not a regular file")
+    line = run_and_fail(tiny, image_file, outdir, "--prompt-embedding", prompt, needles=needles)
+    assert kind == "broken link" or "not found" not in line
 
 
 def test_prompt_embedding_with_bottom_up_mode(tiny, image_file, outdir, tmp_path):

@@ -78,6 +78,14 @@ COVERED = {
         "tests/test_throughput.py::test_bench_batch_on_cpu_against_official",
     "extract --dtype --fps --input --out": "tests/test_extract.py::test_a_list_of_paths_and_fp16",   # fixture small: --fps
     "chat --media --model-path --text": "tests/test_vila.py::test_chat_cli_json_and_exit_codes",
+    "stream --jsonl --source": "tests/test_stream.py::test_a_udp_stream_from_another_process",
+    "stream --jsonl --max-frames --source": "tests/test_stream.py::test_a_udp_stream_from_another_process",
+    "stream --loop --out --realtime --shard-size --source":
+        "tests/test_stream.py::test_sigterm_with_out_exits_143_and_leaves_only_whole_shards",
+    "stream --duration --fps --source":
+        "tests/test_stream.py::test_files_as_fast_as_they_decode_and_an_image_folder_at_fps",
+    "stream --allow-missing --duration --source":
+        "tests/test_stream.py::test_a_source_that_cannot_be_opened_is_one_error_line_or_skipped",
 }
 
 

@@ -13,7 +13,7 @@ from conftest import clean_env, cli
 from ps3edge.model import build
 from ps3edge.runtime.fast import FastLookClose
 from ps3edge.runtime.lookclose import Pipeline
-from ps3edge.runtime.planning import settings_from_env, step_counts
+from ps3edge.runtime.planning import BudgetRule, settings_from_env, step_counts
 from PIL import Image
 
 from ps3edge.runtime.preprocess import (_height_first_new_rule, _height_first_old_rule, pillow_pass_order,
@@ -102,6 +102,9 @@ def test_bench_cli_on_cpu_against_official(tmp_path):
         steps = r["num_look_close"]
         assert set(r["stages_ms"]) == {"lowres", "selector", "planning", "highres", f"highres[{steps}x2560]", "assemble"}
         assert r["stages_ms"]["highres"] == r["stages_ms"][f"highres[{steps}x2560]"]
+        host = r["stages_peak_mib"]["host"]             # per stage, each at least the process's resident set
+        assert set(host) == set(r["stages_ms"]) and min(host.values()) > 50
+        assert "cuda" not in r["stages_peak_mib"]
         assert r["ours_ms"] > 0 and r["official_ms"] > 0
         assert r["preprocess_cpu_ms"] > 0 and r["preprocess_device_ms"] > 0 and r["image"] == "1600x1000"
     assert "| ps3-tiny |" in md.read_text()
@@ -126,16 +129,24 @@ def test_bench_refuses_bad_options():
     assert "--num-look-close" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_one_token_look_close_rounds_to_no_high_res_tokens(pipeline, artifacts, image):
-    """NUM_TOKEN_LOOK_CLOSE=1: the official floor rule gives every scale int(b * 1 / 2560) = 0
-    patches (the official code then fails on an empty torch.cat); ours returns the low-res tokens."""
+def test_one_token_look_close_gives_one_patch_or_under_the_floor_rule_none(pipeline, artifacts, image):
+    """NUM_TOKEN_LOOK_CLOSE=1: upstream's rule floors 512 / 2560 to 0 and gives the last scale the
+    one patch. ps3-torch 0.1.3's floor rule (parity's, with that reference) gives every scale 0
+    (the official code then fails on an empty torch.cat); ours then returns the low-res tokens."""
     settings = settings_from_env({}, num_token_look_close=1, mode="after_image")
-    staged = pipeline(artifacts("ps3-tiny"), "onnxruntime").run(image, settings)
-    assert staged.features.shape == (1, 729, 64)
-    assert staged.highres_calls == []
+    staged_pipeline = pipeline(artifacts("ps3-tiny"), "onnxruntime")
+    staged = staged_pipeline.run(image, settings)
+    assert staged.features.shape == (1, 730, 64)
+    assert staged.highres_calls == [(1, 1)] and staged.plan.tokens_each_scale() == [0, 1]
+    staged_pipeline.budget_rule = BudgetRule.FLOOR_EACH_SCALE
+    floored = staged_pipeline.run(image, settings)
+    assert floored.features.shape == (1, 729, 64) and floored.highres_calls == []
     fast = FastLookClose(build("ps3-tiny").model, device="cpu", dtype="fp32")
     pixels = torch.from_numpy(pipeline(artifacts("ps3-tiny"), "torch", device="cpu").pixels(image))
-    out = fast.forward(pixels, step_counts(settings, fast.geometry))
+    out = fast.forward(pixels, fast.counts(settings))
+    assert out.features.shape == (1, 730, 64) and int(out.selection.sum()) == 1
+    np.testing.assert_allclose(out.features.numpy(), staged.features, atol=1e-4)
+    out = fast.forward(pixels, fast.counts(settings, BudgetRule.FLOOR_EACH_SCALE))
     assert out.features.shape == (1, 729, 64) and int(out.selection.sum()) == 0
 
 

@@ -66,7 +66,8 @@ def prompt_embedding(seed: int, width: int = 64) -> np.ndarray:
 
 # Expected high-res tokens, by hand (budgets 512+2048 for 1.5K and 85+341+2134 for 4K,
 # 2560 a step; 14580 / 87480 patches in all; a token count's last step takes
-# floor(budget_s * remainder / sum(budget)) per scale). 4K with "all" (35 steps) is left to
+# floor(budget_s * remainder / sum(budget)) per scale: the installed ps3-torch 0.1.3's budget rule,
+# which parity finds and plans ours by - tests/test_budget_rule.py). 4K with "all" (35 steps) is left to
 # test_planning.py, against the official selection code: end to end it takes minutes on 2 cores.
 # Each official look-close step re-tokenizes the whole image at every scale, so steps are what these
 # cases cost; the three marked slow (run by .ci/run, deselected by default) repeat in more steps what

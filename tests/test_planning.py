@@ -14,7 +14,7 @@ from ps3edge import defaults
 from ps3edge.errors import Ps3EdgeError
 from ps3edge.model import random_model
 from ps3edge.model.config import preset
-from ps3edge.reference import official_model, stable_topk
+from ps3edge.reference import official_model, reference_budget_rules, stable_topk
 from ps3edge.runtime.planning import (Geometry, LookCloseSettings, plan, resolve, resolve_steps,
                                       settings_from_env)
 
@@ -216,20 +216,20 @@ def test_all_steps_4k():
 
 
 @pytest.mark.parametrize("geo, settings, sizes", [
-    # 1001 tokens: int(512*1001/2560) = 200, int(2048*1001/2560) = 800 -> 1000 (floor rule)
-    (GEO_15K, dict(num_token_look_close=1001), [[200, 800]]),
-    # 3000 = 2560 + 440: int(512*440/2560) = 88, int(2048*440/2560) = 352
+    # 1001 tokens: int(512*1001/2560) = 200, and the last scale the rest, 801 (upstream's rule)
+    (GEO_15K, dict(num_token_look_close=1001), [[200, 801]]),
+    # 3000 = 2560 + 440: int(512*440/2560) = 88, 440 - 88 = 352
     (GEO_15K, dict(num_token_look_close=3000), [[512, 2048], [88, 352]]),
     # 5120 = two full steps exactly: the last step takes a full budget, not 0
     (GEO_15K, dict(num_token_look_close=5120), [[512, 2048], [512, 2048]]),
-    # 1300 a step; 3000 = 2 x 1300 + 400: int(300*400/1300) = 92, int(1000*400/1300) = 307 -> 399
+    # 1300 a step; 3000 = 2 x 1300 + 400: int(300*400/1300) = 92, 400 - 92 = 308
     (GEO_15K, dict(num_token_look_close=3000, select_num_each_scale="300+1000"),
-     [[300, 1000], [300, 1000], [92, 307]]),
-    # 4K, 1000 tokens: 33.2 / 133.2 / 833.6 -> 33 + 133 + 833 = 999
-    (GEO_4K, dict(num_token_look_close=1000), [[33, 133, 833]]),
-    # 1240 a step; 3000 = 2 x 1240 + 520: 16.8 / 83.9 / 419.4 -> 518
+     [[300, 1000], [300, 1000], [92, 308]]),
+    # 4K, 1000 tokens: 33.2 / 133.2 -> 33 + 133, and 1000 - 166 = 834
+    (GEO_4K, dict(num_token_look_close=1000), [[33, 133, 834]]),
+    # 1240 a step; 3000 = 2 x 1240 + 520: 16.8 / 83.9 -> 16 + 83, and 520 - 99 = 421
     (GEO_4K, dict(num_token_look_close=3000, select_num_each_scale="40+200+1000"),
-     [[40, 200, 1000], [40, 200, 1000], [16, 83, 419]]),
+     [[40, 200, 1000], [40, 200, 1000], [16, 83, 421]]),
     # scale 54 (2916) runs dry in step 2 and spills 2084 to scale 108
     (GEO_15K, dict(num_look_close=2, select_num_each_scale="2500+60"), [[2500, 60], [416, 2144]]),
 ])
@@ -241,9 +241,9 @@ def test_step_sizes(geo, settings, sizes):
 
 
 def test_max_token_count_on_4k_leaves_patches_out():
-    # NUM_TOKEN_LOOK_CLOSE = 87480 (everything): 34 full steps, then the floor rule on the last
-    # 440 asks for 14 / 58 / 366 while 26 / 70 / 344 are left -> 416; 24 patches stay unselected,
-    # as in the official code (checked against it below).
+    # NUM_TOKEN_LOOK_CLOSE = 87480 (everything): 34 full steps, then the last 440 split 14 / 58 /
+    # 368 (upstream's rule; 366 floored) while 26 / 70 / 344 are left -> 416: the spill only runs to
+    # the next scale, so 24 patches stay unselected, as in the official code (checked against it below).
     p = plan(np.random.default_rng(4).random((27, 27), dtype=np.float32),
              resolve(settings_from_env({}, num_token_look_close=87480), GEO_4K), GEO_4K)
     assert _step_sizes(p)[-1] == [14, 58, 344]
@@ -276,7 +276,7 @@ def test_default_steps_are_capped_by_a_small_model():
 
 @pytest.mark.parametrize("steps_per_call", [None, 2, 1])
 def test_highres_feeds_group_steps_by_length(steps_per_call):
-    """3 full steps of 2560 and a last one of 918 (the floor rule on the 920 left): calls hold
+    """3 full steps of 2560 and a last one of the 920 left (upstream's rule; 918 floored): calls hold
     steps of one length, longest first, at most steps_per_call each; every step once, in order."""
     from ps3edge.runtime.batching import highres_feeds
 
@@ -286,8 +286,8 @@ def test_highres_feeds_group_steps_by_length(steps_per_call):
            "kv_cache": np.zeros((2, 1, 4, 729, 16), np.float32)}
     feeds = list(highres_feeds(p, low, GEO_4K, steps_per_call))
     shapes = [f["positions"].shape for f in feeds]
-    assert shapes == {None: [(3, 2560), (1, 918)], 2: [(2, 2560), (1, 2560), (1, 918)],
-                      1: [(1, 2560)] * 3 + [(1, 918)]}[steps_per_call]
+    assert shapes == {None: [(3, 2560), (1, 920)], 2: [(2, 2560), (1, 2560), (1, 920)],
+                      1: [(1, 2560)] * 3 + [(1, 920)]}[steps_per_call]
     got = [row for f in feeds for row in f["positions"]]
     want = [p.step_positions(GEO_4K, t) for t in range(len(p.steps))]
     assert [r.tolist() for r in got] == [w.tolist() for w in want]     # steps in plan order
@@ -322,8 +322,14 @@ def test_flat_map_selects_in_raster_order():
 
 
 # ------------------------------------------------------------------------------------------
-# against the official PS3VisionEncoder.get_selection_maps / update_selection_maps
+# against the official PS3VisionEncoder.get_selection_maps / update_selection_maps, our plan split
+# by the installed reference's budget rule (ps3-torch 0.1.3 floors every scale)
 # ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference_rule():
+    return reference_budget_rules().tokens
+
 
 @pytest.fixture(scope="module")
 def official_encoder():
@@ -434,7 +440,7 @@ def _id(case):
 
 @pytest.mark.parametrize("name, case", [("ps3-tiny", c) for c in CASES_15K] + [("ps3-tiny-4k", c) for c in CASES_4K],
                          ids=[f"1.5k-{_id(c)}" for c in CASES_15K] + [f"4k-{_id(c)}" for c in CASES_4K])
-def test_plan_matches_official_selection(official_encoder, name, case):
+def test_plan_matches_official_selection(official_encoder, reference_rule, name, case):
     geo = geometry(name)
     enc = official_encoder(name)
     smooth = case.get("smooth_selection_prob", False)
@@ -444,7 +450,7 @@ def test_plan_matches_official_selection(official_encoder, name, case):
     prob27 = unsmoothed[0][0, ::2, ::2].numpy()          # scale 54 is a 2x2 nearest copy of 27x27
 
     settings = settings_from_env({}, **case)
-    p = plan(prob27, resolve(settings, geo), geo)
+    p = plan(prob27, resolve(settings, geo, reference_rule), geo)
     # the ranked maps are bit-identical to the official ones (smoothed or not)
     for ours, theirs in zip(p.scale_probs, official_probs):
         np.testing.assert_array_equal(ours, theirs[0].numpy())
@@ -461,14 +467,14 @@ def test_plan_matches_official_selection(official_encoder, name, case):
     ("ps3-tiny-4k", dict(num_look_close=5)),
     ("ps3-tiny-4k", dict(num_token_look_close=4321)),
 ])
-def test_plan_matches_official_with_many_equal_probabilities(official_encoder, name, case):
+def test_plan_matches_official_with_many_equal_probabilities(official_encoder, reference_rule, name, case):
     """Few distinct values across the whole map: ties between cells, not only inside a copy block."""
     geo = geometry(name)
     enc = official_encoder(name)
     rng = np.random.default_rng(11)
     prob27 = (rng.integers(1, 5, size=(27, 27)) / 5.0).astype(np.float32)
     probs = nearest_maps(prob27, geo)
-    p = plan(prob27, resolve(settings_from_env({}, **case), geo), geo)
+    p = plan(prob27, resolve(settings_from_env({}, **case), geo, reference_rule), geo)
     for ours, theirs in zip(p.scale_probs, probs):
         np.testing.assert_array_equal(ours, theirs[0].numpy())
     budget = case.get("select_num_each_scale", geo.select_num_each_scale)

@@ -186,6 +186,32 @@ def test_vila_answers_whole_over_http_and_streams_over_grpc(vila_art, tmp_path):
     assert refused["error"][0, 0].decode() == "max new tokens must be at least 1, got 0"
 
 
+def test_vila_serves_its_int4_llm_and_a_ps3_artifact_refuses_an_llm_precision(vila_art, artifacts, tmp_path):
+    """--llm-precision int4 serves the LLM `calibrate --precision int4` wrote, answering as `chat
+    --precision int4` does; on an artifact without an LLM the flag is one error line."""
+    import shutil
+
+    from conftest import cli
+    from ps3edge.llm.generate import SamplingConfig
+    from ps3edge.llm.pipeline import VilaPipeline
+    from serve_support import vila_request
+
+    art = shutil.copytree(vila_art, tmp_path / "vila")
+    assert cli("calibrate", art, "--precision", "int4").returncode in (0, 1)    # 1: the report's bound, not an error
+    image = png_bytes(seed=12)
+    question = "What is in the picture?"
+    expected = VilaPipeline(art, precision="int4").answer(
+        open_image(io.BytesIO(image)), question, settings_from_env(env={}, num_look_close="1"),
+        SamplingConfig(max_new_tokens=5))
+    with serving(art, "--num-look-close", "1", "--llm-precision", "int4", tmp_path=tmp_path) as server:
+        whole = vila_request(server, question, image, {"max_tokens": 5})
+        assert server.terminate() == 0
+    assert whole["error"][0, 0] == b"" and whole["answer"][0, 0].decode() == expected.text
+    refused = cli("serve", artifacts("ps3-tiny"), "--llm-precision", "int4")
+    assert refused.returncode == 2 and "is for a VILA-HD artifact" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
 def test_triton_repo_writes_a_valid_repository(artifacts, tmp_path):
     """config.pbtxt parses as Triton's ModelConfig with the served tensors, batching, queue policy
     and instances; model.py and the artifact are beside it; a second write into it is refused."""

@@ -1,11 +1,9 @@
 """The checks a manifest's JSON passes before it becomes a `Manifest`: every section well formed
-and in agreement with the model config (a hand edit that breaks that is named), and the integrity
-record of its sections (a hand edit that keeps them consistent is named too)."""
+and in agreement with the model config (a hand edit that breaks that is named). A hand edit that
+keeps the sections in agreement is named by the integrity record (integrity.py)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from .. import defaults
@@ -144,30 +142,3 @@ def _check_defaults(section: dict, cfg: PS3Config, bad) -> None:
     if "look_close_mode" in section and section["look_close_mode"] not in defaults.LOOK_CLOSE_MODES:
         bad(f"defaults.look_close_mode must be one of {', '.join(defaults.LOOK_CLOSE_MODES)}, "
             f"got {section['look_close_mode']!r}")
-
-
-INTEGRITY = "integrity"         # section -> sha256 of its canonical JSON, written with every manifest
-
-
-def section_digests(data: dict) -> dict[str, str]:
-    """sha256 of each section's canonical JSON (sorted keys, no spaces), the integrity section aside."""
-    return {key: hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-            for key, value in sorted(data.items()) if key != INTEGRITY}
-
-
-def check_integrity(data: dict, integrity, where) -> None:
-    """A manifest whose sections agree with each other can still be edited by hand (the image mean
-    and the config's mean together, say): every section must match the digest written with it."""
-    if not isinstance(integrity, dict):
-        raise Ps3EdgeError(f"{where} is inconsistent: '{INTEGRITY}' is not an object - re-export the model")
-    actual = section_digests(data)
-    for key in sorted(set(actual) | set(integrity)):
-        if key not in integrity:
-            what = f"section '{key}' was added after the manifest was written"
-        elif key not in actual:
-            what = f"section '{key}' was removed after the manifest was written"
-        elif integrity[key] != actual[key]:
-            what = f"section '{key}' was edited after the manifest was written (its sha256 differs from the integrity record)"
-        else:
-            continue
-        raise Ps3EdgeError(f"{where} is inconsistent: {what} - re-export the model")

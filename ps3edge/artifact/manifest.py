@@ -2,11 +2,13 @@
 
 It records the schema version, the model config and where the weights came from, the
 geometry (scales, grids, budgets), preprocessing, per-stage I/O, the opset and precision, and a
-sha256 for every file of the artifact. `load_manifest` refuses an artifact whose manifest is
-unreadable, of another schema, inconsistent with itself (a hand-edited model config that no
-longer matches the stages' I/O, say), or whose files do not match their recorded hashes, and
-says exactly what differs. Optional sections written later: "engines" (ps3edge build) and
-"precisions" (ps3edge calibrate: FP16 / INT8 stage files and precision maps, precisions.py).
+sha256 for every file of the artifact, and the integrity record of all of that (integrity.py).
+`load_manifest` refuses an artifact whose manifest is unreadable, of another schema, inconsistent
+with itself (a hand-edited model config that no longer matches the stages' I/O, say), without a
+matching integrity record (any section edited, added or removed by hand; the record removed), or
+whose files do not match their recorded hashes, and says exactly what differs. Optional
+sections written later: "engines" (ps3edge build) and "precisions" (ps3edge calibrate: FP16 /
+INT8 stage files and precision maps, precisions.py).
 
 `Manifest` is the checked, immutable object every other layer reads: typed sections
 (`config`, `stages`, `geometry`, `look_close_defaults`, `preprocessing`, `files`, `engines`,
@@ -26,9 +28,9 @@ from .. import defaults
 from ..version import __version__
 from ..errors import Ps3EdgeError
 from ..model.config import PS3Config
-from .checks import (INTEGRITY, check_consistent, check_integrity, geometry_section, preprocessing_section,
-                     section_digests)
+from .checks import check_consistent, geometry_section, preprocessing_section
 from .engines import EngineEntry, check_engines_section, merge_engines
+from .integrity import INTEGRITY, check_integrity, with_integrity
 from .io import file_sha256
 from .precisions import PrecisionEntry, check_precisions
 from .records import freeze, thaw
@@ -36,6 +38,8 @@ from .spec import TensorSpec
 
 REQUIRED_SECTIONS = ("producer", "model", "source", "returned_layers", "opset", "precision", "geometry",
                      "defaults", "preprocessing", "stages", "files")
+# every export writes these too, but a manifest built in code may lack them (a plan made before export)
+REQUIRED_ON_DISK = (*REQUIRED_SECTIONS, "weights_sha256")
 
 
 def build_manifest(cfg: PS3Config, source: dict, returned_layers, returned_layers_requested,
@@ -75,7 +79,9 @@ def _read_json(path: Path) -> dict:
 
 
 def load_manifest(artifact_dir, verify: bool = True) -> "Manifest":
-    """Read and check an artifact directory's manifest; verify every file's sha256."""
+    """Read and check an artifact directory's manifest: its sections, their integrity record
+    (always: it costs a few hashes of the JSON), and with `verify` every file's sha256 (which reads
+    every file: a caller that has just verified them, or runs nothing, may pass False)."""
     artifact_dir = Path(artifact_dir)
     path = artifact_dir / defaults.MANIFEST_NAME
     if not artifact_dir.is_dir():
@@ -87,8 +93,11 @@ def load_manifest(artifact_dir, verify: bool = True) -> "Manifest":
         raise Ps3EdgeError(f"{artifact_dir} has no {defaults.MANIFEST_NAME}; create one with 'ps3edge export'")
     data = _read_json(path)
     manifest = Manifest.from_dict(data, path)          # what is wrong in a section, named first
-    if INTEGRITY in data:                              # manifests of older releases have none
-        check_integrity({k: v for k, v in data.items() if k != INTEGRITY}, data[INTEGRITY], path)
+    missing = [key for key in REQUIRED_ON_DISK if key not in data]
+    if missing:
+        raise Ps3EdgeError(f"{path} lacks the '{missing[0]}' section - re-export the model")
+    # every manifest of this schema was written with its record: one without it is refused, never trusted
+    check_integrity(data, path)
     if verify:
         manifest.verify_files(artifact_dir)
     return manifest
@@ -230,8 +239,7 @@ class Manifest:
 
     def to_dict(self) -> dict:
         """The JSON, with a fresh integrity record of its sections."""
-        data = thaw(self._data)
-        return {**data, INTEGRITY: section_digests(data)}
+        return with_integrity(thaw(self._data))
 
     def write(self, artifact_dir) -> None:
         from .io import write_json_atomic
@@ -262,8 +270,8 @@ class Manifest:
 
     @property
     def weights_sha256(self) -> str | None:
-        """sha256 of the exported model's state dict (model/weights.state_dict_sha256); None in
-        artifacts of older releases."""
+        """sha256 of the exported model's state dict (model/weights.state_dict_sha256); every
+        exported manifest has it (load_manifest requires it), None only in one built in code."""
         return self._data.get("weights_sha256")
 
     @property

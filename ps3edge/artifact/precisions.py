@@ -18,7 +18,11 @@ wrote next to the FP32 ones, their precision maps, and how the runtime finds the
       "fp16": { ... the same "stages" layout, no calibration keys ... }
     }
 
-A stage kept in FP32 (the selector, always) names the FP32 file itself. Every file named here has
+A stage kept in FP32 (the selector, always) names the FP32 file itself. An FP16 stage's map
+records the dtype of each of its float inputs and outputs ("io_dtypes": the K/V cache, the
+features and the high-res patches pass between the FP16 stages in float16); `stage_entries`
+gives the stages' declared tensors with those dtypes, which is what a runner of the precision's
+files checks its feeds against. Every file named here has
 its sha256 in the manifest's "files", so `load_manifest` verifies it like the FP32 stages. The
 precision map's schema is in calibration/precision.py; `calibrate` writes this section.
 `PrecisionEntry` (its stages `PrecisionStage`, their `PrecisionMap`) is how every other layer
@@ -55,7 +59,8 @@ class PrecisionMap(JsonRecord):
     it: calibration/precision.py)."""
     schema: int
     default: str                                # every float layer not listed: fp32 | fp16 | int8
-    io_dtype: str                               # of the stage file's float inputs and outputs
+    io_dtype: str                               # of the stage file's float inputs and outputs: float32 | float16 | mixed
+    io_dtypes: Mapping[str, str] | None = None  # FP16 maps: each float input / output -> its dtype
     quantized_nodes: tuple[str, ...] | None = None      # INT8 maps: the nodes whose inputs carry Q/DQ
     fp32_op_types: tuple[str, ...]              # the rule, for people
     fp32_regions: tuple[str, ...]               # the rule, for people
@@ -158,7 +163,10 @@ _IMAGES = (lambda v: isinstance(v, list) and all(isinstance(i, dict) and _STR[0]
 CALIBRATION_KEYS = dict(zip(CALIBRATION, (_STR, _PERCENTILE, _INT, _INT, _INTS, _BOOL, _IMAGES)))
 MAP_KEYS = {"schema": _INT, "io_dtype": _STR, "fp32_op_types": _STRS, "fp32_regions": _STRS, "fp32_nodes": _STRS,
             "fp32_tensors": _STRS}
-MAP_OPTIONAL = {"quantized_nodes": _STRS, "fp16_node_count": _INT}
+_DTYPES = (lambda v: isinstance(v, dict) and all(isinstance(k, str) and x in ("float32", "float16")
+                                                  for k, x in v.items()),
+           'an object of tensor -> "float32" | "float16"')
+MAP_OPTIONAL = {"quantized_nodes": _STRS, "fp16_node_count": _INT, "io_dtypes": _DTYPES}
 
 
 def _check_keys(where: str, obj: dict, required: dict, optional: dict, bad) -> None:
@@ -235,6 +243,23 @@ def stage_files(manifest, precision: str, artifact_dir=None) -> dict[str, str]:
         raise Ps3EdgeError(f"{where} has no {precision} stages; run 'ps3edge calibrate {where} "
                            f"--precision {precision}{images}' first")
     return {name: info.file for name, info in entry.stages.items()}
+
+
+def stage_entries(manifest, precision: str) -> dict:
+    """stage -> its StageEntry as `precision`'s file declares it: the FP32 entry with the dtypes
+    its precision map records ("io_dtypes"; a map without them: float32, as exported). fp32:
+    the manifest's own entries."""
+    from dataclasses import replace
+
+    if precision == "fp32" or precision not in manifest.precisions:
+        return dict(manifest.stages)
+    entries = {}
+    for name, entry in manifest.stages.items():
+        stage = manifest.precisions[precision].stages.get(name)
+        dtypes = (stage.precision_map.io_dtypes if stage is not None else None) or {}
+        typed = lambda ts: tuple(replace(t, dtype=dtypes.get(t.name, t.dtype)) for t in ts)  # noqa: E731
+        entries[name] = replace(entry, inputs=typed(entry.inputs), outputs=typed(entry.outputs))
+    return entries
 
 
 def referenced_files(manifest, precisions) -> set[str]:

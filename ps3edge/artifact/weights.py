@@ -33,8 +33,11 @@ def rebuild_torch_model(manifest, loaded=None):
     expected = manifest.config
     if loaded.cfg.to_dict() != expected.to_dict():
         raise Ps3EdgeError("the model rebuilt for the torch backend differs from the manifest's config")
-    recorded = manifest.weights_sha256                 # absent in artifacts of older ps3edge releases
-    if recorded is not None and state_dict_sha256(loaded.model) != recorded:
+    recorded = manifest.weights_sha256                 # every export records it; never skipped for its absence
+    if recorded is None:
+        raise Ps3EdgeError("the manifest has no weights_sha256, so the torch backend cannot check that it rebuilt "
+                           "the exported weights - re-export the model")
+    if state_dict_sha256(loaded.model) != recorded:
         raise Ps3EdgeError("the weights rebuilt for the torch backend are not the exported ones (their sha256 differs "
                            "from weights_sha256: the manifest's source or the checkpoint changed since export) - "
                            "re-export the model")

@@ -34,7 +34,7 @@ from ..runtime.planning import LookCloseSettings, resolve_steps
 from ..runtime.preprocess import open_image
 from . import int8 as int8mod
 from .data import image_files
-from .precision import convert_fp16, check_types, fp16_precision_map, tensor_types
+from .precision import FP16_BUFFERS, convert_fp16, check_types, fp16_precision_map, tensor_types
 from .report import AccuracyReport, accuracy_report
 from .stage_inputs import StageInputs
 
@@ -278,7 +278,7 @@ def _fp16_stage(artifact_dir: Path, manifest: Manifest, name: str):
     src = artifact_dir / manifest.stages[name].file
     types = tensor_types(onnx.load(str(src), load_external_data=False))
     model = onnx.load(str(src))
-    model, pmap = convert_fp16(model, name, types)
+    model, pmap = convert_fp16(model, name, types, fp16_io=FP16_BUFFERS[name])
     if model.ByteSize() < 2 ** 31 - 1:
         check_types(model)
     final = name + defaults.PRECISION_FILE_SUFFIX["fp16"]

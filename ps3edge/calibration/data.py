@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from onnxruntime.quantization import CalibrationDataReader
 
 from ..errors import Ps3EdgeError
+from ..paths import expect_dir
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 
@@ -20,8 +21,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".g
 def image_files(folder, limit: int | None = None, what: str = "image folder") -> list[Path]:
     """The images of `folder` (not recursive), sorted by name; at most `limit`."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise Ps3EdgeError(f"{what} not found: {folder}")
+    expect_dir(folder, what)
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise Ps3EdgeError(f"{folder} holds no images ({' '.join(IMAGE_SUFFIXES)})")

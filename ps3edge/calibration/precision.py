@@ -12,15 +12,27 @@ What stays FP32 (the policy)
             1e-4 of the model's FLOPs and it decides where PS3 looks, so it is not worth a risk.
   highres   LayerNormalization and Softmax.
 Everything else that computes on floats (matrix products, convolutions, GELU, residual adds,
-the attention scale, the position-table gather) runs in FP16. Float graph inputs and outputs stay
-float32 - the FP16 file casts at its boundary - so the runtime feeds and reads the same arrays.
+the attention scale, the position-table gather) runs in FP16.
+
+The stage boundary (`FP16_BUFFERS`): a tensor that passes from one FP16 stage to another, or to
+the runtime's assembly, is an FP16 graph input / output, so the buffers between the stages are
+half size and nothing casts them up and down again: lowres's kv_cache, lowres_features and
+highres_patches, highres's patches, kv_cache and highres_features. Each is produced, and read,
+by FP16 nodes on both sides (highres reads its patches and K/V with an FP16 MatMul / Gather),
+so the buffer changes no value the model computes, except that of highres_patches, which the
+image-space region computes in FP32: rounded at lowres's output instead of at highres's first
+layer, the same rounding. The entry (pixels) and the selector's inputs (selection_features,
+conv_features: the selector runs FP32) stay float32, and the runtime's result is float32 (cast
+once where it assembles the tokens). The precision map records every float input and output's
+dtype ("io_dtypes"); the runtime declares the stages' tensors from it.
 
 The precision map, the manifest's precisions.<p>.stages.<stage>.precision_map (schema 1):
 
     {
       "schema": 1,
       "default": "fp16",           # every float layer not listed below: "fp32" | "fp16"
-      "io_dtype": "float32",       # dtype of the float graph inputs / outputs of the stage file
+      "io_dtype": "float32",       # dtype of the float graph inputs / outputs: float32 | float16 | mixed
+      "io_dtypes": {"pixels": "float32", "kv_cache": "float16", ...},   # each float input / output
       "fp32_op_types": ["LayerNormalization", "Softmax"],   # the rule, for people
       "fp32_regions": ["image-space"],                       # the rule, for people
       "fp32_nodes": ["/Gather", ...],        # ONNX node names (of the FP32 stage file) kept FP32
@@ -59,6 +71,9 @@ WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 FLOAT_ONLY_INPUTS = {"Resize": (2,)}             # inputs the ONNX spec types as float32
 FP16_MAX = float(np.finfo(np.float16).max)
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
+# the inter-stage tensors an FP16 stage file takes / gives in FP16 (the module docstring)
+FP16_BUFFERS = {"lowres": ("lowres_features", "kv_cache", "highres_patches"),
+                "highres": ("patches", "kv_cache", "highres_features")}
 
 
 # ------------------------------------------------------------------------------------------
@@ -172,29 +187,42 @@ def _convert_constant(node: onnx.NodeProto) -> None:
             return
 
 
-def convert_fp16(model: onnx.ModelProto, stage: str, types: dict[str, int] | None = None
-                 ) -> tuple[onnx.ModelProto, dict]:
+def convert_fp16(model: onnx.ModelProto, stage: str, types: dict[str, int] | None = None,
+                 fp16_io: tuple[str, ...] = ()) -> tuple[onnx.ModelProto, dict]:
     """Apply the FP16 policy to `model` (modified in place, weights loaded). Returns the model
-    and its precision map. `types` may come from `tensor_types` of a data-less copy."""
+    and its precision map. `types` may come from `tensor_types` of a data-less copy. `fp16_io`:
+    the float graph inputs and outputs the file takes / gives in FP16 (`calibrate` passes
+    FP16_BUFFERS[stage]); the others stay float32."""
     graph = model.graph
     if types is None:
         types = tensor_types(model)
+    boundary = {v.name for v in list(graph.input) + list(graph.output) if types.get(v.name) == FLOAT}
+    unknown = sorted(set(fp16_io) - boundary)
+    if unknown:
+        raise Ps3EdgeError(f"stage '{stage}' has no float input or output {unknown[0]!r} "
+                           f"(its float ones: {', '.join(sorted(boundary))})")
     prec = decide(model, stage, types)
     nodes = list(graph.node)
     for i, node in enumerate(nodes):               # the map and the casts need node names
         if not node.name:
             node.name = f"ps3edge_unnamed_{i}"
     dtype = _convert_initializers(graph, nodes, prec)
+    for inp in graph.input:                        # FP16 buffers in: the nodes cast them where they compute FP32
+        if inp.name in fp16_io:
+            inp.type.tensor_type.elem_type = FLOAT16
+            dtype[inp.name] = FLOAT16
     out_nodes = _converted_nodes(nodes, prec, types, dtype)
-    _keep_float_outputs(graph, dtype, out_nodes)
+    _set_float_outputs(graph, dtype, out_nodes, set(fp16_io))
     del graph.node[:]
     graph.node.extend(out_nodes)
     del graph.value_info[:]                        # stale float32 types; onnxruntime re-infers
 
     fp32_nodes = [n.name for n, p in zip(nodes, prec) if p == "fp32"]
     fp32_tensors = [o for n, p in zip(nodes, prec) if p == "fp32" for o in n.output if types.get(o) == FLOAT]
+    io_dtypes = {v.name: "float16" if v.name in fp16_io else "float32"
+                 for v in list(graph.input) + list(graph.output) if v.name in boundary}
     precision_map = fp16_precision_map(stage, fp32_nodes, fp32_tensors,
-                                       fp16_count=sum(p == "fp16" for p in prec))
+                                       fp16_count=sum(p == "fp16" for p in prec), io_dtypes=io_dtypes)
     return model, precision_map
 
 
@@ -261,24 +289,33 @@ def _fp16_attributes(node) -> None:
             a.t.CopyFrom(_to_fp16_tensor(a.t))
 
 
-def _keep_float_outputs(graph, dtype: dict[str, int], out_nodes: list) -> None:
-    """Float outputs stay float32: the last FP16 value gets a cast to the output's own name."""
+def _set_float_outputs(graph, dtype: dict[str, int], out_nodes: list, fp16_io: set[str]) -> None:
+    """Float outputs in `fp16_io` are FP16, the others float32: where the value computed has the
+    other type, it gets a cast to the output's own name."""
     for out in graph.output:
-        if dtype.get(out.name) != FLOAT16:
+        if out.name not in dtype:
             continue
-        inner = f"{out.name}__fp16"
+        want = FLOAT16 if out.name in fp16_io else FLOAT
+        out.type.tensor_type.elem_type = want
+        if dtype[out.name] == want:
+            continue
+        inner = f"{out.name}__{'fp32' if dtype[out.name] == FLOAT else 'fp16'}_value"
         for node in out_nodes:
             node.output[:] = [inner if t == out.name else t for t in node.output]
             node.input[:] = [inner if t == out.name else t for t in node.input]
-        out_nodes.append(helper.make_node("Cast", [inner], [out.name], to=FLOAT, name=f"{out.name}__cast_output"))
+        out_nodes.append(helper.make_node("Cast", [inner], [out.name], to=want, name=f"{out.name}__cast_output"))
 
 
-def fp16_precision_map(stage: str, fp32_nodes=(), fp32_tensors=(), fp16_count: int = 0) -> dict:
+def fp16_precision_map(stage: str, fp32_nodes=(), fp32_tensors=(), fp16_count: int = 0,
+                       io_dtypes: dict[str, str] | None = None) -> dict:
+    """The map of an FP16 stage; `io_dtypes` (float input / output -> dtype) None: all float32."""
     whole = stage in WHOLE_STAGE_FP32
+    kinds = set((io_dtypes or {}).values()) or {"float32"}
     return {
         "schema": PRECISION_MAP_SCHEMA,
         "default": "fp32" if whole else "fp16",
-        "io_dtype": "float32",
+        "io_dtype": kinds.pop() if len(kinds) == 1 else "mixed",
+        **({"io_dtypes": dict(io_dtypes)} if io_dtypes else {}),
         "fp32_op_types": ["*"] if whole else list(FP32_OP_TYPES),
         "fp32_regions": (["whole stage"] if whole else
                          ["image-space"] if stage in IMAGE_INPUTS else []) + ["constants feeding fp32 nodes"],

@@ -3,7 +3,9 @@ end to end, on a set of held-out images.
 
 For each image both pipelines run; the rows are
   lowres, lowres kv, selection features, conv features   same pixels in, per-token comparison
-  highres patches      must be bit-exact (the image-space region stays FP32 in every precision)
+  highres patches      must be bit-exact (the image-space region stays FP32 in every precision;
+                       where the stage gives them as an FP16 buffer, exact against the FP32
+                       patches rounded to float16, which highres's first layer does either way)
   selector (stage)     the reduced selector on the FP32 stage's inputs: |prob diff| (it is FP32 code,
                        so this is <= 1e-5 or something is wrong)
   selector (chained)   on the reduced lowres stage's outputs: |prob diff| (informative)
@@ -11,6 +13,7 @@ For each image both pipelines run; the rows are
                        so a wrong selection is the worst error); "near ties" when every swapped patch
                        was, in FP32, closer to the cut than twice the measured probability error
   highres (stage)      the reduced highres stage fed the FP32 run's patches, positions and K/V
+                       (in the dtypes that stage declares: float16 for the FP16 stages)
   end-to-end           whole runs; low-res tokens plus the high-res tokens at the positions that
                        both selections picked (all of them when the selections are identical)
 Feature rows give max |diff| and the minimum per-token cosine. Every image gives its own rows;
@@ -59,7 +62,7 @@ CHECKS = (
     Check("lowres kv", features("kv_cache")),
     Check("selection features", features("selection_features", view=_tokens)),
     Check("conv features", features("conv_features", view=_tokens)),
-    Check("highres patches", difference("highres_patches"), BOUND, 1e-6),
+    Check("highres patches", difference("highres_patches (as given)", "highres_patches"), BOUND, 1e-6),
     Check("selector (stage)", difference("prob", "prob (stage)"), BOUND, defaults.PROB_MAX_ABS_FP32),
     Check("selector (chained)", difference("prob"), INFORMATIVE),
     Check("selection", selection_up_to_near_ties, SELECTION),
@@ -114,16 +117,23 @@ def _run(pipe, pixels: np.ndarray, settings: LookCloseSettings, layer: int) -> t
             "lowres tokens": pipe.cfg.lowres_tokens}, times
 
 
+def _declared(runner, feed: dict) -> dict:
+    """`feed` in the dtypes `runner` declares (the FP16 stages take float16 buffers)."""
+    declared = runner.input_metadata()
+    return {k: v.astype(declared[k][0], copy=False) for k, v in feed.items()}
+
+
 def _on_reference_inputs(ref, test, ref_out: dict, layer: int) -> dict:
     """The test's selector and highres stages fed what the reference's stages were fed."""
-    prob = test.stages["selector"].infer({"selection_features": ref_out["selection_features"],
-                                          "conv_features": ref_out["conv_features"],
-                                          "prompt": ref.prior_prompt.astype(np.float32)})["prob"][0]
+    selector, highres = test.stages["selector"], test.stages["highres"]
+    prob = selector.infer(_declared(selector, {"selection_features": ref_out["selection_features"],
+                                               "conv_features": ref_out["conv_features"],
+                                               "prompt": ref.prior_prompt.astype(np.float32)}))["prob"][0]
     # the first step of the reference run, on the reference's inputs
     pos0 = ref_out["plan"].step_positions(ref.geometry, 0)[None]
     feed = {"patches": ref_out["highres_patches"][0][pos0], "positions": pos0, "step_image": np.zeros(1, np.int32),
             "kv_cache": ref_out["kv_cache"]}
-    first = test.stages["highres"].infer(feed)["highres_features"][ref.layer_index(layer), 0]
+    first = highres.infer(_declared(highres, feed))["highres_features"][ref.layer_index(layer), 0]
     return {"prob (stage)": prob, "first step (stage)": first, "first step positions": pos0[0]}
 
 
@@ -134,6 +144,8 @@ def compare_pipelines(ref, test, pixels: np.ndarray, settings: LookCloseSettings
     ref_out, times_ref = _run(ref, pixels, settings, layer)
     test_out, times_test = _run(test, pixels, settings, layer)
     test_out.update(_on_reference_inputs(ref, test, ref_out, layer))
+    # the FP32 patches in the buffer dtype the test's lowres gives them in
+    ref_out["highres_patches (as given)"] = ref_out["highres_patches"].astype(test_out["highres_patches"].dtype)
     # the reference's own tokens at those positions (already in its run)
     n0 = ref_out["lowres tokens"]
     ref_out["first step"] = ref_out["features"][0, n0 + np.searchsorted(ref_out["positions"],

@@ -86,9 +86,9 @@ def build(
 
 
 def calibrate(
-    artifacts: Path = typer.Argument(..., help="Artifact directory from 'ps3edge export'."),
+    artifacts: Path = typer.Argument(..., help="Artifact directory from 'ps3edge export' (int4: a VILA-HD artifact)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image folder: INT8 calibrates on the first --samples (by name) and reports on the next ones; FP16 reports on it."),
-    precision: str = typer.Option("int8", "--precision", help="int8 (explicit Q/DQ) or fp16 (the FP16 precision policy)."),
+    precision: str = typer.Option("int8", "--precision", help="int8 (explicit Q/DQ) or fp16 (the FP16 precision policy); int4: a VILA-HD artifact's weight-only INT4 LLM."),
     method: str = typer.Option(defaults.DEFAULT_CALIBRATION_METHOD, "--method", help="INT8 calibration: max, entropy or percentile."),
     samples: int = typer.Option(defaults.DEFAULT_CALIBRATION_SAMPLES, "--samples", min=1, help="Calibration images."),
     exclude_blocks: str = typer.Option(defaults.DEFAULT_EXCLUDE_BLOCKS, "--exclude-blocks", help="Transformer blocks kept float in INT8: first, last, indices, e.g. first,last."),
@@ -98,9 +98,14 @@ def calibrate(
     holdout: int = typer.Option(defaults.DEFAULT_HOLDOUT_SAMPLES, "--holdout", min=1, help="Held-out images the report runs on."),
     num_look_close: Optional[str] = typer.Option("1", "--num-look-close", help="Look-close steps of the report's runs."),
     with_torch: bool = typer.Option(False, "--with-torch", help="FP16: also compare our torch model in fp16 with itself in fp32 (slow on a CPU)."),
+    block_size: int = typer.Option(defaults.INT4_BLOCK_SIZE, "--block-size", help="INT4: weights per scale along K (a power of two >= 16)."),
 ):
-    """Write FP16 or INT8 (Q/DQ) stages next to the FP32 ones, register them, report their accuracy."""
+    """Write FP16 or INT8 (Q/DQ) stages next to the FP32 ones (int4: a VILA-HD artifact's LLM), register them, report their accuracy."""
     from ..calibration.calibrate import CalibrationOptions, calibrate as do_calibrate
+
+    if precision == "int4":
+        _calibrate_int4(artifacts, tool, block_size, images, holdout_images)
+        return
 
     settings = LookCloseFlags(num_look_close=num_look_close).settings()
     options = CalibrationOptions(precision, images, method=method, samples=samples, exclude_blocks=exclude_blocks,
@@ -117,6 +122,39 @@ def calibrate(
               " (registered, but see the report before running them)"))
     if not report.ok:
         views.error_line(f"{precision} accuracy outside tolerance")
+        raise typer.Exit(1)
+
+
+def _calibrate_int4(artifacts: Path, tool: str, block_size: int, images, holdout_images) -> None:
+    """`calibrate --precision int4`: the LLM of a VILA-HD artifact; its report printed, exit 1 outside tolerance."""
+    from ..llm.int4 import Int4Settings
+    from ..llm.int4_calibrate import calibrate_int4
+
+    if images is not None or holdout_images is not None:
+        raise Ps3EdgeError("--precision int4 quantizes the LLM's weights and reports on fixed text prompts: it "
+                           "takes no --images or --holdout-images")
+    start = time.perf_counter()
+    with console.status("quantizing the LLM") as status:
+        report = calibrate_int4(artifacts, Int4Settings(block_size=block_size), tool, progress=views.progress(status))
+    s, tol = report.summary(), report.tolerance["min_logit_cosine"]
+    for p in report.prompts:
+        views.say(f"  {escape(p.text[:40]):<40}  min logit cosine {min(p.logit_cosine):.4f}  top-1 "
+                  f"{sum(p.top1_agree)}/{len(p.top1_agree)}  greedy {'equal' if p.greedy_equal else 'differs'}"
+                  + ("" if p.greedy_equal else f" from step {p.first_difference}"))
+    mib = lambda n: n / 2 ** 20     # noqa: E731
+    llm, emb = s["sizes"]["llm"], s["sizes"]["embed_tokens"]
+    views.say(f"int4 vs fp32, {s['prompts']} prompts x {s['steps']} steps (teacher-forced): min logit cosine "
+              f"{s['min_logit_cosine']:.4f} (>= {tol}: {'pass' if s['pass'] else 'FAIL'}), mean "
+              f"{s['mean_logit_cosine']:.4f}, min hidden cosine {s['min_hidden_cosine']:.4f}, top-1 agreement "
+              f"{s['top1_agreement']:.1%}, greedy answers equal {s['greedy_equal']}/{s['prompts']}")
+    views.say(f"llm {mib(llm['fp32']):.2f} MiB -> {mib(llm['int4']):.2f} MiB, embed_tokens {mib(emb['fp32']):.2f} MiB "
+              f"-> {mib(emb['int4']):.2f} MiB")
+    name = defaults.ACCURACY_REPORT.format(precision="int4")
+    views.say(f"wrote {defaults.INT4_FILE} and {name} into {escape(str(artifacts))} in "
+              f"{time.perf_counter() - start:.1f} s" + ("; chat with --precision int4" if report.ok else
+              " (registered, but see the report before using it)"))
+    if not report.ok:
+        views.error_line("int4 accuracy outside tolerance")
         raise typer.Exit(1)
 
 
@@ -144,7 +182,7 @@ def _lint(artifacts: Path, manifest, trt_version: str, max_look_close, as_json: 
 
 
 def inspect(
-    artifacts: Path = typer.Argument(..., help="Artifact directory."),
+    artifacts: Path = typer.Argument(..., help="Artifact directory (a VILA-HD artifact: vila.json checked, its PS3 stages shown)."),
     as_json: bool = typer.Option(False, "--json", help="Print the raw manifest (with --lint: the findings)."),
     lint: bool = typer.Option(False, "--lint", help="Check every stage against the TensorRT ONNX parser; exit 1 on errors."),
     trt_version: str = typer.Option(defaults.DEFAULT_LINT_TRT_VERSION, "--trt-version", help="TensorRT the lint targets (10.3 = JetPack 6)."),
@@ -153,12 +191,30 @@ def inspect(
 ):
     """Show what an artifact's manifest says (and check its files); --lint checks TensorRT compatibility."""
     from ..artifact.manifest import load_manifest
+    from ..artifact.vila import VILA_MANIFEST, is_vila_artifact, load_vila_manifest
 
+    vila = None
+    if is_vila_artifact(artifacts) and (artifacts / "ps3").is_dir():
+        vila = load_vila_manifest(artifacts, verify=True)     # its integrity record and the files outside ps3/
+        artifacts = artifacts / "ps3"
     manifest = load_manifest(artifacts, verify=True)
     _check_lint_flags(lint, trt_version, max_look_close, precision)
     if lint:
         _lint(artifacts, manifest, trt_version, max_look_close, as_json, precision)
     elif as_json:
-        print(json.dumps(manifest.to_dict(), indent=2))
+        print(json.dumps(manifest.to_dict() if vila is None
+                         else {VILA_MANIFEST: vila.to_dict(), defaults.MANIFEST_NAME: manifest.to_dict()}, indent=2))
     else:
         views.print_manifest(artifacts, manifest)
+        if vila is not None:
+            views.say(f"VILA-HD {escape(str(artifacts.parent))}: context {vila.context_length}, LLM "
+                      f"{vila.llm.num_layers} layers x {vila.llm.hidden_size}, engines "
+                      f"{', '.join(vila.engines) or 'none'}; {len(vila.files)} files outside ps3/, all sha256 "
+                      f"match {VILA_MANIFEST}")
+            for name, entry in vila.precisions.items():      # the LLM's precisions beyond fp32
+                summary = entry.summary or {}
+                verdict = (f"report {entry.report}: min logit cosine {summary.get('min_logit_cosine')}, "
+                           f"{'pass' if summary.get('pass') else 'FAIL'}") if entry.report else "no report"
+                views.say(f"LLM {name}: {entry.llm} ({entry.format}, block {entry.settings.get('block_size')}, "
+                          f"{'symmetric' if entry.settings.get('symmetric') else 'asymmetric'}), embedding "
+                          f"{entry.embed_tokens or 'embed_tokens.npy'}; {verdict}")

@@ -10,12 +10,13 @@ from typing import Optional
 
 import typer
 
+from .. import defaults
 from ..errors import Ps3EdgeError
 from . import views
 from .options import SEED_MAX, ExifTranspose, LookCloseFlags, Revision, look_close_options
 
 
-def _check_request(conv_mode: str, text: str, model_path: str, backend: str) -> None:
+def _check_request(conv_mode: str, text: str, model_path: str, backend: str, precision: str = "fp32") -> None:
     """What can be refused before any progress line is printed or anything is exported."""
     from ..llm.vila import VILA_PRESETS
     from ..model.hub import parse_hub_id
@@ -29,7 +30,13 @@ def _check_request(conv_mode: str, text: str, model_path: str, backend: str) -> 
                            "nor a checkpoint directory or Hugging Face hub id (owner/name)")
     from ..llm.implementations import get_implementation
 
-    get_implementation(backend).require()    # refused before anything is exported
+    implementation = get_implementation(backend)
+    implementation.require()                 # refused before anything is exported
+    if precision not in defaults.LLM_PRECISIONS:
+        raise Ps3EdgeError(f"unknown --precision '{precision}'; choose one of: {', '.join(defaults.LLM_PRECISIONS)}")
+    if precision not in implementation.llm_precisions:
+        raise Ps3EdgeError(f"--precision {precision} runs on --backend onnxruntime; --backend {backend} runs the "
+                           f"LLM in {', '.join(implementation.llm_precisions)}")
 
 
 def _artifact_dir(model_path: str, artifacts: Optional[Path], seed: int) -> Path:
@@ -57,6 +64,7 @@ def chat(
     media: Path = typer.Option(..., "--media", help="The image."),
     conv_mode: str = typer.Option("auto", "--conv-mode", help="Chat template: auto (the tokenizer's, Qwen2's for VILA-HD)."),
     backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime (exported stages), torch (transformers + our PyTorch PS3) or tensorrt (the engines of 'ps3edge build ARTIFACTS')."),
+    precision: str = typer.Option("fp32", "--precision", help="The LLM's precision: fp32, or int4 (the weight-only INT4 LLM of 'ps3edge calibrate ARTIFACTS --precision int4'; --backend onnxruntime)."),
     artifacts: Optional[Path] = typer.Option(None, "--artifacts", help="Use (or export into) this VILA-HD artifact directory instead of the cache."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples."),
@@ -74,16 +82,16 @@ def chat(
     from ..runtime.preprocess import open_image
 
     model_path = with_revision(model_path, revision)      # resolved (fetched if need be) by the export cache
-    _check_request(conv_mode, text, model_path, backend)
+    _check_request(conv_mode, text, model_path, backend, precision)
     settings = look_close.settings()
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed).validate()
     image = open_image(media, exif_transpose=exif_transpose)
     views.image_notes(image)
     art = _artifact_dir(model_path, artifacts, seed)
-    pipeline = VilaPipeline(art, backend)
+    pipeline = VilaPipeline(art, backend, precision=precision)
     result = pipeline.answer(image, text, settings, sampling, on_text=None if json_out else _stream)
     if json_out:
-        print(json.dumps({**result.to_json(), "backend": backend, "look_close_mode": settings.mode,
+        print(json.dumps({**result.to_json(), "backend": backend, "precision": precision, "look_close_mode": settings.mode,
                           "artifacts": str(art)}, indent=2))
     else:
         sys.stdout.write("\n")

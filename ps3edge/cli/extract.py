@@ -1,49 +1,65 @@
 """`ps3edge extract`: PS3 features for a dataset or video log, in resumable shards, on this
-machine or a Ray cluster; the progress bar and the closing summary."""
+machine or a Ray cluster; the progress bar, the warnings and the closing summary."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
 from rich.text import Text
 
 from ..errors import Ps3EdgeError
 from .options import ExifTranspose, Layer, LookCloseFlags, PromptEmbedding, load_prompt_embedding, look_close_options
 from .views import err_console, error_line, say
 
-PARTIAL_EXIT = 1                    # the job finished, but some inputs could not be read
+PARTIAL_EXIT = 1                    # the job finished, but errors.jsonl lists inputs not read (in full)
 
 
 class _ItemsPerSecond(ProgressColumn):
     def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("-- items/s" if speed is None else f"{speed:.2f} items/s")
+        rate = task.fields.get("rate")
+        return Text("-- items/s" if rate is None else f"{rate:.2f} items/s")
+
+
+class _Remaining(ProgressColumn):
+    def render(self, task) -> Text:
+        eta = task.fields.get("eta")
+        if eta is None:
+            return Text("-:--:--")
+        minutes, seconds = divmod(int(round(eta)), 60)
+        return Text(f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}")
 
 
 class _Bar:
-    """The job's progress (job.py's start / advance) as a rich bar on stderr: items, items/s, ETA;
-    shown from the first item done, so a refusal before any (a Ray cluster not found, a model that
-    does not load) prints only its error line."""
+    """The job's progress (job.py's start / advance) as a rich bar on stderr: items, items/s, ETA.
+    The rate is the job's own (this run's items over the time since it started, as the summary
+    line states it), not a window over arrivals, which come in bursts from Ray. Shown from the
+    first item done, so a refusal before any prints only its error line."""
 
     COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _ItemsPerSecond(),
-               TextColumn("eta"), TimeRemainingColumn())
+               TextColumn("eta"), _Remaining())
 
     def __init__(self):
-        self.progress, self.task, self.counts = Progress(*self.COLUMNS, console=err_console), None, (0, 0)
+        self.progress, self.task = Progress(*self.COLUMNS, console=err_console), None
+        self.counts, self.started, self.done = (0, 0), time.perf_counter(), 0
 
     def start(self, total: int, completed: int) -> None:
-        self.counts = (total, completed)
+        self.counts, self.started, self.done = (total, completed), time.perf_counter(), 0
 
     def advance(self, count: int) -> None:
+        total, completed = self.counts
         if self.task is None:
             self.progress.start()
-            total, completed = self.counts
-            self.task = self.progress.add_task("extract", total=total, completed=completed)
-        self.progress.advance(self.task, count)
+            self.task = self.progress.add_task("extract", total=total, completed=completed, rate=None, eta=None)
+        self.done += count
+        elapsed = time.perf_counter() - self.started
+        rate = self.done / elapsed if elapsed > 0 else None
+        eta = (total - completed - self.done) / rate if rate else None
+        self.progress.update(self.task, advance=count, rate=rate, eta=eta)
 
     def __enter__(self) -> "_Bar":
         return self
@@ -75,6 +91,7 @@ def extract(
 ):
     """Extract features for every image and sampled video frame of the inputs into shards (resumable)."""
     from ..extract.job import Engine, run_extract
+    from ..extract.sources import display
     from ..extract.work import Work
 
     settings = look_close.settings()
@@ -87,10 +104,19 @@ def extract(
         summary = run_extract(artifact_dir=artifacts, inputs=list(input), out=out, work=work, fps=fps,
                               shard_size=shard_size, prompt_path=prompt_embedding,
                               engine=Engine(ray=ray, actors=actors, workers=workers), progress=bar)
+    for video in summary.cut_short:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(' '.join(display(video.reason).split()))}",
+                          highlight=False, soft_wrap=True)
     rate = f", {summary.ran / summary.seconds:.2f} items/s" if summary.ran and summary.seconds > 0 else ""
     resumed = f" ({summary.resumed_shards} finished before)" if summary.resumed_shards else ""
     say(f"extracted {summary.extracted} of {summary.inputs} inputs into {summary.shards} shards{resumed}"
         f"{rate} -> {escape(str(out))}")
+    cut = len(summary.cut_short)
+    videos = f"{cut} video{'s were' if cut > 1 else ' was'} cut short"
     if summary.failed:
-        error_line(f"{summary.failed} of {summary.inputs} inputs could not be read; see {summary.errors_file}")
+        also = f" and {videos}" if cut else ""
+        error_line(f"{summary.failed} of {summary.inputs} inputs could not be read{also}; see {summary.errors_file}")
+    elif cut:
+        error_line(f"{videos} (the frames read are extracted); see {summary.errors_file}")
+    if summary.failed or cut:
         raise typer.Exit(PARTIAL_EXIT)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
+import re
 import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,9 +16,13 @@ from typing import Optional
 
 import numpy as np
 import typer
+from pydantic_core import PydanticCustomError
+import typer.models
+import typer.utils
 
 from .. import defaults
 from ..errors import Ps3EdgeError
+from ..paths import expect_file
 
 SEED_MAX = 2 ** 63 - 1                  # seeds go to torch.Generator.manual_seed (a signed 64-bit int)
 
@@ -96,6 +102,75 @@ def look_close_options(mode_help: str = MODE_HELP):
     return decorate
 
 
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL_NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def _strict_number(kind: type, low, high):
+    """The parser of one int or float option: ASCII digits only (Python's int() and float() would
+    also take '1_0', full-width and other Unicode digits, 'inf' and 'nan'), finite, and inside the
+    option's min / max, which typer stops checking once an option has a parser of its own. Typer
+    checks values with pydantic, which shows a PydanticCustomError's text as it is."""
+    what = "a whole number" if kind is int else "a number"
+    pattern = _WHOLE_NUMBER if kind is int else _DECIMAL_NUMBER
+
+    def refuse(reason: str):
+        return PydanticCustomError("ps3edge_number", "{reason}", {"reason": reason})
+
+    def parse(value):
+        if isinstance(value, bool):
+            raise refuse(f"{value!r} is not {what}")
+        if isinstance(value, (int, float)) and (kind is float or isinstance(value, int)):
+            number = kind(value)                # a default from the command's signature
+        else:
+            text = str(value).strip()
+            if not pattern.fullmatch(text):
+                if _non_finite(text):
+                    raise refuse(f"'{value}' is not a finite number")
+                raise refuse(f"'{value}' is not {what} in plain digits (like 12{'' if kind is int else ' or 0.5'})")
+            if len(text) > 40:          # int() of thousands of digits is slow, and no option wants them
+                raise refuse(f"'{text[:12]}...' has {len(text)} characters; no option takes a number that long")
+            number = kind(text)
+        if kind is float and not math.isfinite(number):
+            raise refuse(f"'{value}' is not a finite number")
+        if low is not None and number < low:
+            raise refuse(f"{number} is less than the least allowed, {low}")
+        if high is not None and number > high:
+            raise refuse(f"{number} is more than the most allowed, {high}")
+        return number
+    return parse
+
+
+def _non_finite(text: str) -> bool:
+    """inf, nan and their spellings, as float() reads them."""
+    try:
+        return not math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _number_kind(annotation) -> type | None:
+    """int or float for an `int`, `float` or `Optional[...]` of one; None for anything else."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    kind = args[0] if typing.get_origin(annotation) is typing.Union and len(args) == 1 else annotation
+    return kind if kind in (int, float) else None
+
+
+def strict_numbers(command):
+    """Give every int and float parameter of a typer command the strict parser above, keeping its
+    min / max. The app applies it to each command it registers, so a flag added later is parsed
+    the same way without anyone remembering to."""
+    annotations = {name: meta.annotation for name, meta in typer.utils.get_params_from_function(command).items()}
+    for param in inspect.signature(command).parameters.values():      # the OptionInfo typer will read, not a copy
+        info, kind = param.default, _number_kind(annotations.get(param.name))
+        if kind is None or not isinstance(info, typer.models.ParameterInfo):
+            continue
+        if info.clamp:
+            raise TypeError(f"{param.name}: a clamped number option would take any value; ps3edge refuses out-of-range ones")
+        info.parser = _strict_number(kind, info.min, info.max)
+    return command
+
+
 def parse_layers(text: str) -> list[int]:
     try:
         layers = [int(p) for p in text.split(",") if p.strip()]
@@ -121,8 +196,7 @@ def parse_steps(text: str) -> list[int]:
 def load_prompt_embedding(path: Optional[Path]):
     if path is None:
         return None
-    if not path.is_file():
-        raise Ps3EdgeError(f"prompt embedding file not found: {path}")
+    expect_file(path, "prompt embedding file")
     try:
         array = np.load(path, allow_pickle=False)
     except Exception as e:  # numpy raises ValueError / OSError / UnpicklingError for bad files

@@ -15,6 +15,7 @@ import typer
 from rich.markup import escape
 
 from .. import defaults
+from ..artifact.io import write_json_atomic
 from ..errors import Ps3EdgeError
 from . import views
 from .options import (SEED_MAX, ExifTranspose, Layer, LookCloseFlags, PromptEmbedding, Revision, checkpoint_spec,
@@ -77,6 +78,7 @@ def run(
     device: str = typer.Option("auto", "--device", help="torch backend: cuda (the device-resident fast path with CUDA graphs), cpu, or auto (cuda when there is one)."),
     preprocess_on: Optional[str] = typer.Option(None, "--preprocess", help="cpu (PIL) or device (the same resize on the torch device, bit-identical); default: device on the fast path."),
     exif_transpose: bool = ExifTranspose,
+    json_out: Optional[str] = typer.Option(None, "--json", help="Also write a JSON record per image (tokens per scale, steps, stage times, peak memory per stage: host resident, and CUDA on the fast path) to this file, or '-' for stdout (then the only thing printed there)."),
 ):
     """Run the look-close loop on one image, or on several as batches."""
     from ..runtime.lookclose import Pipeline
@@ -86,10 +88,12 @@ def run(
     settings = look_close.settings()
     prompts = _batch_prompts(load_prompt_embedding(prompt_embedding), len(image))
     overlays = _check_run_paths(image, out, overlay)
+    json_path = _check_json_path(json_out, out, overlays)
     pils = [open_image(path, exif_transpose=exif_transpose) for path in image]   # every file readable first
     for pil in pils:
         views.image_notes(pil)
     with Pipeline(artifacts, backend, precision=precision, device=device, preprocess=preprocess_on) as pipeline:
+        pipeline.measure_memory = json_out is not None
         size = batch_size or min(len(pils), pipeline.max_batch)
         pipeline.check_batch(size)
         with console.status(f"{len(pils)} images") if len(pils) > 1 else contextlib.nullcontext():
@@ -99,6 +103,12 @@ def run(
         write_outputs(results[0], pils[0], out, overlays[0] if overlays else None)
     else:
         write_batch_outputs(results, pils, out, overlays)
+    if json_out is not None:
+        record = run_record(results, image, ran_on, precision, size)
+        if json_path is None:
+            print(json.dumps(record, indent=2))
+            return
+        write_json_atomic(json_path, record)
     views.print_run(results[0], ran_on, len(results), size)
     if precision != "fp32":
         views.say(f"precision {precision}")
@@ -106,6 +116,36 @@ def run(
     views.say(f"features {tuple(shape)} -> {escape(str(out))}")
     if overlay is not None:
         views.say(f"overlay{'s' if len(overlays) > 1 else ''} -> {escape(str(overlay))}")
+
+
+def _check_json_path(json_out: Optional[str], out: Path, overlays: List[Path]) -> Optional[Path]:
+    """--json: '-' (stdout: None here) or a .json file that is none of the other outputs."""
+    from ..runtime.outputs import check_output_path
+
+    if json_out is None or json_out == "-":
+        return None
+    path = Path(json_out)
+    if path.suffix.lower() != ".json":
+        raise Ps3EdgeError(f"--json writes JSON: give a .json name or '-' for stdout, got {path}")
+    if any(path.resolve() == other.resolve() for other in (out, *overlays)):
+        raise Ps3EdgeError(f"--json {path} is also another output of this run; nothing was written")
+    check_output_path(path, "--json")
+    return path
+
+
+def run_record(results, images: List[Path], ran_on: str, precision: str, batch_size: int) -> dict:
+    """What --json writes: the run, then one record per image in flag order."""
+    return {
+        "backend": ran_on, "precision": precision, "batch_size": batch_size,
+        "images": [{
+            "image": str(path), "features_shape": list(r.features.shape), "layer": r.layer,
+            "tokens_each_scale": r.tokens_each_scale, "num_steps": r.num_steps,
+            "highres_calls": [list(c) for c in r.highres_calls], "batch": r.batch,
+            "timings_ms": {k: round(v, 3) for k, v in r.timings_ms.items()},
+            "peak_memory_mib": {where: {k: round(v, 1) for k, v in stages.items()}
+                                for where, stages in r.memory_mib.items()},
+        } for path, r in zip(images, results)],
+    }
 
 
 def _batch_prompts(prompt, count: int):

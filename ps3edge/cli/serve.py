@@ -36,6 +36,7 @@ def serve(
     artifacts: Path = typer.Argument(..., help="Artifact directory from 'ps3edge export' (a VILA-HD artifact also serves vila-hd and vila-hd-stream)."),
     backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime, torch, or tensorrt (the engines of 'ps3edge build')."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, or fp16 / int8: the stages of 'ps3edge calibrate'."),
+    llm_precision: str = typer.Option("fp32", "--llm-precision", help="A VILA-HD artifact's LLM: fp32, or int4 (the weight-only INT4 LLM of 'ps3edge calibrate --precision int4'; onnxruntime backend)."),
     address: str = typer.Option("127.0.0.1", "--address", help="Where the HTTP, gRPC and metrics endpoints listen; 0.0.0.0 serves other machines."),
     http_port: int = typer.Option(8000, "--http-port", help="KServe v2 HTTP/REST port."),
     grpc_port: int = typer.Option(8001, "--grpc-port", help="KServe v2 gRPC port (streaming: vila-hd-stream)."),
@@ -53,7 +54,8 @@ def serve(
     from ..serve.server import serve as run_server
     from ..serve.settings import ServeOptions
 
-    options = ServeOptions(backend=backend, precision=precision, address=address, http_port=http_port,
+    options = ServeOptions(backend=backend, precision=precision, llm_precision=llm_precision, address=address,
+                           http_port=http_port,
                            grpc_port=grpc_port, metrics_port=metrics_port, max_batch=max_batch,
                            max_queue_delay_us=max_queue_delay_us, instances=instances, max_queue_size=max_queue_size,
                            queue_timeout_ms=queue_timeout_ms, exit_timeout_s=exit_timeout_s).check()

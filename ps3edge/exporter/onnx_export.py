@@ -5,8 +5,10 @@ file and the manifest are written, so an interrupted export never leaves a half 
 target's writer lock (artifact/lock.py) keeps a second export out and removes what a killed one
 left behind.
 Stages whose weights approach protobuf's 2 GiB limit store them in one `<stage>.onnx.data` file.
-Each stage file is then simplified by onnxruntime's basic-level rewrites (ort_optimize.py) and
-checked in onnxruntime against its PyTorch module (validate.py) before anything is renamed into place.
+Each stage file is then simplified by onnxruntime's basic-level rewrites (ort_optimize.py); the
+weights that lowres and highres both hold (the trunk) are written once, to `trunk.onnx.data`
+(share.py); and each stage file, as it will be published, is checked in onnxruntime against its
+PyTorch module (validate.py) before anything is renamed into place.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import onnx
 import torch
 
 from .. import defaults
-from ..artifact.io import file_sha256, publish_dir, temp_dir
+from ..artifact.io import file_sha256, temp_dir
 from ..artifact.lock import writer_lock
 from ..artifact.manifest import Manifest, build_manifest
+from ..artifact.outdir import OutDir, prepare_out_dir
 from ..artifact.profiles import check_max_batch
 from ..artifact.spec import STAGE_ORDER, stage_specs
 from ..errors import Ps3EdgeError
@@ -31,6 +34,7 @@ from ..model import HighResStage, LowResStage, SelectorStage, build
 from ..model.stages import normalize_layers
 from ..model.weights import LoadedModel, state_dict_sha256
 from .ort_optimize import simplify_stage
+from .share import external_files, share_weights as write_shared_weights
 from .validate import validate_stage
 
 
@@ -76,24 +80,6 @@ def _export_stage(module, example, spec, opset: int, scratch: Path, final: Path)
     return files
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise Ps3EdgeError(f"{out_dir} exists and is not a directory")
-        if any(out_dir.iterdir()):
-            is_artifact = (out_dir / defaults.MANIFEST_NAME).is_file()
-            if not (overwrite and is_artifact):
-                hint = " (use --overwrite to replace it)" if is_artifact else ""
-                raise Ps3EdgeError(f"{out_dir} is not empty{hint}")
-    existing = next((p for p in out_dir.parents if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise Ps3EdgeError(f"cannot create {out_dir}: {existing} is not a directory")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise Ps3EdgeError(f"cannot create {out_dir}: {e.strerror or e} ({e.filename})") from None
-
-
 def _max_opset() -> int | None:
     """The newest opset torch's TorchScript-based ONNX exporter can write (None if unknown)."""
     try:
@@ -106,10 +92,14 @@ def _max_opset() -> int | None:
 def export(model_spec, out_dir, opset: int = defaults.DEFAULT_OPSET,
            returned_layers=defaults.DEFAULT_RETURNED_LAYERS, seed: int = defaults.DEFAULT_SEED,
            overwrite: bool = False, progress: Callable[[str], None] | None = None,
-           max_batch: int = defaults.DEFAULT_MAX_BATCH) -> Manifest:
+           max_batch: int = defaults.DEFAULT_MAX_BATCH, share_weights: bool | None = None) -> Manifest:
     """Export `model_spec` (preset name, checkpoint dir or hub id, or an already built weights.LoadedModel)
     to `out_dir`; returns the manifest. `max_batch`: the most images one pass takes (the
-    TensorRT profiles' bound of the batch axis; onnxruntime and torch are held to it too)."""
+    TensorRT profiles' bound of the batch axis; onnxruntime and torch are held to it too).
+    `share_weights`: None writes the weights several stages hold (the trunk) once, to
+    trunk.onnx.data, when they come to defaults.SHARED_WEIGHTS_MIN_BYTES or more (share.py);
+    True does so at any size; False never (each stage keeps its own copy: the layout before
+    sharing, kept to measure against and to debug with)."""
     say = progress or (lambda msg: None)
     if opset < defaults.MIN_OPSET:
         raise Ps3EdgeError(f"opset {opset} is too old; ps3edge exports opset {defaults.MIN_OPSET} or newer")
@@ -119,15 +109,14 @@ def export(model_spec, out_dir, opset: int = defaults.DEFAULT_OPSET,
     returned_layers = list(returned_layers)
     if not returned_layers:
         raise Ps3EdgeError("no returned layers given; export at least one block, e.g. -2,-1")
-    out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir, overwrite)
-    with writer_lock(out_dir):
-        _prepare_out_dir(out_dir, overwrite)            # again, now that no other writer runs
-        return _export_locked(model_spec, out_dir, opset, returned_layers, seed, overwrite, say, max_batch)
+    target = prepare_out_dir(out_dir, overwrite)
+    with writer_lock(target.path):
+        target = prepare_out_dir(out_dir, overwrite)    # again, now that no other writer runs
+        return _export_locked(model_spec, target, opset, returned_layers, seed, say, max_batch, share_weights)
 
 
-def _export_locked(model_spec, out_dir: Path, opset: int, returned_layers: list, seed: int, overwrite: bool,
-                   say, max_batch: int) -> Manifest:
+def _export_locked(model_spec, target: OutDir, opset: int, returned_layers: list, seed: int,
+                   say, max_batch: int, share_weights: bool | None) -> Manifest:
     if isinstance(model_spec, LoadedModel):
         loaded = model_spec
     else:
@@ -146,20 +135,31 @@ def _export_locked(model_spec, out_dir: Path, opset: int, returned_layers: list,
     modules = {"lowres": LowResStage(model, layers, for_export=True), "selector": SelectorStage(model),
                "highres": HighResStage(model, layers)}
 
-    staging = temp_dir(out_dir.parent, out_dir.name, "export")
+    staging = temp_dir(target.path.parent, target.path.name, "export")
     try:
-        stages, files = {}, {}
+        stages, files, examples = {}, {}, {}
         for name in STAGE_ORDER:
             say(f"exporting stage '{name}'")
-            spec, example = specs[name], _example_inputs(name, cfg, specs[name])
-            written = _export_stage(modules[name], example, spec, opset, staging / "scratch", staging / spec.file)
-            written = simplify_stage(written[0], staging / "scratch", written[1].name if len(written) > 1 else None)
-            # the file as it will be published, before anything is renamed into place
-            say(validate_stage(modules[name], example, spec, written[0]).summary())
-            for f in written:
-                files[f.name] = file_sha256(f)
-            stages[name] = {"file": spec.file, "external_data": [f.name for f in written[1:]],
-                            **spec.to_dict()}
+            spec = specs[name]
+            examples[name] = _example_inputs(name, cfg, spec)
+            written = _export_stage(modules[name], examples[name], spec, opset, staging / "scratch", staging / spec.file)
+            simplify_stage(written[0], staging / "scratch", written[1].name if len(written) > 1 else None)
+        if share_weights is not False:
+            shared = write_shared_weights(staging, [specs[n].file for n in STAGE_ORDER],
+                                          min_bytes=0 if share_weights else defaults.SHARED_WEIGHTS_MIN_BYTES)
+            if shared:
+                say(f"wrote the weights the stages share once ({shared / 2 ** 20:.1f} MiB, "
+                    f"{defaults.SHARED_WEIGHTS_FILE})")
+        for name in STAGE_ORDER:
+            spec = specs[name]
+            # the files as they will be published, before anything is renamed into place
+            say(validate_stage(modules[name], examples[name], spec, staging / spec.file).summary())
+            data = sorted(external_files(onnx.load(str(staging / spec.file), load_external_data=False)),
+                          key=lambda f: f == defaults.SHARED_WEIGHTS_FILE)     # its own data file first
+            for f in (spec.file, *data):
+                if f not in files:                  # the shared file is hashed once
+                    files[f] = file_sha256(staging / f)
+            stages[name] = {"file": spec.file, "external_data": data, **spec.to_dict()}
         np.save(staging / defaults.PRIOR_PROMPT_FILE, model.prior_prompt.detach().numpy().astype(np.float32))
         files[defaults.PRIOR_PROMPT_FILE] = file_sha256(staging / defaults.PRIOR_PROMPT_FILE)
 
@@ -167,7 +167,7 @@ def _export_locked(model_spec, out_dir: Path, opset: int, returned_layers: list,
                                   weights_sha256=state_dict_sha256(model), max_batch=max_batch)
         manifest.write(staging)
         say("finalising artifact")
-        publish_dir(staging, out_dir, replace=overwrite)
+        target.publish(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -20,11 +20,19 @@ from .work import Work, chunks, infer, prepare
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
-def run_local(work: Work, items: list[Item], layout: Layout, shards: list[int],
-              on_outcomes: Callable[[int, list[Outcome]], None], workers: int = DEFAULT_WORKERS) -> None:
-    """Extract the items of `shards`; `on_outcomes(shard, outcomes)` receives each chunk's
-    outcomes in order (the job writes a shard once all of its outcomes are in)."""
-    with work.open() as pipeline:
+class LocalEngine:
+    """The artifact loaded in this process (made while the job is checked: a backend, precision,
+    layer or prompt it cannot take is refused before anything is written), then `run`."""
+
+    def __init__(self, work: Work, workers: int = DEFAULT_WORKERS):
+        self.work, self.workers = work, workers
+        self.pipeline = work.open()
+
+    def run(self, items: list[Item], layout: Layout, shards: list[int],
+            on_outcomes: Callable[[int, list[Outcome]], None]) -> None:
+        """Extract the items of `shards`; `on_outcomes(shard, outcomes)` receives each chunk's
+        outcomes in order (the job writes a shard once all of its outcomes are in)."""
+        work, pipeline, workers = self.work, self.pipeline, self.workers
         todo = chunks(layout, shards, work.batch(pipeline))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ps3edge-decode") as pool:
             ahead: deque = deque()
@@ -46,3 +54,6 @@ def run_local(work: Work, items: list[Item], layout: Layout, shards: list[int],
             finally:
                 for *_, future in ahead:
                     future.cancel()
+
+    def close(self) -> None:
+        self.pipeline.close()

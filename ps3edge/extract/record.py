@@ -9,8 +9,11 @@ is refused in one line naming the first field that differs. (Batch size, engine 
 count are recorded by no one: they change no value.)
 
 `index.jsonl` (one line per extracted item: index, shard, source, frame, timestamp, width,
-height) and `errors.jsonl` (one line per input that could not be read: source, frame, reason)
-are written at the end of each run from the shards' own headers, so they are always whole.
+height) and `errors.jsonl` (one line per input that could not be read: index, source, frame,
+reason; a video cut short adds frames_read and frames_expected) are written at the end of each
+run from the shards' own headers and the listing, so they are always whole. A source whose file
+name is not UTF-8 has "source" with \\xNN escapes and "source_bytes", its bytes in base64
+(sources.source_fields), so both files are valid UTF-8 JSON that loses no name.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from ..version import __version__
 from ..artifact.io import write_bytes_atomic, write_json_atomic
 from ..errors import Ps3EdgeError
 from .shards import FORMAT, Layout, read_header
-from .sources import Failure, Item
+from .sources import Failure, Item, display, source_fields
 
 RUN_NAME = "run.json"
 INDEX_NAME = "index.jsonl"
@@ -58,7 +61,8 @@ def items_digest(items: list[Item], failures: list[Failure]) -> str:
     for item in items:
         h.update((json.dumps(item.to_dict(), sort_keys=True) + "\n").encode())
     for f in failures:
-        h.update((json.dumps(["unlisted", f.source], sort_keys=True) + "\n").encode())
+        if not f.cut_short:                   # a video cut short is in the items already
+            h.update((json.dumps(["unlisted", f.source], sort_keys=True) + "\n").encode())
     return h.hexdigest()
 
 
@@ -76,7 +80,7 @@ def run_record(*, artifact_dir, manifest, backend: str, precision: str, settings
         "prompt_embedding": None if prompt_path is None else str(prompt_path),
         "prompt_embedding_sha256": prompt_sha,
         "dtype": dtype, "exif_transpose": exif_transpose, "fps": fps, "shard_size": shard_size,
-        "inputs": [str(i) for i in inputs], "items": len(items), "items_sha256": items_digest(items, failures),
+        "inputs": [display(str(i)) for i in inputs], "items": len(items), "items_sha256": items_digest(items, failures),
         "shards": Layout(len(items), shard_size).shards,
     })
 
@@ -121,9 +125,10 @@ def check_run(out: Path, record: dict) -> None:
 
 
 def write_run(out: Path, record: dict) -> None:
-    """The run record, once: before the run's first shard (so a run refused before any work
-    leaves nothing that would refuse the corrected command)."""
+    """The run record, once: before the run's first shard, in an output directory made then (so
+    a job that stops before its first shard leaves --out as it found it)."""
     if not (out / RUN_NAME).is_file():
+        out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / RUN_NAME, record)
 
 
@@ -137,18 +142,28 @@ def done_shards(out: Path, layout: Layout, digest: str) -> dict[int, dict]:
     return done
 
 
+def error_entry(f: Failure) -> dict:
+    """A listing failure's errors.jsonl line (a video unlisted, or cut short)."""
+    entry = {"index": None, **source_fields(f.source), "frame": f.frame, "reason": display(f.reason)}
+    if f.cut_short:
+        entry.update(frames_read=f.frames_read, frames_expected=f.frames_expected)
+    return entry
+
+
 def write_index_and_errors(out: Path, layout: Layout, headers: dict[int, dict], failures: list[Failure]) -> tuple[int, int]:
-    """index.jsonl and errors.jsonl from the shards' headers (and the unlisted videos);
-    returns (items extracted, inputs failed)."""
+    """index.jsonl and errors.jsonl from the shards' headers (and the listing's failures);
+    returns (items extracted, inputs failed: items and unlisted videos, not the videos cut short)."""
     index_lines, error_lines = [], []
     for f in failures:
-        error_lines.append(json.dumps({"index": None, "source": f.source, "frame": f.frame, "reason": f.reason}))
+        error_lines.append(json.dumps(error_entry(f)))
     for shard in range(layout.shards):
         header = headers[shard]
         for record in header["items"]:
             index_lines.append(json.dumps({**record, "shard": layout.name(shard)}))
         for record in header["errors"]:
-            error_lines.append(json.dumps({k: record.get(k) for k in ("index", "source", "frame", "reason")}))
+            names = ("index", "source", "source_bytes", "frame", "reason") if "source_bytes" in record else \
+                ("index", "source", "frame", "reason")
+            error_lines.append(json.dumps({k: record.get(k) for k in names}))
     write_bytes_atomic(out / INDEX_NAME, "".join(line + "\n" for line in index_lines).encode())
     write_bytes_atomic(out / ERRORS_NAME, "".join(line + "\n" for line in error_lines).encode())
-    return len(index_lines), len(error_lines)
+    return len(index_lines), len(error_lines) - sum(f.cut_short for f in failures)

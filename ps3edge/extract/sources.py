@@ -1,22 +1,33 @@
 """The inputs of an extract job: listing them in a fixed order, and decoding them.
 
 An input (`--input`, repeatable) is an image folder (searched recursively, hidden entries
-skipped), a text file listing paths (one per line; blank lines and `#` comments skipped;
-relative paths are taken from the list's folder), an image file or a video file. Folders and
-lists may hold images and videos alike; a file is an image or a video by its suffix.
+skipped), a text file listing paths, an image file or a video file. Folders and lists may hold
+images and videos alike; a file is an image or a video by its suffix. A list holds one path per
+line, read as UTF-8 (a byte-order mark is dropped; bytes that are not UTF-8 are kept as the
+file name's own bytes, as the file system gives them), with LF or CRLF line ends; each line is
+stripped of surrounding white space, blank lines and lines starting with `#` are skipped, and
+relative paths are taken from the list's folder.
 
 The listing is the job's contract: every file sorted by its path, each video expanded into the
 frames it samples (all of them, or with `fps` the first frame at or after each 1/fps seconds),
 in presentation order. Item i of that list goes to shard i // shard_size, so the same inputs
 give the same shards on any engine and on every rerun. Listing reads no pixels: an image that
 cannot be decoded stays an item and fails when it is decoded; a video whose frames cannot even
-be listed is a listing failure. Videos are read with PyAV (the `extract` extra).
+be listed is a listing failure. A video cut short (a truncated file: reading stops at an error,
+or ends before the frame count or duration its container states) keeps the frames read as
+items and is noted as a failure of its own (`Failure.frames_read`). Videos are read with PyAV
+(the `extract` extra).
+
+File names are str as the file system gives them (os.fsdecode: bytes that are not UTF-8 become
+lone surrogates); `source_fields` is how a record shows one in JSON without losing it.
 """
 
 from __future__ import annotations
 
+import base64
 import math
 import os
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -51,10 +62,51 @@ class Item:
 
 @dataclass(frozen=True)
 class Failure:
-    """An input that could not be read, and why."""
+    """An input that could not be read, and why; or, with frames_read set, a video cut short
+    whose frames_read frames are items (frames_expected: the count its container states, if it
+    states one)."""
     source: str
     reason: str
     frame: Optional[int] = None
+    frames_read: Optional[int] = None
+    frames_expected: Optional[int] = None
+
+    @property
+    def cut_short(self) -> bool:
+        return self.frames_read is not None
+
+
+def display(text: str) -> str:
+    """`text` as valid Unicode: the bytes of a non-UTF-8 file name shown as \\xNN escapes."""
+    if not _undecodable(text):
+        return text
+    try:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:                # a surrogate no file name decodes to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _undecodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def source_fields(source: str) -> dict:
+    """A record's source: {"source": path} for a UTF-8 path; for a file name that is not UTF-8,
+    "source" shows it with \\xNN escapes and "source_bytes" holds its exact bytes in base64
+    (read back with base64.b64decode, a bytes path open() takes)."""
+    if not _undecodable(source):
+        return {"source": source}
+    return {"source": display(source), "source_bytes": base64.b64encode(os.fsencode(source)).decode("ascii")}
+
+
+def record_source(record: dict) -> str:
+    """The path a record's source fields name (source_fields, reversed)."""
+    raw = record.get("source_bytes")
+    return os.fsdecode(base64.b64decode(raw)) if raw else record["source"]
 
 
 def image_suffixes() -> frozenset:
@@ -77,10 +129,15 @@ def _walk(folder: Path, media: frozenset) -> list[Path]:
 
 def _read_list(path: Path) -> list[Path]:
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise Ps3EdgeError(f"cannot read the input list {path}: {getattr(e, 'strerror', None) or e}") from None
-    entries = [line.strip() for line in lines]
+        data = path.read_bytes()
+    except OSError as e:
+        raise Ps3EdgeError(f"cannot read the input list {path}: {e.strerror or e}") from None
+    # UTF-8 after a byte-order mark (as utf-8-sig reads it), and surrogateescape keeps a non-UTF-8
+    # name's bytes as os.fsdecode does for the names a folder gives; lines end at LF only (a CR
+    # before it goes with the white space), since splitlines would also cut at the NEL or LS
+    # characters a file name may hold
+    text = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
+    entries = [line.strip() for line in text.split("\n")]
     return [p if p.is_absolute() else path.parent / p
             for p in (Path(e) for e in entries if e and not e.startswith("#"))]
 
@@ -112,7 +169,8 @@ def input_files(inputs: Iterable) -> list[Path]:
 
 
 def list_items(inputs: Iterable, fps: Optional[float] = None) -> tuple[list[Item], list[Failure]]:
-    """The job's items in their fixed order, and the videos whose frames could not be listed."""
+    """The job's items in their fixed order, and the videos whose frames could not be listed or
+    that were cut short (Failure.cut_short: their frames read are items)."""
     items: list[Item] = []
     failures: list[Failure] = []
     for path in input_files(inputs):
@@ -121,9 +179,13 @@ def list_items(inputs: Iterable, fps: Optional[float] = None) -> tuple[list[Item
             continue
         _pyav()                                   # without PyAV the job is refused, not every video failed
         try:
-            items += video_items(path, fps)
+            frames, short = video_items(path, fps)
         except Ps3EdgeError as e:
             failures.append(Failure(str(path), str(e)))
+            continue
+        items += frames
+        if short is not None:
+            failures.append(short)
     return items, failures
 
 
@@ -163,20 +225,56 @@ def sample(times: list[float], fps: Optional[float]) -> list[int]:
     return chosen
 
 
-def video_items(path: Path, fps: Optional[float]) -> list[Item]:
-    """A video's sampled frames, from the packets' presentation times (no frame is decoded)."""
+def video_items(path: Path, fps: Optional[float]) -> tuple[list[Item], Optional[Failure]]:
+    """A video's sampled frames, from the packets' presentation times (no frame is decoded), and
+    the note of a video cut short (None when it reads to its stated end)."""
     av = _pyav()
+    stopped = None
+    found: set = set()
     with _open_video(path) as container:
         stream = container.streams.video[0]
         try:
-            pts = sorted({p.pts for p in container.demux(stream) if p.pts is not None and p.size})
+            for packet in container.demux(stream):
+                if packet.pts is not None and packet.size:
+                    found.add(packet.pts)
         except (av.FFmpegError, OSError) as e:
-            raise Ps3EdgeError(f"{path} cannot be read to its end ({e})") from None
+            stopped = " ".join(str(e).split())
         base = stream.time_base
+        stated_frames = stream.frames or None
+        stated_seconds = container.duration / av.time_base if container.duration else None
+        start = container.start_time / av.time_base if container.start_time else 0.0
+    pts = sorted(found)
     if not pts:
+        if stopped is not None:
+            raise Ps3EdgeError(f"{path} cannot be read ({stopped})")
         raise Ps3EdgeError(f"{path} has no frames with presentation times")
     times = [float(p * base) for p in pts]
-    return [Item(str(path), i, pts[i], times[i]) for i in sample(times, fps)]
+    items = [Item(str(path), i, pts[i], times[i]) for i in sample(times, fps)]
+    return items, _cut_short(path, times, start, stopped, stated_frames, stated_seconds)
+
+
+def _cut_short(path: Path, times: list[float], start: float, stopped: Optional[str],
+               stated_frames: Optional[int], stated_seconds: Optional[float]) -> Optional[Failure]:
+    """The note of a video whose listing read fewer frames than it holds: reading stopped at an
+    error, or fewer frames than its header counts, or (no count stated) its last frame well
+    before the duration it states (more than two frame intervals and half a second: a healthy
+    file's duration ends one frame interval after its last frame's time)."""
+    read = len(times)
+    if stopped is not None:
+        what = f"reading stopped at an error ({stopped[:200]})"
+    elif stated_frames is not None:
+        if read >= stated_frames:
+            return None
+        what = "the file ends early"
+    else:
+        end = times[-1] - start
+        gap = statistics.median(b - a for a, b in zip(times, times[1:])) if read > 1 else 0.0
+        if stated_seconds is None or stated_seconds - end <= max(0.5, 2 * gap):
+            return None
+        what = f"the file ends early (its last frame read is at {end:.2f} s of the {stated_seconds:.2f} s it states)"
+    of = f" of the {stated_frames} its container states" if stated_frames is not None else ""
+    return Failure(str(path), f"{display(str(path))} is cut short: {what}; {read} frames read{of}, "
+                              f"and those are extracted", frames_read=read, frames_expected=stated_frames)
 
 
 def decode(items: list[Item], exif_transpose: bool = False) -> list:

@@ -16,10 +16,11 @@ from typing import Iterator, Optional
 import numpy as np
 
 from ..errors import Ps3EdgeError
-from ..runtime.lookclose import Pipeline
+from ..runtime.lookclose import Pipeline, checked_prompt, geometry_of, layer_index
+from ..runtime.runners.registry import get_backend
 from ..runtime.planning import LookCloseSettings, resolve_steps
 from .shards import Layout, Outcome, item_tensors
-from .sources import Failure, Item, decode
+from .sources import Failure, Item, decode, display, source_fields
 
 
 @dataclass(frozen=True)
@@ -36,17 +37,36 @@ class Work:
     exif_transpose: bool
     batch_size: Optional[int]             # None: the artifact's bound (Pipeline.max_batch)
 
+    def check(self, manifest) -> None:
+        """Refuse, from the artifact's manifest alone (nothing loaded), settings this model cannot
+        take, a batch over its bound, a backend ps3edge does not have, a layer the artifact did not
+        export and a prompt of the wrong width: the checks a job makes before it starts Ray (whether
+        the backend runs and the precision exists, the workers' machines decide)."""
+        get_backend(self.backend)
+        layer_index(manifest, self.layer)
+        if self.prompt is not None:
+            checked_prompt(manifest, self.settings, self.prompt)
+        resolve_steps(self.settings, geometry_of(manifest))
+        self._check_batch(manifest.geometry.max_batch)
+
     def open(self) -> Pipeline:
         """The pipeline, after refusing what would fail every item (a layer that was not exported,
         a prompt of the wrong width, settings this model cannot take, a batch over its bound)."""
         pipeline = Pipeline(self.artifact_dir, self.backend, precision=self.precision, device=self.device)
-        pipeline.layer_index(self.layer)
-        pipeline.prompt(self.settings, self.prompt)
-        resolve_steps(self.settings, pipeline.geometry)
-        if self.batch_size is not None and self.batch_size > pipeline.max_batch:
-            raise Ps3EdgeError(f"--batch-size {self.batch_size} is over this artifact's bound of {pipeline.max_batch} "
-                               f"images a batch; lower it or re-export with `ps3edge export --max-batch {self.batch_size}`")
+        try:
+            pipeline.layer_index(self.layer)
+            pipeline.prompt(self.settings, self.prompt)
+            resolve_steps(self.settings, pipeline.geometry)
+            self._check_batch(pipeline.max_batch)
+        except BaseException:
+            pipeline.close()
+            raise
         return pipeline
+
+    def _check_batch(self, max_batch: int) -> None:
+        if self.batch_size is not None and self.batch_size > max_batch:
+            raise Ps3EdgeError(f"--batch-size {self.batch_size} is over this artifact's bound of {max_batch} "
+                               f"images a batch; lower it or re-export with `ps3edge export --max-batch {self.batch_size}`")
 
     def batch(self, pipeline: Pipeline) -> int:
         return self.batch_size or pipeline.max_batch
@@ -61,7 +81,7 @@ def chunks(layout: Layout, shards, batch: int) -> Iterator[tuple[int, range]]:
 
 
 def _record(item: Item) -> dict:
-    return {"source": item.source, "frame": item.frame, "timestamp": item.timestamp}
+    return {**source_fields(item.source), "frame": item.frame, "timestamp": item.timestamp}
 
 
 def prepare(pipeline: Pipeline, work: Work, items: list[Item]) -> list:
@@ -87,7 +107,7 @@ def infer(pipeline: Pipeline, work: Work, indices: range, items: list[Item], pre
     ready = [k for k, p in enumerate(prepared) if not isinstance(p, Failure)]
     for k, p in enumerate(prepared):
         if isinstance(p, Failure):
-            outcomes[k].error = p.reason
+            outcomes[k].error = display(p.reason)
     if not ready:
         return outcomes
     try:
@@ -99,7 +119,7 @@ def infer(pipeline: Pipeline, work: Work, indices: range, items: list[Item], pre
             result = results[n] if results is not None else \
                 pipeline.run_batch([prepared[k][0]], work.settings, work.prompt, work.layer)[0]
         except Ps3EdgeError as e:
-            outcomes[k].error = str(e)
+            outcomes[k].error = display(str(e))
             continue
         width, height = prepared[k][1]
         outcomes[k].record.update(width=width, height=height)

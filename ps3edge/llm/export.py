@@ -20,41 +20,36 @@ import numpy as np
 from .. import defaults
 from ..version import __version__
 from ..errors import Ps3EdgeError
-from ..artifact.io import file_sha256, publish_dir, temp_dir
+from ..artifact.io import file_sha256, found_at, publish_dir, temp_dir
 from ..artifact.lock import writer_lock
+from ..artifact.outdir import prepare_out_dir
 from ..artifact.vila import LLMShape, VilaManifest, build_vila_manifest, is_vila_artifact, load_vila_manifest
 from .engine import export_llm
 from ..model.hub import Checkpoint
 from .vila import VILA_LAYER, VILA_PRESETS, VilaHD, build_vila, checkpoint_sha256, load_vila, locate_vila
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise Ps3EdgeError(f"{out_dir} exists and is not an empty directory")
-
-
 def export_vila(model_spec: str, out_dir, seed: int = defaults.DEFAULT_SEED, opset: int = defaults.DEFAULT_OPSET,
                 progress: Callable[[str], None] | None = None) -> VilaManifest:
     """Export every stage VILA-HD needs into `out_dir`, which must be absent or empty."""
     say = progress or (lambda msg: None)
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
+    target = prepare_out_dir(out_dir, overwrite=False)
     say(f"loading {model_spec}")
     model = build_vila(model_spec, seed, say)         # a bad model path fails before any directory is made
-    with writer_lock(out_dir):
-        _check_out_dir(out_dir)                       # again, now that no other writer runs
-        return _export_locked(model, out_dir, opset, say, replace=False)
+    with writer_lock(target.path):
+        target = prepare_out_dir(out_dir, overwrite=False)     # again, now that no other writer runs
+        return _export_locked(model, target.path, opset, say, target.publish)
 
 
-def _export_locked(model: VilaHD, out_dir: Path, opset: int, say, replace: bool) -> VilaManifest:
-    """Stage the whole artifact beside `out_dir` and rename it into place (`replace`: over an
-    existing VILA-HD artifact). The caller holds `out_dir`'s writer lock."""
+def _export_locked(model: VilaHD, out_dir: Path, opset: int, say, publish: Callable[[Path], None]) -> VilaManifest:
+    """Stage the whole artifact beside `out_dir` and rename it into place with `publish(staging)`.
+    The caller holds `out_dir`'s writer lock."""
     from ..exporter.onnx_export import export as export_ps3, export_projector
 
     staging = temp_dir(out_dir.parent, out_dir.name, "export")
     try:
         say("exporting PS3 stages")
-        export_ps3(model.ps3, staging / "ps3", opset=opset, returned_layers=(VILA_LAYER,))
+        ps3_manifest = export_ps3(model.ps3, staging / "ps3", opset=opset, returned_layers=(VILA_LAYER,))
         say("exporting the projector")
         export_projector(model.projector, staging / "projector.onnx", opset=opset)
         say("exporting the LLM")
@@ -67,9 +62,9 @@ def _export_locked(model: VilaHD, out_dir: Path, opset: int, say, replace: bool)
         files = {f.relative_to(staging).as_posix(): file_sha256(f)
                  for f in sorted(staging.rglob("*")) if f.is_file() and not f.relative_to(staging).parts[0] == "ps3"}
         manifest = build_vila_manifest(model.source, model.context_length, opset, llm_shape(model.llm.config),
-                                       model.top_down_head is not None, files)
+                                       model.top_down_head is not None, files, ps3_manifest)
         manifest.write(staging)
-        publish_dir(staging, out_dir, replace=replace)
+        publish(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -112,20 +107,28 @@ def ensure_artifacts(model_spec: str, seed: int = defaults.DEFAULT_SEED, progres
     with writer_lock(art):
         if _is_current(art, model_spec, checkpoint, model.source.get("sha256")):    # exported meanwhile
             return art
-        replace = is_vila_artifact(art)               # a stale export: swapped out once the new one is in place
-        if art.exists() and not replace:             # a cache directory without vila.json: not an artifact
+        stale = is_vila_artifact(art)                # a stale export: swapped out once the new one is in place
+        if art.exists() and not stale:              # a cache directory without vila.json: not an artifact
             shutil.rmtree(art)
-        _export_locked(model, art, defaults.DEFAULT_OPSET, say, replace=replace)
+        start = found_at(art)                       # ps3edge's own cache: whatever is there is replaced
+        _export_locked(model, art, defaults.DEFAULT_OPSET, say,
+                       lambda staging: publish_dir(staging, art, replace=stale, start=start,
+                                                   may_replace=lambda moved: None))
     return art
 
 
 def _is_current(art: Path, model_spec: str, checkpoint: Checkpoint | None, sha256: str | None = None) -> bool:
     """Whether the cached export is of `model_spec` as it is now: a preset's export always is; a hub
     snapshot's when it is of the same commit (the hub's files of a commit never change); a
-    directory's when its files' digest (`sha256`, computed here when not given) is the recorded one."""
+    directory's when its files' digest (`sha256`, computed here when not given) is the recorded one.
+    A cached export whose vila.json is refused (an older schema, an edit by hand) is not current:
+    the cache is ps3edge's own, so it is exported again."""
     if not is_vila_artifact(art):
         return False
-    source = load_vila_manifest(art, verify=False).source
+    try:
+        source = load_vila_manifest(art, verify=False).source
+    except Ps3EdgeError:
+        return False
     if checkpoint is None:
         return model_spec in VILA_PRESETS
     if checkpoint.commit is not None:

@@ -5,10 +5,12 @@ LLM and top-down prompt head run, and whether they can run here.
     impl.available()                  # (True, "") or (False, why), as the stage backends answer
     impl.require()                    # or one Ps3EdgeError line, before anything is exported
     impl.check(art, manifest)         # what the artifact must hold for it (TensorRT: engines)
-    side = impl.open(art, manifest)   # a LanguageSide: llm, project, head, embed_table, ps3_model
+    impl.check_precision(art, manifest, "int4")   # an LLM precision it runs and the artifact holds
+    side = impl.open(art, manifest, "int4")       # a LanguageSide: llm, project, head, embed_table, ps3_model
 
 - onnxruntime: the exported files (llm.onnx on `engine.OnnxLLM`, projector.onnx, the token
-  embedding table and the prompt head as numpy);
+  embedding table and the prompt head as numpy); also the int4 precision of vila.json (llm.int4.onnx,
+  the INT4 embedding dequantized per looked-up row: int4.py);
 - torch: the reference, rebuilt from the recorded source: transformers' Qwen2 (`engine.TorchLLM`)
   and our PyTorch projector and head; its PS3 model is handed to the PS3 pipeline (`ps3_model`);
 - tensorrt: the engines of `ps3edge build ARTIFACT` (projector and `engine.TensorRTLLM`), the
@@ -40,12 +42,13 @@ class LanguageSide:
     llm: object                                    # an engine.LLMRunner: prefill / decode on embeddings
     project: Callable[[np.ndarray], np.ndarray]    # (n, 4C) float32 cells -> (n, H) embeddings
     head: Callable[[np.ndarray], np.ndarray] | None   # (1, H) hidden -> (1, C) PS3 prompt; None: no top-down head
-    embed_table: np.ndarray                        # (V, H) token embeddings
+    embed_table: np.ndarray                        # (V, H) token embeddings (int4: an Int4Embedding, rows on demand)
     ps3_model: object = None                       # the PS3 LoadedModel the PS3 pipeline shares (torch)
 
 
 class Implementation:
     name = ""
+    llm_precisions: tuple[str, ...] = ("fp32",)      # the LLM precisions (vila.json) it runs
 
     @property
     def ps3_backend(self) -> str:
@@ -65,15 +68,27 @@ class Implementation:
     def check(self, art: Path, manifest) -> None:
         """Refuse, in one line, an artifact that lacks what this implementation runs."""
 
-    def open(self, art: Path, manifest) -> LanguageSide:
+    def check_precision(self, art: Path, manifest, precision: str) -> None:
+        """Refuse, in one line, an LLM precision this implementation does not run or the artifact lacks."""
+        manifest.llm_files(precision, art)                 # unknown, or not calibrated: its own line
+        if precision not in self.llm_precisions:
+            raise Ps3EdgeError(f"--precision {precision} runs on --backend "
+                               f"{' or '.join(i.name for i in _REGISTRY.values() if precision in i.llm_precisions)}"
+                               f"; --backend {self.name} runs the LLM in {', '.join(self.llm_precisions)}")
+
+    def open(self, art: Path, manifest, precision: str = "fp32") -> LanguageSide:
         raise NotImplementedError
 
 
-def _exported_tables(art: Path, manifest) -> tuple[Callable | None, np.ndarray]:
-    """The prompt head (None without one) and the token embeddings, as the export wrote them."""
+def _exported_tables(art: Path, manifest, embed_file: str = "embed_tokens.npy") -> tuple[Callable | None, object]:
+    """The prompt head (None without one) and the token embeddings, as the export (or, an .npz,
+    `calibrate --precision int4`) wrote them."""
+    from .int4 import Int4Embedding
+
     head = np.load(art / "prompt_head.npz") if manifest.top_down else None
     apply = (lambda h: h @ head["weight"].T + head["bias"]) if head is not None else None
-    return apply, np.load(art / "embed_tokens.npy")
+    table = Int4Embedding.load(art / embed_file) if embed_file.endswith(".npz") else np.load(art / embed_file)
+    return apply, table
 
 
 def _projector_call(stage) -> Callable[[np.ndarray], np.ndarray]:
@@ -82,21 +97,23 @@ def _projector_call(stage) -> Callable[[np.ndarray], np.ndarray]:
 
 class OnnxRuntimeImplementation(Implementation):
     name = "onnxruntime"
+    llm_precisions = defaults.LLM_PRECISIONS
 
-    def open(self, art, manifest):
+    def open(self, art, manifest, precision: str = "fp32"):
         from ..runtime.runners.onnxruntime import OnnxRuntimeRunner
         from .engine import OnnxLLM
 
-        llm = OnnxLLM(art / "llm.onnx")
+        llm_file, embed_file = manifest.llm_files(precision, art)
+        llm = OnnxLLM(art / llm_file)
         projector = OnnxRuntimeRunner.from_path(art / "projector.onnx")
-        head, embed_table = _exported_tables(art, manifest)
+        head, embed_table = _exported_tables(art, manifest, embed_file)
         return LanguageSide(llm, _projector_call(projector), head, embed_table)
 
 
 class TorchImplementation(Implementation):
     name = "torch"
 
-    def open(self, art, manifest):
+    def open(self, art, manifest, precision: str = "fp32"):
         import torch
 
         from .engine import TorchLLM
@@ -146,7 +163,7 @@ class TensorRTImplementation(Implementation):
             raise Ps3EdgeError(f"{art} has no TensorRT engine for {', '.join(missing)}; build them with "
                                f"'ps3edge build {art}'")
 
-    def open(self, art, manifest):
+    def open(self, art, manifest, precision: str = "fp32"):
         """The projector as a TensorRTRunner and the LLM as a TensorRTLLM, after checking both
         engines against this machine's TensorRT and GPU."""
         import torch

@@ -63,15 +63,17 @@ class VilaPipeline:
     """A VILA-HD artifact on one implementation of implementations.py: `onnxruntime` (the
     exported files), `torch` (the reference: transformers' Qwen2 and our PyTorch PS3 / projector,
     rebuilt from the source) or `tensorrt` (the engines of `ps3edge build ARTIFACT`: PS3 stages,
-    projector, LLM)."""
+    projector, LLM). `precision`: the LLM's, fp32 or one of vila.json's "precisions" (int4: the
+    weight-only INT4 LLM and token embedding of `ps3edge calibrate --precision int4`)."""
 
-    def __init__(self, artifact_dir, backend: str = "onnxruntime", verify: bool = True):
+    def __init__(self, artifact_dir, backend: str = "onnxruntime", verify: bool = True, precision: str = "fp32"):
         implementation = get_implementation(backend)         # refuses an unknown name
         self.art = Path(artifact_dir)
         self.manifest = load_vila_manifest(self.art, verify)
-        self.backend = backend
+        self.backend, self.precision = backend, precision
+        implementation.check_precision(self.art, self.manifest, precision)
         implementation.check(self.art, self.manifest)
-        side = implementation.open(self.art, self.manifest)
+        side = implementation.open(self.art, self.manifest, precision)
         # VILA-HD looks at the low-res tokens before it selects (run_lowres / run_from_lowres),
         # which a whole-loop session does not split: PS3 runs stage by stage on every backend.
         # The torch implementation's PS3 model comes with it (one model for both sides).

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from .. import defaults
 from ..errors import Ps3EdgeError
-from ..artifact.io import publish_dir, temp_dir
+from ..artifact.io import found_at, publish_dir, temp_dir
 from ..artifact.lock import writer_lock
 from ..model.hub import Checkpoint, CheckpointFiles, locate
 from ..model.projector import Projector, random_projector
@@ -154,6 +154,7 @@ def load_vila(path) -> VilaHD:
     from transformers import Qwen2ForCausalLM
 
     checkpoint = path if isinstance(path, Checkpoint) else Checkpoint(Path(path))
+    checkpoint.check(VILA_FILES)           # before transformers reads the LLM's shards (hub.py's rule)
     path = checkpoint.path
     missing = [d for d in ("llm", "vision_tower", "mm_projector") if not (path / d).is_dir()]
     if missing:
@@ -199,10 +200,11 @@ def save_vila(model: VilaHD, path) -> Path:
     _check_empty(path)
     with writer_lock(path):
         _check_empty(path)                    # again, now that no other writer runs
+        start = found_at(path)                # a directory made meanwhile is someone else's: kept
         staging = temp_dir(path.parent, path.name, "save")
         try:
             _write_checkpoint(model, staging)
-            publish_dir(staging, path)
+            publish_dir(staging, path, start=start)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -9,6 +9,7 @@ architectures and two tiny ones with the same geometry for tests and the demo.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import re
 from dataclasses import dataclass, field
@@ -197,11 +198,35 @@ def _shown(value) -> str:
     return repr(list(value) if isinstance(value, tuple) else value)
 
 
-def default_select_num_each_scale(scales, max_select_num: int) -> tuple[int, ...]:
-    """The official rule: the per-step budget split in proportion to each scale's pixel count."""
+class BudgetRule(str, enum.Enum):
+    """How a whole number of patches is split over the high-res scales in proportion to weights
+    (the per-step budget by pixel count, a NUM_TOKEN_LOOK_CLOSE step by the per-step budget)."""
+    # every share floored: up to one patch per scale but the last is lost (ps3-torch 0.1.3)
+    FLOOR_EACH_SCALE = "floor-each-scale"
+    # every share floored but the last, which takes the rest: N asked is N given (upstream PS3)
+    REMAINDER_TO_LAST = "remainder-to-last"
+
+
+DEFAULT_BUDGET_RULE = BudgetRule(defaults.DEFAULT_BUDGET_RULE)
+
+
+def split_in_proportion(total: int, weights, rule: BudgetRule | str = DEFAULT_BUDGET_RULE) -> tuple[int, ...]:
+    """`total` split over `weights` as the official code computes it, int(total * w / sum(weights))
+    per scale, and under REMAINDER_TO_LAST the last scale given what the floors leave."""
+    rule = BudgetRule(rule)
+    whole = sum(weights) or 1               # all weights 0: nothing to share (callers refuse such budgets)
+    shares = [int(total * w / whole) for w in weights]
+    if rule is BudgetRule.REMAINDER_TO_LAST and shares:
+        shares[-1] += total - sum(shares)
+    return tuple(shares)
+
+
+def default_select_num_each_scale(scales, max_select_num: int,
+                                  rule: BudgetRule | str = DEFAULT_BUDGET_RULE) -> tuple[int, ...]:
+    """The official rule for a config that gives only `max_select_num`: the per-step budget split
+    in proportion to each high-res scale's pixel count (4K, 2560: 85 + 341 + 2134)."""
     pixels = [s * s for s in scales]
-    highres = sum(pixels[1:]) or 1          # no high-res pixels: PS3Config.validate refuses the scales
-    return tuple(int(max_select_num * pixels[i] / highres) for i in range(1, len(scales)))
+    return split_in_proportion(max_select_num, pixels[1:], rule)
 
 
 _SCALES_15K = (378, 756, 1512)

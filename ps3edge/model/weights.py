@@ -2,13 +2,14 @@
 or a Hugging Face hub id `owner/name[@revision]` (fetched into the Hugging Face cache by hub.py).
 
 Checkpoint layout (what the official `PS3VisionModel.save_pretrained` writes and the published
-`nvidia/PS3-*-SigLIP` snapshots hold): `config.json` (flat, or with `vision_config`),
-`model.safetensors` (or a sharded `model.safetensors.index.json`) with keys `vision_model.*`,
-and optionally `preprocessor_config.json` with the image mean / std. `text_model.*` and the
-trunk's pooling head (`trunk.attn_pool`, `trunk.norm`, ...) are not part of the encoder's
-feature path and are ignored (never read). An optional `depth` key truncates the trunk to its first
-blocks. Tensors are copied into the model one at a time, shard by shard, so loading holds the model's
-weights once (plus one tensor), never a second full copy.
+`nvidia/PS3-*-SigLIP`, `PS3-*-SigLIP2` and `PS3_Lang-*` snapshots hold): `config.json` (flat, or with
+`vision_config`), `model.safetensors` (or a sharded `model.safetensors.index.json`) with keys
+`vision_model.*`, and optionally `preprocessor_config.json` with the image mean / std. The text tower
+(`text_model.*`) and the trunk's pooling head (`trunk.attn_pool`, `trunk.norm`, ...) are not part of the
+encoder's feature path and are ignored (never read). An optional `depth` key truncates the trunk to its
+first blocks. Tensors are copied into the model one at a time, shard by shard, so loading holds the
+model's weights once (plus one tensor), never a second full copy. Where a checkpoint's links and its
+index's shard names may lead is hub.py's rule (Checkpoint.check), applied before any file is read.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ from .ps3 import PS3
 PREFIX = "vision_model."
 # Official parameters that the feature path never uses: the SigLIP pooling head and final norm.
 UNUSED_TRUNK_PREFIXES = ("trunk.attn_pool.", "trunk.norm.", "trunk.fc_norm.", "trunk.head.")
-HEADS_BY_TIMM_NAME = {"so400m": 16, "giant": 16, "large": 16, "base": 12}
+# (width, heads) of the timm SigLIP trunks a config.json's model_name may name; "so400m" covers both
+# vit_so400m_patch14_siglip_384 (PS3-*-SigLIP) and vit_so400m_patch14_siglip_378 (PS3-*-SigLIP2,
+# PS3_Lang-*), the same trunk. A width other than the named one (a truncated test model) is no guess.
+TRUNK_BY_TIMM_NAME = {"so400m": (1152, 16), "giantopt": (1536, 16), "giant": (1408, 16),
+                      "large": (1024, 16), "base": (768, 12)}
 # What a hub snapshot of a PS3 checkpoint must hold: the layout of the module docstring, shards included.
 PS3_FILES = CheckpointFiles(
     "PS3", ("config.json", "preprocessor_config.json", "model*.safetensors", "model.safetensors.index.json"),
@@ -120,7 +125,10 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def _weight_files(path: Path, links_within: Path) -> list[Path]:
+def _weight_files(checkpoint: Checkpoint) -> list[Path]:
+    """model.safetensors, or the shards model.safetensors.index.json names (Checkpoint.named: paths
+    inside the checkpoint)."""
+    path = checkpoint.path
     single = path / "model.safetensors"
     if single.is_file():
         return [single]
@@ -129,19 +137,8 @@ def _weight_files(path: Path, links_within: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise Ps3EdgeError(f"{index} has no weight_map")
-        return [_shard_inside(path, index, s, links_within) for s in sorted(set(map(str, weight_map.values())))]
+        return [checkpoint.named(index, s) for s in sorted(set(map(str, weight_map.values())))]
     raise Ps3EdgeError(f"{path} has no model.safetensors (or model.safetensors.index.json)")
-
-
-def _shard_inside(path: Path, index: Path, name: str, links_within: Path) -> Path:
-    """A shard named by the index, refused unless it is a file inside the checkpoint directory:
-    no absolute path, no '..', no symbolic link that leads out of `links_within` (the directory
-    itself, or for a Hugging Face snapshot the repo's cache folder, whose blobs its files link to)."""
-    shard = path / name
-    root = links_within.resolve()
-    if Path(name).is_absolute() or ".." in Path(name).parts or root not in shard.resolve().parents:
-        raise Ps3EdgeError(f"{index} names a weight file outside the checkpoint directory: {name!r}")
-    return shard
 
 
 @dataclass(frozen=True)
@@ -238,7 +235,8 @@ def _config_from_dict(path: Path, vc: dict, tensors: dict[str, Stored],
     if vc.get("separate_pos_emb", True) is False or vc.get("highres_selection_feature", True) is False:
         raise Ps3EdgeError("checkpoints without separate_pos_emb or highres_selection_feature are not supported")
     if vc.get("radio"):
-        raise Ps3EdgeError("RADIO-based PS3 checkpoints are not supported")
+        raise Ps3EdgeError(f"{path / 'config.json'} is a RADIO-based PS3 checkpoint (\"radio\": true), which ps3edge "
+                           f"does not support; it runs the SigLIP-based ones (PS3-*-SigLIP, PS3-*-SigLIP2, PS3_Lang-*)")
     if "trunk.pos_embed" not in tensors or "trunk.blocks.0.mlp.fc1.weight" not in tensors:
         raise Ps3EdgeError(f"{path}: weights lack trunk.pos_embed / trunk.blocks.0.* - not a PS3 checkpoint")
 
@@ -255,11 +253,11 @@ def _config_from_dict(path: Path, vc: dict, tensors: dict[str, Stored],
     num_heads = vc.get("num_heads")
     if num_heads is None:
         name = str(vc.get("model_name") or "")
-        num_heads = next((h for key, h in HEADS_BY_TIMM_NAME.items() if key in name), None)
+        num_heads = next((h for key, (w, h) in TRUNK_BY_TIMM_NAME.items() if key in name and w == width), None)
         if num_heads is None:
             if width % 72:      # not SigLIP's head dim 72: any guess would silently be wrong
                 raise Ps3EdgeError(f"{path / 'config.json'} does not say num_heads and its model_name "
-                                   f"'{name}' names no known architecture; add \"num_heads\" to it")
+                                   f"'{name}' names no known trunk {width} wide; add \"num_heads\" to it")
             num_heads = width // 72
     scales = tuple(sorted(vc.get("ps3_scales", [378, 756, 1512])))
     select_layers = tuple(vc.get("select_based_on_layer", [0, 9, 18, 26]))
@@ -289,10 +287,11 @@ def load_checkpoint(path) -> LoadedModel:
     """A PS3 from a checkpoint directory (a path, or a hub.Checkpoint whose repo and commit the
     source records too)."""
     checkpoint = path if isinstance(path, Checkpoint) else Checkpoint(Path(path))
+    checkpoint.check(PS3_FILES)            # where its files and its index's names may lead (hub.py)
     path = checkpoint.path
     if not (path / "config.json").is_file():
         raise Ps3EdgeError(f"{path} has no config.json")
-    files = _weight_files(path, checkpoint.links_within or path)
+    files = _weight_files(checkpoint)
     tensors = _stored_tensors(files)
     cfg = config_from_checkpoint(path, tensors)
     model = PS3(cfg)

@@ -9,6 +9,11 @@ Steps are independent (each attends to its own image's low-res K/V, named by `st
 to its own tokens), so the grouping changes no result; it only decides how many calls run. The
 fewest calls the equal-N rule allows: one per length, unless a length has more rows than a call
 takes. Within a call, rows keep image order, then step order.
+
+`given` (None on the normal path, which it leaves unchanged): per image, None or the features of
+some of its planned patches known already (`planned_given`; runtime/reuse.py takes them from
+the previous frame). Those patches are left out of the rows, and `assemble` puts their given
+features in their places.
 """
 
 from __future__ import annotations
@@ -20,27 +25,47 @@ import numpy as np
 from .planning import Geometry, Plan
 
 
-def step_rows(plans: list[Plan], geometry: Geometry) -> list[tuple[int, np.ndarray]]:
-    """(image, positions (N,) int32) of every non-empty step, image by image, in step order."""
+def step_rows(plans: list[Plan], geometry: Geometry, given=None) -> list[tuple[int, np.ndarray]]:
+    """(image, positions (N,) int32) of every non-empty step, image by image, in step order;
+    without the patches whose features are `given` (the module docstring)."""
     rows = []
     for image, the_plan in enumerate(plans):
+        known = None if given is None or given[image] is None else given[image][0]
         for t in range(len(the_plan.steps)):
             positions = the_plan.step_positions(geometry, t)
+            if known is not None and len(known):
+                positions = positions[~np.isin(positions, known)]
             if len(positions):
                 rows.append((image, positions))
     return rows
 
 
-def highres_feeds(plans, low: dict, geometry: Geometry, steps_per_call: int | None = None):
+def planned_given(plans: list[Plan], known: list, geometry: Geometry) -> list:
+    """Per image, the known (positions (n,), features (n,C)) cut to the patches its plan holds
+    (None where nothing is known): a known patch the plan does not take is not a token."""
+    given = []
+    for the_plan, k in zip(plans, known):
+        if k is None:
+            given.append(None)
+            continue
+        positions, feats = k
+        planned = np.concatenate([the_plan.step_positions(geometry, t) for t in range(len(the_plan.steps))]
+                                 or [np.zeros(0, np.int32)])
+        keep = np.isin(positions, planned)
+        given.append((np.asarray(positions)[keep].astype(np.int32), np.asarray(feats)[keep]))
+    return given
+
+
+def highres_feeds(plans, low: dict, geometry: Geometry, steps_per_call: int | None = None, given=None):
     """The highres stage's inputs for the plans of a batch (or one plan), one call at a time.
 
     `low` holds the lowres outputs of the same images: highres_patches (B,P,588) and kv_cache
     (L,2,B,H,N0,D). Each feed has patches (T,N,588), positions (T,N) and step_image (T,) int32;
-    `steps_per_call` None means no limit."""
+    `steps_per_call` None means no limit; `given` as the module docstring says."""
     if isinstance(plans, Plan):
         plans = [plans]
     by_length = defaultdict(list)
-    for image, positions in step_rows(plans, geometry):
+    for image, positions in step_rows(plans, geometry, given):
         by_length[len(positions)].append((image, positions))
     all_patches = low["highres_patches"]                                          # (B,P,588)
     for _, group in sorted(by_length.items(), reverse=True):
@@ -53,8 +78,10 @@ def highres_feeds(plans, low: dict, geometry: Geometry, steps_per_call: int | No
                    "step_image": step_image, "kv_cache": low["kv_cache"]}
 
 
-def assemble(lowres_tokens: np.ndarray, feeds: list[dict], features: list[np.ndarray]) -> list[np.ndarray]:
-    """Each image's (N0 + its high-res tokens, C) sequence from the calls' features.
+def assemble(lowres_tokens: np.ndarray, feeds: list[dict], features: list[np.ndarray],
+             given=None) -> list[np.ndarray]:
+    """Each image's (N0 + its high-res tokens, C) sequence from the calls' features (and the
+    `given` ones, the module docstring).
 
     lowres_tokens (B,N0,C); feeds and features (T,N,C) pair up call by call."""
     width = lowres_tokens.shape[-1]
@@ -64,6 +91,10 @@ def assemble(lowres_tokens: np.ndarray, feeds: list[dict], features: list[np.nda
         for image, pos, feat in zip(feed["step_image"], feed["positions"], out):
             positions[int(image)].append(pos)
             rows[int(image)].append(feat)
+    for image, g in enumerate(given or ()):
+        if g is not None and len(g[0]):
+            positions[image].append(g[0])
+            rows[image].append(g[1].astype(lowres_tokens.dtype, copy=False))
     tokens = []
     for image in range(len(lowres_tokens)):
         if not positions[image]:

@@ -3,9 +3,9 @@
 Same stages and same answer as `lookclose.Pipeline`, but nothing leaves the device between
 the pixels and the features:
 
-- the step schedule (how many patches each step takes from each scale, spill included) depends
-  only on the settings, so it is computed on the host before the run (`planning.resolve`'s
-  `Schedule.counts`);
+- the step schedule (how many patches each step takes from each scale, a token target's split
+  and the spill included) depends only on the settings, so it is computed on the host before
+  the run (`planning.resolve`'s `Schedule.counts`, by the same budget rule as the staged path);
 - the ranking is a stable descending `torch.sort` of each scale's map on the device, and each
   step is a fixed slice of it, so planning needs no host round trip;
 - all steps of equal length of all B images run as one `highres` call (T = steps x B rows of N
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .. import defaults
 from ..model.ps3 import PS3
-from .planning import Geometry, LookCloseSettings, step_counts
+from .planning import DEFAULT_BUDGET_RULE, BudgetRule, Geometry, LookCloseSettings, step_counts
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -233,5 +233,6 @@ class FastLookClose:
         graph.replay()
         return static_out
 
-    def counts(self, settings: LookCloseSettings) -> list[list[int]]:
-        return step_counts(settings, self.geometry)
+    def counts(self, settings: LookCloseSettings, rule: BudgetRule | str = DEFAULT_BUDGET_RULE) -> list[list[int]]:
+        """counts[t][s] for `forward`: the planner's, split by `rule` (planning.BudgetRule)."""
+        return step_counts(settings, self.geometry, rule)

@@ -11,6 +11,11 @@ One image is a batch of one: `run` is `run_batch` of one image.
 The output order and values are those of the official `PS3VisionModel` with
 `output_hidden_states=True` for the requested layer.
 
+The arrays between the stages keep the dtype the stage files declare: with the FP16 stages
+(`--precision fp16`) the K/V cache, the high-res patches and the features stay float16 from the
+stage that gives them to the one that reads them; a result's features are float32, cast once
+when the tokens are assembled.
+
 The backend decides how it runs an artifact, and says so in the session it opens
 (runners/session.py): a staged session hands out its stage runners, which the loop below drives;
 a whole-loop session (the torch backend on CUDA: `fast.FastLookClose`, preprocessing, planning
@@ -22,6 +27,7 @@ the stage times come from the runners and the session, which time themselves (ti
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,11 +37,12 @@ from PIL import Image
 from .. import defaults
 from ..errors import Ps3EdgeError
 from ..artifact.manifest import load_manifest
-from .batching import assemble, highres_feeds
+from .batching import assemble, highres_feeds, planned_given
 from .device import CPU
 from .runners.registry import open_session
-from .planning import Geometry, LookCloseSettings, Schedule, plan, plan_from_steps, resolve
+from .planning import DEFAULT_BUDGET_RULE, Geometry, LookCloseSettings, Schedule, plan, plan_from_steps, resolve
 from .result import LookCloseResult
+from .memory import StageMemory
 from .timing import StageTimes
 from . import frames
 from .preprocess import preprocess, preprocess_levels_on_device, preprocess_on_device
@@ -45,6 +52,37 @@ def is_pixels(x) -> bool:
     """A preprocessed (B,3,S,S) float32 array (the lowres stage's input), not a camera frame."""
     return (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 4 and x.shape[1] == 3
             and x.shape[2] == x.shape[3])
+
+
+def checked_prompt(manifest, settings: LookCloseSettings, prompt_embedding) -> np.ndarray:
+    """A caller's prompt embedding as (1,C) float32, refused unless it is C finite numbers, not all
+    zero, and the settings select top-down. From the manifest alone, so a job can check it
+    before any model loads."""
+    width = manifest.config.width
+    if settings.mode == "after_image":
+        raise Ps3EdgeError("a prompt embedding selects top-down, but LOOK_CLOSE_MODE is after_image")
+    p = np.asarray(prompt_embedding)
+    if p.dtype.kind not in "fiu" or p.size != width or (p.ndim > 1 and p.shape[0] != 1):
+        raise Ps3EdgeError(f"prompt embedding must hold {width} numbers (shape ({width},) "
+                           f"or (1, {width})), got shape {p.shape} of {p.dtype}")
+    p = p.astype(np.float32).reshape(1, -1)
+    if not np.all(np.isfinite(p)) or not np.any(p):
+        raise Ps3EdgeError("prompt embedding must be finite and not all zero")
+    return p
+
+
+def layer_index(manifest, layer: int) -> int:
+    """Where block `layer` (negative counts from the end) is among the artifact's returned layers;
+    refused if the model has no such block or the artifact did not export it."""
+    depth = manifest.config.depth
+    if not -depth <= layer < depth:
+        raise Ps3EdgeError(f"layer {layer} does not exist in a {depth}-block model")
+    wanted = layer % depth
+    returned = list(manifest.returned_layers)
+    if wanted not in returned:
+        raise Ps3EdgeError(f"layer {layer} was not exported (returned layers: {returned}); "
+                           f"re-export with --layers including it")
+    return returned.index(wanted)
 
 
 def geometry_of(manifest) -> Geometry:
@@ -72,6 +110,13 @@ class Pipeline:
     as p:`) frees its stage runners' sessions and engines, or its device program.
     """
 
+    # how a token target is split over the scales (planning.BudgetRule): upstream's; parity sets the
+    # installed reference's rule on the pipelines it compares with it
+    budget_rule = DEFAULT_BUDGET_RULE
+    # peak memory per stage into each result's memory_mib (memory.py): it resets the process's
+    # peak-RSS mark, so only the command line and callers who ask turn it on
+    measure_memory = False
+
     def __init__(self, artifact_dir, backend: str = "onnxruntime", verify: bool = True, precision: str = "fp32",
                  device: str | None = None, fast: bool | None = None, preprocess: str | None = None,
                  loaded=None):
@@ -88,6 +133,11 @@ class Pipeline:
         self.preprocess_on = preprocess or ("device" if self.session.preprocesses_on_device else "cpu")
         self._closed = False
         self.prior_prompt = np.load(self.artifact_dir / defaults.PRIOR_PROMPT_FILE).reshape(1, -1)
+        self._memory: StageMemory | None = None          # the pass's, while measure_memory is on
+
+    def _measured(self, stage: str):
+        """The block counts to `stage`'s peak memory, when this pass measures it."""
+        return self._memory.measure(stage) if self._memory is not None else contextlib.nullcontext()
 
     @property
     def stages(self) -> dict:
@@ -144,27 +194,10 @@ class Pipeline:
         """(1,C): the learned prior (bottom-up) or the caller's embedding (top-down)."""
         if prompt_embedding is None:
             return self.prior_prompt.astype(np.float32)
-        if settings.mode == "after_image":
-            raise Ps3EdgeError("a prompt embedding selects top-down, but LOOK_CLOSE_MODE is after_image")
-        p = np.asarray(prompt_embedding)
-        if p.dtype.kind not in "fiu" or p.size != self.cfg.width or (p.ndim > 1 and p.shape[0] != 1):
-            raise Ps3EdgeError(f"prompt embedding must hold {self.cfg.width} numbers (shape ({self.cfg.width},) "
-                               f"or (1, {self.cfg.width})), got shape {p.shape} of {p.dtype}")
-        p = p.astype(np.float32).reshape(1, -1)
-        if not np.all(np.isfinite(p)) or not np.any(p):
-            raise Ps3EdgeError("prompt embedding must be finite and not all zero")
-        return p
+        return checked_prompt(self.manifest, settings, prompt_embedding)
 
     def layer_index(self, layer: int) -> int:
-        depth = self.cfg.depth
-        if not -depth <= layer < depth:
-            raise Ps3EdgeError(f"layer {layer} does not exist in a {depth}-block model")
-        wanted = layer % depth
-        returned = list(self.manifest.returned_layers)
-        if wanted not in returned:
-            raise Ps3EdgeError(f"layer {layer} was not exported (returned layers: {returned}); "
-                               f"re-export with --layers including it")
-        return returned.index(wanted)
+        return layer_index(self.manifest, layer)
 
     @property
     def max_batch(self) -> int:
@@ -228,7 +261,9 @@ class Pipeline:
         self.check_batch(count)
         self.layer_index(layer)
         prompts = self.prompts(settings, prompt_embeddings, count)     # refuse bad prompts before any work
-        schedule = resolve(settings, self.geometry)                    # and settings this model cannot take
+        schedule = resolve(settings, self.geometry, self.budget_rule)  # and settings this model cannot take
+        self._memory = StageMemory(self.device.torch() if self.session.whole_loop else None) \
+            if self.measure_memory else None
         if self.session.whole_loop:
             bottom_up = all(p is None for p in self._given_prompts(prompt_embeddings, count))
             results = self._run_fast(batch, settings, None if bottom_up else prompts, layer, channels, schedule)
@@ -241,6 +276,10 @@ class Pipeline:
                     which = f" for image {i + 1} of {count}" if count > 1 else ""
                     raise Ps3EdgeError(f"the model gave non-finite {name} (NaN or inf){which}: look at the prompt "
                                        f"embedding's scale and the checkpoint's weights; nothing was written")
+        if self._memory is not None:
+            memory, self._memory = self._memory.mib(), None
+            for result in results:
+                result.memory_mib = memory
         return results
 
     def run_batches(self, images, settings: LookCloseSettings, prompt_embeddings=None,
@@ -279,13 +318,14 @@ class Pipeline:
         looks at the low-res tokens first to build its top-down prompt, then selects with it).
         """
         times = StageTimes()
-        with times.measure("preprocess"):
+        with times.measure("preprocess"), self._measured("preprocess"):
             if is_pixels(images):
                 pixels = images
             else:
                 pixels = self.pixels_batch(images if isinstance(images, (list, tuple)) else [images], None, channels)
         lowres = self.stages["lowres"]
-        low = lowres.infer({"pixels": pixels})
+        with self._measured("lowres"):
+            low = lowres.infer({"pixels": pixels})
         times.add("lowres", lowres.last_inference_time())
         return low, times.seconds
 
@@ -293,31 +333,47 @@ class Pipeline:
                         layer: int = defaults.DEFAULT_RUN_LAYER, times: dict | None = None) -> LookCloseResult:
         """Selector, planning, highres and assembly from `run_lowres`'s outputs of one image."""
         self.layer_index(layer)
-        schedule = resolve(settings, self.geometry)
+        schedule = resolve(settings, self.geometry, self.budget_rule)
         return self._from_lowres(low, settings, schedule, self.prompt(settings, prompt_embedding), layer, times)[0]
 
+    def run_known(self, low: dict, settings: LookCloseSettings, known: list, layer: int = defaults.DEFAULT_RUN_LAYER,
+                  times: dict | None = None) -> list[LookCloseResult]:
+        """`run_from_lowres` for a batch (bottom-up), where `known[b]` is None or the features
+        of some high-res patches of image b: (global positions (n,), features (n,C) of `layer`).
+        A known patch its plan takes is not encoded; its given features stand in its place
+        (runtime/reuse.py: the patches unchanged since the previous frame). Images whose entry
+        is None run as `run_batch` runs them."""
+        self._refuse_if_closed()
+        schedule = resolve(settings, self.geometry, self.budget_rule)
+        count = len(low["highres_patches"])
+        return self._from_lowres(low, settings, schedule, self.prompts(settings, None, count), layer, times, known)
+
     def _from_lowres(self, low: dict, settings: LookCloseSettings, schedule: Schedule, prompts: np.ndarray,
-                     layer: int, times: dict | None) -> list[LookCloseResult]:
+                     layer: int, times: dict | None, known: list | None = None) -> list[LookCloseResult]:
         """The batch's selector call, its plans (one per image, cut by `schedule`), highres calls
-        and assembly; the runners' own times, and the pipeline's work between them."""
+        and assembly; the runners' own times, and the pipeline's work between them. `known`:
+        as `run_known` takes it (None: every planned patch is encoded)."""
         r = self.layer_index(layer)
         times = StageTimes(times)
         selector, highres = self.stages["selector"], self.stages["highres"]
-        prob = selector.infer({
-            "selection_features": low["selection_features"], "conv_features": low["conv_features"],
-            "prompt": prompts})["prob"]                                            # (B,G0,G0)
+        with self._measured("selector"):
+            prob = selector.infer({
+                "selection_features": low["selection_features"], "conv_features": low["conv_features"],
+                "prompt": prompts})["prob"]                                        # (B,G0,G0)
         times.add("selector", selector.last_inference_time())
-        with times.measure("planning"):
+        with times.measure("planning"), self._measured("planning"):
             plans = [plan(p, schedule, self.geometry) for p in prob]
 
-        feeds = list(highres_feeds(plans, low, self.geometry, self.steps_per_call()))
+        given = None if known is None else planned_given(plans, known, self.geometry)
+        feeds = list(highres_feeds(plans, low, self.geometry, self.steps_per_call(), given))
         features = []
         times.add("highres", 0.0)                                 # the stage is reported when no step has patches
         for feed in feeds:
-            features.append(highres.infer(feed)["highres_features"][r])          # (T,N,C)
+            with self._measured("highres"):
+                features.append(highres.infer(feed)["highres_features"][r])      # (T,N,C)
             times.add("highres", highres.last_inference_time())
-        with times.measure("assemble"):
-            tokens = assemble(low["lowres_features"][r], feeds, features)
+        with times.measure("assemble"), self._measured("assemble"):
+            tokens = assemble(low["lowres_features"][r], feeds, features, given)
 
         calls = [tuple(feed["positions"].shape) for feed in feeds]
         timings = times.ms()
@@ -334,16 +390,17 @@ class Pipeline:
         import torch
 
         r = self.layer_index(layer)
-        schedule = schedule or resolve(settings, self.geometry)
+        schedule = schedule or resolve(settings, self.geometry, self.budget_rule)
         device = self.session.device.torch()
         times = StageTimes()
-        with times.measure("preprocess", self.session.synchronize):
+        with times.measure("preprocess", self.session.synchronize), self._measured("preprocess"):
             if is_pixels(batch):
                 pixels = torch.from_numpy(batch).to(device)
             else:
                 pixels = torch.cat([torch.from_numpy(im).to(device) if is_pixels(im)
                                     else self._pixels_on(im, device, channels) for im in batch])
-        features, prob, steps = self.session.run_loop(pixels, schedule, prompts, self.manifest.returned_layers[r])
+        with self._measured("look-close"):
+            features, prob, steps = self.session.run_loop(pixels, schedule, prompts, self.manifest.returned_layers[r])
         times.update(self.session.last_timings)
         lengths = sorted({s.shape[1] for s in steps if s.shape[1]}, reverse=True)
         calls = [(len(features) * sum(s.shape[1] == n for s in steps), n) for n in lengths]

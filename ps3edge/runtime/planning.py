@@ -10,12 +10,16 @@ falls inside a block of equal values the official pick can differ from ours by w
 equal-probability patches it took (the parity report measures that by IoU).
 
 How many patches each step takes from each scale depends only on the settings and the
-geometry, not on the probabilities: every step takes the per-step budget (or, for the last step
-of a token target, each scale's floor(budget_s * target / sum(budget)), the official
-`num_select_token` rule), and a scale with fewer patches left than its share gives the rest to
-the next scale (the official spill). So the settings are resolved once, by `resolve`, into a
-`Schedule` (the budget and counts[t][s]); a pass resolves once, and every image's `plan` (and
-the device-resident fast path, runtime/fast.py) cuts its rankings by the same schedule.
+geometry, not on the probabilities: every step takes the per-step budget, except the last step
+of a token target (NUM_TOKEN_LOOK_CLOSE), which splits its target in proportion to the budget by
+the official `num_select_token` rule: each scale floor(budget_s * target / sum(budget)), and the
+last scale the rest, so a target of N patches gives N (upstream PS3; `BudgetRule`). Then a scale
+with fewer patches left than its share gives the rest to the next scale (the official spill).
+ps3-torch 0.1.3 floors the last scale too (N=4500 on 4K gives 4499); `resolve` takes that rule
+as `rule=BudgetRule.FLOOR_EACH_SCALE`, which only parity uses, to match an installed reference
+that has it. So the settings are resolved once, by `resolve`, into a `Schedule` (the budget and
+counts[t][s]); a pass resolves once, and every image's `plan` (and the device-resident fast
+path, runtime/fast.py) cuts its rankings by the same schedule.
 
 The settings are the five environment variables of the VILA-HD README; command-line flags
 override them.
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 
 from .. import defaults
 from ..errors import Ps3EdgeError
-from ..model.config import whole_number
+from ..model.config import DEFAULT_BUDGET_RULE, BudgetRule, split_in_proportion, whole_number
 
 
 # ------------------------------------------------------------------------------------------
@@ -187,7 +191,7 @@ def resolve_steps(settings: LookCloseSettings, geometry: Geometry) -> tuple[tupl
     """Validate the settings; return the per-step budget and, per step, its token target.
 
     A token target of None means the full budget; an int means the official
-    `num_select_token` rule (each scale gets floor(budget_s * target / sum(budget))).
+    `num_select_token` rule (the target split in proportion to the budget, `resolve`'s `rule`).
     """
     budget = geometry.select_num_each_scale
     if settings.select_num_each_scale is not None:
@@ -211,7 +215,7 @@ def resolve_steps(settings: LookCloseSettings, geometry: Geometry) -> tuple[tupl
         if not 1 <= n <= total:
             raise Ps3EdgeError(f"NUM_TOKEN_LOOK_CLOSE must be between 1 and {total} for this model, got {n}")
         steps = math.ceil(n / per_step)
-        # the official code: full steps, then the remainder through the num_select_token rule
+        # the official code: full steps, then the rest through the num_select_token rule
         return budget, [None] * (steps - 1) + [n % per_step or per_step]
 
     # unset: the artifact's default; without one VILA-HD's, or every step a model with fewer
@@ -264,14 +268,18 @@ class Schedule:
         return sum(self.targets)
 
 
-def resolve(settings: LookCloseSettings, geometry: Geometry) -> Schedule:
-    """The settings, validated (`resolve_steps`), as each step's counts per scale with the spill."""
+def resolve(settings: LookCloseSettings, geometry: Geometry,
+            rule: BudgetRule | str = DEFAULT_BUDGET_RULE) -> Schedule:
+    """The settings, validated (`resolve_steps`), as each step's counts per scale with the spill.
+
+    rule: how a token target is split over the scales; upstream's remainder-to-last unless parity
+    asks for the installed reference's (reference.py `reference_budget_rules`)."""
     budget, targets = resolve_steps(settings, geometry)
     per_step = sum(budget)
     left = list(geometry.patches_each_scale)         # patches not yet taken, per scale
     schedule = []
     for target in targets:
-        counts = list(budget) if target is None else [int(b * target / per_step) for b in budget]
+        counts = list(budget) if target is None else list(split_in_proportion(target, budget, rule))
         for s in range(len(counts)):
             if left[s] < counts[s]:
                 if s + 1 < len(counts):
@@ -284,9 +292,10 @@ def resolve(settings: LookCloseSettings, geometry: Geometry) -> Schedule:
                     counts=tuple(schedule), smooth=settings.smooth_selection_prob)
 
 
-def step_counts(settings: LookCloseSettings, geometry: Geometry) -> list[list[int]]:
+def step_counts(settings: LookCloseSettings, geometry: Geometry,
+                rule: BudgetRule | str = DEFAULT_BUDGET_RULE) -> list[list[int]]:
     """counts[t][s]: how many patches step t takes from scale s (`resolve`'s counts, as lists)."""
-    return [list(counts) for counts in resolve(settings, geometry).counts]
+    return [list(counts) for counts in resolve(settings, geometry, rule).counts]
 
 
 def plan(prob: np.ndarray, schedule: Schedule, geometry: Geometry) -> Plan:

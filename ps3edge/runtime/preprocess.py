@@ -26,6 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .. import defaults
 from ..errors import Ps3EdgeError
+from ..paths import expect_file
 
 
 NOTES = "ps3edge.notes"            # image.info key: what open_image did that the user should hear
@@ -46,12 +47,7 @@ def open_image(path, exif_transpose: bool = False, name: str | None = None) -> I
     else:
         path = Path(path)
         label = str(path)
-        if path.is_dir():
-            raise Ps3EdgeError(f"{path} is a directory, not an image file")
-        if not path.exists():
-            raise Ps3EdgeError(f"image not found: {path}")
-        if not path.is_file():
-            raise Ps3EdgeError(f"{path} is not a regular file (a device or a pipe?), not an image file")
+        expect_file(path, "image")
     short = getattr(path, "name", None) or label
     try:
         with warnings.catch_warnings():

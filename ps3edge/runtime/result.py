@@ -6,6 +6,7 @@
     result.tokens_each_scale   {"lowres": 729, "756": ..., "1512": ...}
     result.timings_ms          the pass's stage times (a batch's images share them)
     result.settings            the look-close settings it ran with
+    result.memory_mib          peak memory per stage, when the pipeline measured it (memory.py)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class LookCloseResult:
     highres_calls: list = field(default_factory=list)   # (T, N) of each highres call of its pass
     batch: int = 1                       # images in the pass that produced it (timings are the pass's)
     settings: LookCloseSettings = field(default_factory=LookCloseSettings)   # what it ran with
+    memory_mib: dict = field(default_factory=dict)      # {"host": {stage: MiB}, "cuda": ...} when measured
 
     @property
     def tokens_each_scale(self) -> dict[str, int]:

@@ -29,6 +29,7 @@ class TritonPythonModel:
     """Triton calls initialize once per instance, execute per batch, finalize at unload."""
 
     def initialize(self, args):
+        from ..exporter.ort_session import keep_cpu_arena
         from ..runtime.lookclose import Pipeline
         from ..runtime.planning import parse_bool
         from .ps3_model import Ps3Model
@@ -40,6 +41,7 @@ class TritonPythonModel:
         look_close = {key: params.get(key) for key in LOOK_CLOSE_KEYS}
         if look_close["smooth_selection_prob"] is not None:
             look_close["smooth_selection_prob"] = parse_bool("smooth_selection_prob", look_close["smooth_selection_prob"])
+        keep_cpu_arena(False)        # as `ps3edge serve`: memory follows the batch in flight (server.load_models)
         pipeline = Pipeline(artifact, params.get("backend", "onnxruntime"), precision=params.get("precision", "fp32"))
         self.model = Ps3Model(pipeline, LookCloseDefaults(**look_close), int(params.get("layer", "-2")))
         self.names = [d.name for d in self.model.inputs()]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..artifact.io import publish_dir, temp_dir
+from ..artifact.io import found_at, publish_dir, temp_dir
 from ..errors import Ps3EdgeError
 from .python_backend import ARTIFACT_DIR
 from .settings import LookCloseDefaults, ServeOptions
@@ -56,6 +56,7 @@ def write_repository(artifact_dir: Path, out: Path, options: ServeOptions, defau
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise Ps3EdgeError(f"--out {out} exists and is not an empty directory; nothing was written")
+    start = found_at(out)                  # a directory someone makes meanwhile is theirs: kept, and we fail
     ps3_dir = artifact_dir / "ps3" if is_vila_artifact(artifact_dir) else artifact_dir
     with Pipeline(ps3_dir, options.backend, precision=options.precision) as pipeline:
         model = Ps3Model(pipeline, defaults, layer)            # checks the layer; declares the tensors
@@ -72,7 +73,7 @@ def write_repository(artifact_dir: Path, out: Path, options: ServeOptions, defau
             config_pbtxt(Ps3Model.name, inputs, outputs, options, parameters, kind))
         (version / "model.py").write_text(MODEL_PY)
         shutil.copytree(ps3_dir, version / ARTIFACT_DIR)
-        publish_dir(staging, out)
+        publish_dir(staging, out, start=start)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

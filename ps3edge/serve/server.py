@@ -2,10 +2,11 @@
 serve until SIGTERM or SIGINT, then drain: Triton stops taking requests, finishes the ones in
 flight (up to `exit_timeout_s`), and the command exits 0.
 
-Readiness: every model answers one warm-up request in process before Triton starts, so Triton's
-ready endpoint never reports a cold model. The security configuration restricts the endpoints that
-change or expose the server (model repository, shared memory, trace, logging) to the process's own
-token; statistics and Prometheus metrics stay readable (the load test reads the batch sizes).
+Readiness: every model answers one warm-up request in process, and Triton loads the models from
+its repository at start-up, so its ready endpoint never reports a cold model. The endpoints that
+change or expose the server (model repository, shared memory, trace, logging) are locked
+(lockdown.py): nothing on tritonserver's command line opens them; statistics and Prometheus metrics
+stay readable (the load test reads the batch sizes).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import Ps3EdgeError
+from .lockdown import locked_triton, start_locked
 from .settings import LookCloseDefaults, ServeOptions
 
 LOG = logging.getLogger("ps3edge.serve")
-RESTRICTED_ENDPOINTS = ["shared-memory", "model-repository", "trace", "logging"]
 STREAM_MAX_BATCH = 1                   # a decoupled stream answers one request per call
 
 
@@ -74,14 +75,21 @@ def warm_up_image() -> bytes:
 
 def load_models(artifact_dir: Path, options: ServeOptions, defaults: LookCloseDefaults, layer: int,
                 progress: Callable[[str], None]) -> dict:
-    """model name -> (its callables, one per instance), each warmed up."""
+    """model name -> (its callables, one per instance), each warmed up. Their onnxruntime sessions
+    have no CPU memory arena: Triton's batch size follows the traffic (clients that wait one by one
+    form batches of 1, a burst fills --max-batch), and an arena would keep the memory of the largest
+    batch ever run for the server's life, about 1.9 GB more for batches of 8 of ps3-tiny."""
     from ..artifact.vila import is_vila_artifact
+    from ..exporter.ort_session import keep_cpu_arena
     from ..runtime.lookclose import Pipeline
     from .ps3_model import Ps3Model
     from .vila_model import VilaModel
 
     vila = is_vila_artifact(artifact_dir)
     ps3_dir = artifact_dir / "ps3" if vila else artifact_dir
+    if not vila and options.llm_precision != "fp32":
+        raise Ps3EdgeError(f"--llm-precision {options.llm_precision} is for a VILA-HD artifact; {artifact_dir} is PS3 only")
+    keep_cpu_arena(False)
     image = warm_up_image()
     models: dict[str, list] = {Ps3Model.name: []}
     for i in range(options.instances):
@@ -97,7 +105,7 @@ def load_models(artifact_dir: Path, options: ServeOptions, defaults: LookCloseDe
         models[VilaModel.name] = []
         for i in range(options.instances):
             progress(f"loading vila-hd instance {i + 1} of {options.instances} ({options.backend})")
-            model = VilaModel(VilaPipeline(artifact_dir, options.backend), defaults)
+            model = VilaModel(VilaPipeline(artifact_dir, options.backend, precision=options.llm_precision), defaults)
             model.warm_up(image)
             models[VilaModel.name].append(model)
     return models
@@ -176,11 +184,11 @@ def serve(artifact_dir: Path, options: ServeOptions, defaults: LookCloseDefaults
         http_address=options.address, grpc_address=options.address, metrics_address=options.address,
         http_port=options.http_port, grpc_port=options.grpc_port, metrics_port=options.metrics_port,
         exit_timeout_secs=options.exit_timeout_s, strict_readiness=True)
-    security = triton_module.TritonSecurityConfig(restricted_endpoints=list(RESTRICTED_ENDPOINTS))
     progress("starting Triton")
     with _Stop() as stop:
-        with triton_module.Triton(config=config, security_config=security) as triton:
+        with locked_triton(triton_module, config) as triton:
             names = bind_models(triton, model_config, models, options)
+            start_locked(triton)
             on_ready(names)
             while not stop.event.wait(1.0):
                 if not triton.is_alive():

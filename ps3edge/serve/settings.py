@@ -29,6 +29,7 @@ class ServeOptions:
     picks; every field has the flag of the same name)."""
     backend: str = "onnxruntime"
     precision: str = "fp32"
+    llm_precision: str = "fp32"          # a VILA-HD artifact's LLM: fp32, or int4 (`calibrate --precision int4`)
     address: str = LOOPBACK
     http_port: int = 8000
     grpc_port: int = 8001

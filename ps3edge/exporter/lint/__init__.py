@@ -46,6 +46,7 @@ import onnx
 
 from ... import defaults
 from ...artifact.manifest import load_manifest
+from ...artifact.precisions import stage_entries
 from ...artifact.profiles import look_close_steps, profile_bounds
 from ...errors import Ps3EdgeError
 from .checks import Linter
@@ -104,7 +105,7 @@ def lint_artifacts(artifact_dir, trt_version=defaults.DEFAULT_LINT_TRT_VERSION, 
     report = LintReport(trt_version=".".join(map(str, version)))
     if version_note(version):
         report.notes.append(version_note(version))
-    for stage, info in manifest.stages.items():
+    for stage, info in stage_entries(manifest, precision).items():     # as the precision's file declares it
         declared = {t.name: t.to_dict() for t in info.inputs}
         r = _lint_stage(artifact_dir / files[stage], version, bounds.get(stage), declared, artifact_dir, stage)
         report.findings.extend(r.findings)

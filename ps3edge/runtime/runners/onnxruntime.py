@@ -8,6 +8,19 @@ as onnxruntime's fused MultiHeadAttention, rewritten in memory when the session 
 on disk stays plain ONNX, for TensorRT): see exporter/ort_optimize.py. A session's CPU threads
 are OMP_NUM_THREADS where it is set (cpu_threads), else onnxruntime's default; every ps3edge
 session takes its options from cpu_session_options (exporter/ort_session.py).
+
+The trunk's weights once in memory: where several stage graphs point into one external data
+file (trunk.onnx.data, exporter/share.py), the CPU sessions of one load take those tensors as
+user initializers (SessionOptions.add_initializer) over one read-only memory map of the file
+(`SharedWeights`), instead of each reading its own copy. Their MatMul weights are then not
+pre-packed: onnxruntime's MLAS would pack a private copy per session (its container that
+shares packed weights across sessions is not in the Python API), which is the copy this
+avoids. Mapped, the weights are clean file pages: resident once however many sessions (or
+processes) use them, and reclaimable by the kernel. Those sessions run without a CPU arena, so
+that lowres's working memory is not held while highres runs; and on the CPU a highres call takes
+no more rows than fit ORT_CPU_ATTENTION_SCORES_BYTES of attention scores (`cpu_rows_per_call`).
+PS3EDGE_ORT_SHARED_WEIGHTS=0 gives every session its own pre-packed copy again (faster MatMuls,
+the weights twice in memory).
 """
 
 from __future__ import annotations
@@ -17,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ... import defaults
+from ...artifact.precisions import stage_entries
 from ...errors import Ps3EdgeError
 # the options of every ps3edge session, shared with the export's check of its files
 from ...exporter.ort_session import ENV_CPU_THREADS, cpu_session_options, cpu_threads  # noqa: F401
@@ -26,7 +41,9 @@ from .probe import Facts
 from .registry import Backend
 
 ENV_ORT_PROVIDERS = "PS3EDGE_ORT_PROVIDERS"
+ENV_ORT_SHARED_WEIGHTS = "PS3EDGE_ORT_SHARED_WEIGHTS"     # "0": each session its own copy of shared weights
 EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"   # onnxruntime's config key
+DISABLE_PREPACKING = "session.disable_prepacking"                               # onnxruntime's config key
 
 # provider -> the device label a runner (and `ps3edge doctor`) reports
 PROVIDER_DEVICES = {"CPUExecutionProvider": "CPU EP", "CUDAExecutionProvider": "CUDA EP",
@@ -37,13 +54,15 @@ ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
 
 
 def session_loader(path: Path, providers: list | None = None, threads: int | None = None,
-                   attention_heads: int | None = None, qdq: bool = False):
+                   attention_heads: int | None = None, qdq: bool = False, shared: "SharedWeights | None" = None):
     """A loader for OnnxRuntimeRunner: the InferenceSession of `path`, or one Ps3EdgeError line.
 
     attention_heads: the model's head count, to run its attention as onnxruntime's fused
     MultiHeadAttention (exporter/ort_optimize.py) when the session runs on the CPU provider alone.
     qdq: the file is a calibrated INT8 stage (Q/DQ pairs), run as the exact simulation of its
     quantization.
+    shared: the memory map of the external data files this load's stages share (SharedWeights);
+    on the CPU provider alone, the session takes the tensors in them from it.
     """
     def load():
         import onnxruntime as ort
@@ -57,30 +76,105 @@ def session_loader(path: Path, providers: list | None = None, threads: int | Non
             # 0.987 min cosine against FP32 here.
             options.add_session_config_entry("session.disable_quant_qdq", "1")
         try:
-            fused = _fused_model(path, chosen, attention_heads, options)
-            if fused is not None:
-                return ort.InferenceSession(fused, sess_options=options, providers=chosen)
+            model = _rewritten_model(path, chosen, attention_heads, options, shared)
+            if model is not None:
+                return ort.InferenceSession(model, sess_options=options, providers=chosen)
             return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
         except Exception as e:  # onnxruntime raises its own exception types for bad models
             raise Ps3EdgeError(f"onnxruntime cannot load {Path(path).name}: {str(e).splitlines()[0]}") from None
     return load
 
 
+def _cpu_only(providers: list) -> bool:
+    return [p if isinstance(p, str) else p[0] for p in providers] == ["CPUExecutionProvider"]
+
+
 def _fused_model(path: Path, providers: list, heads: int | None, options) -> bytes | None:
     """The stage graph with its attention fused (serialized, weights left where they are), or None
     where nothing applies: no head count, another provider than the CPU's (TensorRT and CUDA run
     the plain graph), or no attention in the graph. The fused kernel is onnxruntime's, CPU only."""
-    if not heads or [p if isinstance(p, str) else p[0] for p in providers] != ["CPUExecutionProvider"]:
+    return _rewritten_model(path, providers, heads, options, None)
+
+
+def _rewritten_model(path: Path, providers: list, heads: int | None, options,
+                     shared: "SharedWeights | None") -> bytes | None:
+    """The stage graph as the CPU provider runs it - its attention fused where `heads` is given,
+    the tensors of `shared`'s files added to `options` as shared initializers - serialized with
+    its other weights left where they are; None where neither applies (another provider than
+    the CPU's alone: TensorRT and CUDA run the plain graph and place their weights themselves)."""
+    if not (heads or shared) or not _cpu_only(providers):
         return None
     import onnx
     from ...exporter.ort_optimize import fuse_attention
 
     model = onnx.load(str(path), load_external_data=False)
-    if not fuse_attention(model, heads):
+    fused = bool(heads) and fuse_attention(model, heads) > 0
+    added = shared.add_to(options, model) if shared is not None else 0
+    if not (fused or added):
         return None
     # a model given as bytes finds its external data files in this folder
     options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(Path(path).resolve().parent))
     return model.SerializeToString()
+
+
+class SharedWeights:
+    """The external data files that several stage graphs of one load point into: each mapped
+    once, read-only, and one OrtValue per tensor in it, given to every session that holds the
+    tensor (under that graph's own name for it). The OrtValues read the map in place: this
+    object must outlive the sessions (each runner's loader holds it)."""
+
+    def __init__(self, directory, files):
+        self.directory = Path(directory)
+        self.files = tuple(files)
+        self._maps: dict = {}
+        self._values: dict = {}
+
+    @classmethod
+    def of_graphs(cls, paths) -> "SharedWeights | None":
+        """The files two or more of the graphs at `paths` (one directory) point into; None if none,
+        or where PS3EDGE_ORT_SHARED_WEIGHTS is "0"."""
+        if os.environ.get(ENV_ORT_SHARED_WEIGHTS, "").strip() == "0":
+            return None
+        import onnx
+        from ...exporter.share import external_files
+
+        paths = [Path(p) for p in paths]
+        counts: dict[str, int] = {}
+        for p in paths:
+            for f in external_files(onnx.load(str(p), load_external_data=False)):
+                counts[f] = counts.get(f, 0) + 1
+        shared = [f for f, n in counts.items() if n > 1]
+        return cls(paths[0].parent, shared) if shared else None
+
+    def add_to(self, options, model) -> int:
+        """Add every tensor of `model` held in a shared file to `options` as an initializer, and
+        turn off pre-packing (it would copy them per session); returns how many were added."""
+        import onnxruntime as ort
+        from onnx.helper import tensor_dtype_to_np_dtype
+        from ...exporter.share import shared_initializers
+
+        added = 0
+        for location in self.files:
+            for t, ref in shared_initializers(model, location):
+                key = (location, ref.offset, ref.length, t.data_type, tuple(t.dims))
+                value = self._values.get(key)
+                if value is None:
+                    data = self._map(location)[ref.offset: ref.offset + ref.length]
+                    array = data.view(tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
+                    value = self._values[key] = ort.OrtValue.ortvalue_from_numpy(array)
+                options.add_initializer(t.name, value)
+                added += 1
+        if added:
+            options.add_session_config_entry(DISABLE_PREPACKING, "1")
+            # and no CPU arena: each call's working memory goes back when it returns, so the
+            # lowres pass's is not held while highres runs (the arena keeps every session's peak)
+            options.enable_cpu_mem_arena = False
+        return added
+
+    def _map(self, location: str) -> np.ndarray:
+        if location not in self._maps:
+            self._maps[location] = np.memmap(self.directory / location, dtype=np.uint8, mode="r")
+        return self._maps[location]
 
 
 class OnnxRuntimeRunner(StageRunner):
@@ -98,11 +192,11 @@ class OnnxRuntimeRunner(StageRunner):
     @classmethod
     def from_path(cls, path: Path, entry=None, providers: list | None = None,
                   threads: int | None = None, attention_heads: int | None = None,
-                  qdq: bool = False) -> "OnnxRuntimeRunner":
+                  qdq: bool = False, shared: SharedWeights | None = None) -> "OnnxRuntimeRunner":
         """A runner of the file at `path`, loaded now (a bad file is refused here)."""
         path = Path(path)
         name = entry.name if entry is not None else path.stem
-        return cls(name, entry, session_loader(path, providers, threads, attention_heads, qdq)).activate()
+        return cls(name, entry, session_loader(path, providers, threads, attention_heads, qdq, shared)).activate()
 
     def _activate(self, session) -> None:
         self.session = session
@@ -241,12 +335,35 @@ class OnnxRuntimeBackend(Backend):
         files = manifest.stage_files(precision, artifact_dir)
         # the fused attention kernel is float32 only; calibrated files keep their plain graph
         heads = manifest.config.num_heads if precision == "fp32" else None
+        # the files several stages point into (the trunk's), mapped once for all their CPU sessions
+        shared = SharedWeights.of_graphs([Path(artifact_dir) / files[name] for name in manifest.stages])
         # an INT8 run reads the calibrated Q/DQ file where a stage has one, else the FP32 file
-        return {name: OnnxRuntimeRunner.from_path(Path(artifact_dir) / files[name], entry,
-                                                  providers=stage_providers(manifest, name, files[name], precision),
-                                                  attention_heads=heads,
-                                                  qdq=precision == "int8" and files[name] != entry.file)
-                for name, entry in manifest.stages.items()}
+        runners = {name: OnnxRuntimeRunner.from_path(Path(artifact_dir) / files[name], entry,
+                                                     providers=stage_providers(manifest, name, files[name], precision),
+                                                     attention_heads=heads,
+                                                     qdq=precision == "int8" and files[name] != entry.file,
+                                                     shared=shared)
+                   # each stage as the precision's file declares it (FP16 stages pass float16 between them)
+                   for name, entry in stage_entries(manifest, precision).items()}
+        highres = runners.get("highres")
+        if highres is not None and highres.device.is_cpu:
+            highres.max_steps_per_call = cpu_rows_per_call(manifest)
+        return runners
+
+
+def cpu_rows_per_call(manifest) -> int | None:
+    """The most look-close rows one highres call takes on onnxruntime's CPU provider, or None
+    (no bound of its own) where the default steps' scores fit: its attention kernel writes a
+    call's whole scores, rows x heads x N x (N0 + N) floats, so a real model's 6 default steps in
+    one call (3.2 GB of scores at 4K) would be the peak of the run; rows of 2560 tokens already
+    fill the CPU's matrix units, so smaller calls cost no speed."""
+    from ...artifact.profiles import look_close_steps
+
+    g = manifest.geometry
+    n = g.max_tokens_per_highres_call
+    per_row = manifest.config.num_heads * n * (g.lowres_tokens + n) * 4
+    rows = max(1, defaults.ORT_CPU_ATTENTION_SCORES_BYTES // per_row)
+    return rows if rows < look_close_steps(manifest) else None
 
 
 BACKEND = OnnxRuntimeBackend()
