@@ -6,7 +6,7 @@ screen what the toolchain assumes.
 
 # --- artifacts -------------------------------------------------------------------------------
 MANIFEST_NAME = "manifest.json"
-MANIFEST_SCHEMA_VERSION = 2      # 2: every stage has a batch axis B (geometry.max_batch)
+MANIFEST_SCHEMA_VERSION = 3      # 2: every stage has a batch axis B (geometry.max_batch); 3: lowres has no highres_patches output
 DEFAULT_OPSET = 17
 MIN_OPSET = 17
 # protobuf cannot hold more than 2 GiB; above this a stage's weights go to an external data file.
@@ -28,6 +28,7 @@ SELECTOR_CONV_INPUT_SIZE = 1512   # the ShallowConvNet always sees the image at 
 PREPROCESS_THREADS = 4            # threads decoding and resizing the images of a batch
 DEFAULT_MAX_BATCH = 8             # images per pass an export bounds by default (export --max-batch)
 MAX_TOKENS_PER_HIGHRES_CALL = 2560  # one look-close step; the highres N axis never exceeds this
+PATCH_WINDOW_CHUNK = 512          # high-res patches cut from the pixels at a time (model/patches.py): 19 MiB of windows
 SMOOTH_SELECTION_GRID = 6         # SMOOTH_SELECTION_PROB averages the map over a 6 x 6 grid
 
 # --- look-close defaults (the five variables of the VILA-HD README) ----------------------------

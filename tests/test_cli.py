@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from conftest import SCRIPT, clean_env, cli, cli_process, random_image
 from ps3edge.artifact.manifest import Manifest, load_manifest
+from ps3edge.defaults import MANIFEST_SCHEMA_VERSION
 
 LOWRES_TOKENS = 729
 TINY_WIDTH = 64
@@ -157,7 +158,7 @@ def test_export_refuses_to_overwrite_without_flag_and_replaces_with_it(exported,
 def test_inspect_summarises_the_artifact(exported):
     result = ok(cli("inspect", exported))
     text = result.stdout
-    assert "schema v2" in text and "opset 17" in text
+    assert f"schema v{MANIFEST_SCHEMA_VERSION}" in text and "opset 17" in text
     assert "up to 8 images per pass" in text
     assert "ps3-tiny" in text and "preset ps3-tiny (seed 0)" in text
     assert "[378, 756, 1512]" in text and "[27, 54, 108]" in text

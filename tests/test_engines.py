@@ -104,8 +104,8 @@ def test_profile_bounds_4k_default_all_and_explicit():
     bounds = profile_bounds(manifest)
     assert bounds["lowres"]["pixels"]["max"] == [8, 3, 3780, 3780]
     assert bounds["highres"]["kv_cache"]["max"] == [27, 2, 8, 16, 729, 72]
-    # the batch bound: 41 images keep the 4K high-res patch table (B x 87480 x 588) under 2^31 elements
-    assert batch_limit(manifest.stages) == 41
+    # the batch bound: 47 images keep the 4K K/V cache (27 x 2 x B x 16 x 729 x 72) under 2^31 elements
+    assert batch_limit(manifest.stages) == 47
 
 
 @pytest.mark.parametrize("value", [0, 36, -1, "x", "1.5", True])

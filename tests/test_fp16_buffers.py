@@ -32,7 +32,7 @@ TOL = defaults.TOLERANCES["fp16"]
 # the float inputs / outputs of each stage file, as calibrate writes them
 EXPECTED = {
     "lowres": {"pixels": F32, "lowres_features": F16, "kv_cache": F16, "selection_features": F32,
-               "conv_features": F32, "highres_patches": F16},
+               "conv_features": F32},
     "highres": {"patches": F16, "kv_cache": F16, "highres_features": F16},
 }
 
@@ -85,7 +85,7 @@ def test_runtime_passes_fp16_buffers_without_upcasting(calibrated):
     with Pipeline(art, precision="fp16") as pipe:
         low, _ = pipe.run_lowres(images[0])
         assert {k: v.dtype.name for k, v in low.items()} == {
-            "lowres_features": "float16", "kv_cache": "float16", "highres_patches": "float16",
+            "lowres_features": "float16", "kv_cache": "float16", "pixels": "float32",
             "selection_features": "float32", "conv_features": "float32"}
         highres = pipe.stages["highres"]
         seen = []

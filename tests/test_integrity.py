@@ -213,7 +213,7 @@ def _edited(section: str) -> str:
 
 
 PS3_SECTION_EDITS = {             # section -> an edit that every other check of the manifest accepts, the refusal
-    "schema_version": (lambda m: m.update(schema_version=2.0), _edited("schema_version")),
+    "schema_version": (lambda m: m.update(schema_version=3.0), _edited("schema_version")),
     "producer": (lambda m: m["producer"].update(version="9.9.9"), _edited("producer")),
     "model": (lambda m: m["model"].update(name="renamed"), _edited("model")),
     "source": (lambda m: m["source"].update(seed=1), _edited("source")),

@@ -77,7 +77,7 @@ def test_the_fused_stages_compute_what_the_plain_ones_do(artifacts, image):
                                           "conv_features": low["conv_features"],
                                           "prompt": pipe.prior_prompt.astype(np.float32)})["prob"][0]
     the_plan = plan(prob, resolve(settings_from_env({}, num_look_close=2), pipe.geometry), pipe.geometry)
-    feed = next(iter(highres_feeds(the_plan, low, pipe.geometry, pipe.steps_per_call())))
+    feed = next(iter(highres_feeds(the_plan, {**low, "pixels": pixels}, pipe.geometry, pipe.steps_per_call())))
     fused = pipe.stages["highres"].infer(feed)["highres_features"]
     plain = _plain_session(art / "highres.onnx").run(None, feed)[0]
     assert fused.shape == plain.shape and np.abs(fused - plain).max() <= 1e-5

@@ -282,7 +282,9 @@ def test_highres_feeds_group_steps_by_length(steps_per_call):
 
     p = plan(np.random.default_rng(6).random((27, 27), dtype=np.float32),
              resolve(settings_from_env({}, num_token_look_close=3 * 2560 + 920), GEO_4K), GEO_4K)
-    low = {"highres_patches": np.random.default_rng(7).random((1, 87480, 588), dtype=np.float32),
+    from ps3edge.model.patches import PatchTaps, gather_patches
+
+    low = {"pixels": np.random.default_rng(7).random((1, 3, 3780, 3780), dtype=np.float32),
            "kv_cache": np.zeros((2, 1, 4, 729, 16), np.float32)}
     feeds = list(highres_feeds(p, low, GEO_4K, steps_per_call))
     shapes = [f["positions"].shape for f in feeds]
@@ -292,7 +294,9 @@ def test_highres_feeds_group_steps_by_length(steps_per_call):
     want = [p.step_positions(GEO_4K, t) for t in range(len(p.steps))]
     assert [r.tolist() for r in got] == [w.tolist() for w in want]     # steps in plan order
     for f in feeds:
-        np.testing.assert_array_equal(f["patches"], low["highres_patches"][0][f["positions"]])
+        cut = gather_patches(low["pixels"], np.zeros(f["positions"].size, int), f["positions"].reshape(-1),
+                             PatchTaps(3780, (756, 1512, 3780), 14), 512)
+        np.testing.assert_array_equal(f["patches"], cut.reshape(*f["positions"].shape, -1))
         assert f["kv_cache"] is low["kv_cache"]
 
 

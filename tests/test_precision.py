@@ -123,7 +123,10 @@ def check_int8(report: AccuracyReport):
         assert rows[stage].max_abs <= defaults.TOLERANCES["int8"]["max_abs"], info
     assert rows["selection"].iou >= INT8_MIN_IOU, info
     assert rows["highres patches"].max_abs == 0.0 and rows["selector (stage)"].max_abs == 0.0, info
-    assert rows["conv features"].max_abs == 0.0, info     # the ShallowConvNet feeds only the selector: kept float
+    # the ShallowConvNet feeds only the selector: kept float, so only kernels differ (a real-width
+    # export shares its trunk, whose onnxruntime sessions run without weight pre-packing, while the
+    # calibrated file is self-contained and pre-packed)
+    assert rows["conv features"].max_abs <= 1e-5, info
     assert all(i["held_out"] for i in report.images) and not report.notes, info
 
 

@@ -96,6 +96,7 @@ def test_graphs_load_run_and_match_the_unshared_export(artifacts, tiny_shared):
     import onnxruntime as ort
 
     from ps3edge.runtime.runners.onnxruntime import BACKEND
+    from ps3edge.model.patches import PatchTaps, gather_patches
 
     plain = artifacts("ps3-tiny")
     shared_m, plain_m = load_manifest(tiny_shared), load_manifest(plain)
@@ -109,7 +110,8 @@ def test_graphs_load_run_and_match_the_unshared_export(artifacts, tiny_shared):
         sessions = {s: ort.InferenceSession(str(art / f"{s}.onnx"), providers=["CPUExecutionProvider"])
                     for s in ("lowres", "highres")}
         low = sessions["lowres"].run(None, feeds["lowres"])
-        steps = {"patches": low[4][:, :16].astype(np.float32), "positions": np.arange(16, dtype=np.int32)[None],
+        cut = gather_patches(feeds["lowres"]["pixels"], np.zeros(16, int), np.arange(16), PatchTaps.of(cfg), 16)
+        steps = {"patches": cut[None], "positions": np.arange(16, dtype=np.int32)[None],
                  "step_image": np.zeros(1, np.int32), "kv_cache": low[1]}
         outs[art] = low + sessions["highres"].run(None, steps)
         feeds["highres"] = steps

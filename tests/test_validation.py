@@ -109,7 +109,7 @@ STEPS = "defaults.num_look_close must be a whole number from 1 to 6, got "
     (lambda m: m.update(precision="int8"), "precision must be 'fp32'"),
     (lambda m: m.update(precision="bogus"), "precision must be 'fp32'"),
     (lambda m: m.update(opset="abc"), "opset must be a whole number >= 17, got 'abc'"),
-    (lambda m: m.update(schema_version="1"), "schema version '1'; this ps3edge reads version 2"),
+    (lambda m: m.update(schema_version="1"), "schema version '1'; this ps3edge reads version 3"),
     (lambda m: m.update(schema_version=True), "schema version True"),
     (lambda m: m["model"].update(patch_size=0), "patch_size must be a positive whole number, got 0"),
     (lambda m: m["model"].update(scales="abc"), "scales must be a list of positive whole numbers, got 'abc'"),

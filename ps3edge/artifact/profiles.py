@@ -70,7 +70,7 @@ def look_close_steps(manifest, max_look_close=None) -> int:
 
 def batch_limit(stages) -> int:
     """Most images per pass: every declared tensor with a B axis stays under 2^31 elements (4K:
-    41 images, the high-res patch table). `stages`: name -> StageSpec or StageEntry."""
+    47 images, the K/V cache (27 x 2 x B x 16 x 729 x 72)). `stages`: name -> StageSpec or StageEntry."""
     per_image = [math.prod(d for d in t.shape if isinstance(d, int))
                  for info in stages.values() for t in (*info.inputs, *info.outputs)
                  if "B" in t.shape and not any(isinstance(d, str) and d != "B" for d in t.shape)]

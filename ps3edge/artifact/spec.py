@@ -45,7 +45,8 @@ class StageSpec:
 
 def stage_specs(cfg: PS3Config, num_returned_layers: int) -> dict[str, StageSpec]:
     """B: images in one pass; T: look-close steps in one highres call, of any of the B images
-    (`step_image` says whose); N: tokens per step."""
+    (`step_image` says whose); N: tokens per step. The patches a highres call reads are no
+    stage's output: the runtime cuts them from the pixels (model/patches.py)."""
     C, R, S = cfg.width, num_returned_layers, cfg.max_size
     g0, N0 = cfg.lowres_grid, cfg.lowres_tokens
     kv = (cfg.depth, 2, "B", cfg.num_heads, N0, cfg.head_dim)
@@ -57,8 +58,7 @@ def stage_specs(cfg: PS3Config, num_returned_layers: int) -> dict[str, StageSpec
             outputs=(TensorSpec("lowres_features", f32, (R, "B", N0, C)),
                      TensorSpec("kv_cache", f32, kv),
                      TensorSpec("selection_features", f32, ("B", C, g0, g0)),
-                     TensorSpec("conv_features", f32, conv),
-                     TensorSpec("highres_patches", f32, ("B", cfg.highres_patches_total, cfg.patch_dim)))),
+                     TensorSpec("conv_features", f32, conv))),
         "selector": StageSpec("selector",
             inputs=(TensorSpec("selection_features", f32, ("B", C, g0, g0)),
                     TensorSpec("conv_features", f32, conv),

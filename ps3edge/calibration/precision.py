@@ -4,8 +4,7 @@ builder the same thing.
 
 What stays FP32 (the policy)
   lowres    the image-space region: every node that depends on `pixels` without passing through
-            a weighted layer (the bicubic-resize gathers and taps and the patch extraction, so
-            `highres_patches` stays exact); every LayerNormalization (mean and variance over the
+            a weighted layer (the bicubic-resize gathers and taps); every LayerNormalization (mean and variance over the
             channels) and Softmax (attention over >= 729 keys); constant sub-graphs that feed
             only FP32 nodes.
   selector  the whole stage: L2 normalisation, cosines, max-pool, clamp and sigmoid. It is about
@@ -16,12 +15,12 @@ the attention scale, the position-table gather) runs in FP16.
 
 The stage boundary (`FP16_BUFFERS`): a tensor that passes from one FP16 stage to another, or to
 the runtime's assembly, is an FP16 graph input / output, so the buffers between the stages are
-half size and nothing casts them up and down again: lowres's kv_cache, lowres_features and
-highres_patches, highres's patches, kv_cache and highres_features. Each is produced, and read,
-by FP16 nodes on both sides (highres reads its patches and K/V with an FP16 MatMul / Gather),
-so the buffer changes no value the model computes, except that of highres_patches, which the
-image-space region computes in FP32: rounded at lowres's output instead of at highres's first
-layer, the same rounding. The entry (pixels) and the selector's inputs (selection_features,
+half size and nothing casts them up and down again: lowres's kv_cache and lowres_features,
+highres's patches, kv_cache and highres_features. Each is produced, and read, by FP16 nodes on
+both sides (highres reads its patches and K/V with an FP16 MatMul / Gather), so the buffer
+changes no value the model computes, except that of the patches: the runtime cuts them from the
+FP32 pixels in FP32 (model/patches.py) and rounds them to float16 when it feeds them, instead of
+at highres's first layer, the same rounding. The entry (pixels) and the selector's inputs (selection_features,
 conv_features: the selector runs FP32) stay float32, and the runtime's result is float32 (cast
 once where it assembles the tokens). The precision map records every float input and output's
 dtype ("io_dtypes"); the runtime declares the stages' tensors from it.
@@ -72,7 +71,7 @@ FLOAT_ONLY_INPUTS = {"Resize": (2,)}             # inputs the ONNX spec types as
 FP16_MAX = float(np.finfo(np.float16).max)
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 # the inter-stage tensors an FP16 stage file takes / gives in FP16 (the module docstring)
-FP16_BUFFERS = {"lowres": ("lowres_features", "kv_cache", "highres_patches"),
+FP16_BUFFERS = {"lowres": ("lowres_features", "kv_cache"),
                 "highres": ("patches", "kv_cache", "highres_features")}
 
 
@@ -344,14 +343,14 @@ TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 
 def torch_stage_modules(model, layers, precision: str) -> dict:
     """lowres / selector / highres modules of `model` with the policy above: image-space resizes
-    and the patch table in fp32, the selector in fp32, the rest in fp16 (or bf16). Torch's half
+    in fp32 (the high-res patches are the runtime's, cut from the fp32 pixels), the selector in fp32, the rest in fp16 (or bf16). Torch's half
     LayerNorm and softmax kernels accumulate their statistics in fp32, which is the policy's
     'LayerNorm and Softmax in fp32'. Inputs and outputs stay float32."""
     import copy
 
     import torch
 
-    from ..model.ps3 import bicubic_resize, image_to_patches
+    from ..model.ps3 import bicubic_resize
     from ..model.stages import HighResStage, SelectorStage, normalize_layers
 
     if precision not in TORCH_DTYPES:
@@ -368,10 +367,8 @@ def torch_stage_modules(model, layers, precision: str) -> dict:
         def forward(self, pixels):
             pixels = pixels.float()
             resize = lambda image, size: bicubic_resize(image, size).to(dtype)    # fp32 resize, then cast
-            low, kv, sel, conv, _ = self.model.lowres(pixels, layers, resize=resize)
-            patches = torch.cat([image_to_patches(bicubic_resize(pixels, s), model.cfg.patch_size)
-                                 for s in model.cfg.scales[1:]], dim=1)             # exact, as in the ONNX policy
-            return low.float(), kv.float(), sel.float(), conv.float(), patches
+            low, kv, sel, conv = self.model.lowres(pixels, layers, resize=resize)
+            return low.float(), kv.float(), sel.float(), conv.float()
 
     class HighRes(torch.nn.Module):
         def __init__(self):

@@ -3,9 +3,10 @@ end to end, on a set of held-out images.
 
 For each image both pipelines run; the rows are
   lowres, lowres kv, selection features, conv features   same pixels in, per-token comparison
-  highres patches      must be bit-exact (the image-space region stays FP32 in every precision;
-                       where the stage gives them as an FP16 buffer, exact against the FP32
-                       patches rounded to float16, which highres's first layer does either way)
+  highres patches      the first reference step's patches as each pipeline feeds its highres
+                       stage: must be bit-exact (they are cut from the FP32 pixels in every
+                       precision, model/patches.py; for an FP16 highres stage, exact against the
+                       FP32 patches rounded to float16, which its first layer does either way)
   selector (stage)     the reduced selector on the FP32 stage's inputs: |prob diff| (it is FP32 code,
                        so this is <= 1e-5 or something is wrong)
   selector (chained)   on the reduced lowres stage's outputs: |prob diff| (informative)
@@ -36,6 +37,8 @@ from ..artifact.io import file_sha256, write_json_atomic
 from ..compare import (BOUND, FEATURES, INFORMATIVE, SELECTION, Check, Measured, ParityRow, Tolerance, compare,
                        difference, feature_diff, features, selection_up_to_near_ties, worst)
 from ..errors import Ps3EdgeError
+from ..model.patches import gather_patches
+from ..runtime.batching import patch_taps
 from ..runtime.lookclose import Pipeline
 from ..runtime.planning import LookCloseSettings
 from ..runtime.preprocess import open_image
@@ -107,8 +110,9 @@ def _positions(result, geometry) -> np.ndarray:
 def _run(pipe, pixels: np.ndarray, settings: LookCloseSettings, layer: int) -> tuple[dict, dict]:
     """One pipeline on `pixels`: its outputs by name, and its stage times (ms)."""
     t0 = time.perf_counter()
-    low = pipe.stages["lowres"].infer({"pixels": pixels})
+    low = dict(pipe.stages["lowres"].infer({"pixels": pixels}))
     times = {"lowres": (time.perf_counter() - t0) * 1e3}
+    low["pixels"] = pixels
     res = pipe.run_from_lowres(low, settings, layer=layer)
     for k in ("selector", "planning", "highres"):
         times[k] = res.timings_ms.get(k, 0.0)
@@ -131,10 +135,20 @@ def _on_reference_inputs(ref, test, ref_out: dict, layer: int) -> dict:
                                                "prompt": ref.prior_prompt.astype(np.float32)}))["prob"][0]
     # the first step of the reference run, on the reference's inputs
     pos0 = ref_out["plan"].step_positions(ref.geometry, 0)[None]
-    feed = {"patches": ref_out["highres_patches"][0][pos0], "positions": pos0, "step_image": np.zeros(1, np.int32),
+    ref_out["highres_patches"] = _step_patches(ref, ref_out["pixels"], pos0)
+    feed = {"patches": ref_out["highres_patches"], "positions": pos0, "step_image": np.zeros(1, np.int32),
             "kv_cache": ref_out["kv_cache"]}
     first = highres.infer(_declared(highres, feed))["highres_features"][ref.layer_index(layer), 0]
-    return {"prob (stage)": prob, "first step (stage)": first, "first step positions": pos0[0]}
+    return {"prob (stage)": prob, "first step (stage)": first, "first step positions": pos0[0],
+            "highres_patches": _step_patches(test, ref_out["pixels"], pos0)}
+
+
+def _step_patches(pipe, pixels: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """(1,N) positions of image 0 -> (1,N,588): the patches `pipe` feeds its highres stage there."""
+    taps = patch_taps(pixels.shape[-1], tuple(pipe.geometry.highres_grids))
+    patches = gather_patches(pixels, np.zeros(positions.size, np.int64), positions.reshape(-1), taps,
+                             defaults.PATCH_WINDOW_CHUNK)
+    return patches.reshape(*positions.shape, -1).astype(pipe.stages["highres"].input_metadata()["patches"][0])
 
 
 def compare_pipelines(ref, test, pixels: np.ndarray, settings: LookCloseSettings, layer: int,
@@ -144,7 +158,7 @@ def compare_pipelines(ref, test, pixels: np.ndarray, settings: LookCloseSettings
     ref_out, times_ref = _run(ref, pixels, settings, layer)
     test_out, times_test = _run(test, pixels, settings, layer)
     test_out.update(_on_reference_inputs(ref, test, ref_out, layer))
-    # the FP32 patches in the buffer dtype the test's lowres gives them in
+    # the FP32 patches in the dtype the test's highres stage takes them in
     ref_out["highres_patches (as given)"] = ref_out["highres_patches"].astype(test_out["highres_patches"].dtype)
     # the reference's own tokens at those positions (already in its run)
     n0 = ref_out["lowres tokens"]

@@ -17,6 +17,8 @@ from typing import Callable
 import numpy as np
 
 from .. import defaults
+from ..model.patches import gather_patches
+from ..runtime.batching import patch_taps
 from ..runtime.planning import LookCloseSettings, plan, resolve
 from ..runtime.preprocess import open_image
 from .data import spread
@@ -62,7 +64,10 @@ class StageInputs:
     def highres_feed(self, i: int, t: int) -> dict:
         low = self._lowres(i)
         pos = low["plan"].step_positions(self.pipeline.geometry, t)[None]          # (1,N) int32
-        return {"patches": low["highres_patches"][0][pos], "positions": pos, "step_image": np.zeros(1, np.int32),
+        patches = gather_patches(low["pixels"], np.zeros(pos.size, np.int64), pos.reshape(-1),
+                                 patch_taps(low["pixels"].shape[-1], tuple(self.pipeline.geometry.highres_grids)),
+                                 defaults.PATCH_WINDOW_CHUNK)
+        return {"patches": patches.reshape(*pos.shape, -1), "positions": pos, "step_image": np.zeros(1, np.int32),
                 "kv_cache": low["kv_cache"]}
 
     def lowres_feeds(self) -> list[Callable[[], dict]]:

@@ -13,11 +13,21 @@ The three stages:
 
   lowres(pixels (B,3,S_max,S_max))
       -> lowres_features (R,B,N0,C), kv_cache (L,2,B,H,N0,D),
-         selection_features (B,C,G0,G0), conv_features (B,C',2*G0,2*G0),
-         highres_patches (B,P,3*14*14)
+         selection_features (B,C,G0,G0), conv_features (B,C',2*G0,2*G0)
   selector(selection_features, conv_features, prompt (B,C)) -> prob (B,G0,G0)
   highres(patches (T,N,588), positions (T,N) int32, step_image (T,) int32, kv_cache)
       -> highres_features (R,T,N,C)
+
+The high-res patches a highres call reads are not a stage output: no stage resizes the image to
+every high-res scale (at 4K that table, P x 588, was 196 MiB fp32 per image, of which one step
+reads at most 2560 rows). model/patches.py cuts each selected patch from the normalised pixels
+the lowres stage was given: patch (scale s, row r, col c) is rows r*14..r*14+13 and columns
+c*14..c*14+13 of the image resized to s, and those output pixels read 56 source rows and 56
+source columns (4 bicubic taps each), so it gathers that (3,56,56) window and applies the same
+height-then-width 4-tap arithmetic as `separable_bicubic_resize`. Both write the 4-tap sum out
+(x0*w0 + x1*w1 + x2*w2 + x3*w3, left to right), elementwise fp32 products and sums that torch,
+numpy and onnxruntime all round as IEEE does, so a windowed patch equals the full resize's bit
+for bit on every backend.
 
 Each step row of a highres call names the image whose low-res K/V cache it attends to
 (`step_image`), so one call holds the steps of several images; a step still sees only its own
@@ -224,12 +234,21 @@ def separable_bicubic_resize(image, size: int):
     if H == size and W == size:
         return image
     rows, weights = cubic_taps(H, size)                                # (size,4)
-    x = image.index_select(2, rows.reshape(-1)).reshape(B, C, size, 4, W)
-    x = (x * weights[:, :, None]).sum(dim=3)                           # (B,C,size,W)
+    x = four_taps([image.index_select(2, rows[:, a]) for a in range(4)], weights[:, :, None])   # (B,C,size,W)
     x = x.transpose(2, 3).contiguous()                                 # (B,C,W,size)
     rows, weights = cubic_taps(W, size)
-    x = x.index_select(2, rows.reshape(-1)).reshape(B, C, size, 4, size)
-    return (x * weights[:, :, None]).sum(dim=3).transpose(2, 3)        # (B,C,size,size)
+    x = four_taps([x.index_select(2, rows[:, a]) for a in range(4)], weights[:, :, None])       # (B,C,size,size)
+    return x.transpose(2, 3)
+
+
+def four_taps(taps, weights):
+    """taps[a] * weights[:, a] summed left to right: x0*w0 + x1*w1 + x2*w2 + x3*w3.
+
+    Written out rather than a sum over an axis, whose order no backend promises: these are
+    elementwise fp32 products and sums, rounded alike by torch, numpy and onnxruntime, so the
+    windowed patches (model/patches.py) equal the full resize bit for bit. `weights` is (n,4,...)
+    with whatever trailing axes broadcast against the taps."""
+    return taps[0] * weights[:, 0] + taps[1] * weights[:, 1] + taps[2] * weights[:, 2] + taps[3] * weights[:, 3]
 
 
 def image_to_patches(image, patch_size: int):
@@ -291,17 +310,10 @@ class PS3(nn.Module):
         sel = self.selection_feature_proj(sel)[..., : cfg.width]             # (B,N0,C)
         selection_features = sel.transpose(1, 2).unflatten(2, (g0, g0))     # (B,C,G0,G0)
 
-        # each size resized once: at 4K the ShallowConvNet's 1512 is also a high-res scale
-        resized = {s: resize(pixels, s) for s in sorted({defaults.SELECTOR_CONV_INPUT_SIZE, *cfg.scales[1:]})}
-        conv_input = resized[defaults.SELECTOR_CONV_INPUT_SIZE]                 # (B,3,1512,1512)
+        conv_input = resize(pixels, defaults.SELECTOR_CONV_INPUT_SIZE)         # (B,3,1512,1512)
         conv_features = self.highres_selection_feature_module(conv_input)       # (B,C',54,54)
-
-        # Every high-res patch of every scale, scale-major raster order: row p of this table is
-        # the patch at global position p, the index space that `positions` uses.
-        highres_patches = torch.cat(
-            [image_to_patches(resized[s], cfg.patch_size) for s in cfg.scales[1:]],
-            dim=1)                                                           # (B,P,588)
-        return lowres_features, kv_cache, selection_features, conv_features, highres_patches
+        # the high-res patches are cut from `pixels` where a call needs them (model/patches.py)
+        return lowres_features, kv_cache, selection_features, conv_features
 
     # --- stage 2: selector ----------------------------------------------------------------
     def selector(self, selection_features, conv_features, prompt):

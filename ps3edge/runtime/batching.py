@@ -19,9 +19,12 @@ features in their places.
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import lru_cache
 
 import numpy as np
 
+from .. import defaults
+from ..model.patches import PatchTaps, gather_patches
 from .planning import Geometry, Plan
 
 
@@ -56,26 +59,38 @@ def planned_given(plans: list[Plan], known: list, geometry: Geometry) -> list:
     return given
 
 
-def highres_feeds(plans, low: dict, geometry: Geometry, steps_per_call: int | None = None, given=None):
+@lru_cache(maxsize=8)
+def patch_taps(max_size: int, highres_grids: tuple) -> PatchTaps:
+    """The windowed resize's taps for S_max x S_max pixels and these high-res grids, made once."""
+    return PatchTaps(max_size, [g * defaults.PATCH_SIZE for g in highres_grids], defaults.PATCH_SIZE)
+
+
+def highres_feeds(plans, low: dict, geometry: Geometry, steps_per_call: int | None = None, given=None,
+                  dtype=np.float32):
     """The highres stage's inputs for the plans of a batch (or one plan), one call at a time.
 
-    `low` holds the lowres outputs of the same images: highres_patches (B,P,588) and kv_cache
-    (L,2,B,H,N0,D). Each feed has patches (T,N,588), positions (T,N) and step_image (T,) int32;
+    `low` holds the lowres pass of the same images: the normalised pixels (B,3,S,S) float32 it
+    was given and its kv_cache (L,2,B,H,N0,D). Each feed has patches (T,N,588) in `dtype` (the
+    highres stage's), cut from the pixels for this call only (model/patches.py: the values of
+    the full resize's patches, bit for bit), positions (T,N) and step_image (T,) int32;
     `steps_per_call` None means no limit; `given` as the module docstring says."""
     if isinstance(plans, Plan):
         plans = [plans]
     by_length = defaultdict(list)
     for image, positions in step_rows(plans, geometry, given):
         by_length[len(positions)].append((image, positions))
-    all_patches = low["highres_patches"]                                          # (B,P,588)
+    pixels = low["pixels"]                                                        # (B,3,S,S)
+    taps = patch_taps(pixels.shape[-1], tuple(geometry.highres_grids))
     for _, group in sorted(by_length.items(), reverse=True):
         chunk = steps_per_call or len(group)
         for t0 in range(0, len(group), chunk):
             rows = group[t0: t0 + chunk]
             step_image = np.array([image for image, _ in rows], dtype=np.int32)  # (T,)
             positions = np.stack([p for _, p in rows])                           # (T,N) int32
-            yield {"patches": all_patches[step_image[:, None], positions], "positions": positions,
-                   "step_image": step_image, "kv_cache": low["kv_cache"]}
+            images = np.broadcast_to(step_image[:, None], positions.shape)
+            patches = gather_patches(pixels, images, positions, taps, defaults.PATCH_WINDOW_CHUNK)
+            yield {"patches": patches.reshape(*positions.shape, -1).astype(dtype, copy=False),
+                   "positions": positions, "step_image": step_image, "kv_cache": low["kv_cache"]}
 
 
 def assemble(lowres_tokens: np.ndarray, feeds: list[dict], features: list[np.ndarray],

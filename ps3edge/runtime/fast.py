@@ -20,7 +20,9 @@ which `lookclose.Pipeline` runs for `ps3edge run --backend torch`, with the imag
 the device, `preprocess.preprocess_on_device`); `ps3edge bench` times it.
 
 fp16 / bf16 run the network in that precision (as the official code does when cast); the
-position table is computed in fp32 and then cast.
+position table is computed in fp32 and then cast. Each step's high-res patches are cut from the
+pixels (as the network's dtype gives them) per scale in fp32 and then cast
+(model/patches.py: no full high-res image is made).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import defaults
+from ..model.patches import PatchTaps, window_patches
 from ..model.ps3 import PS3
 from .planning import DEFAULT_BUDGET_RULE, BudgetRule, Geometry, LookCloseSettings, step_counts
 
@@ -74,6 +77,8 @@ class FastLookClose:
         self.geometry = Geometry.of(cfg)
         offsets = self.geometry.scale_offsets
         self.scale_offsets = [torch.tensor(o, device=self.device) for o in offsets]
+        self.taps = PatchTaps.of(cfg)
+        self.taps.on(self.device)      # made before any CUDA graph capture
         self._graphs = {}              # key -> (graph, static inputs, static outputs)
         self._seen = set()             # keys run once eagerly: the second run captures
 
@@ -92,7 +97,9 @@ class FastLookClose:
         mark = timer or (lambda name: None)
         m, cfg = self.model, self.cfg
         B = pixels.shape[0]
-        low_feats, kv, sel, conv, patches = m.lowres(pixels.to(self.dtype), (layer,))
+        pixels = pixels.to(self.dtype)
+        low_feats, kv, sel, conv = m.lowres(pixels, (layer,))
+        pixels = pixels.float()                                                # the patches: cut in fp32, then cast
         mark("lowres")
         prompt = self.prior_prompt.expand(B, -1) if prompt is None else prompt.to(self.dtype).reshape(B, -1)
         prob = m.selector(sel, conv, prompt)                                   # (B,G0,G0)
@@ -107,13 +114,18 @@ class FastLookClose:
                 p = F.interpolate(F.interpolate(p, size=(s, s), mode="area"), size=(g, g), mode="nearest")
             rankings.append(torch.sort(p.reshape(B, -1), dim=1, descending=True, stable=True).indices)
         taken = [0] * len(rankings)
-        steps = []                                                             # each (B,N_t)
+        steps, step_patches = [], []                                           # each (B,N_t), (B,N_t,588)
+        images = torch.arange(B, device=self.device)
         for step in counts:
-            parts = []
+            parts, patches = [], []
             for s, k in enumerate(step):
-                parts.append(rankings[s][:, taken[s]: taken[s] + k] + self.scale_offsets[s])
+                local = rankings[s][:, taken[s]: taken[s] + k]                 # (B,k) within scale s
+                parts.append(local + self.scale_offsets[s])
+                cut = window_patches(pixels, images[:, None].expand(B, k).reshape(-1), local.reshape(-1), self.taps, s)
+                patches.append(cut.to(self.dtype).reshape(B, k, cfg.patch_dim))
                 taken[s] += k
             steps.append(torch.cat(parts, dim=1))
+            step_patches.append(torch.cat(patches, dim=1))
         selection = torch.zeros(B, cfg.highres_patches_total, dtype=torch.uint8, device=self.device)
         for s, r in enumerate(rankings):
             selection.scatter_(1, r[:, : taken[s]] + self.scale_offsets[s], 1)
@@ -121,17 +133,17 @@ class FastLookClose:
 
         # high-res: the steps of equal length of all images in one call, rows step-major
         by_length = {}
-        for pos in steps:
+        for pos, cut in zip(steps, step_patches):
             if pos.shape[1]:
-                by_length.setdefault(pos.shape[1], []).append(pos)
-        images = torch.arange(B, device=self.device)
+                by_length.setdefault(pos.shape[1], []).append((pos, cut))
         positions, feats = [], []
         for n in sorted(by_length, reverse=True):
-            group = torch.stack(by_length[n])                                  # (T_n,B,N)
+            group = torch.stack([pos for pos, _ in by_length[n]])              # (T_n,B,N)
             pos = group.reshape(-1, n)                                         # (T_n*B,N)
+            patches = torch.stack([cut for _, cut in by_length[n]]).reshape(pos.shape[0], n, -1)   # (T_n*B,N,588)
             step_image = images.repeat(group.shape[0])                         # (T_n*B,)
             # one image: every row reads the one prefix (a broadcast, no gather)
-            out = self._highres(patches[step_image[:, None], pos], pos, kv, layer,
+            out = self._highres(patches, pos, kv, layer,
                                 step_image if B > 1 else None)                # (T_n*B,N,C)
             positions.append(group.permute(1, 0, 2).reshape(B, -1))           # (B,T_n*N)
             feats.append(out.reshape(group.shape[0], B, n, cfg.width).permute(1, 0, 2, 3).reshape(B, -1, cfg.width))

@@ -1,10 +1,10 @@
 """The look-close loop over exported stages: image -> features, one clear path.
 
     B images --preprocess (threads)--> pixels (B,3,S,S) --lowres--> low-res features, K/V
-    caches, selection inputs, all high-res patches --selector(B prompts)--> prob (B,27,27)
-    --plan, per image--> patches per step --highres (step rows of equal length from any image
-    in one call, batching.py)--> high-res features --assemble--> per image [low-res tokens ;
-    high-res tokens in scale-major raster order]
+    caches, selection inputs --selector(B prompts)--> prob (B,27,27) --plan, per image-->
+    positions per step --highres (step rows of equal length from any image in one call, their
+    patches cut from the pixels for that call only, batching.py)--> high-res features
+    --assemble--> per image [low-res tokens ; high-res tokens in scale-major raster order]
 
 One image is a batch of one: `run` is `run_batch` of one image.
 
@@ -12,8 +12,8 @@ The output order and values are those of the official `PS3VisionModel` with
 `output_hidden_states=True` for the requested layer.
 
 The arrays between the stages keep the dtype the stage files declare: with the FP16 stages
-(`--precision fp16`) the K/V cache, the high-res patches and the features stay float16 from the
-stage that gives them to the one that reads them; a result's features are float32, cast once
+(`--precision fp16`) the K/V cache and the features stay float16 from the stage that gives them
+to the one that reads them, and a call's high-res patches are cast to float16 once cut; a result's features are float32, cast once
 when the tokens are assembled.
 
 The backend decides how it runs an artifact, and says so in the session it opens
@@ -314,7 +314,7 @@ class Pipeline:
         """Preprocess + the lowres stage: (the stage's outputs, times in seconds).
 
         images: one frame (frames.py), a list of them (or of (1,3,S,S) float32 arrays), or a
-        (B,3,S,S) float32 array. The outputs can be run through `run_from_lowres` more than once (e.g. VILA-HD
+        (B,3,S,S) float32 array. The outputs, and the pixels under "pixels", can be run through `run_from_lowres` more than once (e.g. VILA-HD
         looks at the low-res tokens first to build its top-down prompt, then selects with it).
         """
         times = StageTimes()
@@ -325,8 +325,9 @@ class Pipeline:
                 pixels = self.pixels_batch(images if isinstance(images, (list, tuple)) else [images], None, channels)
         lowres = self.stages["lowres"]
         with self._measured("lowres"):
-            low = lowres.infer({"pixels": pixels})
+            low = dict(lowres.infer({"pixels": pixels}))
         times.add("lowres", lowres.last_inference_time())
+        low["pixels"] = pixels            # the highres calls cut their patches from these (batching.py)
         return low, times.seconds
 
     def run_from_lowres(self, low: dict, settings: LookCloseSettings, prompt_embedding=None,
@@ -345,7 +346,7 @@ class Pipeline:
         is None run as `run_batch` runs them."""
         self._refuse_if_closed()
         schedule = resolve(settings, self.geometry, self.budget_rule)
-        count = len(low["highres_patches"])
+        count = len(low["pixels"])
         return self._from_lowres(low, settings, schedule, self.prompts(settings, None, count), layer, times, known)
 
     def _from_lowres(self, low: dict, settings: LookCloseSettings, schedule: Schedule, prompts: np.ndarray,
@@ -365,7 +366,8 @@ class Pipeline:
             plans = [plan(p, schedule, self.geometry) for p in prob]
 
         given = None if known is None else planned_given(plans, known, self.geometry)
-        feeds = list(highres_feeds(plans, low, self.geometry, self.steps_per_call(), given))
+        dtype = highres.input_metadata()["patches"][0]                            # float16 for FP16 stages
+        feeds = list(highres_feeds(plans, low, self.geometry, self.steps_per_call(), given, dtype))
         features = []
         times.add("highres", 0.0)                                 # the stage is reported when no step has patches
         for feed in feeds:

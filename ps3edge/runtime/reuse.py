@@ -8,8 +8,8 @@ The rule, per frame of a source (the code is exactly this):
                  pixels as a stage sees them: the 378 x 378 low-res view the lowres stage
                  makes (the official bicubic resize of the preprocessed frame; the exported
                  stage's gather form of it differs by ~1e-6) for a whole frame; a high-
-                 res patch's 588 values at its own scale (the lowres stage's highres_patches) for
-                 a patch. The largest, not the mean: a small object that moves is a change
+                 res patch's 588 values at its own scale (as the highres stage is fed them,
+                 model/patches.py) for a patch. The largest, not the mean: a small object that moves is a change
                  however still the rest of the frame is.
     full         the source's first frame, and any frame with `refresh - 1` frames since the
                  last full one (so at least one frame in every `refresh` is computed whole; the
@@ -30,9 +30,10 @@ The rule, per frame of a source (the code is exactly this):
     computed     with patch reuse off, a changed frame is computed whole.
 
 What a source keeps between frames: the last computed frame's low-res view (3 x 378 x 378
-float32), its patches' normalised pixels as float16 (P x 588: 17 MiB on a 1.5K model, 103 MiB on
-a 4K one; float16 steps there are at most 1/16 of a level, so a difference under that is no
-change) and its result.
+float32), the normalised pixels of the patches its result encoded (or kept), as float16 (n x
+588 for its n high-res tokens: 18 MiB for 6 steps of 2560; float16 steps there are at most 1/16
+of a level, so a difference under that is no change) and its result. A patch its result does
+not hold has no features to reuse, so its pixels are not kept.
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .. import defaults
 from ..errors import Ps3EdgeError
+from ..model.patches import gather_patches
 from ..model.ps3 import bicubic_resize
+from .batching import patch_taps
 from .planning import LookCloseSettings
 from .result import LookCloseResult
 from .timing import StageTimes
@@ -56,7 +60,8 @@ COMPUTED, PARTIAL, REUSED = "computed", "partial", "reused"
 class Memory:
     """What a source's last computed frame left (the module docstring)."""
     view: np.ndarray                  # (3,378,378) float32 levels
-    patches: np.ndarray               # (P,588) float16 levels of the pixels its features are of
+    positions: np.ndarray             # (n,) sorted: the high-res patches its result holds
+    patches: np.ndarray               # (n,588) float16 levels of the pixels their features are of
     result: LookCloseResult
     since_full: int = 0               # frames since the last full computation
 
@@ -105,6 +110,13 @@ class FrameReuse:
         """Largest difference of two (3,h,w) normalised views, in levels."""
         return float((np.abs(a - b).reshape(3, -1).max(axis=1) / self._level).max())
 
+    def patch_levels(self, pixels: np.ndarray, image: int, positions: np.ndarray) -> np.ndarray:
+        """(n,) positions of image `image` of the (B,3,S,S) pixels -> (n,588) float16: the
+        patches there as the highres stage is fed them."""
+        taps = patch_taps(pixels.shape[-1], tuple(self.pipeline.geometry.highres_grids))
+        return gather_patches(pixels, np.full(len(positions), image), positions, taps,
+                              defaults.PATCH_WINDOW_CHUNK).astype(np.float16)
+
     def same_patches(self, now: np.ndarray, before: np.ndarray) -> np.ndarray:
         """(n,588) float16 patches now and before -> (n,) bool: no value moved more than the threshold."""
         if self.threshold == 0:                       # identical: the same bits (and far quicker)
@@ -144,32 +156,33 @@ class FrameReuse:
         index = [i for i, _ in run]
         low, seconds = p.run_lowres(pixels[index])
         times.update({k: v for k, v in seconds.items() if k != "preprocess"})
-        known, levels = [], []
+        known = []
         p.layer_index(layer)                 # an unknown layer is refused before any comparing
         n0 = p.cfg.lowres_grid ** 2
         with times.measure("compare"):
             for k, (i, _) in enumerate(run):
-                levels.append(low["highres_patches"][k].astype(np.float16))
                 if full[k]:
                     known.append(None)
                     continue
-                mem = self.memory[sources[i]]
-                had = np.sort(np.concatenate([mem.result.plan.step_positions(p.geometry, t)
-                                              for t in range(len(mem.result.plan.steps))]))
-                same = self.same_patches(levels[k][had], mem.patches[had])
-                known.append((had[same].astype(np.int32), mem.result.features[0, n0:][same]))
+                mem = self.memory[sources[i]]       # its features are in the order of mem.positions
+                same = self.same_patches(self.patch_levels(low["pixels"], k, mem.positions), mem.patches)
+                known.append((mem.positions[same].astype(np.int32), mem.result.features[0, n0:][same]))
         results = p.run_known(low, settings, known, layer, times.seconds)
         for k, ((i, difference), result) in enumerate(zip(run, results)):
             planned = result.plan.num_tokens
             source, mem = sources[i], self.memory.get(sources[i])
+            positions = np.sort(_planned(result, p.geometry))
+            with times.measure("compare"):
+                patches = self.patch_levels(low["pixels"], k, positions)
             if known[k] is None:
-                status, kept, since, patches = COMPUTED, 0, 0, levels[k]
+                status, kept, since = COMPUTED, 0, 0
             else:
-                kept_positions = known[k][0][np.isin(known[k][0], _planned(result, p.geometry))]
+                kept_positions = known[k][0][np.isin(known[k][0], positions)]
                 kept, status, since = len(kept_positions), PARTIAL, mem.since_full + 1
-                patches = levels[k]
-                patches[kept_positions] = mem.patches[kept_positions]   # the pixels the kept features are of
-            self.memory[source] = Memory(views[i], patches, result, since)
+                # the pixels the kept features are of
+                patches[np.searchsorted(positions, kept_positions)] = \
+                    mem.patches[np.searchsorted(mem.positions, kept_positions)]
+            self.memory[source] = Memory(views[i], positions, patches, result, since)
             outcomes[i] = Outcome(result, status, planned - kept, kept, difference)
         return outcomes
 
