@@ -31,11 +31,14 @@ reads an entry; `check_precisions` makes sure each one can be read so.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 from .. import defaults
 from ..errors import Ps3EdgeError
+from .io import apply_default_mode, file_sha256
 from .records import JsonRecord, extra_keys
 
 SECTION = "precisions"
@@ -282,3 +285,20 @@ def without_precision(manifest, precision: str):
     mine = entry.files - referenced_files(manifest, rest.values())
     return manifest.replace(files={f: h for f, h in manifest.files.items() if f not in mine},
                             precisions=rest or None)
+
+
+def register_precision(artifact_dir, manifest, name: str, entry, staged):
+    """Record precision `name` in an artifact (a Manifest or a VilaManifest: both have
+    `without_precision`, `files`, `precisions`, `replace` and `write`): drop the old entry first (so
+    no manifest ever names a file being replaced), move the `staged` (temporary, final name) files
+    into place, then write the new entry with the files' hashes. The caller holds the writer lock."""
+    artifact_dir = Path(artifact_dir)
+    manifest = manifest.without_precision(name)
+    manifest.write(artifact_dir)
+    for tmp, final in staged:
+        apply_default_mode(tmp)
+        os.replace(tmp, artifact_dir / final)
+    files = {**manifest.files, **{final: file_sha256(artifact_dir / final) for _, final in staged}}
+    manifest = manifest.replace(files=files, precisions={**manifest.precisions, name: entry})
+    manifest.write(artifact_dir)
+    return manifest

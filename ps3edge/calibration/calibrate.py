@@ -27,7 +27,8 @@ from ..version import __version__
 from ..artifact.io import apply_default_mode, file_sha256, temp_dir, temp_file
 from ..artifact.lock import writer_lock
 from ..artifact.manifest import Manifest, load_manifest
-from ..artifact.precisions import Calibration, CalibrationImage, PrecisionEntry, PrecisionMap, PrecisionStage
+from ..artifact.precisions import (Calibration, CalibrationImage, PrecisionEntry, PrecisionMap, PrecisionStage,
+                                   register_precision)
 from ..errors import Ps3EdgeError
 from ..runtime.lookclose import Pipeline, geometry_of
 from ..runtime.planning import LookCloseSettings, resolve_steps
@@ -75,20 +76,6 @@ def _external_tensors(model: onnx.ModelProto):
         for a in node.attribute:
             if a.type == onnx.AttributeProto.TENSOR and a.t.data_location == onnx.TensorProto.EXTERNAL:
                 yield a.t
-
-
-def _register(artifact_dir: Path, manifest: Manifest, precision: str, entry: PrecisionEntry,
-              staged: list[tuple[Path, str]]) -> Manifest:
-    """Drop the old entry, move the staged files into place, record the new entry and hashes."""
-    manifest = manifest.without_precision(precision)
-    manifest.write(artifact_dir)
-    for tmp, final in staged:
-        apply_default_mode(tmp)
-        os.replace(tmp, artifact_dir / final)
-    files = {**manifest.files, **{final: file_sha256(artifact_dir / final) for _, final in staged}}
-    manifest = manifest.replace(files=files, precisions={**manifest.precisions, precision: entry})
-    manifest.write(artifact_dir)
-    return manifest
 
 
 @dataclass(frozen=True)
@@ -194,7 +181,7 @@ def _write_precision(artifact_dir: Path, manifest: Manifest, options: Calibratio
         entry = replace(entry, stages={k: entry.stages[k] if k != "selector" else selector
                                        for k in ("lowres", "selector", "highres")})
         say("registering the stages in the manifest")
-        manifest = _register(artifact_dir, manifest, options.precision, entry, staged)
+        manifest = register_precision(artifact_dir, manifest, options.precision, entry, staged)
         staged = []
     finally:
         for tmp, _ in staged:

@@ -102,6 +102,8 @@ def look_close_options(mode_help: str = MODE_HELP):
     return decorate
 
 
+# the same rule as model/config.whole_number (ASCII digits only), kept here because importing
+# ps3edge.model would bring torch into every command's start-up
 _WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
 _DECIMAL_NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
 

@@ -35,6 +35,7 @@ from typing import Iterable, Optional
 from PIL import Image
 
 from ..errors import Ps3EdgeError
+from ..paths import expect_file
 from ..runtime.preprocess import open_image
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".ts", ".flv", ".wmv"})
@@ -199,8 +200,7 @@ def _pyav():
 
 def _open_video(path: Path):
     av = _pyav()
-    if not path.is_file():
-        raise Ps3EdgeError(f"video not found: {path}")
+    expect_file(path, "video")
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError, ValueError) as e:

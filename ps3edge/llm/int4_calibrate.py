@@ -28,6 +28,7 @@ from .. import defaults
 from ..version import __version__
 from ..artifact.io import apply_default_mode, file_sha256, temp_file
 from ..artifact.lock import writer_lock
+from ..artifact.precisions import register_precision
 from ..artifact.vila import LLMPrecision, VilaManifest, is_vila_artifact, load_vila_manifest
 from ..calibration.calibrate import save_model
 from ..errors import Ps3EdgeError
@@ -59,7 +60,7 @@ def calibrate_int4(artifact_dir, settings: Int4Settings | None = None, tool: str
         try:
             entry = _write_int4(art, manifest, settings, tool, staged, say)
             say("registering the int4 LLM in vila.json")
-            manifest = _register(art, manifest, entry, staged)
+            manifest = register_precision(art, manifest, PRECISION, entry, staged)
             staged = []
         finally:
             for tmp, _ in staged:
@@ -111,19 +112,6 @@ def _calibration_feeds(art: Path, manifest: VilaManifest) -> list[Callable[[], d
         return lambda: {"inputs_embeds": np.asarray(table[prompt_ids(tokenizer, text)], np.float32)[None],
                         "past_kv": empty}
     return [feed(t) for t in defaults.INT4_CALIBRATION_PROMPTS]
-
-
-def _register(art: Path, manifest: VilaManifest, entry: LLMPrecision, staged: list) -> VilaManifest:
-    """Drop the old entry, move the staged files into place, record the new entry and hashes."""
-    manifest = manifest.without_precision(PRECISION)
-    manifest.write(art)
-    for tmp, final in staged:
-        apply_default_mode(tmp)
-        os.replace(tmp, art / final)
-    files = {**manifest.files, **{final: file_sha256(art / final) for _, final in staged}}
-    manifest = manifest.replace(files=files, precisions={**manifest.precisions, PRECISION: entry})
-    manifest.write(art)
-    return manifest
 
 
 def _size(art: Path, names) -> int:
