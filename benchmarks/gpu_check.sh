@@ -1,101 +1,149 @@
 #!/usr/bin/env bash
-# The GPU check: on a machine with PyTorch and a CUDA GPU but no network.
-#   1. installs the parity reference from the wheels beside this script (benchmarks/wheels/,
-#      made by fetch_wheels.sh on a networked machine, kept out of git);
-#   2. checks parity on the GPU in fp32: our fast path against the official ps3-torch with its
-#      top-k ties pinned to our rule, tiny and real-width (4-block) models, 1.5K and 4K scales;
-#   3. checks `ps3edge run --backend torch` on CUDA (device preprocessing, CUDA graph) against
-#      the CPU path on a 3840x2160 frame (gpu_run_parity.py; needs the onnx package there);
-#   4. runs the bf16 sweep NUM_LOOK_CLOSE=1..6 for ps3-1.5k and ps3-4k against the official code
-#      (as published, configured as VILA-HD configures it: the last 2 layers returned; its default
-#      of every layer returned is the extra labelled column), with CUDA graphs, preprocessing timed
-#      on a 3840x2160 frame both ways: JSON, markdown and a PNG plot; then vila-hd-tiny for the
-#      projector / LLM columns (its rows join sweep_bf16.json);
-#   4b. the batch sweep: ps3-4k NUM_LOOK_CLOSE=6 in bf16, B=1 and 8 images of the 3840x2160 frame
-#      through Pipeline.run_batch (torch backend: the fast path), against the official code given
-#      the same B images as one batch (VILA-HD's configuration): images/s, per-image latency,
-#      peak memory and the ratio, into batch_bf16.json (its table is in the log);
-#   5. splits the high-res time into matmuls, attention and the rest (gpu_diagnose.py floor), times
-#      the attention alone per SDPA backend and with heads zero-padded to 80 / 96 / 128,
-#      lists the GPU kernels that take the time (gpu_profile.py), and times the MLP half of a
-#      block without its GELU / residual-add passes (gpu_epilogue.py), and the whole run with the
-#      high-res blocks' products in FP8, with the error that brings (gpu_fp8.py), all into floor.txt.
-# Results go to $OUT if set (the device tool's output folder), else benchmarks/results/.
-# GPU_CHECK_DRY=1 runs every step with tiny models on whatever device there is (a CPU rehearsal).
+# The GPU check: one call on a machine with PyTorch and a CUDA GPU but no network, ~9 minutes on an
+# H100 (docs/performance.md "The GPU check" gives the expected time of each section). Sections,
+# the essential first; each has a time guard: it starts only if its minimum is left of the
+# budget (GPU_CHECK_BUDGET_S, default 540 s), and is stopped after its maximum or what is left.
+#   0. installs the parity reference from the wheels beside this script (benchmarks/wheels/, made
+#      by fetch_wheels.sh on a networked machine, kept out of git; carry it to the GPU machine);
+#      the card's name, driver and torch;
+#   1. fp32 parity: our fast path against the official ps3-torch with its top-k ties pinned to
+#      our rule, tiny and real-width (4-block) models, 1.5K and 4K scales: identical selection and
+#      min cosine >= 0.99999 asked for (parity_fp32.json);
+#   2. the table (gpu_table.py): ps3-1.5k and ps3-4k, NUM_LOOK_CLOSE 1 and 6, B 1 and 8, ours (the
+#      torch backend's fast path, bf16, CUDA graph) against the official code configured as
+#      VILA-HD configures it (the last 2 layers returned) on the same B images as one batch, one
+#      run: ms, images/s, torch.cuda.max_memory_allocated of each side's run, per-stage ms and
+#      peaks; at B=1 the bf16 parity (min cosine >= 0.99 on our selection); then NUM_LOOK_CLOSE
+#      2..5 at B=1 for the per-step cost, if time allows (table.json, table.png);
+#   3. the public API (`ps3edge.load(..., backend="torch", device="cuda")`) on a 3840x2160 frame
+#      against the CPU paths (onnxruntime on the one-trunk artifact, staged torch), fp32 / fp16 /
+#      bf16, per-stage peak memory (gpu_run_parity.py: run_parity.json);
+#      then report.md: the card, every verdict and the table (gpu_report.py);
+#   4. vila-hd-tiny: projector, LLM prefill and decode columns (vila_tiny_bf16.json);
+#   5. the candidates, each with its effect and its error (candidates.txt): attention per SDPA
+#      backend and with heads zero-padded 72 -> 80 / 96 / 128 (gpu_diagnose.py); the MLP half's
+#      GELU / residual add fused into its GEMMs (gpu_epilogue.py); the low-res side: the lowres
+#      stage alone, and the selected patches cut against the whole-scale patch table they replaced
+#      (gpu_lowres.py); the high-res blocks' products in FP8 (gpu_fp8.py);
+#   6. the profiles (candidates.txt): where the high-res time goes, matmuls / attention / the rest
+#      (gpu_diagnose.py floor), and the top kernels per stage (gpu_profile.py).
+# Results go to $OUT if set (the device tool's output folder), else benchmarks/results/; at most 8
+# files come back from the device tool: log.txt (the caller's tee), report.md, table.json,
+# table.png, parity_fp32.json, run_parity.json, vila_tiny_bf16.json, candidates.txt.
+# GPU_CHECK_DRY=1 runs every step with tiny models on the CPU (a rehearsal; no budget unless
+# GPU_CHECK_BUDGET_S is set).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(dirname "$here")"
 out="${OUT:-$here/results}"
 mkdir -p "$out"
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
-    real=(--model ps3-tiny --model ps3-tiny-4k); sweep_steps=1,2; depth=(); floor_models="ps3-tiny"
-    device=cpu; repeat=(--warmup 0 --repeat 1); export PYTHONPATH="$root"
-    batch=(--model ps3-tiny-4k --num-look-close 2 --batch 1,2)
+    device=cpu; budget="${GPU_CHECK_BUDGET_S:-0}"; export PYTHONPATH="$root"
+    depth=(--model ps3-tiny --depth 2)
+    table=(--models ps3-tiny,ps3-tiny-4k --num-look-close 1,2 --batch 1,2 --sweep 3 --dtype fp32
+           --warmup 0 --repeat 1)
+    vila=(--num-look-close 1 --dtype fp32 --warmup 0 --repeat 1)
+    big=ps3-tiny-4k; fp8_models=ps3-tiny; floor_models="ps3-tiny"
 else
-    real=(--model ps3-1.5k --model ps3-4k); sweep_steps=1,2,3,4,5,6; depth=(--depth 4); floor_models="ps3-1.5k ps3-4k"
-    device=cuda; repeat=(--warmup 3 --repeat 10)
-    batch=(--model ps3-4k --num-look-close 6 --batch 1,8)
+    device=cuda; budget="${GPU_CHECK_BUDGET_S:-540}"
+    depth=(--model ps3-1.5k --model ps3-4k --depth 4)
+    table=(--models ps3-1.5k,ps3-4k --num-look-close 1,6 --batch 1,8 --sweep 2,3,4,5 --dtype bf16
+           --warmup 3 --repeat 10)
+    vila=(--num-look-close 1,6 --dtype bf16 --warmup 2 --repeat 5)
+    big=ps3-4k; fp8_models=ps3-4k; floor_models="ps3-1.5k ps3-4k"
+    wheels="${WHEELS:-$here/wheels}"
+    if ! ls "$wheels"/ps3_torch-*.whl >/dev/null 2>&1; then
+        echo "error: no parity reference wheels in $wheels: run benchmarks/fetch_wheels.sh on a networked machine and carry benchmarks/wheels"
+        exit 2
+    fi
     site="$(mktemp -d)/site"
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "${WHEELS:-$here/wheels}"/*.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl
     export PYTHONPATH="$root:$site"
 fi
 export PYTHONUNBUFFERED=1 COLUMNS=200
-ps3edge() { python3 -m ps3edge.cli "$@"; }
-# each section says how far into the check it starts, so a run cut off by the device's limit
-# still shows where the time went
+# each section says how far into the check it starts, so a run cut off still shows where the time went
 section() { echo "== [${SECONDS}s] $*"; }
+# guard MIN MAX command...: run it if MIN seconds of the budget are left, stop it (SIGINT, then
+# KILL 10 s later) after MAX seconds or what is left; a failure or a stop is said, never fatal
+guard() {
+    local min=$1 max=$2 rc=0
+    shift 2
+    if [ "$budget" -gt 0 ]; then
+        local left=$((budget - SECONDS))
+        if [ "$left" -lt "$min" ]; then
+            echo "SKIPPED by the time guard: ${left}s left of ${budget}s, this step needs ${min}s: $*"
+            return 0
+        fi
+        [ "$max" -le "$left" ] || max=$left
+        timeout --signal=INT --kill-after=10 "$max" "$@" || rc=$?
+    else
+        "$@" || rc=$?
+    fi
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+        echo "STOPPED by the time guard after ${max}s: $*"
+    elif [ "$rc" != 0 ]; then
+        echo "FAILED (exit $rc): $*"
+    fi
+    return 0
+}
+# gpu_table.py's own deadline: 30 s before the guard would stop it, so that the row in flight
+# finishes and is written (no budget: none)
+deadline() {
+    if [ "$budget" -le 0 ]; then echo 1e9; return; fi
+    local max=$1 left=$((budget - SECONDS))
+    [ "$max" -le "$left" ] || max=$left
+    echo $((max - 30))
+}
 
-# at most 8 files come back from the device tool: log.txt (the caller's), parity_fp32.json,
-# run_parity.json, sweep_bf16.{json,md,png} (vila-hd-tiny's rows in the JSON too), batch_bf16.json,
-# floor.txt
+section "the card"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.total --format=csv 2>/dev/null || true
 scratch="$(mktemp -d)"
 frame="$scratch/frame_3840x2160.png"
 python3 -c "from PIL import Image; from ps3edge.demo import sample_image; sample_image().resize((3840, 2160), Image.BICUBIC).save('$frame')"
 
-section "fp32 parity on the GPU (official ties pinned)"
-ps3edge bench --model ps3-tiny --model ps3-tiny-4k --device "$device" --dtype fp32 --num-look-close 1,2 \
-    --against official --official-ties pinned --warmup 1 --repeat 3 --json "$scratch/parity_fp32_tiny.json"
-parts=("$scratch/parity_fp32_tiny.json")
-if [ ${#depth[@]} -gt 0 ]; then
-    ps3edge bench "${real[@]}" "${depth[@]}" --device "$device" --dtype fp32 --num-look-close 2 --against official \
-        --official-ties pinned --warmup 1 --repeat 3 --json "$scratch/parity_fp32_depth4.json"
-    parts+=("$scratch/parity_fp32_depth4.json")
-fi
-python3 -c "import json, sys; json.dump([r for f in sys.argv[2:] for r in json.load(open(f))], open(sys.argv[1], 'w'), indent=2)" \
-    "$out/parity_fp32.json" "${parts[@]}"
+section "1. fp32 parity on the GPU (official ties pinned): tiny models, then the real widths at depth 4"
+guard 30 75 python3 -m ps3edge.cli bench --model ps3-tiny --model ps3-tiny-4k --device "$device" --dtype fp32 \
+    --num-look-close 1,2 --against official --official-ties pinned --warmup 1 --repeat 3 \
+    --json "$scratch/parity_fp32_tiny.json"
+guard 40 90 python3 -m ps3edge.cli bench "${depth[@]}" --device "$device" --dtype fp32 --num-look-close 2 \
+    --against official --official-ties pinned --warmup 1 --repeat 3 --json "$scratch/parity_fp32_depth.json"
+python3 -c "import json, os, sys; json.dump([r for f in sys.argv[2:] if os.path.exists(f) for r in json.load(open(f))], open(sys.argv[1], 'w'), indent=2)" \
+    "$out/parity_fp32.json" "$scratch/parity_fp32_tiny.json" "$scratch/parity_fp32_depth.json"
 
-section "ps3edge run on CUDA against the CPU path"
-OUT="$out" python3 "$here/gpu_run_parity.py" --device "$device" || echo "gpu_run_parity.py FAILED (exit $?)"
+section "2. the table: 1.5K and 4K, NUM_LOOK_CLOSE 1 and 6, B 1 and 8, ours against the official code (VILA-HD's configuration), peaks, bf16 parity"
+guard 120 300 python3 "$here/gpu_table.py" "${table[@]}" --device "$device" --image "$frame" \
+    --deadline-s "$(deadline 300)" --json "$out/table.json" --plot "$out/table.png"
 
-section "bf16 sweep against the official code (VILA-HD's configuration; every layer returned as the extra column)"
-ps3edge bench "${real[@]}" --device "$device" --dtype bf16 --num-look-close "$sweep_steps" --against official \
-    --official-all-layers --image "$frame" "${repeat[@]}" --json "$out/sweep_bf16.json" \
-    --markdown "$out/sweep_bf16.md" --plot "$out/sweep_bf16.png"
-ps3edge bench --model vila-hd-tiny --device "$device" --dtype bf16 --num-look-close 1,6 --image "$frame" \
-    --warmup 2 --repeat 5 --json "$scratch/vila_tiny_bf16.json" \
-    && python3 -c "import json, sys; json.dump(json.load(open(sys.argv[1])) + json.load(open(sys.argv[2])), open(sys.argv[1], 'w'), indent=2)" \
-        "$out/sweep_bf16.json" "$scratch/vila_tiny_bf16.json" \
-    || echo "vila-hd-tiny bench FAILED (exit $?)"
+section "3. the public API's torch backend on CUDA against the CPU paths (3840x2160 frame)"
+OUT="$out" guard 40 90 python3 "$here/gpu_run_parity.py" --device "$device"
+python3 "$here/gpu_report.py" "$out" || echo "gpu_report.py FAILED"
 
-section "batch sweep: B images through one run_batch call against the official code at the same B"
-ps3edge bench "${batch[@]}" --backend torch --device "$device" --dtype bf16 --against official --image "$frame" \
-    "${repeat[@]}" --json "$out/batch_bf16.json" || echo "batch sweep FAILED (exit $?)"
+section "4. vila-hd-tiny: the projector and LLM columns"
+guard 20 45 python3 -m ps3edge.cli bench --model vila-hd-tiny --device "$device" --image "$frame" "${vila[@]}" \
+    --json "$out/vila_tiny_bf16.json"
 
-section "where the high-res time goes (matmuls, attention, the rest) and the best ratio these kernels allow"
-for m in $floor_models; do
-    python3 "$here/gpu_diagnose.py" --skip accuracy,attention --floor-model "$m" --device "$device" \
-        | tee -a "$out/floor.txt" || echo "gpu_diagnose.py floor $m FAILED"
-done
-section "attention alone: each SDPA backend, and heads zero-padded from 72 to 80 / 96 / 128"
-python3 "$here/gpu_diagnose.py" --skip accuracy,floor --device "$device" | tee -a "$out/floor.txt" \
-    || echo "gpu_diagnose.py attention FAILED"
-section "kernel time per stage and the top kernels (torch.profiler, one eager run)"
-python3 "$here/gpu_profile.py" --models "${floor_models// /,}" --device "$device" --top 15 2>&1 \
-    | grep -v -e USDT -e "Profiler clears" -e "_warn_once" | tee -a "$out/floor.txt" || echo "gpu_profile.py FAILED"
-section "the MLP half without separate GELU / residual-add passes (cuBLASLt epilogue, residual in the GEMM)"
-python3 "$here/gpu_epilogue.py" --device "$device" 2>&1 | tee -a "$out/floor.txt" || echo "gpu_epilogue.py FAILED"
-section "the high-res blocks' matrix products in FP8 (rowwise _scaled_mm), the whole run timed, its error"
-python3 "$here/gpu_fp8.py" --device "$device" 2>&1 | grep -v -e "No CUDA runtime" | tee -a "$out/floor.txt" || echo "gpu_fp8.py FAILED"
-section "done"
+section "5. candidates, each with its effect and its error (candidates.txt)"
+{
+    section "5a. attention alone: each SDPA backend, and heads zero-padded from 72 to 80 / 96 / 128"
+    guard 15 40 python3 "$here/gpu_diagnose.py" --skip accuracy,floor --device "$device"
+    section "5b. the MLP half without separate GELU / residual-add passes (cuBLASLt epilogue, residual in the GEMM)"
+    guard 15 45 python3 "$here/gpu_epilogue.py" --device "$device"
+    section "5c. the low-res side: the lowres stage alone; the selected patches cut against the whole-scale patch table"
+    guard 25 60 python3 "$here/gpu_lowres.py" --model "$big" --device "$device"
+    section "5d. the high-res blocks' matrix products in FP8 (rowwise _scaled_mm), the whole run timed, its error"
+    guard 60 120 python3 "$here/gpu_fp8.py" --models "$fp8_models" --device "$device"
+} 2>&1 | { grep --line-buffered -v -e "No CUDA runtime" || true; } | tee -a "$out/candidates.txt"
+
+section "6. profiles: where the high-res time goes, and the top kernels (candidates.txt)"
+{
+    for m in $floor_models; do
+        section "6a. $m: matmuls, attention, the rest of the high-res blocks, and the best ratio these kernels allow"
+        guard 30 60 python3 "$here/gpu_diagnose.py" --skip accuracy,attention --floor-model "$m" --device "$device"
+    done
+    section "6b. kernel time per stage and the top kernels (torch.profiler, one eager run)"
+    guard 30 60 python3 "$here/gpu_profile.py" --models "$big" --device "$device" --top 15
+} 2>&1 | { grep --line-buffered -v -e USDT -e "Profiler clears" -e "_warn_once" || true; } | tee -a "$out/candidates.txt"
+
+python3 "$here/gpu_report.py" "$out" > /dev/null || true
+section "done (budget ${budget}s; files in $out: $(ls "$out" | tr '\n' ' '))"

@@ -23,6 +23,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections import Counter
 import tempfile
 import time
 from pathlib import Path
@@ -74,20 +75,28 @@ def run_once(artifact: Path, image: Path, backend: str, steps: int, env_extra: d
 
 
 def markdown(result: dict) -> str:
+    export = "reused (--artifact)" if result["export_s"] is None else f"{result['export_s']} s"
     lines = [f"# ps3-4k memory, {result['machine']} ({result['date']})", "",
-             f"Layout: {result['layout']}; export {result['export_s']} s; benchmark {result['total_s']} s.", "",
+             f"Layout: {result['layout']}; export {export}; benchmark {result['total_s']} s.", "",
              "| file | bytes | GiB |", "|---|---:|---:|"]
     for name, size in sorted(result["files"].items(), key=lambda kv: -kv[1]):
         lines.append(f"| {name} | {size} | {size / GIB:.3f} |")
     lines.append(f"| **artifact** | {result['artifact_bytes']} | {result['artifact_bytes'] / GIB:.3f} |")
-    lines += ["", "| backend | env | NUM_LOOK_CLOSE | peak RSS (GiB) | max stage peak (MiB) | lowres ms | highres ms | wall s |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| backend | env | NUM_LOOK_CLOSE | peak RSS (MiB) | (GB) | (GiB) | max stage peak (MiB) | "
+              "highres calls | lowres ms | highres ms | wall s |",
+              "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in result["runs"]:
-        peak = "n/a" if r["peak_rss_bytes"] is None else f"{r['peak_rss_bytes'] / GIB:.2f}"
+        peak = r["peak_rss_bytes"]
+        sizes = "n/a | n/a | n/a" if peak is None else f"{peak / MIB:.0f} | {peak / 1e9:.2f} | {peak / GIB:.2f}"
         env = ",".join(f"{k}={v}" for k, v in r["env"].items()) or "-"
-        lines.append(f"| {r['backend']} | {env} | {r['num_look_close']} | {peak} | "
-                     f"{max(r['stage_peak_mib'].values()):.0f} | {r['timings_ms'].get('lowres', 0):.0f} | "
+        calls = ", ".join(f"{k} x ({t}x{n})" for (t, n), k in
+                          Counter(tuple(c) for c in r.get("highres_calls", [])).items()) or "n/a"
+        lines.append(f"| {r['backend']} | {env} | {r['num_look_close']} | {sizes} | "
+                     f"{max(r['stage_peak_mib'].values()):.0f} | {calls} | {r['timings_ms'].get('lowres', 0):.0f} | "
                      f"{r['timings_ms'].get('highres', 0):.0f} | {r['wall_s']} |")
+    lines += ["", "Stage peaks (MiB): " + "; ".join(
+        f"{r['backend']} NLC {r['num_look_close']}: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in r["stage_peak_mib"].items()) for r in result["runs"])]
     return "\n".join(lines) + "\n"
 
 
@@ -107,7 +116,7 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ps3edge-mem4k-") as tmp:
         tmp = Path(tmp)
-        artifact, export_s = args.artifact, 0.0
+        artifact, export_s = args.artifact, None
         if artifact is None:
             artifact = (Path(tempfile.mkdtemp(prefix="ps3edge-4k-")) if args.keep else tmp) / "ps3-4k"
             t = time.perf_counter()

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ps3edge.calibration.calibrate import CalibrationOptions, calibrate  # noqa: E402
 from ps3edge.calibration.data import synthetic_image  # noqa: E402
-from ps3edge.calibration.report import FEATURE_ROWS as ROWS  # noqa: E402
+from ps3edge.calibration.report import FEATURE_ROWS  # noqa: E402
 from ps3edge.exporter.onnx_export import export  # noqa: E402
 from ps3edge.model import random_model, save_checkpoint  # noqa: E402
 from ps3edge.model.config import preset  # noqa: E402
@@ -61,6 +61,11 @@ def prepare(args, tmp: Path) -> tuple[Path, Path]:
         spec = str(tmp / "checkpoint")
     export(spec, tmp / "art")
     return cal, held
+
+
+# the judged feature rows, then each pipeline on its own selection (informative: where the
+# selections differ, swapped patches change their step mates; the report's docstring)
+ROWS = FEATURE_ROWS + ("end-to-end (own selection)",)
 
 
 def print_markdown(args, results: list[dict]) -> None:

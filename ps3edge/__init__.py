@@ -30,6 +30,8 @@ _EXPORTS = {
     "stream": "ps3edge.streaming.loop",
     "Stream": "ps3edge.streaming.loop",
     "FrameRecord": "ps3edge.streaming.record",
+    "AnswerRecord": "ps3edge.streaming.record",
+    "AlertRecord": "ps3edge.streaming.record",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -40,7 +42,7 @@ if TYPE_CHECKING:                       # what type checkers and IDEs see
     from .runtime.planning import LookCloseSettings, settings_from_env
     from .runtime.result import LookCloseResult
     from .streaming.loop import Stream, stream
-    from .streaming.record import FrameRecord
+    from .streaming.record import AlertRecord, AnswerRecord, FrameRecord
 
 
 def __getattr__(name: str):

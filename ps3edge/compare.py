@@ -195,7 +195,7 @@ def _merge(m: ParityRow, r: ParityRow, check: Check) -> None:
         if (_kind(r.selection), -r.iou) > (_kind(m.selection), -m.iou):
             m.selection = r.selection
         m.iou = min(m.iou, r.iou)
-    elif check.judge == FEATURES and r.min_cosine is not None and r.min_cosine <= m.min_cosine:
+    elif r.min_cosine is not None and r.min_cosine <= m.min_cosine:
         m.selection = r.selection               # a feature row's note (token count) of its worst input
     m.ok = m.ok and r.ok
 

@@ -19,6 +19,9 @@ EXTERNAL_DATA_ALIGNMENT = 4096   # offsets of external tensors: page-aligned, as
 # onnxruntime's CPU attention writes a call's whole scores (rows x heads x N x (729 + N) floats, 539 MB
 # a row for the real models): its highres calls take no more rows than fit in this
 ORT_CPU_ATTENTION_SCORES_BYTES = 1 << 30
+# the staged torch path on the CPU: a highres call takes no more rows than keep each block's MLP
+# activation (rows x N x mlp_dim floats; 42 MiB a row for the real models) within this
+TORCH_CPU_HIGHRES_MLP_BYTES = 64 << 20
 PRIOR_PROMPT_FILE = "prior_prompt.npy"
 
 # --- PS3 geometry (the official PS3VisionModel) --------------------------------------------------
@@ -29,6 +32,7 @@ PREPROCESS_THREADS = 4            # threads decoding and resizing the images of 
 DEFAULT_MAX_BATCH = 8             # images per pass an export bounds by default (export --max-batch)
 MAX_TOKENS_PER_HIGHRES_CALL = 2560  # one look-close step; the highres N axis never exceeds this
 PATCH_WINDOW_CHUNK = 512          # high-res patches cut from the pixels at a time (model/patches.py): 19 MiB of windows
+POSITION_ROWS_CHANNELS = 192      # the torch CPU path resizes pos_embed this many channels at a time (model/ps3.py)
 SMOOTH_SELECTION_GRID = 6         # SMOOTH_SELECTION_PROB averages the map over a 6 x 6 grid
 
 # --- look-close defaults (the five variables of the VILA-HD README) ----------------------------
@@ -134,6 +138,19 @@ SERVE_MAX_QUEUE_DELAY_US = 2000   # how long a request may wait for others to ba
 SERVE_MAX_QUEUE_SIZE = 64         # requests a model queues; more are rejected at once
 SERVE_QUEUE_TIMEOUT_MS = 60000    # a request still queued after this is rejected
 
+# --- the OpenAI-compatible server (ps3edge serve-openai, openai_api/) ------------------------------
+OPENAI_PORT = 8000
+OPENAI_BATCH_DELAY_MS = 20        # how long the first request of a vision batch waits for others
+OPENAI_MAX_QUEUE = 64             # requests admitted at once (waiting or being answered); more get 429
+OPENAI_MAX_IMAGE_BYTES = 20 << 20  # an encoded image, decoded from its data: URL or fetched; more get 413
+OPENAI_BODY_MARGIN_BYTES = 1 << 20  # a request body: the image's base64 and this much for the rest
+OPENAI_EXIT_TIMEOUT_S = 30        # on SIGTERM: how long the requests in flight may take to finish
+OPENAI_REMOTE_IMAGE_TIMEOUT_S = 10.0  # --allow-remote-images: the fetch of one http(s) image
+OPENAI_MAX_TOKENS = 128           # a request without max_tokens: chat's --max-new-tokens
+OPENAI_TEMPERATURE = 1.0          # a request without temperature: the OpenAI API's default
+OPENAI_MAX_STOP_STRINGS = 4       # as the OpenAI API
+ENV_OPENAI_API_KEY = "PS3EDGE_API_KEY"   # --api-key without it on the command line, where `ps` shows it
+
 # --- live camera streams (ps3edge stream, ps3edge.stream) ---------------------------------------
 STREAM_FOLDER_FPS = 10.0          # an image folder played as a camera, without --fps
 STREAM_SHARD_SIZE = 64            # frames per rolling shard of --out
@@ -144,6 +161,10 @@ STREAM_RECONNECT_MAX_S = 5.0      # the waits double up to this cap
 STREAM_LATENCY_WINDOW = 512       # latencies per source the p50 / p99 are taken over
 STREAM_RATE_WINDOW_S = 5.0        # input and processed fps: over about the last this many seconds
 STREAM_TABLE_REFRESH_S = 1.0      # the live table's refresh period
+STREAM_RERUN_MAX_SIDE = 640       # --rerun: frames are logged downscaled to at most this many pixels a side
+STREAM_RERUN_JPEG_QUALITY = 85    # ... and JPEG-compressed at this quality (a raw 640 x 480 frame is 900 KB)
+STREAM_RERUN_CONNECT_TIMEOUT_S = 2.0   # --rerun-connect: nothing accepting a connection in this long is an error
+STREAM_RERUN_CLOSE_TIMEOUT_S = 10.0    # on stop, how long the logged data may take to reach the file and viewer
 
 # --- stream reuse and deadlines (ps3edge stream --reuse / --deadline; runtime/reuse.py, streaming/deadline.py)
 STREAM_REUSE_THRESHOLD = 0.0      # levels (0-255): a frame or patch whose pixels moved no more is unchanged
@@ -151,3 +172,10 @@ STREAM_REFRESH_FRAMES = 10        # --reuse: at least one frame in this many is 
 STREAM_DEADLINE_FLOOR_STEPS = 1   # the fewest look-close steps under --deadline (the pipeline runs no 0-step pass)
 STREAM_DEADLINE_MARGIN = 0.85     # a step's predicted time must fit in this share of its time budget
 STREAM_COST_WEIGHT = 0.3          # the running cost estimates: the weight of the newest step's times
+
+# --- VILA-HD questions on a stream (ps3edge stream --ask / --alert; streaming/ask.py) -----------
+STREAM_ASK_EVERY_S = 2.0          # --every: a round of answers this often, from the first processed frame
+STREAM_ASK_EVERY_MAX_S = 86400.0  # the longest --every (a day): longer waits overflow the threads' timeouts
+STREAM_ASK_MAX_NEW_TOKENS = 32    # --ask answers: the most tokens generated (greedy)
+STREAM_ALERT_MAX_NEW_TOKENS = 4   # --alert answers: only the first word counts (yes / no)
+STREAM_ASK_STOP_WAIT_S = 30.0     # on a stop, how long to wait for the answer thread's current stage call

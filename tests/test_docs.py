@@ -78,6 +78,8 @@ COVERED = {
         "tests/test_throughput.py::test_bench_batch_on_cpu_against_official",
     "extract --dtype --fps --input --out": "tests/test_extract.py::test_a_list_of_paths_and_fp16",   # fixture small: --fps
     "chat --media --model-path --text": "tests/test_vila.py::test_chat_cli_json_and_exit_codes",
+    "serve-openai --batch-delay-ms --max-batch --num-look-close":
+        "tests/test_openai_api.py::test_every_error_is_an_openai_error_object",
     "stream --jsonl --source": "tests/test_stream.py::test_a_udp_stream_from_another_process",
     "stream --jsonl --max-frames --source": "tests/test_stream.py::test_a_udp_stream_from_another_process",
     "stream --loop --out --realtime --shard-size --source":
@@ -86,6 +88,8 @@ COVERED = {
         "tests/test_stream.py::test_files_as_fast_as_they_decode_and_an_image_folder_at_fps",
     "stream --allow-missing --duration --source":
         "tests/test_stream.py::test_a_source_that_cannot_be_opened_is_one_error_line_or_skipped",
+    "stream --rerun --source": "tests/test_stream_rerun.py::test_a_recording_holds_each_frame_its_selection_maps_latency_and_steps",
+    "stream --rerun-connect --source": "tests/test_stream_rerun.py::test_rerun_connect_streams_to_a_running_rerun_server",
 }
 
 

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ps3edge"
 # import only from its own layer or those below. docs/architecture.md#layout states the same order.
 LAYERS = (
     ("ps3edge.version", 0), ("ps3edge.errors", 0), ("ps3edge.defaults", 0), ("ps3edge.metrics", 0),
-    ("ps3edge.artifact.io", 0), ("ps3edge.paths", 0),
+    ("ps3edge.artifact.io", 0), ("ps3edge.paths", 0), ("ps3edge.stopsignal", 0),
     ("ps3edge.model", 1),
     ("ps3edge.artifact", 2),
     ("ps3edge.exporter", 3),
@@ -27,6 +27,7 @@ LAYERS = (
     ("ps3edge.api", 9),
     ("ps3edge.parity", 10), ("ps3edge.bench", 10), ("ps3edge.throughput", 10), ("ps3edge.doctor", 10),
     ("ps3edge.reference", 10), ("ps3edge.serve", 10), ("ps3edge.extract", 10), ("ps3edge.streaming", 10),
+    ("ps3edge.openai_api", 10),
     ("ps3edge.cli", 11),
 )
 # The package itself (ps3edge/__init__.py) is the public face: it re-exports the API, so it sits

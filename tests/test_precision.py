@@ -34,8 +34,9 @@ ONE_STEP = LookCloseSettings(num_look_close=1)
 FEATURE_ROWS = ("lowres", "lowres kv", "selection features", "conv features", "highres (stage)", "end-to-end")
 # The targets: FP16 >= 0.999 and INT8 >= 0.98 / IoU >= 0.9. Measured on these images (docs/precision.md,
 # "Reduced precision"): FP16 >= 0.999995 on every row with identical selections, so its bar is
-# tightened to 0.9999 (an image whose map has a near tie at the cut can swap patches and then
-# reaches 0.9997 end to end: still far above 0.999); INT8 >= 0.9916 (tiny's 16-wide K/V heads,
+# tightened to 0.9999 (an image whose map has a near tie at the cut can swap patches; the
+# end-to-end row then compares both on the FP32 run's selection, so the swap stays the selection
+# row's business and end to end still measures FP16 arithmetic alone); INT8 >= 0.9916 (tiny's 16-wide K/V heads,
 # the noisiest row) and >= 0.9984 at real width; with onnxruntime 1.32 tiny's end-to-end row
 # measures 0.98492, so the INT8 bar is the target itself, 0.98 (the accuracy report's tolerance);
 # the IoU bar stays 0.9 (measured 0.954 - 0.984: the selection moves in 2x2 / 4x4 blocks, each

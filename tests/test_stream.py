@@ -193,8 +193,11 @@ def test_a_sender_killed_and_restarted_reconnects_while_the_other_source_goes_on
     assert any(r["arrival"] < killed for r in cam) and any(r["arrival"] > restarted for r in cam)
     assert summary_counts(stderr, "cam0")["reconnects"] >= 1
     # the folder never stopped: its results kept coming while the camera was away
+    # (away: from the kill until the camera's first frame after it came back, which on a loaded
+    # machine can be several loop steps after the restart)
     stills = [r["result_time"] for r in recs["cam1"]]
-    assert any(killed < t < restarted + 1 for t in stills)
+    back = min(r["arrival"] for r in cam if r["arrival"] > restarted)
+    assert any(killed < t < back for t in stills)
     assert max(b - a for a, b in zip(stills, stills[1:])) < 8
 
 

@@ -15,8 +15,18 @@ For each image both pipelines run; the rows are
                        was, in FP32, closer to the cut than twice the measured probability error
   highres (stage)      the reduced highres stage fed the FP32 run's patches, positions and K/V
                        (in the dtypes that stage declares: float16 for the FP16 stages)
-  end-to-end           whole runs; low-res tokens plus the high-res tokens at the positions that
-                       both selections picked (all of them when the selections are identical)
+  end-to-end           whole runs, token for token, on the reference's selection: the reduced
+                       pipeline's own lowres outputs (K/V, low-res tokens) with the FP32 run's plan
+                       (when the selections differ its highres stage runs again on that plan, and
+                       the note says "fp32 selection pinned"). A selection that differs is the
+                       selection row's to judge; without the pin a swapped patch shifts every
+                       later token of its scale (tokens are in scale-major raster order), and the
+                       token-by-token cosine compares different patches (0.38 on one FP16 image
+                       of ps3-tiny-4k, docs/precision.md)
+  end-to-end (own selection)   informative: each pipeline on its own selection, low-res tokens plus
+                       the high-res tokens at the positions both picked. Those tokens still differ
+                       by more than the precision's error where the selections differ: a step's
+                       tokens attend to each other, and swapped patches change their step mates
 Feature rows give max |diff| and the minimum per-token cosine. Every image gives its own rows;
 the summary keeps the worst value of each row over the images and checks it against
 defaults.TOLERANCES / SELECTION_MIN_IOU of the precision. Per-stage times (median over images)
@@ -35,10 +45,11 @@ from .. import defaults
 from ..version import __version__
 from ..artifact.io import file_sha256, write_json_atomic
 from ..compare import (BOUND, FEATURES, INFORMATIVE, SELECTION, Check, Measured, ParityRow, Tolerance, compare,
-                       difference, feature_diff, features, selection_up_to_near_ties, worst)
+                       difference, feature_diff, features, identical_selection, selection_up_to_near_ties,
+                       worst)
 from ..errors import Ps3EdgeError
 from ..model.patches import gather_patches
-from ..runtime.batching import patch_taps
+from ..runtime.batching import assemble, highres_feeds, patch_taps
 from ..runtime.lookclose import Pipeline
 from ..runtime.planning import LookCloseSettings
 from ..runtime.preprocess import open_image
@@ -47,6 +58,17 @@ from ..runtime.preprocess import open_image
 def _tokens(x: np.ndarray) -> np.ndarray:
     """(1,C,h,w) maps -> (h*w, C) tokens."""
     return x.reshape(x.shape[1], -1).T
+
+
+PINNED_NOTE = "fp32 selection pinned"
+
+
+def _on_reference_selection(ref, test) -> Measured:
+    """Every token, the test's run on the reference's selection against the reference's run."""
+    a, b = ref["features"], test["features (reference selection)"]
+    d, c = feature_diff(b, a)
+    note = f"{a.shape[1]} of {a.shape[1]} tokens compared"
+    return Measured(d, c, selection=f"{note} ({PINNED_NOTE})" if test["selection pinned"] else note)
 
 
 def _common_tokens(ref, test) -> Measured:
@@ -70,7 +92,8 @@ CHECKS = (
     Check("selector (chained)", difference("prob"), INFORMATIVE),
     Check("selection", selection_up_to_near_ties, SELECTION),
     Check("highres (stage)", features("first step", "first step (stage)")),
-    Check("end-to-end", _common_tokens),
+    Check("end-to-end", _on_reference_selection),
+    Check("end-to-end (own selection)", _common_tokens, INFORMATIVE),
 )
 FEATURE_ROWS = tuple(c.stage for c in CHECKS if c.judge == FEATURES)
 
@@ -121,6 +144,16 @@ def _run(pipe, pixels: np.ndarray, settings: LookCloseSettings, layer: int) -> t
             "lowres tokens": pipe.cfg.lowres_tokens}, times
 
 
+def features_on_plan(pipe, out: dict, the_plan, layer: int) -> np.ndarray:
+    """(1, tokens, C): `pipe`'s highres stage on `out`'s lowres outputs (its pixels, its K/V and
+    low-res tokens), stepping through `the_plan` instead of its own; assembled as a run does."""
+    r, highres = pipe.layer_index(layer), pipe.stages["highres"]
+    dtype = highres.input_metadata()["patches"][0]
+    feeds = list(highres_feeds(the_plan, out, pipe.geometry, pipe.steps_per_call(), dtype=dtype))
+    features = [highres.infer(feed)["highres_features"][r] for feed in feeds]
+    return assemble(out["lowres_features"][r], feeds, features)[0][None].astype(np.float32, copy=False)
+
+
 def _declared(runner, feed: dict) -> dict:
     """`feed` in the dtypes `runner` declares (the FP16 stages take float16 buffers)."""
     declared = runner.input_metadata()
@@ -158,6 +191,11 @@ def compare_pipelines(ref, test, pixels: np.ndarray, settings: LookCloseSettings
     ref_out, times_ref = _run(ref, pixels, settings, layer)
     test_out, times_test = _run(test, pixels, settings, layer)
     test_out.update(_on_reference_inputs(ref, test, ref_out, layer))
+    # the end-to-end row compares token for token on one selection, the reference's (the module docstring)
+    same = identical_selection(test_out["selection_maps"], ref_out["selection_maps"])
+    test_out["selection pinned"] = not same
+    test_out["features (reference selection)"] = (
+        test_out["features"] if same else features_on_plan(test, test_out, ref_out["plan"], layer))
     # the FP32 patches in the dtype the test's highres stage takes them in
     ref_out["highres_patches (as given)"] = ref_out["highres_patches"].astype(test_out["highres_patches"].dtype)
     # the reference's own tokens at those positions (already in its run)
@@ -199,6 +237,20 @@ def _measure_image(report: AccuracyReport, pairs, path: Path, settings, layer, t
     report.per_image[path.name] = rows
 
 
+def _say_where_pinned(report: AccuracyReport) -> None:
+    """The merged end-to-end rows keep their worst image's note: say on how many images the
+    reference's selection was pinned, whichever image was the worst."""
+    for row in report.rows:
+        if row.stage != "end-to-end":
+            continue
+        mine = [r for rows in report.per_image.values() for r in rows
+                if r.stage == row.stage and r.compared == row.compared]
+        pinned = sum(r.selection.endswith(f"({PINNED_NOTE})") for r in mine)
+        if pinned:
+            row.selection = (row.selection.removesuffix(f" ({PINNED_NOTE})")
+                             + f" ({PINNED_NOTE} on {pinned} of {len(mine)} images)")
+
+
 def accuracy_report(artifact_dir, precision: str, images: list[Path], settings: LookCloseSettings,
                     layer: int = defaults.DEFAULT_RUN_LAYER, held_out: set[str] | None = None,
                     with_torch: bool = False, progress=None) -> AccuracyReport:
@@ -223,6 +275,7 @@ def accuracy_report(artifact_dir, precision: str, images: list[Path], settings: 
         _measure_image(report, pairs, path, settings, layer, times, held_out, say,
                        where=f"image {k + 1}/{len(images)} ({path.name})")
     report.rows = worst(report.per_image, CHECKS, tol)
+    _say_where_pinned(report)
     report.timings_ms = {name: {s: float(np.median(v)) for s, v in st.items()} for name, st in times.items()}
     if not all(i["held_out"] for i in report.images):
         report.notes.append("some report images were also calibration images: the figures are not held-out")

@@ -22,7 +22,7 @@ import typer
 
 from ..version import __version__
 from ..errors import Ps3EdgeError, Terminated
-from . import artifacts, chat, doctor, extract, run, serve, stream
+from . import artifacts, chat, doctor, extract, run, serve, serve_openai, stream
 from .options import strict_numbers
 from .views import err_console, error_line
 
@@ -106,7 +106,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="PS3 / VILA-HD from PyTorch to ONNX and TensorRT, and the look-close runtime.")
 for _command in (artifacts.export, artifacts.build, artifacts.calibrate, run.run, run.demo, run.parity,
                  artifacts.inspect, run.bench, extract.extract, stream.stream, chat.chat, serve.serve,
-                 serve.triton_repo, doctor.doctor, version):
+                 serve_openai.serve_openai, serve.triton_repo, doctor.doctor, version):
     app.command()(handle_errors(strict_numbers(_command)))
 del _command
 

@@ -195,6 +195,25 @@ def parse_steps(text: str) -> list[int]:
     return steps
 
 
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ms|s|m|h)?")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str, flag: str = "--every") -> float:
+    """A duration -> seconds: plain digits with an optional unit and no blank between them,
+    '2s', '500ms', '1.5m', '1h', or plain seconds '2'; above 0 and at most
+    STREAM_ASK_EVERY_MAX_S. No sign, exponent, 'inf' or Unicode digits (the rule of the numbers)."""
+    raw = str(text)
+    m = _DURATION.fullmatch(raw.strip())
+    if not m or len(raw) > 40:
+        raise Ps3EdgeError(f"{flag} '{raw[:40]}' is not a duration: give plain digits and a unit, like 2s, 500ms, "
+                           f"1m or 1h (plain digits are seconds)")
+    seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if not 0 < seconds <= defaults.STREAM_ASK_EVERY_MAX_S:
+        raise Ps3EdgeError(f"{flag} {raw.strip()} must be above 0 and at most {defaults.STREAM_ASK_EVERY_MAX_S:g} s")
+    return seconds
+
+
 def load_prompt_embedding(path: Optional[Path]):
     if path is None:
         return None

@@ -39,7 +39,7 @@ class SamplingConfig:
 @dataclass
 class Generation:
     token_ids: list[int]
-    stop_reason: str                  # "stop_token" | "max_new_tokens"
+    stop_reason: str                  # "stop_token" | "max_new_tokens" | "stopped" (on_token returned true)
     timings_ms: dict = field(default_factory=dict)
 
 
@@ -57,8 +57,9 @@ def pick_token(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator
 
 
 def generate(engine, prompt_embeds: np.ndarray, embed: Callable[[int], np.ndarray], cfg: SamplingConfig,
-             on_token: Callable[[int], None] | None = None, context_length: int | None = None) -> Generation:
-    """Prefill `prompt_embeds` (S, H) on a reset engine, then decode token by token."""
+             on_token: Callable[[int], object] | None = None, context_length: int | None = None) -> Generation:
+    """Prefill `prompt_embeds` (S, H) on a reset engine, then decode token by token; `on_token`
+    sees each token kept, and a true return ends the generation after it."""
     cfg = cfg.validate()
     rng = np.random.default_rng(cfg.seed)
     engine.reset()
@@ -74,8 +75,9 @@ def generate(engine, prompt_embeds: np.ndarray, embed: Callable[[int], np.ndarra
             reason = "stop_token"
             break
         ids.append(token)
-        if on_token is not None:
-            on_token(token)
+        if on_token is not None and on_token(token):
+            reason = "stopped"                 # the caller has what it asked for (a stop string, a client gone)
+            break
         if len(ids) >= cfg.max_new_tokens or (context_length is not None and length >= context_length):
             break
         out = engine.decode(embed(token))

@@ -88,7 +88,9 @@ class Attention(nn.Module):
     def _heads(self, x):                                      # (B,L,C) -> (B,H,L,D), a view
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def forward(self, x, kv_prefix=None, prefix_index=None):
+    def forward(self, x, kv_prefix=None, prefix_index=None, keep_kv: bool = True):
+        """keep_kv=False returns None for this call's keys and values: theirs are views of the
+        qkv projection, which would otherwise stay alive through the block's MLP."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, C).unbind(2)   # each (B,N,C), token-major
         k_all, v_all = k, v
@@ -102,6 +104,8 @@ class Attention(nn.Module):
             v_all = torch.cat([v_prefix.expand(B, -1, -1), v], dim=1)
         out = F.scaled_dot_product_attention(self._heads(q), self._heads(k_all), self._heads(v_all))
         out = out.transpose(1, 2).reshape(B, N, C)            # (B,H,N,D) -> (B,N,C)
+        if not keep_kv:
+            return self.proj(out), None, None
         return self.proj(out), self._heads(k), self._heads(v)
 
 
@@ -115,9 +119,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.mlp = Mlp(cfg.width, cfg.mlp_dim, cfg.width)
 
-    def forward(self, x, kv_prefix=None, prefix_index=None):
-        attn_out, k, v = self.attn(self.norm1(x), kv_prefix, prefix_index)
+    def forward(self, x, kv_prefix=None, prefix_index=None, keep_kv: bool = True):
+        attn_out, k, v = self.attn(self.norm1(x), kv_prefix, prefix_index, keep_kv)
         x = x + attn_out
+        del attn_out                                          # freed before the MLP's activations
         x = x + self.mlp(self.norm2(x))
         return x, k, v
 
@@ -285,28 +290,40 @@ class PS3(nn.Module):
         self.prompt_proj_for_highres = nn.Linear(C, cfg.conv_out * num_hr)
 
     # --- stage 1: low-res pass ------------------------------------------------------------
-    def lowres(self, pixels, returned_layers, resize=bicubic_resize):
+    def lowres(self, pixels, returned_layers, resize=bicubic_resize, kv_in_place: bool = False):
         """pixels (B,3,S_max,S_max), normalised. See the module docstring for the outputs.
 
         `resize` is `bicubic_resize`, or its gather form `separable_bicubic_resize` for export.
+        `kv_in_place` (the torch runtime) writes each block's K/V straight into the cache instead
+        of stacking the blocks' copies at the end (traced graphs keep the stack), so the cache
+        (4K: 173 MiB) is not held twice; the same values.
         """
         cfg = self.cfg
         x = resize(pixels, cfg.scales[0])                               # (B,3,378,378)
         x = self.trunk.patch_embed.forward_image(x)                     # (B,N0,C)
         x = x + self.trunk.pos_embed
 
-        hidden, kv = [], []
-        for block in self.trunk.blocks:
+        depth = len(self.trunk.blocks)
+        kept = {i % depth for i in (*returned_layers, *cfg.select_layers)}    # the hidden states read below
+        hidden, kv, kv_cache = {}, [], None
+        for i, block in enumerate(self.trunk.blocks):
             x, k, v = block(x)                                          # k, v: (B,H,N0,D)
-            hidden.append(x)
-            kv.append(torch.stack([k, v]))                              # (2,B,H,N0,D)
-        kv_cache = torch.stack(kv)                                      # (L,2,B,H,N0,D)
-        lowres_features = torch.stack([hidden[i] for i in returned_layers])   # (R,B,N0,C)
+            if i in kept:
+                hidden[i] = x
+            if not kv_in_place:
+                kv.append(torch.stack([k, v]))                          # (2,B,H,N0,D)
+                continue
+            if kv_cache is None:
+                kv_cache = k.new_empty((depth, 2) + tuple(k.shape))
+            kv_cache[i, 0], kv_cache[i, 1] = k, v
+        if not kv_in_place:
+            kv_cache = torch.stack(kv)                                  # (L,2,B,H,N0,D)
+        lowres_features = torch.stack([hidden[i % depth] for i in returned_layers])   # (R,B,N0,C)
 
         # Selection features: the chosen layers side by side, projected; scale 0's slice only,
         # because the official code gives every high-res scale the map of the first one.
         g0 = cfg.lowres_grid
-        sel = torch.cat([hidden[i] for i in cfg.select_layers], dim=-1)      # (B,N0,4C)
+        sel = torch.cat([hidden[i % depth] for i in cfg.select_layers], dim=-1)   # (B,N0,4C)
         sel = self.selection_feature_proj(sel)[..., : cfg.width]             # (B,N0,C)
         selection_features = sel.transpose(1, 2).unflatten(2, (g0, g0))     # (B,C,G0,G0)
 
@@ -328,11 +345,15 @@ class PS3(nn.Module):
         return F.softmax(F.pad(logits[..., None], (0, 1)), dim=-1)[..., 0]
 
     # --- stage 3: high-res pass -----------------------------------------------------------
+    def _pos_grid(self):
+        """pos_embed as the (1,C,G0,G0) image the high-res scales resize."""
+        g0 = self.cfg.lowres_grid
+        return self.trunk.pos_embed.detach().float().reshape(1, g0, g0, self.cfg.width).permute(0, 3, 1, 2)
+
     def highres_position_table(self):
         """(P,C): for each scale, pos_embed resized to g_s (bicubic, antialiased) + its residual."""
         cfg = self.cfg
-        g0 = cfg.lowres_grid
-        grid = self.trunk.pos_embed.detach().float().reshape(1, g0, g0, cfg.width).permute(0, 3, 1, 2)
+        grid = self._pos_grid()
         tables = []
         for g, residual in zip(cfg.highres_grids, self.pos_emb_residual):
             pos = F.interpolate(grid, size=(g, g), mode="bicubic", antialias=True)   # (1,C,g,g)
@@ -340,19 +361,48 @@ class PS3(nn.Module):
             tables.append(pos + residual.detach()[0])
         return torch.cat(tables, dim=0)
 
+    def highres_position_rows(self, positions, channels: int = defaults.POSITION_ROWS_CHANNELS):
+        """`highres_position_table()[positions]` without the (P,C) table, bit for bit: (T,N) -> (T,N,C).
+
+        The table is the size of the residuals it is built from (4K: 87480 x 1152, 385 MiB), so
+        holding both would keep every residual twice. Here each scale that `positions` reach is
+        resized again, `channels` channels at a time (a 270 x 270 scale: 53 MiB for 192), and
+        only the rows asked for are kept. The antialiased resize computes each channel on its own,
+        so a slice of channels gives the full resize's values exactly, and the rows add the same
+        two float32 numbers the table adds."""
+        cfg = self.cfg
+        flat = positions.reshape(-1).long()
+        out = torch.empty(flat.shape[0], cfg.width, dtype=torch.float32, device=flat.device)
+        grid = self._pos_grid().contiguous()          # channels first: the resize runs faster on it
+        start = 0
+        for g, residual in zip(cfg.highres_grids, self.pos_emb_residual):
+            where = ((flat >= start) & (flat < start + g * g)).nonzero().squeeze(1)
+            local = flat[where] - start
+            start += g * g
+            if not len(where):
+                continue
+            rows = residual.detach()[0].index_select(0, local).float()                  # (n,C)
+            for c in range(0, cfg.width, channels):
+                pos = F.interpolate(grid[:, c: c + channels], size=(g, g), mode="bicubic", antialias=True)
+                pos = pos.flatten(2)[0].index_select(1, local).t()                        # (n,channels)
+                rows[:, c: c + channels] = pos + rows[:, c: c + channels]
+            out.index_copy_(0, where, rows)
+        return out.reshape(*positions.shape, cfg.width)
+
     def highres(self, patches, positions, step_image, kv_cache, position_table, returned_layers):
         """patches (T,N,588), positions (T,N) int, step_image (T,) int, kv_cache (L,2,B,H,N0,D)
         -> (R,T,N,C).
 
         The T steps are independent: step t attends to [image step_image[t]'s low-res K/V ; its
-        own N tokens].
+        own N tokens]. position_table: the (P,C) `highres_position_table()`, or None to build
+        just the rows `positions` name (`highres_position_rows`).
         """
         x = self.trunk.patch_embed.forward_patches(patches)                # (T,N,C)
-        x = x + position_table[positions]
+        x = x + (self.highres_position_rows(positions) if position_table is None else position_table[positions])
         outputs = {}
         last = max(returned_layers)            # blocks after the last returned layer are not run
         for i, block in enumerate(self.trunk.blocks[: last + 1]):
-            x, _, _ = block(x, kv_prefix=kv_cache[i], prefix_index=step_image)
+            x, _, _ = block(x, kv_prefix=kv_cache[i], prefix_index=step_image, keep_kv=False)
             if i in returned_layers:
                 outputs[i] = x
         return torch.stack([outputs[i] for i in returned_layers])          # (R,T,N,C)

@@ -19,16 +19,18 @@ def normalize_layers(layers, depth: int) -> tuple[int, ...]:
 
 
 class LowResStage(nn.Module):
-    """`for_export=True` writes the bicubic resizes as gathers (see separable_bicubic_resize)."""
+    """`for_export=True` writes the bicubic resizes as gathers (see separable_bicubic_resize) and
+    stacks the K/V cache; otherwise (the torch runtime) the cache is filled in place."""
 
     def __init__(self, model: PS3, returned_layers, for_export: bool = False):
         super().__init__()
         self.model = model
         self.returned_layers = normalize_layers(returned_layers, model.cfg.depth)
         self.resize = separable_bicubic_resize if for_export else bicubic_resize
+        self.kv_in_place = not for_export
 
     def forward(self, pixels):
-        return self.model.lowres(pixels, self.returned_layers, resize=self.resize)
+        return self.model.lowres(pixels, self.returned_layers, resize=self.resize, kv_in_place=self.kv_in_place)
 
 
 class SelectorStage(nn.Module):
@@ -41,12 +43,18 @@ class SelectorStage(nn.Module):
 
 
 class HighResStage(nn.Module):
-    def __init__(self, model: PS3, returned_layers):
+    """`bake_positions=True` (export, compiled engines) holds the per-scale position table as a
+    buffer, the constant an exported graph bakes in; False (the torch runtime) builds only the
+    rows a call reads (PS3.highres_position_rows), so the table (4K: 385 MiB) is not held beside
+    the residuals it is made of. Same values either way."""
+
+    def __init__(self, model: PS3, returned_layers, bake_positions: bool = True):
         super().__init__()
         self.model = model
         self.returned_layers = normalize_layers(returned_layers, model.cfg.depth)
         with torch.no_grad():
-            self.register_buffer("position_table", model.highres_position_table(), persistent=False)
+            table = model.highres_position_table() if bake_positions else None
+        self.register_buffer("position_table", table, persistent=False)
 
     def forward(self, patches, positions, step_image, kv_cache):
         return self.model.highres(patches, positions, step_image, kv_cache, self.position_table,

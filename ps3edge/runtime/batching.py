@@ -116,7 +116,17 @@ def assemble(lowres_tokens: np.ndarray, feeds: list[dict], features: list[np.nda
             tokens.append(np.ascontiguousarray(lowres_tokens[image]))
             continue
         pos = np.concatenate(positions[image])
-        feat = np.concatenate(rows[image]).reshape(-1, width)
         order = np.argsort(pos, kind="stable")                                    # scale-major raster order
-        tokens.append(np.concatenate([lowres_tokens[image], feat[order]], axis=0))
+        place = np.empty_like(order)
+        place[order] = np.arange(len(order))                                      # where each row goes
+        n0 = lowres_tokens.shape[1]
+        out = np.empty((n0 + len(pos), width), dtype=np.result_type(lowres_tokens, *rows[image]))
+        out[:n0] = lowres_tokens[image]
+        start = 0
+        # each call's rows straight to their places: no concatenated and no reordered copy of them
+        for feat in rows[image]:
+            feat = feat.reshape(-1, width)
+            out[n0 + place[start: start + len(feat)]] = feat
+            start += len(feat)
+        tokens.append(out)
     return tokens

@@ -337,6 +337,17 @@ class Pipeline:
         schedule = resolve(settings, self.geometry, self.budget_rule)
         return self._from_lowres(low, settings, schedule, self.prompt(settings, prompt_embedding), layer, times)[0]
 
+    def run_batch_from_lowres(self, low: dict, settings: LookCloseSettings, prompt_embeddings=None,
+                              layer: int = defaults.DEFAULT_RUN_LAYER, times: dict | None = None) -> list[LookCloseResult]:
+        """`run_from_lowres` for every image of `run_lowres`'s batch: one selector call (prompts
+        as `prompts` takes them: one per image, e.g. VILA-HD's top-down prompt of each request),
+        the step rows of all images sharing the highres calls, as `run_batch` runs them."""
+        self._refuse_if_closed()
+        self.layer_index(layer)
+        schedule = resolve(settings, self.geometry, self.budget_rule)
+        prompts = self.prompts(settings, prompt_embeddings, len(low["pixels"]))
+        return self._from_lowres(low, settings, schedule, prompts, layer, times)
+
     def run_known(self, low: dict, settings: LookCloseSettings, known: list, layer: int = defaults.DEFAULT_RUN_LAYER,
                   times: dict | None = None) -> list[LookCloseResult]:
         """`run_from_lowres` for a batch (bottom-up), where `known[b]` is None or the features
@@ -367,13 +378,19 @@ class Pipeline:
 
         given = None if known is None else planned_given(plans, known, self.geometry)
         dtype = highres.input_metadata()["patches"][0]                            # float16 for FP16 stages
-        feeds = list(highres_feeds(plans, low, self.geometry, self.steps_per_call(), given, dtype))
-        features = []
+        feeds, features = [], []
         times.add("highres", 0.0)                                 # the stage is reported when no step has patches
-        for feed in feeds:
+        # each call's patches are cut when it comes and dropped after it (assemble reads only the
+        # positions and step images), so the pass never holds all of its calls' patches at once
+        for feed in highres_feeds(plans, low, self.geometry, self.steps_per_call(), given, dtype):
             with self._measured("highres"):
-                features.append(highres.infer(feed)["highres_features"][r])      # (T,N,C)
+                out = highres.infer(feed)["highres_features"]                     # (R,T,N,C)
+                # the one layer, not a view that keeps every returned layer of the call alive
+                features.append(out[r].copy() if len(out) > 1 else out[r])        # (T,N,C)
+                del out
             times.add("highres", highres.last_inference_time())
+            feeds.append({"positions": feed["positions"], "step_image": feed["step_image"]})
+            del feed
         with times.measure("assemble"), self._measured("assemble"):
             tokens = assemble(low["lowres_features"][r], feeds, features, given)
 

@@ -17,13 +17,13 @@ import os
 import signal
 import socket
 import sysconfig
-import threading
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
 from ..errors import Ps3EdgeError
+from ..stopsignal import StopSignals
 from .lockdown import locked_triton, start_locked
 from .settings import LookCloseDefaults, ServeOptions
 
@@ -145,32 +145,6 @@ def bind_models(triton, model_config, models: dict, options: ServeOptions) -> li
     return names
 
 
-class _Stop:
-    """SIGTERM / SIGINT set an event the serving loop waits on; the drain then runs in the main
-    thread. The signal is meant for this process alone (as `docker stop` and Kubernetes send it
-    to a container's first process): the Python-backend stub's helper processes die of a
-    SIGTERM sent to the whole process group, so a service manager should signal the main process
-    only (systemd: KillMode=mixed)."""
-
-    def __init__(self):
-        self.event = threading.Event()
-        self.signal: Optional[int] = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, _frame):
-        self.signal = signum
-        self.event.set()
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def serve(artifact_dir: Path, options: ServeOptions, defaults: LookCloseDefaults, layer: int,
           progress: Callable[[str], None], on_ready: Callable[[list[str]], None],
           on_stop: Callable[[str], None]) -> None:
@@ -185,7 +159,11 @@ def serve(artifact_dir: Path, options: ServeOptions, defaults: LookCloseDefaults
         http_port=options.http_port, grpc_port=options.grpc_port, metrics_port=options.metrics_port,
         exit_timeout_secs=options.exit_timeout_s, strict_readiness=True)
     progress("starting Triton")
-    with _Stop() as stop:
+    # The signal is meant for this process alone (as `docker stop` and Kubernetes send it to a
+    # container's first process): the Python-backend stub's helper processes die of a SIGTERM sent
+    # to the whole process group, so a service manager should signal the main process only
+    # (systemd: KillMode=mixed). The drain runs in this, the main, thread.
+    with StopSignals() as stop:
         with locked_triton(triton_module, config) as triton:
             names = bind_models(triton, model_config, models, options)
             start_locked(triton)

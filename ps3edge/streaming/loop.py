@@ -13,6 +13,11 @@ one frame per source and steps run one after the other, so a source's frames are
 out of order. A frame that waited while a newer one came is dropped by its source's mailbox
 (sources.py), so however slow the consumer, what waits is one frame per source.
 
+With `ask` / `alert` (ask.py, questions.py) the artifact is a VILA-HD one: an answer thread
+asks its LLM about each source's newest processed frame every `every` seconds, sharing the
+loop's PS3, and the answers come out as AnswerRecords and AlertRecords among the frames (or go
+to `on_answer`).
+
 With `reuse` (runtime/reuse.py) a frame whose pixels did not change is given its source's last
 computed result, and a changed one reuses the features of its unchanged high-res patches, with
 a full computation at least every `refresh` frames. With `deadline_ms` (deadline.py) each step
@@ -25,18 +30,21 @@ The loop ends when every source has ended for good (files and folders without `l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
 import time
-from typing import Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 from .. import defaults
 from ..api import Encoder, checked_settings, load
 from ..errors import Ps3EdgeError
 from ..runtime.planning import LookCloseSettings, resolve
 from ..runtime.reuse import FrameReuse, Outcome, check_reuse
+from .ask import AskingEncoder, Asker
 from .deadline import DeadlineRule
+from .questions import ask_options
 from .record import COMPUTED, REUSED, FrameRecord
 from .sources import Pacing, SourceSpec, SourceThread, parse_sources
 from .stats import StreamStats
@@ -50,9 +58,13 @@ class Stream:
 
     def __init__(self, encoder: Encoder, specs: list[SourceSpec], *, settings: LookCloseSettings, layer: int,
                  pacing: Pacing, duration: Optional[float], max_frames: Optional[int], own_encoder: bool,
-                 reuse: Optional[FrameReuse] = None, deadline: Optional[DeadlineRule] = None):
+                 reuse: Optional[FrameReuse] = None, deadline: Optional[DeadlineRule] = None,
+                 ask: Optional[Asker] = None, on_answer: Optional[Callable] = None):
         self.encoder, self.specs, self.settings, self.layer = encoder, specs, settings, layer
         self.reuse, self.deadline = reuse, deadline
+        # with questions: the answer thread, and the turns the loop's PS3 passes take with its own
+        self.ask, self.on_answer = ask, on_answer
+        self._turns = ask.turns if ask is not None else contextlib.nullcontext()
         self.pacing, self.duration, self.max_frames = pacing, duration, max_frames
         self._own_encoder = own_encoder
         self._stop = threading.Event()
@@ -90,6 +102,8 @@ class Stream:
         self._stop.set()
         with self._bell:
             self._bell.notify_all()
+        if self.ask is not None:
+            self.ask.stop()
         deadline = time.monotonic() + 1.0
         for source in self.sources:
             source.join(max(0.0, deadline - time.monotonic()))
@@ -125,9 +139,24 @@ class Stream:
                 if frames is None:
                     break
                 if frames:
-                    yield from self._step(frames)
+                    for record in self._step(frames):
+                        if self.ask is not None:
+                            self.ask.offer(record)
+                        yield record
+                if self.ask is not None:
+                    yield from self._answers(self.ask.drain())
+            if self.ask is not None and not self._stop.is_set():    # ended by itself: the due answers finish
+                yield from self._answers(self.ask.finish())
         finally:
             self.stop()
+
+    def _answers(self, records) -> Iterator:
+        """The answer thread's records: given to on_answer, or yielded among the frames."""
+        for record in records:
+            if self.on_answer is None:
+                yield record
+            else:
+                self.on_answer(record)
 
     def _take(self, limit: Optional[int], wait: float):
         """The waiting frames, one per source (at most `limit`, taken in turn from the sources so
@@ -176,11 +205,16 @@ class Stream:
                               reused_patches=None if self.reuse is None else outcome.reused_patches,
                               encoded_patches=None if self.reuse is None else outcome.encoded_patches,
                               deadline_ms=None if choice is None else self.deadline.deadline_ms,
-                              deadline_met=met, deadline_fits=None if choice is None else choice.fits)
+                              deadline_met=met, deadline_fits=None if choice is None else choice.fits,
+                              arrival_mono=f.arrived_mono)
 
     def _run(self, frames, settings: LookCloseSettings) -> list[Outcome]:
         """The step's frames through the encoder, or through the reuse rule (in passes of the
         artifact's max batch, as run_batch splits them)."""
+        with self._turns:                   # with questions, the answers' PS3 calls take turns with these
+            return self._run_turn(frames, settings)
+
+    def _run_turn(self, frames, settings: LookCloseSettings) -> list[Outcome]:
         if self.reuse is None:
             results = self.encoder.run_batch([f.rgb for f in frames], settings, layer=self.layer)
             return [Outcome(r, COMPUTED, r.plan.num_tokens, 0, None) for r in results]
@@ -200,7 +234,9 @@ def stream(artifact_or_encoder: Union[str, os.PathLike, Encoder], sources: Itera
            open_timeout: float = defaults.STREAM_OPEN_TIMEOUT_S,
            read_timeout: float = defaults.STREAM_READ_TIMEOUT_S, reuse: bool = False,
            reuse_threshold: float = defaults.STREAM_REUSE_THRESHOLD, refresh: int = defaults.STREAM_REFRESH_FRAMES,
-           reuse_patches: bool = True, deadline_ms: Optional[float] = None) -> Stream:
+           reuse_patches: bool = True, deadline_ms: Optional[float] = None, ask=None, alert=None,
+           every: Optional[float] = None, ask_sources=None, max_new_tokens: Optional[int] = None,
+           alert_max_new_tokens: Optional[int] = None, on_answer: Optional[Callable] = None) -> Stream:
     """Open live sources and run them through an encoder; iterate the result for FrameRecords.
 
     artifact_or_encoder: an artifact directory (loaded with backend, device, precision and closed
@@ -210,7 +246,15 @@ def stream(artifact_or_encoder: Union[str, os.PathLike, Encoder], sources: Itera
     bound the run. A source that cannot be opened raises Ps3EdgeError, unless allow_missing
     (then `stream.missing` says which, and it keeps being retried). Sources are opened here.
     reuse, reuse_threshold (levels), refresh (frames), reuse_patches: runtime/reuse.py's rule;
-    deadline_ms: deadline.py's."""
+    deadline_ms: deadline.py's.
+
+    VILA-HD questions (ask.py): `ask` and `alert`, a question or a list of them, need a VILA-HD
+    artifact directory (then `precision` is its LLM's, fp32 or int4, and `device` stays auto) or
+    an open `VilaPipeline` (left open). `every`: seconds between answer rounds (default
+    STREAM_ASK_EVERY_S); `ask_sources`: the names of the sources asked (default all);
+    `max_new_tokens`: --ask answers' (default STREAM_ASK_MAX_NEW_TOKENS); `alert_max_new_tokens`:
+    --alert answers' (default STREAM_ALERT_MAX_NEW_TOKENS). Their AnswerRecords and AlertRecords
+    come among the FrameRecords, or, with `on_answer`, go to it (called in the iterating thread)."""
     specs = parse_sources([str(s) for s in ([sources] if isinstance(sources, (str, os.PathLike)) else sources)])
     for name, value in (("fps", fps), ("duration", duration), ("open_timeout", open_timeout),
                         ("read_timeout", read_timeout)):
@@ -223,23 +267,50 @@ def stream(artifact_or_encoder: Union[str, os.PathLike, Encoder], sources: Itera
         check_reuse(reuse_threshold, refresh)
     if deadline_ms is not None and not deadline_ms > 0:
         raise Ps3EdgeError(f"deadline_ms must be a number above 0, got {deadline_ms}")
+    asking = ask_options(ask, alert, every=every, sources=ask_sources, max_new_tokens=max_new_tokens,
+                         alert_max_new_tokens=alert_max_new_tokens)
+    if asking is None and on_answer is not None:
+        raise Ps3EdgeError("on_answer is for VILA-HD questions: give ask or alert with it")
     own = not isinstance(artifact_or_encoder, Encoder)
-    encoder = load(artifact_or_encoder, backend, device, precision) if own else artifact_or_encoder
+    if asking is None:
+        encoder = load(artifact_or_encoder, backend, device, precision) if own else artifact_or_encoder
+    else:
+        encoder = _asking_encoder(asking, artifact_or_encoder, specs, settings, backend, device, precision)
     pacing = Pacing(realtime=realtime, fps=fps, loop=loop, open_timeout=open_timeout, read_timeout=read_timeout)
     try:
         helpers = stream_helpers(encoder, settings, reuse=reuse, reuse_threshold=reuse_threshold, refresh=refresh,
                                  reuse_patches=reuse_patches, deadline_ms=deadline_ms)
     except BaseException:
-        if own:
+        if own or asking is not None:
             encoder.close()
         raise
+    if asking is not None:
+        helpers.update(ask=encoder.asker, on_answer=on_answer)
     s = Stream(encoder, specs, settings=settings, layer=layer, pacing=pacing, duration=duration,
-               max_frames=max_frames, own_encoder=own, **helpers)
+               max_frames=max_frames, own_encoder=own or asking is not None, **helpers)
     try:
         return s.start(allow_missing)
     except BaseException:
         s.close()
         raise
+
+
+def _asking_encoder(asking, given, specs, settings: LookCloseSettings, backend: str, device: str,
+                    precision: str) -> AskingEncoder:
+    """The Encoder over a VILA-HD pipeline's PS3, with its answer thread: of an artifact directory
+    (loaded here, closed with the stream) or of an open VilaPipeline (left open)."""
+    from ..llm.pipeline import VilaPipeline
+
+    asking.source_indices(specs)                       # a wrong source name, before anything loads
+    if isinstance(given, Encoder):
+        raise Ps3EdgeError("ask and alert need a VILA-HD artifact directory or a VilaPipeline, not an Encoder: "
+                           "the answers run its LLM")
+    if isinstance(given, VilaPipeline):
+        return AskingEncoder(asking.asker(given, settings, specs), own=False)
+    if device != "auto":
+        raise Ps3EdgeError(f"device {device}: with ask or alert VILA-HD chooses where it runs, as `ps3edge chat` "
+                           f"does; leave device auto")
+    return asking.load(given, backend, precision, settings, specs)
 
 
 def stream_helpers(encoder: Encoder, settings: LookCloseSettings, *, reuse: bool, reuse_threshold: float,

@@ -1,5 +1,6 @@
 """Where a stream's records go: a JSON line each (`--jsonl`, flushed per record), and rolling
-feature shards per source (`--out`) in `extract`'s shard format.
+feature shards per source (`--out`) in `extract`'s shard format. (Rerun logging, `--rerun`, is
+rerun_sink.py's; its checks run with these, before any source is opened.)
 
 `--out DIR` holds `stream.json` (what ran: artifact digest, backend, precision, settings, layer,
 sources, shard size, ps3edge version; written at the start) and a folder per source,
@@ -26,6 +27,7 @@ from ..extract.record import artifact_digest
 from ..extract.shards import FORMAT, Layout, Outcome, item_tensors, write_shard
 from ..extract.sources import display, source_fields
 from .record import FrameRecord
+from .rerun_sink import check_rerun
 
 STREAM_RECORD = "stream.json"
 DTYPE = "fp32"
@@ -124,9 +126,11 @@ class ShardSink:
         return f"{len(self.written)} shards -> {display(str(self.out))}"
 
 
-def open_sinks(jsonl: Optional[str], out: Optional[Path]) -> None:
+def open_sinks(jsonl: Optional[str], out: Optional[Path], rerun: Optional[str] = None,
+               rerun_connect: Optional[str] = None) -> None:
     """Refuse unwritable outputs before any source is opened."""
     if jsonl is not None:
         check_jsonl_path(jsonl)
     if out is not None:
         check_out_dir(out)
+    check_rerun(rerun, rerun_connect)              # --rerun / --rerun-connect (rerun_sink.py)
