@@ -1,4 +1,4 @@
-"""What keeps the staged torch path's memory down (issue 27) without changing a value: the highres
+"""What keeps the staged torch path's memory down without changing a value: the highres
 position rows built on demand equal the baked table bit for bit (so the runtime holds no table
 beside the residuals), the torch highres calls bounded by their MLP activation give the same
 features, the seeded weights drawn in place equal the old draw-and-copy, and the weights digest
