@@ -69,7 +69,9 @@ class Session:
 
     def steps_per_call(self, manifest) -> int:
         """Most look-close step rows (of any images) in one highres call: the highres runner's
-        own limit (a TensorRT engine's T_max), else the profile bound of artifact/profiles.py
+        own limit (a TensorRT engine's T_max; on the CPU, onnxruntime's attention-scores bound
+        and torch's MLP-activation bound, one row for the real models), else the profile bound
+        of artifact/profiles.py
         (the default steps of max_batch images, at most what one call's attention scores
         allow). On the CPU, one image's default steps: a call's attention scores are
         materialised there (at 4K one step's take 16 x 2560 x 3289 floats = 539 MB per block),
