@@ -8,9 +8,7 @@ and a source that cannot be opened (one error line, exit 2; --allow-missing runs
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import clean_env, cli, cli_command, random_image
+from conftest import clean_env, cli, cli_command
+from stream_support import by_source, free_udp_port, make_folder, read, records, summary_counts, wait_for
 
 av = pytest.importorskip("av", reason="PyAV (the extract extra) decodes the streams")
 
@@ -51,12 +50,6 @@ out.close()
 """
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_sender(port: int, frames: int = 100_000) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", SENDER, f"udp://127.0.0.1:{port}?pkt_size=1316", str(frames)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -82,32 +75,6 @@ def make_video(path: Path, frames: int = 30, fps: int = FPS) -> Path:
         for packet in stream.encode():
             out.mux(packet)
     return path
-
-
-def make_folder(path: Path, count: int = 4) -> Path:
-    path.mkdir()
-    for i in range(count):
-        random_image(120, 90, seed=i).save(path / f"{i:03d}.png")
-    return path
-
-
-def records(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def by_source(recs: list[dict]) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for r in recs:
-        out.setdefault(r["source"], []).append(r)
-    return out
-
-
-def summary_counts(stderr: str, name: str) -> dict:
-    """The numbers of a source's summary line."""
-    line = next(l for l in stderr.splitlines() if l.startswith(f"stream {name}:"))
-    words = line.replace(",", "").split()
-    return {"in": int(words[2]), "processed": int(words[5]), "dropped": int(words[7]),
-            "reconnects": int(words[words.index("reconnects") - 1])}
 
 
 def test_a_udp_stream_from_another_process(artifacts):
@@ -199,17 +166,6 @@ def test_a_sender_killed_and_restarted_reconnects_while_the_other_source_goes_on
     back = min(r["arrival"] for r in cam if r["arrival"] > restarted)
     assert any(killed < t < back for t in stills)
     assert max(b - a for a, b in zip(stills, stills[1:])) < 8
-
-
-def read(path: Path) -> list[dict]:
-    return records(path.read_text()) if path.is_file() else []
-
-
-def wait_for(condition, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
 
 
 def test_a_consumer_slower_than_the_camera_drops_frames_and_keeps_latency_bounded(artifacts, tmp_path):

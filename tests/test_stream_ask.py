@@ -11,29 +11,18 @@ import json
 import re
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import cli, random_image
+from conftest import cli
+from stream_support import make_folder, records
 
 pytest.importorskip("av", reason="PyAV (the extract extra) decodes the streams")
 
 STEPS = ("--num-look-close", "1")          # the shortest look-close pass, for the frames and the answers
 ASK = "What is in the picture?"
 ALERT = "Is there a person?"
-
-
-def make_folder(path: Path, count: int = 3) -> Path:
-    path.mkdir()
-    for i in range(count):
-        random_image(120, 90, seed=i).save(path / f"{i:03d}.png")
-    return path
-
-
-def records(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")

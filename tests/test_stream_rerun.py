@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import json
 import os
 import signal
 import socket
@@ -24,23 +23,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import clean_env, cli, cli_command, random_image
+from conftest import clean_env, cli, cli_command
+from stream_support import free_port, make_folder, read, wait_for
 
 HAVE_RERUN = importlib.util.find_spec("rerun") is not None
 needs_rerun = pytest.mark.skipif(not HAVE_RERUN, reason="rerun-sdk (the rerun extra: pip install -e '.[rerun]') "
                                  "writes and reads the recordings")
 STEPS = ("--num-look-close", "1")
-
-
-def make_folder(path: Path, count: int = 3, width: int = 120, height: int = 90) -> Path:
-    path.mkdir()
-    for i in range(count):
-        random_image(width, height, seed=i).save(path / f"{i:03d}.png")
-    return path
-
-
-def records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def read_recording(path: Path, whole: bool = True) -> dict[str, list[dict]]:
@@ -93,7 +82,7 @@ def test_a_recording_holds_each_frame_its_selection_maps_latency_and_steps(artif
     assert result.returncode == 0, result.stderr
     assert "stream: 3 frames logged to Rerun" in result.stderr
     assert leftovers(tmp_path, {"stills", "r.jsonl", "feats"}) == ["rec.rrd"]          # no temporary left
-    recs = records(tmp_path / "r.jsonl")
+    recs = read(tmp_path / "r.jsonl")
     assert len(recs) == 3
     rows = read_recording(tmp_path / "rec.rrd")
     shard = next((tmp_path / "feats" / "front").glob("shard-*.safetensors"))
@@ -150,12 +139,6 @@ def test_the_python_face_logs_records_and_large_frames_are_downscaled(artifacts,
             assert row["Transform3D:scale"][0] == pytest.approx([small[0] / grid.shape[1], small[1] / grid.shape[0], 1.0])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_bad_rerun_outputs_are_one_error_line_and_leave_nothing_behind(artifacts, tmp_path, monkeypatch):
     stills = make_folder(tmp_path / "stills")
     (tmp_path / "adir").mkdir()
@@ -183,13 +166,6 @@ def test_bad_rerun_outputs_are_one_error_line_and_leave_nothing_behind(artifacts
         assert result.stderr.strip().splitlines() == ["error: --rerun and --rerun-connect need the Rerun SDK: "
                                                       "pip install 'ps3edge[rerun]'"]
         assert leftovers(tmp_path, {"stills", "adir"}) == []
-
-
-def wait_for(condition, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
 
 
 def listening(port: int) -> bool:
@@ -229,7 +205,7 @@ def test_rerun_connect_streams_to_a_running_rerun_server(artifacts, tmp_path):
             os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=20)
     rows = read_recording(tmp_path / "server.rrd", whole=False)
-    assert [row["frame"] for row in rows["/cam0/latency_ms"]] == [r["frame"] for r in records(tmp_path / "r.jsonl")]
+    assert [row["frame"] for row in rows["/cam0/latency_ms"]] == [r["frame"] for r in read(tmp_path / "r.jsonl")]
 
 
 @needs_rerun
@@ -245,7 +221,7 @@ def test_a_killed_run_leaves_no_recording_and_sigterm_a_whole_one(artifacts, tmp
 
     killed = start("killed")
     try:
-        wait_for(lambda: len(records(tmp_path / "killed.jsonl")) >= 2, 90)
+        wait_for(lambda: len(read(tmp_path / "killed.jsonl")) >= 2, 90)
         killed.send_signal(signal.SIGKILL)
         killed.wait(timeout=30)
     finally:
@@ -257,7 +233,7 @@ def test_a_killed_run_leaves_no_recording_and_sigterm_a_whole_one(artifacts, tmp
 
     stopped = start("stopped")
     try:
-        wait_for(lambda: len(records(tmp_path / "stopped.jsonl")) >= 2, 90)
+        wait_for(lambda: len(read(tmp_path / "stopped.jsonl")) >= 2, 90)
         stopped.send_signal(signal.SIGTERM)
         _, stderr = stopped.communicate(timeout=60)
     finally:
@@ -265,7 +241,7 @@ def test_a_killed_run_leaves_no_recording_and_sigterm_a_whole_one(artifacts, tmp
             stopped.kill()
     assert stopped.returncode == 143, stderr
     rows = read_recording(tmp_path / "stopped.rrd")                   # whole: it has its footer
-    logged, lines = [row["frame"] for row in rows["/cam0/steps"]], [r["frame"] for r in records(tmp_path / "stopped.jsonl")]
+    logged, lines = [row["frame"] for row in rows["/cam0/steps"]], [r["frame"] for r in read(tmp_path / "stopped.jsonl")]
     # every frame logged before the signal; the signal may land between the JSON line and the Rerun log
     assert logged and logged == lines[:len(logged)] and len(logged) >= len(lines) - 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".stopped.rrd")]

@@ -9,7 +9,6 @@ python3-gi, gstreamer1.0-plugins-{base,good,ugly})."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import clean_env, cli, cli_command
+from stream_support import free_port, read, records, summary_counts, wait_for
 
 av = pytest.importorskip("av", reason="PyAV (the extract extra) decodes the streams")
 
@@ -67,12 +67,6 @@ MISSING = _server_missing()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"no RTSP server: {MISSING}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(port: int) -> subprocess.Popen:
     """The RTSP server, once it says it listens (within 30 s)."""
     proc = subprocess.Popen([SYSTEM_PYTHON, str(SERVER), str(port), str(WIDTH), str(HEIGHT), str(FPS)],
@@ -94,28 +88,6 @@ def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait(timeout=10)
-
-
-def records(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def read(path: Path) -> list[dict]:
-    return records(path.read_text()) if path.is_file() else []
-
-
-def summary_counts(stderr: str, name: str) -> dict:
-    line = next(l for l in stderr.splitlines() if l.startswith(f"stream {name}:"))
-    words = line.replace(",", "").split()
-    return {"in": int(words[2]), "processed": int(words[5]), "dropped": int(words[7]),
-            "reconnects": int(words[words.index("reconnects") - 1])}
-
-
-def wait_for(condition, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
 
 
 def test_an_rtsp_camera_is_read_through_ffmpeg(artifacts):
