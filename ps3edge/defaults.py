@@ -119,6 +119,9 @@ INT4_MIN_LOGIT_COSINE = 0.95
 
 # --- seeded random weights ---------------------------------------------------------------------
 DEFAULT_SEED = 0
+# the largest seed anything takes (weights, `chat --seed`, a request's seed): torch.Generator.manual_seed
+# and numpy's generator both take a signed 64-bit int
+SEED_MAX = 2 ** 63 - 1
 
 # --- TensorRT-compatibility lint (exporter/lint/, ps3edge inspect --lint) ---------------------
 # The TensorRT whose ONNX parser the lint checks against: 10.3 is JetPack 6.x's (Jetson Orin).

@@ -24,7 +24,7 @@ from .. import defaults
 from ..errors import Ps3EdgeError
 from ..paths import expect_file
 
-SEED_MAX = 2 ** 63 - 1                  # seeds go to torch.Generator.manual_seed (a signed 64-bit int)
+SEED_MAX = defaults.SEED_MAX
 
 PromptEmbedding = typer.Option(None, "--prompt-embedding", help="A .npy of C floats: select top-down for this prompt.")
 Layer = typer.Option(defaults.DEFAULT_RUN_LAYER, "--layer", help="Which block's features to return (VILA-HD uses -2).")

@@ -26,7 +26,7 @@ from ..errors import Ps3EdgeError
 from ..llm.generate import SamplingConfig
 from ..serve.settings import LOOK_CLOSE_PARAMETERS
 
-SEED_MAX = 2 ** 63 - 1                     # seeds seed a numpy generator, as `chat`'s --seed
+SEED_MAX = defaults.SEED_MAX
 IGNORED = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
            "parallel_tool_calls", "reasoning_effort", "verbosity")
 NO_OP = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "top_logprobs": 0,

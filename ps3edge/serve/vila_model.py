@@ -16,6 +16,7 @@ import threading
 import traceback
 from typing import Iterator, Optional
 
+from .. import defaults
 from ..errors import Ps3EdgeError
 from ..llm.generate import SamplingConfig
 from ..runtime.preprocess import open_image
@@ -25,7 +26,7 @@ from .tensors import ERROR, TensorDecl, error_output, failed, one_string, text_a
 LOG = logging.getLogger("ps3edge.serve")
 TEXT, IMAGE, ANSWER = "text", "image", "answer"
 SAMPLING_PARAMETERS = ("max_tokens", "temperature", "top_p", "seed")
-SEED_MAX = 2 ** 63 - 1                  # seeds seed a numpy generator, as `chat`'s --seed
+SEED_MAX = defaults.SEED_MAX
 _DONE = object()
 
 
